@@ -1,0 +1,1 @@
+"""Registry storage: name -> versions -> manifest -> content-addressed blob."""

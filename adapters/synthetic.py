@@ -1,0 +1,63 @@
+"""Random CapaBoost bundles for a given base model: used by tests, benchmarks and the
+load test to register many distinct adapters without training any."""
+
+from __future__ import annotations
+
+import torch
+
+from adapters.bundle import AdapterBundle, BundleMetadata, Task, TargetFactors
+from adapters.capaboost_linear import random_masks
+from adapters.validation import BaseModelSpec
+
+
+def random_bundle(
+    spec: BaseModelSpec,
+    targets: list[str],
+    *,
+    rank: int = 8,
+    num_copies: int = 2,
+    density: float = 0.5,
+    alpha: float = 16.0,
+    seed: int = 0,
+    task: Task | None = None,
+    labels: list[str] | None = None,
+    pooling: str = "mean",
+    std: float = 0.05,
+    dtype: torch.dtype = torch.float32,
+    description: str | None = None,
+) -> AdapterBundle:
+    """A bundle with N(0, std) factors (both A and B non-zero, so the delta is visible)."""
+    g = torch.Generator().manual_seed(seed)
+    task = task or (Task.CAUSAL_LM if spec.task is Task.CAUSAL_LM else Task.FEATURE_EXTRACTION)
+    factors: dict[str, TargetFactors] = {}
+    for t in targets:
+        out_f, in_f = spec.linear_shapes[t]
+        factors[t] = TargetFactors(
+            lora_A=(torch.randn(rank, in_f, generator=g) * std).to(dtype),
+            lora_B=(torch.randn(out_f, rank, generator=g) * std).to(dtype),
+            mask_A=random_masks(num_copies, (rank, in_f), density, g),
+            mask_B=random_masks(num_copies, (out_f, rank), density, g),
+        )
+    head: dict[str, torch.Tensor] = {}
+    if task is Task.SEQUENCE_CLASSIFICATION:
+        labels = labels or ["negative", "positive"]
+        h = spec.hidden_size
+        head = {
+            "head.dense.weight": torch.randn(h, h, generator=g) * (1.0 / h**0.5),
+            "head.dense.bias": torch.randn(h, generator=g) * 0.01,
+            "head.out.weight": torch.randn(len(labels), h, generator=g) * (1.0 / h**0.5),
+            "head.out.bias": torch.randn(len(labels), generator=g) * 0.01,
+        }
+    meta = BundleMetadata(
+        base_model=spec.model_id,
+        task=task,
+        rank=rank,
+        num_copies=num_copies,
+        alpha=alpha,
+        density=density,
+        targets=list(targets),
+        labels=labels if task is Task.SEQUENCE_CLASSIFICATION else None,
+        pooling=pooling if task is Task.SEQUENCE_CLASSIFICATION else None,
+        description=description,
+    )
+    return AdapterBundle(metadata=meta, targets=factors, head=head)

@@ -1,0 +1,1 @@
+"""One module per `capaserve` subcommand; each exposes `register(subparsers)`."""

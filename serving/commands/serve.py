@@ -1,0 +1,10 @@
+"""`capaserve serve` (not built yet)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="(not built yet)")
+    p.set_defaults(func=lambda args: print("capaserve serve is not built yet") or 2)
