@@ -1,0 +1,61 @@
+"""The few exception types of the serving layer, each mapped to one HTTP status at the API
+edge (`serving.errors.status_for`). Engine code raises these; only routes build responses."""
+
+from __future__ import annotations
+
+from adapters.errors import BundleError
+from adapters.registry.store import AdapterNotFound
+
+
+class InvalidRequest(ValueError):
+    """The request is malformed or asks for something out of range (400)."""
+
+
+class UnsupportedTask(ValueError):
+    """The model cannot do what the endpoint asks, e.g. chat on an encoder (400)."""
+
+
+class ModelNotFound(LookupError):
+    """`model` names neither the base model nor a known adapter (404)."""
+
+
+class Unauthorized(PermissionError):
+    """No credentials were sent where they are required (401)."""
+
+
+class Forbidden(PermissionError):
+    """Credentials were sent but are wrong (403)."""
+
+
+class PayloadTooLarge(ValueError):
+    """An upload exceeds the configured size limit (413)."""
+
+
+class Overloaded(RuntimeError):
+    """The replica's queue is full; retry later (503)."""
+
+
+_STATUS: list[tuple[type[BaseException], int, str]] = [
+    (InvalidRequest, 400, "invalid_request_error"),
+    (UnsupportedTask, 400, "invalid_request_error"),
+    (BundleError, 422, "invalid_adapter"),
+    (Unauthorized, 401, "authentication_error"),
+    (Forbidden, 403, "permission_error"),
+    (ModelNotFound, 404, "not_found_error"),
+    (AdapterNotFound, 404, "not_found_error"),
+    (PayloadTooLarge, 413, "payload_too_large"),
+    (Overloaded, 503, "overloaded_error"),
+]
+
+
+def status_for(exc: BaseException) -> tuple[int, str]:
+    """(HTTP status, error type) for a known exception; (500, 'internal_error') otherwise."""
+    for cls, status, kind in _STATUS:
+        if isinstance(exc, cls):
+            return status, kind
+    return 500, "internal_error"
+
+
+def error_body(message: str, kind: str, code: int) -> dict:
+    """The SPEC error body: {"error": {"message", "type", "code"}}."""
+    return {"error": {"message": message, "type": kind, "code": code}}
