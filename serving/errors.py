@@ -38,7 +38,7 @@ class Overloaded(RuntimeError):
 _STATUS: list[tuple[type[BaseException], int, str]] = [
     (InvalidRequest, 400, "invalid_request_error"),
     (UnsupportedTask, 400, "invalid_request_error"),
-    (BundleError, 422, "invalid_adapter"),
+    (BundleError, 400, "invalid_adapter"),
     (Unauthorized, 401, "authentication_error"),
     (Forbidden, 403, "permission_error"),
     (ModelNotFound, 404, "not_found_error"),
