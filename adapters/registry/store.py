@@ -4,19 +4,31 @@ Layout, identical on both backends (keys relative to the root / prefix):
 
     blobs/<sha256>                      bundle bytes, content-addressed, write-once
     manifests/<name>/<version>.json     AdapterManifest, write-once
+    manifests/<name>/<version>.deleted  tombstone of a deleted version
 
 A version becomes visible only when its manifest is committed, after its blob is
 complete, so a crash mid-upload leaves at most an unreferenced blob or temp file,
 never a visible half-written version.
+
+Version numbers are never reused, even after a delete: replicas cache adapters by
+`name@version`, so a reused number could serve stale weights under a new upload. The
+tombstone keeps the number taken (a live version is a `.json` without a `.deleted`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 from abc import ABC, abstractmethod
+from datetime import datetime, timezone
 from pathlib import Path
 
 from adapters.bundle import BundleMetadata
 from adapters.manifest import AdapterManifest
+
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+#: Read/copy granularity for bundle files: large enough for throughput, small enough to bound memory.
+CHUNK_BYTES = 1 << 20
 
 
 class AdapterNotFound(KeyError):
@@ -24,6 +36,38 @@ class AdapterNotFound(KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; we want it plain
         return str(self.args[0]) if self.args else "adapter not found"
+
+
+class RegistryCorrupt(RuntimeError):
+    """Stored bytes do not match their recorded sha256 (HTTP 500): storage was tampered with."""
+
+
+def file_digest(path: Path) -> tuple[str, int]:
+    """(sha256 hex, size) of a file, read in chunks so big bundles never sit in memory twice."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+def build_manifest(name: str, version: int, sha256: str, size: int, metadata: BundleMetadata) -> AdapterManifest:
+    """The manifest of a new version; one place so both backends record the same fields."""
+    return AdapterManifest(
+        name=name,
+        version=version,
+        sha256=sha256,
+        size_bytes=size,
+        base_model=metadata.base_model,
+        task=metadata.task,
+        rank=metadata.rank,
+        num_copies=metadata.num_copies,
+        alpha=metadata.alpha,
+        targets=list(metadata.targets),
+        created_at=datetime.now(timezone.utc),
+    )
 
 
 class RegistryStore(ABC):
@@ -59,6 +103,13 @@ class RegistryStore(ABC):
 
         AdapterNotFound if nothing matched. Blobs no longer referenced are removed.
         """
+
+    def version_numbers(self, name: str) -> list[int]:
+        """The live version numbers of `name`, ascending; cheaper than `versions` (no manifest reads).
+
+        Backends override this with a single listing; resolvers call it on every request.
+        """
+        return [m.version for m in self.versions(name)]
 
 
 def open_store(location: str, *, endpoint_url: str | None = None) -> RegistryStore:
