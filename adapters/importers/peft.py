@@ -1,0 +1,261 @@
+"""Import a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) as a bundle.
+
+A LoRA is the CapaBoost case d = 1 with all-true masks. What PEFT's config changes:
+
+- scaling: `lora_alpha / r`, or `lora_alpha / sqrt(r)` with `use_rslora`; the bundle has
+  one `alpha` with scaling `alpha / rank`, so we store `alpha = scaling * rank`.
+- `rank_pattern` / `alpha_pattern` give some targets another r or alpha. The bundle has
+  one rank and one scaling, so such a target is padded with zero rows/columns up to the
+  largest r (zeros add nothing to B @ A) and its B is multiplied by
+  `scaling_target / scaling_bundle` in float32: the merged delta is the same.
+- `fan_in_fan_out` (GPT-2's Conv1D stores W as [in, out]): PEFT still keeps lora_A as
+  [r, in] and lora_B as [out, r] and transposes only the product, which is exactly the
+  bundle's orientation, so the factors are taken as they are.
+
+Anything that is not a plain additive LoRA (DoRA, LoRA bias, trained biases, modules to
+save, embedding or parameter targets, aLoRA, ...) is refused, naming the setting.
+adapter_model.bin (a pickle) is never opened.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from adapters.bundle import AdapterBundle, BundleMetadata, Task, TargetFactors
+from adapters.importers.common import ConversionError, PrefixMap, bundle_dtype, natural_key, validated
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+
+#: PEFT task_type -> bundle task.
+PEFT_TASKS = {
+    "FEATURE_EXTRACTION": Task.FEATURE_EXTRACTION,
+    "CAUSAL_LM": Task.CAUSAL_LM,
+    "SEQ_CLS": Task.SEQUENCE_CLASSIFICATION,
+}
+
+#: Config settings whose non-empty value means the adapter is more than W + s * B @ A.
+UNSUPPORTED_SETTINGS = (
+    "use_dora",
+    "lora_bias",
+    "modules_to_save",
+    "trainable_token_indices",
+    "target_parameters",
+    "layer_replication",
+    "alora_invocation_tokens",
+    "arrow_config",
+    "use_qalora",
+    "use_bdlora",
+    "kasa_config",
+    "velora_config",
+    "monteclora_config",
+)
+
+_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<factor>[AB])\.weight$")
+
+
+class PeftLoraConfig(BaseModel):
+    """The part of PEFT's LoraConfig that decides the delta; other keys are checked by name."""
+
+    model_config = ConfigDict(extra="allow")
+
+    peft_type: str = Field("LORA", description="Must be LORA.")
+    task_type: str | None = Field(None, description="PEFT task; maps to the bundle task.")
+    base_model_name_or_path: str | None = Field(None, description="Default for the bundle's base_model.")
+    r: int = Field(..., ge=1, description="Default rank.")
+    lora_alpha: float = Field(..., description="Default alpha.")
+    use_rslora: bool = Field(False, description="Scale by alpha / sqrt(r) instead of alpha / r.")
+    fan_in_fan_out: bool = Field(False, description="Base weight stored [in, out] (Conv1D); factors are not.")
+    rank_pattern: dict[str, int] = Field(default_factory=dict, description="Per-module rank overrides.")
+    alpha_pattern: dict[str, float] = Field(default_factory=dict, description="Per-module alpha overrides.")
+    bias: str = Field("none", description="Must be none: trained biases are not part of a bundle.")
+
+    def _pattern(self, patterns: dict[str, Any], module: str) -> Any | None:
+        # PEFT's own rule (peft.utils.other.get_pattern_key): the first key K with
+        # re.match(rf"(.*\.)?({K})$", module), tried in the config's order.
+        for key, value in patterns.items():
+            if re.match(rf"(.*\.)?({key})$", module):
+                return value
+        return None
+
+    def rank_for(self, module: str) -> int:
+        r = self._pattern(self.rank_pattern, module)
+        return self.r if r is None else int(r)
+
+    def scaling_for(self, module: str, r: int) -> float:
+        alpha = self._pattern(self.alpha_pattern, module)
+        alpha = self.lora_alpha if alpha is None else float(alpha)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+def read_peft_config(folder: Path) -> PeftLoraConfig:
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        raise ConversionError(f"{folder}: no {CONFIG_NAME}; not a PEFT adapter folder")
+    try:
+        raw = json.loads(path.read_text())
+        config = PeftLoraConfig.model_validate(raw)
+    except json.JSONDecodeError as exc:
+        raise ConversionError(f"{path}: not JSON ({exc})") from None
+    except ValidationError as exc:
+        raise ConversionError([f"{path}: {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]) from None
+    problems = []
+    if config.peft_type.upper() != "LORA":
+        problems.append(f"peft_type is {config.peft_type!r}; only LORA adapters can be imported")
+    if config.bias != "none":
+        problems.append(f"bias={config.bias!r} trains base biases, which a bundle cannot carry; expected 'none'")
+    extra = config.model_extra or {}
+    for key in UNSUPPORTED_SETTINGS:
+        if extra.get(key):
+            problems.append(f"{key}={extra[key]!r} is not supported (a bundle is a plain additive LoRA)")
+    if problems:
+        raise ConversionError(problems)
+    return config
+
+
+def import_peft(
+    folder: str | os.PathLike[str],
+    *,
+    base_model: str | None = None,
+    task: Task | str | None = None,
+    prefix_map: PrefixMap | None = None,
+    description: str | None = None,
+) -> AdapterBundle:
+    """Read a PEFT LoRA folder into a validated d = 1 bundle; ConversionError lists all problems.
+
+    `base_model` and `task` override adapter_config's `base_model_name_or_path` and
+    `task_type`; `prefix_map` overrides `PrefixMap.default(task)`.
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConversionError(f"{folder}: not a folder")
+    config = read_peft_config(folder)
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        if (folder / PICKLE_NAME).is_file():
+            raise ConversionError(
+                f"{folder}: only {PICKLE_NAME} found; it is a pickle and capaserve never loads pickles from a "
+                f"PEFT folder. Re-save with model.save_pretrained(folder, safe_serialization=True)"
+            )
+        raise ConversionError(f"{folder}: no {WEIGHTS_NAME}")
+
+    task = _resolve_task(task, config)
+    base = base_model or config.base_model_name_or_path
+    if not base:
+        raise ConversionError("no base model: adapter_config.json has no base_model_name_or_path; pass base_model")
+
+    try:
+        tensors = load_file(str(weights))
+    except Exception as exc:
+        raise ConversionError(f"{weights}: not a valid safetensors file ({exc})") from None
+    factors, problems = _collect_factors(tensors, config)
+    if problems:
+        raise ConversionError(problems)
+    if not factors:
+        raise ConversionError(f"{weights}: holds no lora_A / lora_B weights")
+
+    rank = max(a.shape[0] for a, _, _ in factors.values())
+    scaling = config.scaling_for("", config.r) if not (config.rank_pattern or config.alpha_pattern) else None
+    if scaling is None:  # the scaling most targets use, so only the exceptions are rescaled
+        counts: dict[float, int] = {}
+        for _, _, s in factors.values():
+            counts[s] = counts.get(s, 0) + 1
+        scaling = max(counts, key=lambda s: counts[s])
+    paths = (prefix_map or PrefixMap.default(task)).map_all(sorted(factors, key=natural_key))
+    targets = {paths[p]: _as_target(*factors[p], rank=rank, scaling=scaling) for p in paths}
+    uniform = all(a.shape[0] == rank and s == scaling for a, _, s in factors.values())
+    note = "" if uniform else " (rank/alpha patterns folded into zero-padded factors)"
+    meta = BundleMetadata(
+        base_model=base,
+        task=task,
+        rank=rank,
+        num_copies=1,
+        alpha=scaling * rank,
+        density=1.0,
+        targets=list(targets),
+        description=description or f"imported from PEFT LoRA {folder.name}{note}",
+    )
+    return validated(AdapterBundle(metadata=meta, targets=targets))
+
+
+def _resolve_task(task: Task | str | None, config: PeftLoraConfig) -> Task:
+    if task is None:
+        if config.task_type is None:
+            raise ConversionError("adapter_config.json has no task_type; pass the task")
+        if config.task_type not in PEFT_TASKS:
+            raise ConversionError(f"PEFT task_type {config.task_type!r} has no bundle task; pass the task")
+        task = PEFT_TASKS[config.task_type]
+    task = Task(task)
+    if task is Task.SEQUENCE_CLASSIFICATION:
+        raise ConversionError(
+            "a PEFT LoRA carries no capaboost classification head; import it as feature-extraction "
+            "(or train a head with capaserve train)"
+        )
+    return task
+
+
+def _collect_factors(
+    tensors: dict[str, torch.Tensor], config: PeftLoraConfig
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor, float]], list[str]]:
+    """module path -> (A [r, in], B [out, r], scaling), checking every key and shape."""
+    problems: list[str] = []
+    halves: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = _KEY.match(key)
+        if m is None:
+            hint = ""
+            if "lora_embedding" in key:
+                hint = " (embedding LoRA is not supported)"
+            elif "lora_magnitude_vector" in key:
+                hint = " (DoRA is not supported)"
+            problems.append(f"unexpected tensor {key!r}{hint}")
+            continue
+        halves.setdefault(m["path"], {})[m["factor"]] = t
+    out: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    for path, ab in halves.items():
+        if set(ab) != {"A", "B"}:
+            missing = "lora_B" if "A" in ab else "lora_A"
+            problems.append(f"module {path!r}: missing {missing}")
+            continue
+        a, b = ab["A"], ab["B"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            problems.append(
+                f"module {path!r}: expected lora_A [r, in] and lora_B [out, r], got {list(a.shape)} and {list(b.shape)}"
+            )
+            continue
+        if not (a.is_floating_point() and b.is_floating_point()):
+            problems.append(f"module {path!r}: weights must be floating point, got {a.dtype} and {b.dtype}")
+            continue
+        r = a.shape[0]
+        if r != config.rank_for(path):
+            problems.append(f"module {path!r}: adapter_config gives rank {config.rank_for(path)}, weights have {r}")
+            continue
+        out[path] = (a, b, config.scaling_for(path, r))
+    return out, problems
+
+
+def _as_target(a: torch.Tensor, b: torch.Tensor, scaling_t: float, *, rank: int, scaling: float) -> TargetFactors:
+    """One d = 1 target with all-true masks, padded to `rank` and rescaled to `scaling` if needed."""
+    r = a.shape[0]
+    if r != rank or scaling_t != scaling:
+        a32, b32 = a.to(torch.float32), b.to(torch.float32) * (scaling_t / scaling)
+        a = torch.cat([a32, a32.new_zeros(rank - r, a32.shape[1])], dim=0)
+        b = torch.cat([b32, b32.new_zeros(b32.shape[0], rank - r)], dim=1)
+    a, b = bundle_dtype(a).contiguous(), bundle_dtype(b).contiguous()
+    return TargetFactors(
+        lora_A=a,
+        lora_B=b,
+        mask_A=torch.ones((1, *a.shape), dtype=torch.bool),
+        mask_B=torch.ones((1, *b.shape), dtype=torch.bool),
+    )
