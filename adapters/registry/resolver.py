@@ -2,7 +2,9 @@
 
 `resolve` reads the store's version listing on every call, so a new version (or a
 delete) is seen by the very next request, on every replica, without a restart or a
-notification. What never changes is cached: manifests by (name, version) and bundle
+notification. (For a remote store where a listing costs a round trip, `listing_ttl_s`
+lets a replica reuse a listing for that long; `forget(name)` drops it at once.) What
+never changes is cached: manifests by (name, version) and bundle
 bytes by sha256, the latter in an LRU bounded in bytes. Every fetched blob is checked
 against its sha256 before it is cached or parsed, so a corrupted store cannot serve
 weights nobody uploaded.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -37,9 +40,13 @@ class CacheInfo:
 class AdapterResolver:
     """Resolves `name` / `name@version` against a store and fetches verified bundles."""
 
-    def __init__(self, store: RegistryStore, blob_cache_bytes: int = 512 * 1024 * 1024) -> None:
+    def __init__(
+        self, store: RegistryStore, blob_cache_bytes: int = 512 * 1024 * 1024, *, listing_ttl_s: float = 0.0
+    ) -> None:
         self.store = store
         self.blob_cache_bytes = int(blob_cache_bytes)
+        self.listing_ttl_s = float(listing_ttl_s)
+        self._listings: dict[str, tuple[float, list[int]]] = {}
         self._lock = threading.Lock()
         self._manifests: OrderedDict[tuple[str, int], AdapterManifest] = OrderedDict()
         self._blobs: OrderedDict[str, bytes] = OrderedDict()
@@ -58,7 +65,7 @@ class AdapterResolver:
             raise AdapterNotFound(f"adapter {ref!r} not found: {exc}") from None
         if not is_valid_name(name):
             raise AdapterNotFound(f"adapter {ref!r} not found")
-        live = self.store.version_numbers(name)  # one listing: cheap, and always current
+        live = self._version_numbers(name)
         if not live:
             raise AdapterNotFound(f"adapter {name!r} not found")
         if version is None:
@@ -77,6 +84,22 @@ class AdapterResolver:
             while len(self._manifests) > MAX_CACHED_MANIFESTS:
                 self._manifests.popitem(last=False)
         return manifest
+
+    def _version_numbers(self, name: str) -> list[int]:
+        """One listing per call (always current), or per `listing_ttl_s` when that is set."""
+        if self.listing_ttl_s <= 0:
+            return self.store.version_numbers(name)
+        now = time.monotonic()
+        with self._lock:
+            hit = self._listings.get(name)
+        if hit is not None and now - hit[0] < self.listing_ttl_s:
+            return hit[1]
+        live = self.store.version_numbers(name)
+        with self._lock:
+            if len(self._listings) >= MAX_CACHED_MANIFESTS:
+                self._listings.clear()
+            self._listings[name] = (now, live)
+        return live
 
     def fetch_bytes(self, manifest: AdapterManifest) -> bytes:
         """The verified bundle bytes of `manifest`, from the LRU or the store."""
@@ -119,6 +142,7 @@ class AdapterResolver:
         Blobs are dropped unless a cached manifest of another name still uses them.
         """
         with self._lock:
+            self._listings.pop(name, None)
             gone = [k for k in self._manifests if k[0] == name]
             shas = {self._manifests.pop(k).sha256 for k in gone}
             still_used = {m.sha256 for m in self._manifests.values()}
