@@ -1,0 +1,311 @@
+"""Every request and response body of the HTTP API (SPEC section 3), on one base class.
+
+Fields follow the order of the OpenAI API reference so clients and docs read alike.
+Each request converts itself to what the engine takes (`to_sampling_params`, `texts`),
+so the serving modules never pick fields apart. Unknown fields are ignored, as OpenAI
+clients send options this server does not implement; options it does know but cannot
+honour (n > 1, token-id prompts) fail validation with a message naming them.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+if TYPE_CHECKING:
+    from serving.engine import SamplingParams
+
+#: Largest `max_tokens` a request may ask for; the engine's context bounds it further.
+MAX_TOKENS_LIMIT = 4096
+
+
+class OpenAIBaseModel(BaseModel):
+    """Base of every body: ignore unknown fields, keep declared order when dumping."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+class ErrorInfo(OpenAIBaseModel):
+    message: str = Field(..., description="What went wrong, for a human.")
+    type: str = Field(..., description="Error kind, e.g. invalid_request_error, not_found_error.")
+    code: int = Field(..., description="The HTTP status code.")
+
+
+class ErrorResponse(OpenAIBaseModel):
+    """The SPEC error body: {"error": {"message", "type", "code"}}."""
+
+    error: ErrorInfo
+
+
+# ---------------------------------------------------------------------------- shared
+
+
+class UsageInfo(OpenAIBaseModel):
+    prompt_tokens: int = Field(0, description="Tokens in the input(s).")
+    completion_tokens: int | None = Field(None, description="Generated tokens; absent for encoders.")
+    total_tokens: int = Field(0, description="prompt_tokens + completion_tokens.")
+
+
+class StreamOptions(OpenAIBaseModel):
+    include_usage: bool = Field(False, description="Send a last chunk with usage before [DONE].")
+
+
+def _texts(value: str | list[str], field: str) -> list[str]:
+    texts = [value] if isinstance(value, str) else list(value)
+    if not texts:
+        raise ValueError(f"{field} must not be empty")
+    return texts
+
+
+# ---------------------------------------------------------------------------- embeddings
+
+
+class EmbeddingRequest(OpenAIBaseModel):
+    """POST /v1/embeddings."""
+
+    input: str | list[str] = Field(..., description="A text or a list of texts to embed.")
+    model: str = Field(..., description="The base model id, an adapter name, or name@version.")
+    encoding_format: Literal["float"] = Field("float", description="Only float is supported.")
+    dimensions: int | None = Field(None, description="Not supported; must be omitted or the full size.")
+    user: str | None = Field(None, description="End-user id; logged only.")
+
+    @field_validator("input")
+    @classmethod
+    def _non_empty(cls, v: str | list[str]) -> str | list[str]:
+        _texts(v, "input")
+        return v
+
+    def texts(self) -> list[str]:
+        return _texts(self.input, "input")
+
+
+class EmbeddingData(OpenAIBaseModel):
+    object: Literal["embedding"] = "embedding"
+    embedding: list[float]
+    index: int
+
+
+class EmbeddingResponse(OpenAIBaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: UsageInfo
+
+
+# ---------------------------------------------------------------------------- classify
+
+
+class ClassifyRequest(OpenAIBaseModel):
+    """POST /v1/classify: a sequence-classification adapter's label and probabilities."""
+
+    model: str = Field(..., description="A sequence-classification adapter name or name@version.")
+    input: str | list[str] = Field(..., description="A text or a list of texts to classify.")
+
+    @field_validator("input")
+    @classmethod
+    def _non_empty(cls, v: str | list[str]) -> str | list[str]:
+        _texts(v, "input")
+        return v
+
+    def texts(self) -> list[str]:
+        return _texts(self.input, "input")
+
+
+class ClassifyData(OpenAIBaseModel):
+    index: int
+    label: str
+    probs: list[float]
+
+
+class ClassifyResponse(OpenAIBaseModel):
+    object: Literal["list"] = "list"
+    model: str
+    data: list[ClassifyData]
+    usage: UsageInfo
+
+
+# ---------------------------------------------------------------------------- generation
+
+
+class _SamplingFields(OpenAIBaseModel):
+    """Sampling options shared by completions and chat, in OpenAI order."""
+
+    def _sampling(self, max_tokens: int) -> "SamplingParams":
+        from serving.engine import SamplingParams
+
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, seed=self.seed, stop=stop
+        )
+
+    @field_validator("n", check_fields=False)
+    @classmethod
+    def _single_choice(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError("only n = 1 is supported")
+        return v
+
+
+class CompletionRequest(_SamplingFields):
+    """POST /v1/completions."""
+
+    model: str = Field(..., description="The base model id, an adapter name, or name@version.")
+    prompt: str | list[str] = Field(..., description="A prompt or a list of prompts (one choice each).")
+    max_tokens: int = Field(16, ge=1, le=MAX_TOKENS_LIMIT, description="Most tokens to generate per prompt.")
+    n: int = Field(1, description="Choices per prompt; only 1 is supported.")
+    seed: int | None = Field(None, description="Seed for sampling; same seed, same text.")
+    stop: str | list[str] | None = Field(None, description="Stop sequences; not included in the text.")
+    stream: bool = Field(False, description="Send Server-Sent Events chunks, ending with data: [DONE].")
+    stream_options: StreamOptions | None = Field(None, description="include_usage: send a usage chunk.")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 means greedy decoding.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    user: str | None = Field(None, description="End-user id; logged only.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _non_empty(cls, v: str | list[str]) -> str | list[str]:
+        _texts(v, "prompt")
+        return v
+
+    def prompts(self) -> list[str]:
+        return _texts(self.prompt, "prompt")
+
+    def to_sampling_params(self) -> "SamplingParams":
+        return self._sampling(self.max_tokens)
+
+
+class ChatMessage(OpenAIBaseModel):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | None = ""
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(..., min_length=1, description="The conversation so far.")
+    model: str = Field(..., description="The base model id, an adapter name, or name@version.")
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT, description="Alias of max_tokens.")
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT, description="Most tokens to generate.")
+    n: int = Field(1, description="Choices; only 1 is supported.")
+    seed: int | None = Field(None, description="Seed for sampling; same seed, same text.")
+    stop: str | list[str] | None = Field(None, description="Stop sequences; not included in the text.")
+    stream: bool = Field(False, description="Send Server-Sent Events chunks, ending with data: [DONE].")
+    stream_options: StreamOptions | None = Field(None, description="include_usage: send a usage chunk.")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 means greedy decoding.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    user: str | None = Field(None, description="End-user id; logged only.")
+
+    def chat_messages(self) -> list[dict[str, str]]:
+        """The messages as the tokenizer's chat template takes them."""
+        return [{"role": m.role, "content": m.content or ""} for m in self.messages]
+
+    def to_sampling_params(self) -> "SamplingParams":
+        return self._sampling(self.max_completion_tokens or self.max_tokens or 16)
+
+
+class CompletionChoice(OpenAIBaseModel):
+    text: str
+    index: int
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class CompletionResponse(OpenAIBaseModel):
+    id: str = Field(default_factory=lambda: _id("cmpl"))
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo
+
+
+class CompletionStreamResponse(OpenAIBaseModel):
+    """One SSE chunk of a streamed completion."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+
+
+class ChatResponseMessage(OpenAIBaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatCompletionChoice(OpenAIBaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class ChatCompletionResponse(OpenAIBaseModel):
+    id: str = Field(default_factory=lambda: _id("chatcmpl"))
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: UsageInfo
+
+
+class DeltaMessage(OpenAIBaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatCompletionStreamChoice(OpenAIBaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionStreamResponse(OpenAIBaseModel):
+    """One SSE chunk of a streamed chat completion."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatCompletionStreamChoice]
+    usage: UsageInfo | None = None
+
+
+# ---------------------------------------------------------------------------- models
+
+
+class ModelCard(OpenAIBaseModel):
+    id: str = Field(..., description="What to send as `model`: the base id or name@version's name.")
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=_now)
+    owned_by: str = "capaserve"
+    root: str | None = Field(None, description="The pinned id name@version for adapters; the base id for the base.")
+    parent: str | None = Field(None, description="The base model id for adapters; null for the base.")
+    task: str | None = Field(None, description="feature-extraction, sequence-classification or causal-lm.")
+
+
+class ModelList(OpenAIBaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def dump(body: BaseModel) -> dict[str, Any]:
+    """JSON-ready dict of a response body (None fields kept: OpenAI clients expect them)."""
+    return body.model_dump(mode="json")

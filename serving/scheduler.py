@@ -1,0 +1,392 @@
+"""A per-replica asyncio scheduler: group requests by adapter, batch them, run them serially.
+
+Why: swapping an adapter rewrites weights, so the cheapest order serves every queued
+request of the active adapter before moving on, and batches them. Policy, per step:
+
+1. Adapter choice. Keep the active adapter while it has work, unless some other
+   adapter's oldest request has waited longer than `starvation_ms`; then switch to the
+   adapter whose oldest request waited longest. So no adapter waits unboundedly.
+2. Batch fill. Wait up to `batch_wait_ms` (from the arrival of the head request) for
+   up to `max_batch_size` compatible requests: same kind and, for generation, the same
+   sampling parameters, since one engine call takes one SamplingParams.
+3. Padding. A batch's texts are sorted by length and split into engine calls whose
+   padded size (texts x longest) stays under `max_batch_tokens`, so one long text does
+   not pad a batch of short ones.
+4. Execution. Engine calls run on one worker thread, never on the event loop, so the
+   replica keeps accepting requests while the model computes.
+
+With `grouping=False` each request runs alone in arrival order: the swap-per-request
+baseline the load test compares against. A full queue raises `Overloaded` (503).
+The scheduler knows nothing of the engine: it calls a `BatchRunner`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Hashable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from serving.errors import Overloaded
+
+Kind = Literal["embed", "classify", "generate", "stream"]
+
+
+class SchedulerConfig(BaseModel):
+    """Batching and fairness knobs of one replica's scheduler."""
+
+    model_config = ConfigDict(frozen=True)
+
+    max_batch_size: int = Field(8, ge=1, description="Most requests in one batch.")
+    batch_wait_ms: float = Field(5.0, ge=0.0, description="Longest a head request waits for its batch to fill.")
+    max_batch_tokens: int = Field(8192, ge=1, description="Cap on padded tokens (texts x longest) per engine call.")
+    starvation_ms: float = Field(
+        200.0, ge=0.0, description="Once another adapter's oldest request waited this long, switch to it."
+    )
+    max_queue: int = Field(256, ge=1, description="Most queued requests; beyond it new ones get 503.")
+    grouping: bool = Field(True, description="Group and batch by adapter; off: one request at a time, FIFO.")
+
+
+class BatchRunner(Protocol):
+    """What the scheduler drives; implemented over the engine by the model deployment."""
+
+    def run_batch(self, kind: Kind, adapter: str | None, texts: list[str], params: Any) -> list[Any]:
+        """One engine call; returns one result per text, in order."""
+
+    def run_stream(self, adapter: str | None, prompt: str, params: Any) -> Iterator[Any]:
+        """A token stream for one prompt."""
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    """How a request was served: reported in its log line and metrics."""
+
+    batch_size: int
+    swapped: bool
+    queue_seconds: float
+
+
+@dataclass
+class _Item:
+    kind: Kind
+    adapter: str | None
+    texts: list[str]
+    lengths: list[int]
+    params: Any
+    params_key: Hashable
+    future: asyncio.Future
+    enqueued: float
+    seq: int
+    # streaming only
+    deltas: asyncio.Queue | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def compatible(self, other: "_Item") -> bool:
+        return self.kind == other.kind and self.kind != "stream" and self.params_key == other.params_key
+
+
+_END = object()
+
+
+class SchedulerStats(BaseModel):
+    """Cumulative counters plus events since the last drain (for metrics deltas)."""
+
+    queue_depth: int = Field(0, description="Requests waiting now.")
+    requests: int = Field(0, description="Requests run so far.")
+    batches: int = Field(0, description="Batches run so far.")
+    adapter_switches: int = Field(0, description="Times the scheduler moved to another adapter.")
+    batch_sizes: list[int] = Field(default_factory=list, description="Sizes of batches since the last drain.")
+
+
+class Scheduler:
+    """Queues requests per adapter and runs them in batches on a single worker thread."""
+
+    def __init__(self, runner: BatchRunner, config: SchedulerConfig | None = None) -> None:
+        self.runner = runner
+        self.config = config or SchedulerConfig()
+        self._queues: dict[str | None, deque[_Item]] = {}
+        self._pending = 0
+        self._seq = itertools.count()
+        self._active: str | None | object = _END  # nothing run yet
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="capaserve-engine")
+        self._task: asyncio.Task | None = None
+        self._stats = SchedulerStats()
+        self._new_batch_sizes: list[int] = []
+
+    # ------------------------------------------------------------------ public
+
+    async def submit(
+        self,
+        kind: Kind,
+        adapter: str | None,
+        texts: Sequence[str],
+        *,
+        lengths: Sequence[int] | None = None,
+        params: Any = None,
+    ) -> tuple[list[Any], BatchInfo]:
+        """Queue one request (its texts run together) and wait for its results."""
+        item = self._enqueue(kind, adapter, list(texts), lengths, params)
+        return await item.future
+
+    async def stream(
+        self, adapter: str | None, prompt: str, *, length: int | None = None, params: Any = None
+    ) -> AsyncIterator[tuple[Any, BatchInfo]]:
+        """Queue one streamed generation; yields (delta, info) as the worker produces them.
+
+        Closing the iterator early (client gone) cancels the generation between tokens,
+        or drops it from the queue if it has not started.
+        """
+        item = self._enqueue("stream", adapter, [prompt], [length] if length else None, params)
+        item.deltas = asyncio.Queue()
+        try:
+            info: BatchInfo = await item.future  # set when the worker starts it
+            while True:
+                delta = await item.deltas.get()
+                if delta is _END:
+                    break
+                if isinstance(delta, BaseException):
+                    raise delta
+                yield delta, info
+        finally:
+            item.cancelled.set()
+            if not item.future.done():
+                item.future.cancel()
+
+    def stats(self, drain: bool = False) -> SchedulerStats:
+        """A snapshot; with drain=True the batch-size events are handed over and cleared."""
+        snap = self._stats.model_copy(update={"queue_depth": self._pending, "batch_sizes": list(self._new_batch_sizes)})
+        if drain:
+            self._new_batch_sizes.clear()
+        return snap
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------ queueing
+
+    def _enqueue(
+        self, kind: Kind, adapter: str | None, texts: list[str], lengths: Sequence[int] | None, params: Any
+    ) -> _Item:
+        if self._pending >= self.config.max_queue:
+            raise Overloaded(f"replica queue is full ({self.config.max_queue} requests); retry later")
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._loop())
+        item = _Item(
+            kind=kind,
+            adapter=adapter,
+            texts=texts,
+            lengths=list(lengths) if lengths is not None else [len(t) for t in texts],
+            params=params,
+            params_key=_params_key(params),
+            future=loop.create_future(),
+            enqueued=time.monotonic(),
+            seq=next(self._seq),
+        )
+        key = adapter if self.config.grouping else None
+        self._queues.setdefault(key, deque()).append(item)
+        self._pending += 1
+        self._wakeup.set()
+        return item
+
+    def _pick_queue(self, now: float) -> str | None:
+        """The adapter to serve next: the active one unless another is starving."""
+        heads = {k: q[0] for k, q in self._queues.items() if q}
+        oldest_key = min(heads, key=lambda k: heads[k].seq)
+        if not self.config.grouping:
+            return oldest_key
+        if self._active in heads:
+            others = [h for k, h in heads.items() if k != self._active]
+            bound = self.config.starvation_ms / 1000.0
+            if not others or now - min(h.enqueued for h in others) < bound:
+                return self._active  # type: ignore[return-value]
+        return oldest_key
+
+    def _take_batch(self, key: str | None) -> list[_Item]:
+        queue = self._queues[key]
+        head = queue.popleft()
+        batch = [head]
+        if self.config.grouping and head.kind != "stream":
+            tokens = sum(head.lengths)
+            rest: deque[_Item] = deque()
+            while queue:
+                it = queue.popleft()
+                fits = len(batch) < self.config.max_batch_size and tokens + sum(it.lengths) <= self.config.max_batch_tokens
+                if fits and head.compatible(it):
+                    batch.append(it)
+                    tokens += sum(it.lengths)
+                else:
+                    rest.append(it)
+            queue.extend(rest)
+        if not queue:
+            del self._queues[key]
+        self._pending -= len(batch)
+        return batch
+
+    def _fillable(self, key: str | None) -> tuple[bool, float]:
+        """(whether the head's batch could still grow, seconds left to wait for it)."""
+        queue = self._queues[key]
+        head = queue[0]
+        if not self.config.grouping or head.kind == "stream":
+            return False, 0.0
+        n = sum(1 for it in queue if head.compatible(it) or it is head)
+        left = head.enqueued + self.config.batch_wait_ms / 1000.0 - time.monotonic()
+        return n < self.config.max_batch_size, left
+
+    # ------------------------------------------------------------------ loop
+
+    async def _loop(self) -> None:
+        while True:
+            self._drop_cancelled()
+            if self._pending == 0:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            key = self._pick_queue(time.monotonic())
+            growable, left = self._fillable(key)
+            if growable and left > 0:
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), timeout=left)
+                except asyncio.TimeoutError:
+                    pass
+                if key in self._queues:
+                    growable, left = self._fillable(key)
+                    if growable and left > 0:
+                        continue  # more time to fill; re-pick in case of starvation
+                else:
+                    continue
+            batch = self._take_batch(key)
+            try:
+                await self._run(batch)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:  # never let the loop die
+                for it in batch:
+                    if not it.future.done():
+                        it.future.set_exception(exc)
+
+    def _drop_cancelled(self) -> None:
+        for key in list(self._queues):
+            q = self._queues[key]
+            kept = deque(it for it in q if not it.future.cancelled())
+            self._pending -= len(q) - len(kept)
+            if kept:
+                self._queues[key] = kept
+            else:
+                del self._queues[key]
+
+    async def _run(self, batch: list[_Item]) -> None:
+        head = batch[0]
+        swapped = self._active is not _END and self._active != head.adapter
+        if self._active != head.adapter:
+            self._stats.adapter_switches += int(self._active is not _END)
+            self._active = head.adapter
+        self._stats.batches += 1
+        self._stats.requests += len(batch)
+        self._new_batch_sizes.append(len(batch))
+        now = time.monotonic()
+        loop = asyncio.get_running_loop()
+        if head.kind == "stream":
+            info = BatchInfo(batch_size=1, swapped=swapped, queue_seconds=now - head.enqueued)
+            if head.future.cancelled():
+                return
+            head.future.set_result(info)
+            await loop.run_in_executor(self._executor, self._pump_stream, head, loop)
+            return
+        try:
+            outputs = await loop.run_in_executor(self._executor, self._run_chunks, batch)
+        except Exception:
+            if len(batch) == 1:
+                raise
+            # One bad request must not fail its batch-mates: run each alone.
+            for it in batch:
+                try:
+                    out = await loop.run_in_executor(self._executor, self._run_chunks, [it])
+                    _resolve(it, out[0], BatchInfo(1, swapped, now - it.enqueued))
+                except Exception as exc:  # noqa: BLE001 - handed to the caller
+                    if not it.future.done():
+                        it.future.set_exception(exc)
+            return
+        for it, out in zip(batch, outputs):
+            _resolve(it, out, BatchInfo(len(batch), swapped, now - it.enqueued))
+
+    # ------------------------------------------------------------------ worker thread
+
+    def _run_chunks(self, batch: list[_Item]) -> list[list[Any]]:
+        """Run a batch as length-sorted engine calls under the padded-token cap."""
+        head = batch[0]
+        flat = [(i, j, text, length) for i, it in enumerate(batch) for j, (text, length) in enumerate(zip(it.texts, it.lengths))]
+        order = sorted(range(len(flat)), key=lambda k: flat[k][3])
+        results: list[Any] = [None] * len(flat)
+        for chunk in _chunks(order, lambda k: flat[k][3], self.config.max_batch_tokens):
+            outs = self.runner.run_batch(head.kind, head.adapter, [flat[k][2] for k in chunk], head.params)
+            if len(outs) != len(chunk):
+                raise RuntimeError(f"engine returned {len(outs)} results for {len(chunk)} inputs")
+            for k, out in zip(chunk, outs):
+                results[k] = out
+        per_item: list[list[Any]] = [[None] * len(it.texts) for it in batch]
+        for k, (i, j, _, _) in enumerate(flat):
+            per_item[i][j] = results[k]
+        return per_item
+
+    def _pump_stream(self, item: _Item, loop: asyncio.AbstractEventLoop) -> None:
+        assert item.deltas is not None
+        put = lambda x: loop.call_soon_threadsafe(item.deltas.put_nowait, x)  # noqa: E731
+        gen = None
+        try:
+            gen = self.runner.run_stream(item.adapter, item.texts[0], item.params)
+            for delta in gen:
+                put(delta)
+                if item.cancelled.is_set():
+                    break
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer
+            put(exc)
+        finally:
+            close: Callable[[], None] | None = getattr(gen, "close", None)
+            if close is not None:
+                close()
+            put(_END)
+
+
+def _resolve(item: _Item, out: Any, info: BatchInfo) -> None:
+    if not item.future.done():
+        item.future.set_result((out, info))
+
+
+def _chunks(order: list[int], length: Callable[[int], int], cap: int) -> Iterator[list[int]]:
+    """Split length-sorted indices so len(chunk) * longest <= cap (at least one each)."""
+    chunk: list[int] = []
+    for k in order:
+        if chunk and (len(chunk) + 1) * max(length(k), 1) > cap:
+            yield chunk
+            chunk = []
+        chunk.append(k)
+    if chunk:
+        yield chunk
+
+
+def _params_key(params: Any) -> Hashable:
+    if params is None:
+        return None
+    if isinstance(params, BaseModel):
+        return repr(params.model_dump())
+    if hasattr(params, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        return repr(asdict(params))
+    return repr(params)

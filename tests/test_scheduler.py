@@ -1,0 +1,157 @@
+"""The scheduler's policy, driven by a recording runner (no engine, no Ray)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from serving.errors import Overloaded
+from serving.scheduler import Scheduler, SchedulerConfig
+
+
+class Recorder:
+    """Runs 'batches' by echoing (adapter, text) and records each engine call."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.calls: list[tuple[str, str | None, list[str]]] = []
+        self.delay = delay
+        self.threads: set[str] = set()
+
+    def run_batch(self, kind, adapter, texts, params) -> list[Any]:
+        self.threads.add(threading.current_thread().name)
+        self.calls.append((kind, adapter, list(texts)))
+        if self.delay:
+            time.sleep(self.delay)
+        if any(t == "boom" for t in texts):
+            raise ValueError("boom")
+        return [(adapter, t) for t in texts]
+
+    def run_stream(self, adapter, prompt, params):
+        for i in range(5):
+            time.sleep(0.01)
+            yield f"{prompt}-{i}"
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_groups_by_adapter_and_returns_own_results():
+    rec = Recorder(delay=0.02)
+
+    async def main():
+        s = Scheduler(rec, SchedulerConfig(max_batch_size=8, batch_wait_ms=20))
+        reqs = [(f"a{i % 3}", f"t{i}") for i in range(24)]
+        outs = await asyncio.gather(*(s.submit("embed", a, [t]) for a, t in reqs))
+        await s.close()
+        return reqs, outs, s.stats()
+
+    reqs, outs, stats = run(main())
+    for (a, t), (res, info) in zip(reqs, outs):
+        assert res == [(a, t)]
+    assert all(len({c[1]}) == 1 for c in rec.calls)
+    assert len(rec.calls) <= 6  # batched, not 24 single calls
+    assert stats.requests == 24 and stats.queue_depth == 0
+    assert all(name.startswith("capaserve-engine") for name in rec.threads)
+
+
+def test_grouping_off_runs_one_at_a_time_in_order():
+    rec = Recorder()
+
+    async def main():
+        s = Scheduler(rec, SchedulerConfig(grouping=False))
+        await asyncio.gather(*(s.submit("embed", f"a{i % 2}", [f"t{i}"]) for i in range(6)))
+        await s.close()
+        return s.stats()
+
+    stats = run(main())
+    assert [c[2] for c in rec.calls] == [[f"t{i}"] for i in range(6)]
+    assert stats.adapter_switches == 5
+
+
+def test_starvation_bound_switches_adapter():
+    rec = Recorder(delay=0.01)
+
+    async def main():
+        s = Scheduler(rec, SchedulerConfig(max_batch_size=1, batch_wait_ms=0, starvation_ms=30))
+
+        async def flood():
+            for i in range(40):
+                await s.submit("embed", "hot", [f"h{i}"])
+
+        async def flood2():
+            for i in range(40):
+                await s.submit("embed", "hot", [f"g{i}"])
+
+        async def late():
+            await asyncio.sleep(0.02)
+            t0 = time.monotonic()
+            await s.submit("embed", "cold", ["c"])
+            return time.monotonic() - t0
+
+        _, _, waited = await asyncio.gather(flood(), flood2(), late())
+        await s.close()
+        return waited
+
+    waited = run(main())
+    assert waited < 0.2
+    done_at = [c[1] for c in rec.calls].index("cold")
+    assert done_at < 70
+
+
+def test_padding_aware_chunks_and_failure_isolation():
+    rec = Recorder()
+
+    async def main():
+        s = Scheduler(rec, SchedulerConfig(max_batch_size=8, batch_wait_ms=20, max_batch_tokens=100))
+        good = s.submit("embed", "a", ["x" * 5, "y" * 60], lengths=[5, 60])
+        short = s.submit("embed", "a", ["z" * 4], lengths=[4])
+        bad = s.submit("embed", "a", ["boom"], lengths=[4])
+        r = await asyncio.gather(good, short, bad, return_exceptions=True)
+        await s.close()
+        return r
+
+    good, short, bad = run(main())
+    assert good[0] == [("a", "x" * 5), ("a", "y" * 60)]
+    assert short[0] == [("a", "z" * 4)]
+    assert isinstance(bad, ValueError)
+    first = rec.calls[0][2]
+    assert "y" * 60 not in first or len(first) == 1  # the long text never pads short ones past the cap
+
+
+def test_bounded_queue_overloads():
+    rec = Recorder(delay=0.05)
+
+    async def main():
+        s = Scheduler(rec, SchedulerConfig(max_queue=2, max_batch_size=1))
+        tasks = [asyncio.ensure_future(s.submit("embed", "a", [f"t{i}"])) for i in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded):
+            await s.submit("embed", "a", ["x"])
+        await asyncio.gather(*tasks)
+        await s.close()
+
+    run(main())
+
+
+def test_stream_and_early_close():
+    rec = Recorder()
+
+    async def main():
+        s = Scheduler(rec, SchedulerConfig())
+        got = [d async for d, _ in s.stream("a", "p")]
+        agen = s.stream("a", "q")
+        first = await agen.__anext__()
+        await agen.aclose()
+        after = await s.submit("embed", "a", ["ok"])
+        await s.close()
+        return got, first, after
+
+    got, first, after = run(main())
+    assert got == [f"p-{i}" for i in range(5)]
+    assert first[0] == "q-0"
+    assert after[0] == [("a", "ok")]
