@@ -1,10 +1,136 @@
-"""`capaserve pack` (not built yet)."""
+"""`capaserve pack`: turn an adapter trained elsewhere into a `capaboost.v1` bundle.
+
+    capaserve pack peft FOLDER -o bundle.safetensors [--base-model ID] [--task TASK]
+    capaserve pack reference CKPT --alpha A --rank R [--config JSON] [--name NAME]
+                   --base-model ID --task TASK -o bundle.safetensors
+
+`--prefix-map OLD=NEW` (repeatable) replaces the default module-path mapping (strip an
+encoder backbone prefix such as `bert.` for AutoModel tasks; none for causal-lm).
+`--check-base DIR_OR_ID` also checks every target against that model's modules, built
+from its config on the meta device (no weights are read). Exit status 1 on any problem.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+
+TASKS = ("feature-extraction", "sequence-classification", "causal-lm")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pack", help="(not built yet)")
-    p.set_defaults(func=lambda args: print("capaserve pack is not built yet") or 2)
+    p = sub.add_parser("pack", help="Convert a PEFT LoRA or a CapaBoost reference checkpoint into a bundle.")
+    kinds = p.add_subparsers(dest="source", required=True)
+
+    peft = kinds.add_parser("peft", help="A PEFT LoRA folder (adapter_config.json + adapter_model.safetensors).")
+    peft.add_argument("folder", help="PEFT adapter folder.")
+    peft.add_argument("--base-model", help="Bundle base_model (default: adapter_config's base_model_name_or_path).")
+    peft.add_argument("--task", choices=TASKS, help="Bundle task (default: from adapter_config's task_type).")
+    _common(peft)
+    peft.set_defaults(func=_run_peft)
+
+    ref = kinds.add_parser("reference", help="A CapaBoost reference-code checkpoint (adapter-transformers layout).")
+    ref.add_argument("checkpoint", help=".safetensors (preferred), or .bin/.pt read with torch.load(weights_only=True).")
+    ref.add_argument("--config", help="JSON with r and alpha (top level or under 'config'); flags override it.")
+    ref.add_argument("--alpha", type=float, help="LoRA alpha; scaling is alpha / r.")
+    ref.add_argument("--rank", type=int, help="r of the shared factors.")
+    ref.add_argument("--name", help="Adapter name in the checkpoint (`loras.<name>`); needed if it holds several.")
+    ref.add_argument("--density", type=float, help="Mask density for the metadata (default: measured).")
+    ref.add_argument("--base-model", required=True, help="Id of the base model the adapter was trained on.")
+    ref.add_argument("--task", required=True, choices=TASKS, help="Bundle task.")
+    _common(ref)
+    ref.set_defaults(func=_run_reference)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", "--output", required=True, help="Where to write the bundle (.safetensors).")
+    p.add_argument(
+        "--prefix-map",
+        action="append",
+        metavar="OLD=NEW",
+        help="Rewrite a leading module-path part, e.g. 'bert.=' or '=model.'; repeatable, first match wins.",
+    )
+    p.add_argument("--description", help="Free text stored in the bundle.")
+    p.add_argument("--check-base", metavar="DIR_OR_ID", help="Also check the targets against this base model's modules.")
+
+
+def _run_peft(args: argparse.Namespace) -> int:
+    def build():
+        from adapters.importers import import_peft
+
+        return import_peft(
+            args.folder,
+            base_model=args.base_model,
+            task=args.task,
+            prefix_map=_prefix_map(args),
+            description=args.description,
+        )
+
+    return _pack(args, build)
+
+
+def _run_reference(args: argparse.Namespace) -> int:
+    def build():
+        from adapters.importers import ReferenceConfig, import_reference
+
+        config = ReferenceConfig.from_sources(
+            args.config, alpha=args.alpha, rank=args.rank, name=args.name, density=args.density
+        )
+        return import_reference(
+            args.checkpoint,
+            config,
+            base_model=args.base_model,
+            task=args.task,
+            prefix_map=_prefix_map(args),
+            description=args.description,
+        )
+
+    return _pack(args, build)
+
+
+def _prefix_map(args: argparse.Namespace):
+    if not args.prefix_map:
+        return None
+    from adapters.importers import PrefixMap
+
+    return PrefixMap.parse(args.prefix_map)
+
+
+def _pack(args: argparse.Namespace, build) -> int:
+    from adapters.bundle import save_bundle
+    from adapters.errors import BundleError
+
+    try:
+        bundle = build()
+        if args.check_base:
+            from adapters.validation import check_servable
+
+            check_servable(bundle, base_spec(args.check_base, bundle.metadata.task, bundle.metadata.base_model))
+    except BundleError as exc:
+        print("error: cannot pack:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 1
+    path = save_bundle(bundle, args.output)
+    m = bundle.metadata
+    print(
+        f"wrote {path} ({path.stat().st_size} bytes): {len(m.targets)} targets, rank {m.rank}, "
+        f"{m.num_copies} cop{'y' if m.num_copies == 1 else 'ies'}, alpha {m.alpha:g}, "
+        f"task {m.task.value}, base {m.base_model}"
+    )
+    return 0
+
+
+def base_spec(model: str, task, model_id: str):
+    """The BaseModelSpec of a model folder or cached id, built on the meta device (no weights read)."""
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    from adapters.bundle import Task
+    from adapters.validation import BaseModelSpec
+
+    config = AutoConfig.from_pretrained(model)
+    cls = AutoModelForCausalLM if Task(task) is Task.CAUSAL_LM else AutoModel
+    with torch.device("meta"):
+        net = cls.from_config(config)
+    return BaseModelSpec.from_model(model_id, Task(task), net, int(config.hidden_size))
