@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from adapters.errors import BundleError
 from adapters.registry.store import AdapterNotFound
+from serving.engine.errors import AdapterNotLoaded
 
 
 class InvalidRequest(ValueError):
@@ -43,6 +44,7 @@ _STATUS: list[tuple[type[BaseException], int, str]] = [
     (Forbidden, 403, "permission_error"),
     (ModelNotFound, 404, "not_found_error"),
     (AdapterNotFound, 404, "not_found_error"),
+    (AdapterNotLoaded, 404, "not_found_error"),
     (PayloadTooLarge, 413, "payload_too_large"),
     (Overloaded, 503, "overloaded_error"),
 ]

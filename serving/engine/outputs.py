@@ -1,0 +1,66 @@
+"""What the engine returns: dataclasses for tensor results, pydantic for everything else."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, Field
+
+from adapters.bundle import Task
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass
+class EmbeddingOutput:
+    """L2-normalised mean-pooled embeddings [n, dim], float32 on CPU."""
+
+    embeddings: torch.Tensor
+    prompt_tokens: int
+
+
+@dataclass
+class ClassificationOutput:
+    """Per input the argmax label and the softmax over `label_names` ([n, L] float32, CPU)."""
+
+    labels: list[str]
+    probs: torch.Tensor
+    label_names: list[str]
+    prompt_tokens: int
+
+
+class GenerationOutput(BaseModel):
+    text: str = Field(..., description="Completion text, cut before the first stop string.")
+    token_ids: list[int] = Field(..., description="Generated token ids (an EOS that ended it included).")
+    finish_reason: FinishReason = Field(..., description="stop (EOS or stop string) or length (max_tokens).")
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class GenerationDelta(BaseModel):
+    text: str = Field(..., description="New text since the previous delta (may be empty).")
+    token_ids: list[int] = Field(..., description="Tokens generated since the previous delta.")
+    finish_reason: FinishReason | None = Field(None, description="Set on the last delta only.")
+
+
+class LoadedAdapterInfo(BaseModel):
+    name: str
+    task: Task
+    mode: Literal["dense", "factors"] = Field(..., description="How its pre-merged delta is kept.")
+    nbytes: int = Field(..., description="Bytes of pre-merged data it holds in the cache.")
+    pinned: bool = Field(..., description="Pinned adapters are never evicted.")
+    labels: list[str] | None = Field(None, description="Label names of a sequence-classification adapter.")
+
+
+class EngineStats(BaseModel):
+    active_adapter: str | None
+    swaps: int = Field(..., description="Times target weights were rewritten.")
+    swap_seconds_total: float
+    last_swap_seconds: float
+    cache_hits: int = Field(..., description="Requests/activations that found their adapter loaded.")
+    cache_misses: int = Field(..., description="load_adapter calls (the adapter had to be loaded).")
+    cache_evictions: int = Field(..., description="Adapters dropped by the LRU to stay within adapter_cache_bytes.")
+    cache_bytes: int = Field(..., description="Bytes of pre-merged adapter data held.")
+    loaded_adapters: int
