@@ -69,10 +69,16 @@ def parse_header(data: bytes) -> tuple[dict[str, str] | None, dict[str, TensorIn
     problems: list[str] = []
     for name, entry in header.items():
         try:
-            dtype, shape, (start, end) = entry["dtype"], tuple(int(s) for s in entry["shape"]), entry["data_offsets"]
+            dtype, raw_shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
         except (KeyError, TypeError, ValueError):
             problems.append(f"{not_st}: malformed entry for tensor {name!r}")
             continue
+        # JSON gives any type: only lists of non-negative ints are a shape / offsets
+        ints = [*raw_shape, start, end] if isinstance(raw_shape, list) else None
+        if ints is None or not isinstance(dtype, str) or not all(type(x) is int and x >= 0 for x in ints):
+            problems.append(f"{not_st}: malformed entry for tensor {name!r}")
+            continue
+        shape = tuple(raw_shape)
         if not (0 <= start <= end <= body):
             problems.append(f"{not_st}: tensor {name!r} lies outside the file (truncated?)")
             continue
