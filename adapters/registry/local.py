@@ -178,7 +178,7 @@ class LocalStore(RegistryStore):
         h = hashlib.sha256()
         size = 0
         try:
-            with open(src, "rb") as f:
+            with open(src, "rb", buffering=0) as f:  # raw reads: take what a pipe has, don't wait for 1 MiB
                 while chunk := f.read(CHUNK_BYTES):
                     h.update(chunk)
                     size += len(chunk)
