@@ -160,6 +160,17 @@ class Scheduler:
             if not item.future.done():
                 item.future.cancel()
 
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn` on the worker thread between batches (adapter loads, unloads)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def post(self, fn: Callable[[], Any]) -> None:
+        """Queue `fn` on the worker thread from any thread, without waiting for it."""
+        try:
+            self._executor.submit(fn)
+        except RuntimeError:  # shut down
+            pass
+
     def stats(self, drain: bool = False) -> SchedulerStats:
         """A snapshot; with drain=True the batch-size events are handed over and cleared."""
         snap = self._stats.model_copy(update={"queue_depth": self._pending, "batch_sizes": list(self._new_batch_sizes)})

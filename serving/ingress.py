@@ -1,0 +1,265 @@
+"""The HTTP ingress: FastAPI routes of SPEC section 3 over Ray Serve (`serve.ingress`).
+
+Routes only map service results to HTTP: a response model becomes JSON, an iterator
+becomes Server-Sent Events, an exception becomes the SPEC error body with the status
+`serving.errors.status_for` gives it. The service logic is in one module per endpoint
+family (serve_embeddings, serve_classify, serve_generate, serve_models); the registry
+routes come from serving.api.registry. An ASGI middleware records the metrics of every
+request and writes one JSON access-log line per inference request.
+
+`create_api(...)` builds the app without Ray (any `ModelClient` will do); `Ingress` is
+the Ray Serve deployment that builds it around a handle to the model deployment.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.routing import APIRoute
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from adapters.registry.resolver import AdapterResolver
+from adapters.registry.store import RegistryStore, open_store
+from serving import serve_classify, serve_embeddings, serve_generate, serve_models
+from serving.api.auth import AuthSettings
+from serving.api.registry import RegistrySettings, build_registry_router, error_response
+from serving.app import ServeArgs
+from serving.errors import Overloaded, error_body
+from serving.metrics import CONTENT_TYPE, ServerMetrics
+from serving.protocol import ChatCompletionRequest, ClassifyRequest, CompletionRequest, EmbeddingRequest, dump
+from serving.replica_io import ReplicaCall, ReplicaInfo, ReplicaResult, StreamItem
+from serving.service import RequestRecord, ServingContext
+
+access_log = logging.getLogger("capaserve.access")
+if not access_log.handlers:
+    _h = logging.StreamHandler(sys.stderr)
+    _h.setFormatter(logging.Formatter("%(message)s"))
+    access_log.addHandler(_h)
+    access_log.setLevel(logging.INFO)
+    access_log.propagate = False
+
+UNMETERED = {"/metrics", "/healthz", "/readyz"}
+ROUTES = {
+    "/v1/embeddings", "/v1/classify", "/v1/completions", "/v1/chat/completions", "/v1/models",
+    "/v1/load_lora_adapter", "/v1/unload_lora_adapter",
+}
+
+
+def _route_label(path: str) -> str:
+    """A bounded route label for requests that carry no record (registry, 404s)."""
+    if path == "/v1/adapters" or path.startswith("/v1/adapters/"):
+        return "/v1/adapters"
+    if path in ROUTES:
+        return path
+    return "other"
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The user exception inside a Ray task error; Ray's back-pressure as Overloaded."""
+    try:
+        from ray.exceptions import RayTaskError
+        from ray.serve.exceptions import BackPressureError
+
+        if isinstance(exc, RayTaskError) and getattr(exc, "cause", None) is not None:
+            return exc.cause
+        if isinstance(exc, BackPressureError):
+            return Overloaded(str(exc))
+    except ImportError:  # pragma: no cover - Ray is a dependency
+        pass
+    return exc
+
+
+class MappedRoute(APIRoute):
+    """Every error of a route (validation and auth included) becomes the SPEC body."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def mapped(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except Exception as exc:  # noqa: BLE001 - the API edge
+                return error_response(unwrap(exc))
+
+        return mapped
+
+
+class Metered:
+    """ASGI middleware: request count and latency (to the last byte), TTFT, tokens, access log."""
+
+    def __init__(self, app: Any, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("path") in UNMETERED:
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = {"code": 500, "done": False}
+
+        async def send_wrapper(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                self._finish(scope, status, start)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            if not status["done"]:
+                if status["code"] == 200:
+                    status["code"] = 499  # started, then the client went away
+                self._finish(scope, status, start)
+
+    def _finish(self, scope: dict, status: dict, start: float) -> None:
+        if status["done"]:
+            return
+        status["done"] = True
+        seconds = time.perf_counter() - start
+        record: RequestRecord | None = scope.get("state", {}).get("record")
+        path = scope.get("path", "")
+        route = record.route if record else _route_label(path)
+        adapter = self.metrics.adapter_label(record.target_label if record else None)
+        code = status["code"]
+        self.metrics.observe_request(route, adapter, code, seconds)
+        if record is None:
+            return
+        self.metrics.observe_tokens(route, adapter, record.prompt_tokens, record.completion_tokens)
+        if record.first_token_s is not None:
+            self.metrics.ttft.labels(route, adapter).observe(record.first_token_s)
+        line = {"event": "request", "status": code, "latency_ms": round(seconds * 1000, 3), **record.log_fields()}
+        access_log.info(json.dumps(line))
+
+
+def create_api(
+    ctx: ServingContext,
+    store: RegistryStore,
+    settings: RegistrySettings,
+) -> FastAPI:
+    """The FastAPI app: inference routes, registry routes, health and metrics."""
+    app = FastAPI(title="capaserve", version="0.1.0")
+    api = APIRouter(route_class=MappedRoute)
+    keyed = [Depends(settings.auth.require_api_key)]
+
+    def record(request: Request, route: str) -> RequestRecord:
+        rec = RequestRecord(route=route)
+        request.state.record = rec
+        return rec
+
+    @api.post("/v1/embeddings", dependencies=keyed)
+    async def embeddings(body: EmbeddingRequest, request: Request) -> JSONResponse:
+        res = await serve_embeddings.create_embeddings(ctx, body, record(request, "/v1/embeddings"))
+        return JSONResponse(dump(res))
+
+    @api.post("/v1/classify", dependencies=keyed)
+    async def classify(body: ClassifyRequest, request: Request) -> JSONResponse:
+        res = await serve_classify.classify(ctx, body, record(request, "/v1/classify"))
+        return JSONResponse(dump(res))
+
+    @api.post("/v1/completions", dependencies=keyed)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        rec = record(request, "/v1/completions")
+        if body.stream:
+            return StreamingResponse(await serve_generate.stream_completion(ctx, body, rec), media_type="text/event-stream")
+        return JSONResponse(dump(await serve_generate.create_completion(ctx, body, rec)))
+
+    @api.post("/v1/chat/completions", dependencies=keyed)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        rec = record(request, "/v1/chat/completions")
+        if body.stream:
+            events = await serve_generate.stream_chat_completion(ctx, body, rec)
+            return StreamingResponse(events, media_type="text/event-stream")
+        return JSONResponse(dump(await serve_generate.create_chat_completion(ctx, body, rec)))
+
+    @api.get("/v1/models", dependencies=keyed)
+    async def models() -> JSONResponse:
+        return JSONResponse(dump(await serve_models.list_models(ctx, store)))
+
+    @api.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz() -> JSONResponse:
+        """200 once a model replica answers (its engine is loaded), else 503."""
+        try:
+            info = await ctx.refresh_info(timeout=5.0)
+        except Exception as exc:  # noqa: BLE001 - not ready, whatever the reason
+            message = f"model deployment not ready: {type(unwrap(exc)).__name__}"
+            return JSONResponse(error_body(message, "unavailable", 503), status_code=503)
+        return JSONResponse({"status": "ready", "model": info.model_id})
+
+    @api.get("/metrics")
+    async def metrics() -> Response:
+        return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)
+
+    async def on_change(name: str) -> None:
+        ctx.resolver.forget(name)  # replicas notice deletions with their own registry sweep
+
+    app.include_router(api)
+    app.include_router(build_registry_router(store, settings, ctx.base_spec, on_change))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(exc.detail), kind, exc.status_code), status_code=exc.status_code)
+
+    app.add_middleware(Metered, metrics=ctx.metrics)
+    return app
+
+
+class HandleClient:
+    """`ModelClient` over a Ray Serve handle: adapters go by multiplexed id, the base is load-balanced."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    def _for(self, call: ReplicaCall, **options: Any) -> Any:
+        if call.adapter is not None:
+            options["multiplexed_model_id"] = call.adapter.ref
+        return self.handle.options(**options) if options else self.handle
+
+    async def call(self, method: str, call: ReplicaCall) -> ReplicaResult:
+        return await getattr(self._for(call), method).remote(call)
+
+    async def stream(self, call: ReplicaCall):  # type: ignore[override]
+        gen = self._for(call, stream=True).generate_stream.remote(call)
+        try:
+            async for item in gen:
+                yield item
+        finally:
+            gen.cancel()  # no-op once finished; stops the replica's stream if the client left
+
+    async def info(self) -> ReplicaInfo:
+        return await self.handle.info.remote()
+
+
+def _build_context(handle: Any, args: ServeArgs) -> tuple[ServingContext, RegistryStore, RegistrySettings]:
+    store = open_store(args.registry, endpoint_url=args.registry_endpoint_url)
+    # The ingress resolves manifests only; bundle bytes are fetched by the replicas.
+    resolver = AdapterResolver(store, blob_cache_bytes=0)
+    auth = AuthSettings(admin_token=args.admin_token, api_keys=args.api_keys)
+    settings = RegistrySettings(max_upload_bytes=args.max_upload_bytes, auth=auth)
+    return ServingContext(HandleClient(handle), resolver, ServerMetrics()), store, settings
+
+
+@serve.ingress()
+class Ingress:
+    """Ray Serve ingress deployment: builds the FastAPI app around the model handle."""
+
+    def __init__(self, model: Any, args: ServeArgs | dict[str, Any]) -> None:
+        self.args = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args)
+        self.ctx, self.store, self.settings = _build_context(model, self.args)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return create_api(self.ctx, self.store, self.settings)

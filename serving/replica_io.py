@@ -1,0 +1,86 @@
+"""What the ingress sends to a model replica and what comes back: plain pydantic data.
+
+The ingress resolves `model` to a manifest before calling, so a replica never has to
+guess what `name` meant; the manifest also lets a replica reload an adapter its engine
+evicted without asking the registry again. Results carry plain lists (no tensors), the
+batch the request ran in (for the access log) and the replica's metric report.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from adapters.manifest import AdapterManifest
+from serving.engine.config import SamplingParams
+from serving.metrics import ReplicaReport
+
+
+class ReplicaCall(BaseModel):
+    """One request for the model deployment."""
+
+    adapter: AdapterManifest | None = Field(None, description="The resolved adapter; None: the base model.")
+    texts: list[str] = Field(default_factory=list, description="Inputs or prompts.")
+    messages: list[dict[str, str]] | None = Field(None, description="Chat messages; templated on the replica.")
+    params: SamplingParams | None = Field(None, description="Sampling parameters of a generation.")
+
+    @property
+    def ref(self) -> str | None:
+        return self.adapter.ref if self.adapter is not None else None
+
+
+class ClassOutput(BaseModel):
+    label: str
+    probs: list[float]
+    label_names: list[str]
+
+
+class ServedBy(BaseModel):
+    """How a request was served: one structured log line per request reports it."""
+
+    replica: str
+    batch_size: int = 1
+    swapped: bool = False
+    queue_ms: float = 0.0
+
+
+class ReplicaResult(BaseModel):
+    """One answer: per-input outputs, per-input prompt tokens, and bookkeeping."""
+
+    outputs: list[Any] = Field(
+        default_factory=list, description="Per input: an embedding (list of floats), a ClassOutput or a GenerationResult."
+    )
+    prompt_tokens: list[int] = Field(default_factory=list)
+    served_by: ServedBy
+    report: ReplicaReport | None = None
+
+
+class GenerationResult(BaseModel):
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class StreamItem(BaseModel):
+    """One streamed delta; the first carries `served_by` and `prompt_tokens`, the last `report`."""
+
+    text: str = ""
+    completion_tokens: int = Field(0, description="Tokens in this delta.")
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    served_by: ServedBy | None = None
+    report: ReplicaReport | None = None
+
+
+class ReplicaInfo(BaseModel):
+    """What the ingress needs to know of the served base (fetched once)."""
+
+    model_id: str
+    task: str
+    spec: dict = Field(..., description="BaseModelSpec.to_dict() of the base.")
+    has_chat_template: bool
+    max_seq_len: int
+    replica: str
+

@@ -1,0 +1,25 @@
+"""GET /v1/models: the base model, then every adapter (latest version) with `parent` = base id."""
+
+from __future__ import annotations
+
+import asyncio
+
+from adapters.registry.store import RegistryStore
+from serving.protocol import ModelCard, ModelList
+from serving.service import ServingContext
+
+
+async def list_models(ctx: ServingContext, store: RegistryStore) -> ModelList:
+    info = await ctx.info()
+    cards = [ModelCard(id=info.model_id, root=info.model_id, parent=None, task=info.task)]
+    for m in await asyncio.to_thread(store.list_latest):
+        cards.append(
+            ModelCard(
+                id=m.name,
+                created=int(m.created_at.timestamp()),
+                root=m.ref,
+                parent=info.model_id,
+                task=m.task.value,
+            )
+        )
+    return ModelList(data=cards)

@@ -1,0 +1,146 @@
+"""What every endpoint family shares on the ingress: resolving `model`, calling replicas,
+and the per-request record that the access log and metrics read.
+
+`model` resolution (SPEC section 3): the base model id means the base; otherwise it is
+an adapter `name` (latest version) or `name@version`, resolved against the registry on
+every request, so a new version is served by the next request and a deleted one is 404.
+The resolved manifest travels with the call and its `ref` (name@version) is the
+multiplexed model id, so Ray routes it to a replica that already holds that adapter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from adapters.bundle import Task
+from adapters.manifest import AdapterManifest
+from adapters.registry.resolver import AdapterResolver
+from adapters.registry.store import AdapterNotFound
+from adapters.validation import BaseModelSpec
+from serving.errors import ModelNotFound, UnsupportedTask
+from serving.metrics import ServerMetrics
+from serving.replica_io import ReplicaCall, ReplicaInfo, ReplicaResult, ServedBy, StreamItem
+
+
+class ModelClient(Protocol):
+    """How the ingress reaches the model deployment (a Ray handle in production)."""
+
+    async def call(self, method: str, call: ReplicaCall) -> ReplicaResult: ...
+
+    def stream(self, call: ReplicaCall) -> AsyncIterator[StreamItem]: ...
+
+    async def info(self) -> ReplicaInfo: ...
+
+
+@dataclass
+class RequestRecord:
+    """Filled in while a request is served; the access log line and metrics read it."""
+
+    route: str
+    start: float = field(default_factory=time.perf_counter)
+    adapter: str | None = None
+    model: str | None = None
+    #: metric label: "base", the adapter's name, or "unknown" for a model not served here
+    target_label: str | None = None
+    served_by: ServedBy | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    first_token_s: float | None = None
+
+    def log_fields(self) -> dict[str, Any]:
+        s = self.served_by
+        return {
+            "route": self.route,
+            "model": self.model,
+            "adapter": self.adapter,
+            "replica": s.replica if s else None,
+            "batch_size": s.batch_size if s else None,
+            "swapped": s.swapped if s else None,
+            "queue_ms": round(s.queue_ms, 3) if s else None,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "ttft_ms": round(self.first_token_s * 1000, 3) if self.first_token_s is not None else None,
+        }
+
+
+@dataclass(frozen=True)
+class Target:
+    """What `model` resolved to: the base (adapter None) or one adapter version."""
+
+    model: str
+    adapter: AdapterManifest | None
+
+    @property
+    def task(self) -> Task | None:
+        return self.adapter.task if self.adapter is not None else None
+
+
+class ServingContext:
+    """The ingress's state shared by the endpoint families."""
+
+    def __init__(self, client: ModelClient, resolver: AdapterResolver, metrics: ServerMetrics) -> None:
+        self.client = client
+        self.resolver = resolver
+        self.metrics = metrics
+        self._info: ReplicaInfo | None = None
+        self._info_lock = asyncio.Lock()
+
+    async def info(self, timeout: float | None = None) -> ReplicaInfo:
+        """The base model's info, fetched once from a model replica."""
+        if self._info is None:
+            async with self._info_lock:
+                if self._info is None:
+                    coro = self.client.info()
+                    self._info = await (asyncio.wait_for(coro, timeout) if timeout else coro)
+        return self._info
+
+    async def refresh_info(self, timeout: float) -> ReplicaInfo:
+        """Ask a model replica again (readiness), within `timeout` seconds."""
+        self._info = await asyncio.wait_for(self.client.info(), timeout)
+        return self._info
+
+    async def base_spec(self) -> BaseModelSpec:
+        return BaseModelSpec.from_dict((await self.info()).spec)
+
+    async def base_task(self) -> Task:
+        return Task((await self.info()).task)
+
+    async def resolve(self, model: str, record: RequestRecord) -> Target:
+        """`model` -> Target; ModelNotFound (404) when it names nothing served here."""
+        info = await self.info()
+        record.model = model
+        if model == info.model_id:
+            record.target_label = "base"
+            return Target(model=model, adapter=None)
+        record.target_label = "unknown"
+        try:
+            manifest = await asyncio.to_thread(self.resolver.resolve, model)
+        except AdapterNotFound:
+            raise ModelNotFound(
+                f"model {model!r} not found: it is neither the base model {info.model_id!r} nor a registered adapter"
+            ) from None
+        record.adapter = manifest.ref
+        record.target_label = manifest.name
+        return Target(model=model, adapter=manifest)
+
+    def require(self, target: Target, allowed: set[Task], what: str, base_ok: bool, base_task: Task) -> None:
+        """UnsupportedTask (400) unless `target` can do `what`."""
+        if target.adapter is None:
+            if not base_ok:
+                raise UnsupportedTask(f"{what} is not available for the base model {target.model!r} ({base_task.value})")
+            return
+        if target.adapter.task not in allowed:
+            raise UnsupportedTask(
+                f"{what} is not available for adapter {target.adapter.ref} (task {target.adapter.task.value}); "
+                f"it needs one of: {', '.join(sorted(t.value for t in allowed))}"
+            )
+
+    def account(self, record: RequestRecord, result: ReplicaResult | StreamItem) -> None:
+        """Fold a replica answer's bookkeeping into the record and the metrics."""
+        if result.served_by is not None:
+            record.served_by = result.served_by
+        self.metrics.apply(result.report)
