@@ -1,0 +1,95 @@
+"""Bearer-token auth for the HTTP API (SPEC section 3).
+
+Two roles. The admin token guards registry writes: with one configured, a write without
+`Authorization: Bearer ...` is 401 and one with a wrong token 403; with none configured,
+writes are open (a local, single-user server). API keys guard inference and registry
+reads, only when some are configured; the admin token is accepted there too.
+
+Secrets are held as `SecretStr` so they never show in a repr, a log line or a settings
+dump, and are compared with `hmac.compare_digest` so timing reveals nothing of them.
+
+Use: `Depends(auth.require_admin)` / `Depends(auth.require_api_key)` on a route (bound
+methods are FastAPI dependencies). They raise `serving.errors.Unauthorized` / `Forbidden`,
+which the route class or the app's exception handler turns into the SPEC error body.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import Header
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from serving.errors import Forbidden, Unauthorized
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header, else None."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def _matches(token: str, secrets: list[SecretStr]) -> bool:
+    """Constant-time membership: every secret is compared, whatever matched first."""
+    hit = False
+    for secret in secrets:
+        hit |= hmac.compare_digest(token.encode(), secret.get_secret_value().encode())
+    return hit
+
+
+class AuthSettings(BaseModel):
+    """Who may do what. Built from `--admin-token` and `--api-keys` by the CLI."""
+
+    model_config = ConfigDict(frozen=True)
+
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token for registry writes; None leaves writes open."
+    )
+    api_keys: list[SecretStr] = Field(
+        default_factory=list, description="Bearer tokens accepted for inference and registry reads; empty: open."
+    )
+
+    @property
+    def admin_required(self) -> bool:
+        return self.admin_token is not None and bool(self.admin_token.get_secret_value())
+
+    @property
+    def api_key_required(self) -> bool:
+        return any(k.get_secret_value() for k in self.api_keys)
+
+    def check_admin(self, authorization: str | None) -> None:
+        """Raise Unauthorized (no bearer) or Forbidden (wrong one) unless this is the admin."""
+        if not self.admin_required:
+            return
+        token = bearer_token(authorization)
+        if token is None:
+            raise Unauthorized("this operation needs an admin token: send 'Authorization: Bearer <token>'")
+        assert self.admin_token is not None
+        if not _matches(token, [self.admin_token]):
+            raise Forbidden("the admin token is not valid")
+
+    def check_api_key(self, authorization: str | None) -> None:
+        """Raise Unauthorized / Forbidden unless a configured API key (or the admin token) is sent."""
+        if not self.api_key_required:
+            return
+        token = bearer_token(authorization)
+        if token is None:
+            raise Unauthorized("this server needs an API key: send 'Authorization: Bearer <key>'")
+        accepted = [k for k in self.api_keys if k.get_secret_value()]
+        if self.admin_required:
+            assert self.admin_token is not None
+            accepted.append(self.admin_token)
+        if not _matches(token, accepted):
+            raise Forbidden("the API key is not valid")
+
+    async def require_admin(self, authorization: str | None = Header(None)) -> None:
+        """FastAPI dependency for registry writes."""
+        self.check_admin(authorization)
+
+    async def require_api_key(self, authorization: str | None = Header(None)) -> None:
+        """FastAPI dependency for inference (and registry reads)."""
+        self.check_api_key(authorization)

@@ -1,0 +1,483 @@
+"""The adapter registry over HTTP (SPEC section 3), plus vLLM's runtime LoRA admin routes.
+
+Contract with the ingress (serving/app.py):
+
+    app.include_router(build_registry_router(store, settings, base_spec, on_change))
+
+* `store` is the RegistryStore every replica's AdapterResolver reads.
+* `base_spec()` returns the BaseModelSpec of the served base (fetched once from the model
+  deployment and cached by the ingress); every upload is checked against it before it is
+  committed, so the registry only ever holds adapters this server can serve.
+* `on_change(name)` is awaited after every commit or delete of `name`, to tell replicas
+  to drop what they cached for it. It is advisory: resolvers list versions on each
+  request, so a new version is served and a deleted one answers 404 even if it fails
+  (its failure is logged; the registry write has happened and the answer says so).
+* The router carries its own route class, so its errors (including auth and
+  parameter-validation errors) are the SPEC body `{"error": {message, type, code}}`
+  whatever exception handlers the app installs.
+
+Uploads are streamed to a temp file (never held whole in memory while receiving), with
+the size limit checked on Content-Length before reading and on every chunk while
+reading (413). The file is then fully validated (format, layout, NaN/Inf, then
+servability on the base) and only then committed; any failure leaves the store as it
+was. A client may send the sha256 it expects (`X-Content-SHA256` header, or the `sha256`
+form field) to guard against corruption in transit.
+
+Auth: writes (PUT, POST, DELETE, load/unload) need the admin token when one is set;
+reads (list, get, download) need an API key (or the admin token) when keys are set,
+since a download hands out trained weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ConfigDict, Field
+
+from adapters.bundle import AdapterBundle, Task, load_bundle, save_bundle
+from adapters.manifest import NAME_PATTERN, AdapterManifest, is_valid_name
+from adapters.registry.store import AdapterNotFound, RegistryStore
+from adapters.validation import BaseModelSpec, check_servable
+from serving.api.auth import AuthSettings
+from serving.errors import InvalidRequest, PayloadTooLarge, Unauthorized, error_body, status_for
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+#: Room for multipart boundaries and the small text fields around the file part.
+MULTIPART_OVERHEAD_BYTES = 64 * 1024
+#: Largest text form field (`name`, `sha256`) accepted in a multipart upload.
+MAX_FORM_FIELD_BYTES = 1024
+
+
+# -- settings and bodies ---------------------------------------------------------------
+
+
+class RegistrySettings(BaseModel):
+    """Limits and auth of the registry routes."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    max_upload_bytes: int = Field(256 * MiB, ge=1, description="Largest bundle accepted, in bytes (413 beyond).")
+    tmp_dir: Path | None = Field(
+        None, description="Where uploads are spooled while validated; None: the system temp folder."
+    )
+    max_concurrent_validations: int = Field(
+        2, ge=1, description="Uploads validated at once; each holds its bundle in memory while checked."
+    )
+    allow_path_loading: bool = Field(
+        True, description="Whether POST /v1/load_lora_adapter may read a path on the server's filesystem."
+    )
+    auth: AuthSettings = Field(default_factory=AuthSettings, description="Admin token and API keys.")
+
+
+class AdapterList(BaseModel):
+    """GET /v1/adapters: the latest manifest of every adapter."""
+
+    object: str = "list"
+    data: list[AdapterManifest]
+
+
+class AdapterDetail(AdapterManifest):
+    """GET /v1/adapters/{name}: the latest manifest plus every live version number."""
+
+    versions: list[int] = Field(..., description="Live versions of this name, ascending.")
+
+
+class LoadLoraAdapterRequest(BaseModel):
+    """vLLM's POST /v1/load_lora_adapter body (unknown fields such as lora_int_id are ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    lora_name: str = Field(..., description="Adapter name to register under.")
+    lora_path: str = Field(..., description="A capaboost.v1 bundle file or a PEFT LoRA folder on the server.")
+
+
+class UnloadLoraAdapterRequest(BaseModel):
+    """vLLM's POST /v1/unload_lora_adapter body."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    lora_name: str = Field(..., description="Adapter name; every version is deleted.")
+
+
+class UnloadLoraAdapterResponse(BaseModel):
+    object: str = "lora_adapter.unloaded"
+    name: str
+    deleted_versions: list[int]
+
+
+# -- errors ----------------------------------------------------------------------------
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    """The SPEC error body for any exception; unknown ones are 500 without internals."""
+    if isinstance(exc, RequestValidationError):
+        parts = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path"))
+            parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+        status, kind, message = 400, "invalid_request_error", "; ".join(parts) or "invalid request"
+    else:
+        status, kind = status_for(exc)
+        message = str(exc) if status < 500 else "internal error"
+        if status >= 500:
+            log.error("registry request failed", exc_info=exc)
+    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
+    return JSONResponse(error_body(message, kind, status), status_code=status, headers=headers)
+
+
+class ErrorMappingRoute(APIRoute):
+    """Route class whose handler (dependencies included) answers errors with the SPEC body."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def mapped(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except Exception as exc:  # noqa: BLE001 - the API edge: everything becomes a body
+                return error_response(exc)
+
+        return mapped
+
+
+# -- upload spooling -------------------------------------------------------------------
+
+
+class _Spool:
+    """A temp file that hashes and counts what is written, refusing more than `limit` bytes."""
+
+    def __init__(self, tmp_dir: Path | None, limit: int) -> None:
+        fd, path = tempfile.mkstemp(prefix="capaserve-upload-", suffix=".safetensors", dir=tmp_dir)
+        self.path = Path(path)
+        self.file = os.fdopen(fd, "wb")
+        self.limit = limit
+        self.size = 0
+        self.hash = hashlib.sha256()
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.limit:
+            raise PayloadTooLarge(f"upload exceeds the limit of {self.limit} bytes")
+        self.hash.update(data)
+        self.file.write(data)
+
+    def close(self) -> None:
+        if not self.file.closed:
+            self.file.close()
+
+    def discard(self) -> None:
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+
+def _check_content_length(request: Request, limit: int) -> None:
+    raw = request.headers.get("content-length")
+    if raw is None:
+        return
+    try:
+        length = int(raw)
+    except ValueError:
+        raise InvalidRequest(f"malformed Content-Length {raw!r}") from None
+    if length > limit:
+        raise PayloadTooLarge(f"upload of {length} bytes exceeds the limit of {limit} bytes")
+
+
+async def _spool_raw(request: Request, settings: RegistrySettings) -> _Spool:
+    _check_content_length(request, settings.max_upload_bytes)
+    spool = _Spool(settings.tmp_dir, settings.max_upload_bytes)
+    try:
+        async for chunk in request.stream():
+            spool.write(chunk)
+        spool.close()
+    except BaseException:
+        spool.discard()
+        raise
+    return spool
+
+
+async def _spool_multipart(request: Request, settings: RegistrySettings) -> tuple[_Spool, dict[str, str]]:
+    """Stream a multipart body: the `file` part into a spool, small text fields into a dict."""
+    from python_multipart.exceptions import MultipartParseError
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
+    ctype, params = parse_options_header(request.headers.get("content-type", ""))
+    boundary = params.get(b"boundary")
+    if ctype != b"multipart/form-data" or not boundary:
+        raise InvalidRequest("POST /v1/adapters takes multipart/form-data with fields 'file' and 'name'")
+    _check_content_length(request, settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES)
+
+    spool = _Spool(settings.tmp_dir, settings.max_upload_bytes)
+    fields: dict[str, str] = {}
+    state: dict[str, Any] = {"headers": {}, "field": b"", "value": b"", "part": None, "buf": bytearray()}
+    seen_file = False
+
+    def on_part_begin() -> None:
+        state.update(headers={}, field=b"", value=b"", part=None, buf=bytearray())
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        state["field"] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        state["value"] += data[start:end]
+
+    def on_header_end() -> None:
+        state["headers"][state["field"].lower()] = state["value"]
+        state["field"], state["value"] = b"", b""
+
+    def on_headers_finished() -> None:
+        nonlocal seen_file
+        _, disp = parse_options_header(state["headers"].get(b"content-disposition", b""))
+        part = disp.get(b"name", b"").decode("utf-8", "replace")
+        if part == "file":
+            if seen_file:
+                raise InvalidRequest("multipart body has more than one 'file' part")
+            seen_file = True
+        state["part"] = part
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        if state["part"] == "file":
+            spool.write(data[start:end])
+        else:
+            state["buf"] += data[start:end]
+            if len(state["buf"]) > MAX_FORM_FIELD_BYTES:
+                raise InvalidRequest(f"form field {state['part']!r} is longer than {MAX_FORM_FIELD_BYTES} bytes")
+
+    def on_part_end() -> None:
+        if state["part"] and state["part"] != "file":
+            fields[state["part"]] = bytes(state["buf"]).decode("utf-8", "replace")
+
+    parser = MultipartParser(
+        boundary,
+        {
+            "on_part_begin": on_part_begin,
+            "on_header_field": on_header_field,
+            "on_header_value": on_header_value,
+            "on_header_end": on_header_end,
+            "on_headers_finished": on_headers_finished,
+            "on_part_data": on_part_data,
+            "on_part_end": on_part_end,
+        },
+    )
+    total = 0
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES:
+                raise PayloadTooLarge(f"upload exceeds the limit of {settings.max_upload_bytes} bytes")
+            parser.write(chunk)
+        parser.finalize()
+        spool.close()
+        if not seen_file:
+            raise InvalidRequest("multipart body has no 'file' part")
+    except MultipartParseError as exc:
+        spool.discard()
+        raise InvalidRequest(f"malformed multipart body: {exc}") from None
+    except BaseException:
+        spool.discard()
+        raise
+    return spool, fields
+
+
+# -- the router ------------------------------------------------------------------------
+
+
+def _check_name(name: str) -> str:
+    if not is_valid_name(name):
+        shown = name if len(name) <= 140 else name[:137] + "..."
+        raise InvalidRequest(f"invalid adapter name {shown!r}: names must match {NAME_PATTERN} (ASCII)")
+    return name
+
+
+def _manifest_json(m: BaseModel) -> dict[str, Any]:
+    return m.model_dump(mode="json")
+
+
+def build_registry_router(
+    store: RegistryStore,
+    settings: RegistrySettings,
+    base_spec: Callable[[], Awaitable[BaseModelSpec]],
+    on_change: Callable[[str], Awaitable[None]] | None = None,
+) -> APIRouter:
+    """The registry routes over `store`; see the module docstring for the contract."""
+    router = APIRouter(route_class=ErrorMappingRoute, tags=["adapters"])
+    admin = [Depends(settings.auth.require_admin)]
+    reader = [Depends(settings.auth.require_api_key)]
+    validations = asyncio.Semaphore(settings.max_concurrent_validations)
+
+    async def notify(name: str) -> None:
+        if on_change is None:
+            return
+        try:
+            await on_change(name)
+        except Exception:  # noqa: BLE001 - advisory; resolvers re-list on every request anyway
+            log.warning("on_change(%r) failed; replicas will still see the change on their next lookup", name,
+                        exc_info=True)
+
+    async def commit_file(name: str, path: Path, expected_sha256: str | None, actual_sha256: str | None) -> JSONResponse:
+        """Validate a spooled bundle against the base, then commit it. The caller removes `path`."""
+        if expected_sha256 is not None and actual_sha256 is not None:
+            if expected_sha256.strip().lower() != actual_sha256:
+                raise InvalidRequest(
+                    f"sha256 mismatch: the client sent {expected_sha256.strip()!r}, the body hashes to {actual_sha256!r}"
+                )
+        async with validations:
+            bundle = await run_in_threadpool(load_bundle, path)
+            check_servable(bundle, await base_spec())
+            manifest = await run_in_threadpool(store.commit, name, path, bundle.metadata)
+        log.info("registered adapter %s (sha256 %s, %d bytes)", manifest.ref, manifest.sha256, manifest.size_bytes)
+        await notify(name)
+        return JSONResponse(_manifest_json(manifest), status_code=201)
+
+    @router.put("/v1/adapters/{name:path}", status_code=201, response_model=AdapterManifest, dependencies=admin)
+    async def put_adapter(
+        name: str, request: Request, x_content_sha256: str | None = Header(None)
+    ) -> JSONResponse:
+        """Upload a bundle (raw body) as the next version of `name`."""
+        _check_name(name)
+        spool = await _spool_raw(request, settings)
+        try:
+            return await commit_file(name, spool.path, x_content_sha256, spool.hash.hexdigest())
+        finally:
+            spool.discard()
+
+    @router.post("/v1/adapters", status_code=201, response_model=AdapterManifest, dependencies=admin)
+    async def post_adapter(request: Request, x_content_sha256: str | None = Header(None)) -> JSONResponse:
+        """Upload a bundle as multipart form fields `file` and `name` (and optional `sha256`)."""
+        spool, fields = await _spool_multipart(request, settings)
+        try:
+            if "name" not in fields:
+                raise InvalidRequest("multipart body has no 'name' field")
+            name = _check_name(fields["name"])
+            expected = fields.get("sha256") or x_content_sha256
+            return await commit_file(name, spool.path, expected, spool.hash.hexdigest())
+        finally:
+            spool.discard()
+
+    @router.get("/v1/adapters", response_model=AdapterList, dependencies=reader)
+    async def list_adapters() -> AdapterList:
+        return AdapterList(data=await run_in_threadpool(store.list_latest))
+
+    @router.get("/v1/adapters/{name:path}/download", dependencies=reader)
+    async def download_adapter(name: str, version: int | None = Query(None, ge=1)) -> Response:
+        """The bundle bytes of `name@version` (default: latest)."""
+        _check_name(name)
+        manifest = await run_in_threadpool(store.get, name, version)
+        data = await run_in_threadpool(store.read_blob, manifest.sha256)
+        return Response(
+            content=data,
+            media_type="application/octet-stream",
+            headers={
+                "Content-Disposition": f'attachment; filename="{manifest.name}-v{manifest.version}.safetensors"',
+                "X-Content-SHA256": manifest.sha256,
+                "ETag": f'"{manifest.sha256}"',
+                "X-Adapter-Version": str(manifest.version),
+            },
+        )
+
+    @router.get("/v1/adapters/{name:path}", response_model=AdapterDetail, dependencies=reader)
+    async def get_adapter(name: str) -> AdapterDetail:
+        _check_name(name)
+        versions = await run_in_threadpool(store.versions, name)
+        if not versions:
+            raise AdapterNotFound(f"adapter {name!r} not found")
+        latest = versions[-1]
+        return AdapterDetail(**latest.model_dump(), versions=[m.version for m in versions])
+
+    @router.delete("/v1/adapters/{name:path}", status_code=204, dependencies=admin)
+    async def delete_adapter(name: str, version: int | None = Query(None, ge=1)) -> Response:
+        """Delete one version, or every version of `name` (204); 404 if nothing matched."""
+        _check_name(name)
+        deleted = await run_in_threadpool(store.delete, name, version)
+        log.info("deleted adapter versions %s", [m.ref for m in deleted])
+        await notify(name)
+        return Response(status_code=204)
+
+    # -- vLLM runtime LoRA compatibility ---------------------------------------------
+
+    @router.post("/v1/load_lora_adapter", response_model=AdapterManifest, dependencies=admin)
+    async def load_lora_adapter(body: LoadLoraAdapterRequest = Body(...)) -> JSONResponse:
+        """Register a bundle file or a PEFT LoRA folder that is on the server's filesystem.
+
+        Like vLLM, a PEFT folder is accepted if its shapes fit the served base (its
+        `base_model_name_or_path` is often a local path, so the base id is not compared).
+        Loading an existing name adds a new version. Answers 200 and the manifest.
+        """
+        name = _check_name(body.lora_name)
+        if not settings.allow_path_loading:
+            raise InvalidRequest("loading adapters from server paths is disabled; upload with PUT /v1/adapters/{name}")
+        path = Path(body.lora_path).expanduser()
+        if path.is_dir():
+            spec = await base_spec()
+            bundle = await run_in_threadpool(_import_peft_folder, path, spec)
+            response = await _commit_bundle(name, bundle)
+        elif path.is_file():
+            size = path.stat().st_size
+            if size > settings.max_upload_bytes:
+                raise PayloadTooLarge(f"{size}-byte bundle exceeds the limit of {settings.max_upload_bytes} bytes")
+            response = await commit_file(name, path, None, None)
+        else:
+            raise InvalidRequest(f"lora_path {body.lora_path!r} is neither a bundle file nor a folder on the server")
+        response.status_code = 200
+        return response
+
+    async def _commit_bundle(name: str, bundle: AdapterBundle) -> JSONResponse:
+        fd, tmp = tempfile.mkstemp(prefix="capaserve-import-", suffix=".safetensors", dir=settings.tmp_dir)
+        os.close(fd)
+        try:
+            await run_in_threadpool(save_bundle, bundle, tmp)
+            return await commit_file(name, Path(tmp), None, None)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    @router.post("/v1/unload_lora_adapter", response_model=UnloadLoraAdapterResponse, dependencies=admin)
+    async def unload_lora_adapter(body: UnloadLoraAdapterRequest = Body(...)) -> UnloadLoraAdapterResponse:
+        """Delete every version of `lora_name` (vLLM's unload); 404 if it is unknown."""
+        name = _check_name(body.lora_name)
+        deleted = await run_in_threadpool(store.delete, name, None)
+        await notify(name)
+        return UnloadLoraAdapterResponse(name=name, deleted_versions=[m.version for m in deleted])
+
+    return router
+
+
+def _import_peft_folder(path: Path, spec: BaseModelSpec) -> AdapterBundle:
+    """A PEFT LoRA folder as a bundle for `spec`'s base, via adapters.importers.peft."""
+    try:
+        from adapters.importers import peft as peft_importer
+    except ImportError:
+        raise InvalidRequest("this build cannot import PEFT folders; convert with `capaserve pack` first") from None
+    task: Task | None = None
+    try:
+        config = peft_importer.read_peft_config(path)
+        if config.task_type not in getattr(peft_importer, "PEFT_TASKS", {}):
+            task = Task.CAUSAL_LM if spec.task is Task.CAUSAL_LM else Task.FEATURE_EXTRACTION
+    except AttributeError:
+        pass
+    return peft_importer.import_peft(path, base_model=spec.model_id, task=task)
+
+
+__all__ = [
+    "AdapterDetail",
+    "AdapterList",
+    "ErrorMappingRoute",
+    "LoadLoraAdapterRequest",
+    "RegistrySettings",
+    "UnloadLoraAdapterRequest",
+    "UnloadLoraAdapterResponse",
+    "build_registry_router",
+    "error_response",
+]
