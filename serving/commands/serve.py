@@ -1,10 +1,138 @@
-"""`capaserve serve` (not built yet)."""
+"""`capaserve serve`: start (or join) Ray, run the application on host:port, block until stopped.
+
+Flags are SPEC section 4 plus the tuning knobs of `ServeArgs`; each also reads
+CAPASERVE_<FLAG> (see serving.cli). Ctrl-C and SIGTERM shut down cleanly: Serve first
+(replicas drain and exit), then Ray, so a local cluster leaves no processes behind.
+With RAY_ADDRESS set the app joins that cluster and only Serve's app is removed on exit.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import math
+import os
+import signal
+import sys
+from typing import Any
+
+APP_NAME = "capaserve"
+log = logging.getLogger("capaserve.serve")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="(not built yet)")
-    p.set_defaults(func=lambda args: print("capaserve serve is not built yet") or 2)
+    p = sub.add_parser("serve", help="Serve the base model and its CapaBoost adapters over HTTP (Ray Serve).")
+    p.add_argument("--model", default=None, help="Base model folder or cached hub id (default: the embedded all-MiniLM-L6-v2).")
+    p.add_argument("--served-model-name", default=None, help="Base model id clients send (default: the --model id).")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default: 127.0.0.1).")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port; /metrics is served there too (default: 8000).")
+    p.add_argument("--registry", default=None, help="Adapter registry folder or s3://bucket/prefix "
+                   "(default: $XDG_CACHE_HOME or ~/.cache, then capaserve/registry).")
+    p.add_argument("--registry-endpoint-url", default=None, help="S3-compatible endpoint for an s3:// registry.")
+    p.add_argument("--admin-token", default=None, help="Bearer token required for registry writes.")
+    p.add_argument("--api-keys", default=None, help="Comma-separated bearer tokens accepted for inference.")
+    p.add_argument("--replicas", type=int, default=1, help="Model replicas (default: 1).")
+    p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per model replica; sets torch threads (default: 1).")
+    p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per model replica (default: 0).")
+    p.add_argument("--device", default=None, help="Torch device (default: cuda if available, else cpu).")
+    p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (default: auto).")
+    p.add_argument("--max-batch-size", type=int, default=8, help="Most requests per batch (default: 8).")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="Longest wait for a batch to fill (default: 5).")
+    p.add_argument("--max-adapters-per-replica", type=int, default=16, help="Adapters kept loaded per replica (default: 16).")
+    p.add_argument("--max-queue", type=int, default=256, help="Queued requests per replica before 503 (default: 256).")
+    p.add_argument("--no-grouping", action="store_true", help="Swap per request instead of grouping by adapter (baseline).")
+    p.set_defaults(func=run)
+
+
+def serve_args_from(ns: argparse.Namespace) -> Any:
+    """ServeArgs from parsed flags; unset optional flags keep ServeArgs' defaults."""
+    from serving.app import ServeArgs
+
+    given = {
+        "model": ns.model,
+        "served_model_name": ns.served_model_name,
+        "host": ns.host,
+        "port": ns.port,
+        "registry": ns.registry,
+        "registry_endpoint_url": ns.registry_endpoint_url,
+        "admin_token": ns.admin_token or None,
+        "api_keys": ns.api_keys,
+        "replicas": ns.replicas,
+        "num_cpus": ns.num_cpus,
+        "num_gpus": ns.num_gpus,
+        "device": ns.device,
+        "dtype": ns.dtype,
+        "max_batch_size": ns.max_batch_size,
+        "batch_wait_ms": ns.batch_wait_ms,
+        "max_adapters_per_replica": ns.max_adapters_per_replica,
+        "max_queue": ns.max_queue,
+        "grouping": not ns.no_grouping,
+    }
+    return ServeArgs(**{k: v for k, v in given.items() if v is not None})
+
+
+class _Stop(KeyboardInterrupt):
+    """Raised in the main thread by SIGTERM, so startup and the wait loop both unwind."""
+
+
+def _on_signal(signum: int, _frame: Any) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
+def run(ns: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = serve_args_from(ns)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    started_ray = False
+    try:
+        import ray
+        from ray import serve
+
+        from serving.app import build_app
+
+        address = os.environ.get("RAY_ADDRESS") or None
+        if address is None:
+            need = math.ceil(args.replicas * args.num_cpus)
+            ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, logging_level=logging.WARNING)
+        else:
+            ray.init(address=address, logging_level=logging.WARNING)
+        started_ray = True
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+        log.info(
+            "capaserve ready at http://%s:%d (registry %s, %d replica(s)); Ctrl-C or SIGTERM stops it",
+            args.host, args.port, args.registry, args.replicas,
+        )
+        while True:
+            signal.pause()
+    except _Stop as stop:
+        log.info("received %s, shutting down", stop)
+        return 0
+    except KeyboardInterrupt:
+        log.info("interrupted, shutting down")
+        return 0
+    finally:
+        for s in previous:
+            signal.signal(s, signal.SIG_IGN)  # a second signal must not cut the cleanup short
+        _shutdown(started_ray)
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _shutdown(started_ray: bool) -> None:
+    if not started_ray:
+        return
+    import ray
+    from ray import serve
+
+    try:
+        if os.environ.get("RAY_ADDRESS"):
+            serve.delete(APP_NAME)  # a shared cluster: remove only our app
+        else:
+            serve.shutdown()
+    except Exception:  # noqa: BLE001 - still stop Ray below
+        log.warning("serve shutdown failed", exc_info=True)
+    finally:
+        ray.shutdown()
+    sys.stdout.flush()

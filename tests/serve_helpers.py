@@ -1,0 +1,55 @@
+"""Start one real Ray Serve application on 127.0.0.1 for a test module, and stop it."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+
+APP_NAME = "capaserve"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_app(args_dict: dict, num_cpus: int = 4) -> Iterator[str]:
+    """A local Ray cluster with the app of `args_dict` served at the yielded base URL."""
+    import ray
+    from ray import serve
+
+    from serving.app import ServeArgs, build_app
+
+    port = free_port()
+    args = ServeArgs(host="127.0.0.1", port=port, **args_dict)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, configure_logging=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{base}/readyz", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline, "app never became ready"
+            time.sleep(0.2)
+        yield base
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+def error_of(resp: httpx.Response) -> dict:
+    """The SPEC error body's inner object, checked for shape and code."""
+    body = resp.json()
+    assert set(body) == {"error"}, body
+    err = body["error"]
+    assert set(err) == {"message", "type", "code"} and err["code"] == resp.status_code, body
+    assert isinstance(err["message"], str) and err["message"]
+    return err
