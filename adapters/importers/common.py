@@ -144,4 +144,7 @@ def validated(bundle: AdapterBundle) -> AdapterBundle:
     from adapters.validation import read_validated
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in bundle.tensors().items()}
-    return read_validated(save(tensors, metadata=bundle.metadata.to_header()))
+    try:
+        return read_validated(save(tensors, metadata=bundle.metadata.to_header()))
+    except BundleError as exc:
+        raise ConversionError(exc.problems) from None

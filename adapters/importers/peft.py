@@ -7,7 +7,8 @@ A LoRA is the CapaBoost case d = 1 with all-true masks. What PEFT's config chang
 - `rank_pattern` / `alpha_pattern` give some targets another r or alpha. The bundle has
   one rank and one scaling, so such a target is padded with zero rows/columns up to the
   largest r (zeros add nothing to B @ A) and its B is multiplied by
-  `scaling_target / scaling_bundle` in float32: the merged delta is the same.
+  `scaling_target / scaling_default` in float32, the bundle keeping the default
+  (r, lora_alpha) scaling: the merged delta is the same.
 - `fan_in_fan_out` (GPT-2's Conv1D stores W as [in, out]): PEFT still keeps lora_A as
   [r, in] and lora_B as [out, r] and transposes only the product, which is exactly the
   bundle's orientation, so the factors are taken as they are.
@@ -166,12 +167,8 @@ def import_peft(
         raise ConversionError(f"{weights}: holds no lora_A / lora_B weights")
 
     rank = max(a.shape[0] for a, _, _ in factors.values())
-    scaling = config.scaling_for("", config.r) if not (config.rank_pattern or config.alpha_pattern) else None
-    if scaling is None:  # the scaling most targets use, so only the exceptions are rescaled
-        counts: dict[float, int] = {}
-        for _, _, s in factors.values():
-            counts[s] = counts.get(s, 0) + 1
-        scaling = max(counts, key=lambda s: counts[s])
+    # the config's default scaling (r, lora_alpha); only pattern-matched targets are rescaled
+    scaling = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
     paths = (prefix_map or PrefixMap.default(task)).map_all(sorted(factors, key=natural_key))
     targets = {paths[p]: _as_target(*factors[p], rank=rank, scaling=scaling) for p in paths}
     uniform = all(a.shape[0] == rank and s == scaling for a, _, s in factors.values())

@@ -198,6 +198,14 @@ def _recover(module: str, copies: dict[str, dict[int, torch.Tensor]], r: int) ->
         raise ConversionError(
             f"module {module!r}: expected float lora_A.<i> [in, r={r}] and lora_B.<i> [r={r}, out], got {', '.join(bad)}"
         )
+    nonfinite = [
+        f"lora_{f}.{i}"
+        for f, ts in (("A", a_copies), ("B", b_copies))
+        for i, t in enumerate(ts)
+        if not bool(torch.isfinite(t).all())
+    ]
+    if nonfinite:
+        raise ConversionError(f"module {module!r}: {', '.join(nonfinite)} hold NaN or Inf")
     shared_a, mask_a = _unmask(module, "A", torch.stack(a_copies))  # [in, r], [d, in, r]
     shared_b, mask_b = _unmask(module, "B", torch.stack(b_copies))  # [r, out], [d, r, out]
     return TargetFactors(
