@@ -1,0 +1,67 @@
+"""Independent references for the engine tests: the merge rule computed by hand in float64
+and plain transformers models whose target weights were replaced by hand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from adapters.bundle import AdapterBundle, Task
+from adapters.synthetic import random_bundle
+from serving.engine import Engine, EngineConfig
+
+MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def hand_delta(bundle: AdapterBundle, target: str) -> torch.Tensor:
+    """SPEC section 1 literally, in float64: (alpha/r) * sum_i (B*M_B[i]) @ (A*M_A[i])."""
+    m, f = bundle.metadata, bundle.targets[target]
+    a, b = f.lora_A.double(), f.lora_B.double()
+    total = torch.zeros(f.out_features, f.in_features, dtype=torch.float64)
+    for i in range(m.num_copies):
+        total += (b * f.mask_B[i]) @ (a * f.mask_A[i])
+    return total * (m.alpha / m.rank)
+
+
+def plain_model(folder: Path, task: Task, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    cls = AutoModelForCausalLM if task is Task.CAUSAL_LM else AutoModel
+    return cls.from_pretrained(str(folder), dtype=dtype, local_files_only=True).eval()
+
+
+@torch.no_grad()
+def hand_merge(model: torch.nn.Module, bundle: AdapterBundle) -> torch.nn.Module:
+    """Replace each target weight by W + delta_W (transposed for Conv1D), computed in float64."""
+    from transformers.pytorch_utils import Conv1D
+
+    for t in bundle.metadata.targets:
+        mod = model.get_submodule(t)
+        delta = hand_delta(bundle, t)
+        if isinstance(mod, Conv1D):
+            delta = delta.t()
+        mod.weight.copy_((mod.weight.double() + delta).to(mod.weight.dtype))
+    return model
+
+
+def engine_for(folder: Path, served: str | None = None, **kw: object) -> Engine:
+    return Engine(EngineConfig(model=str(folder), served_model_name=served, num_threads=1, **kw))
+
+
+def targets_of(engine: Engine, suffixes: tuple[str, ...]) -> list[str]:
+    return [n for n in engine.spec.linear_shapes if n.endswith(suffixes)]
+
+
+def bundle_for(engine: Engine, suffixes: tuple[str, ...], seed: int, **kw: object) -> AdapterBundle:
+    """A random bundle with large enough factors that every adapter visibly changes outputs."""
+    kw.setdefault("std", 0.2)
+    return random_bundle(engine.spec, targets_of(engine, suffixes), seed=seed, **kw)
+
+
+def weights_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same_weights(model: torch.nn.Module, snapshot: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(v, snapshot[k]) for k, v in model.state_dict().items())
