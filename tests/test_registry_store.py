@@ -30,6 +30,9 @@ def moto_url():
     old = {k: os.environ.get(k) for k in S3_ENV}
     os.environ.update(S3_ENV)
     server = MotoServer()
+    import boto3
+
+    boto3.client("s3", endpoint_url=server.url, region_name="us-east-1").create_bucket(Bucket=BUCKET)
     yield server.url
     server.stop()
     for k, v in old.items():
@@ -44,13 +47,6 @@ def store_url(request, tmp_path) -> str:
     if request.param == "local":
         return str(tmp_path / "registry")
     moto = request.getfixturevalue("moto_url")
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=moto, region_name="us-east-1")
-    try:
-        client.create_bucket(Bucket=BUCKET)
-    except client.exceptions.BucketAlreadyOwnedByYou:
-        pass
     return f"s3://{BUCKET}/{request.node.name.replace('[', '-').rstrip(']')}|{moto}"
 
 
