@@ -245,3 +245,15 @@ def test_local_delete_waits_for_an_inflight_commit(tmp_path):
         assert not done.wait(0.3)
     t.join(10)
     assert done.is_set() and store.version_numbers("x") == []
+
+
+def test_resolver_listing_ttl_reuses_a_listing_until_forget(tmp_path):
+    store = LocalStore(tmp_path / "reg")
+    f, meta = make_bundle(tmp_path)
+    store.commit("t", f, meta)
+    resolver = AdapterResolver(store, 1 << 20, listing_ttl_s=60)
+    assert resolver.resolve("t").version == 1
+    store.commit("t", f, meta)
+    assert resolver.resolve("t").version == 1  # the cached listing, for remote stores
+    resolver.forget("t")
+    assert resolver.resolve("t").version == 2
