@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -35,6 +36,8 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from serving.errors import Overloaded
+
+log = logging.getLogger("capaserve.scheduler")
 
 Kind = Literal["embed", "classify", "generate", "stream"]
 
@@ -359,11 +362,14 @@ class Scheduler:
         assert item.deltas is not None
         put = lambda x: loop.call_soon_threadsafe(item.deltas.put_nowait, x)  # noqa: E731
         gen = None
+        n = 0
         try:
             gen = self.runner.run_stream(item.adapter, item.texts[0], item.params)
             for delta in gen:
                 put(delta)
+                n += 1
                 if item.cancelled.is_set():
+                    log.info("stream for adapter %s cancelled by its consumer after %d deltas", item.adapter, n)
                     break
         except Exception as exc:  # noqa: BLE001 - handed to the consumer
             put(exc)

@@ -98,6 +98,9 @@ def run(ns: argparse.Namespace) -> int:
         else:
             ray.init(address=address, logging_level=logging.WARNING)
         started_ray = True
+        # Ray's core worker installs its own SIGTERM handler (log and abort); ours goes back on top.
+        for s in previous:
+            signal.signal(s, _on_signal)
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(build_app(args), name=APP_NAME, route_prefix="/")
         log.info(
