@@ -215,6 +215,7 @@ PEFT_ERRORS = [
     ("lora-bias", _config(lora_bias=True), "lora_bias=True is not supported"),
     ("modules-to-save", _config(modules_to_save=["classifier"]), "modules_to_save"),
     ("trained-bias", _config(bias="all"), "bias='all'"),
+    ("pissa", _config(init_lora_weights="pissa_niter_4"), "init_lora_weights='pissa_niter_4' changes the base weights"),
     ("seq-cls", _config(task_type="SEQ_CLS"), "no capaboost classification head"),
     ("unknown-task", _config(task_type="TOKEN_CLS"), "has no bundle task"),
     ("no-task", _config(task_type=None), "no task_type"),
@@ -227,6 +228,7 @@ PEFT_ERRORS = [
     ("nan", _weights(lambda ts: ts[f"{Q0}.lora_A.weight"].view(-1).__setitem__(0, float("nan"))), "holds NaN or Inf"),
     ("int-weight", _weights(lambda ts: ts.update({f"{Q0}.lora_A.weight": ts[f"{Q0}.lora_A.weight"].to(torch.int8)})), "must be floating point"),
     ("empty", _weights(lambda ts: ts.clear() or ts.update({"x": torch.zeros(1)})), "unexpected tensor 'x'"),
+    ("adapter-name-kept", _weights(lambda ts: ts.update({f"{Q0}.lora_A.default.weight": torch.zeros(2, 384)})), "unexpected tensor"),
 ]
 
 
@@ -240,6 +242,18 @@ def test_peft_rejects(name: str, mutate, expected: str, saved_peft: Path, tmp_pa
     with pytest.raises(ConversionError) as info:
         import_peft(folder, base_model=None if name == "no-base" else MINILM_ID)
     assert expected in str(info.value)
+
+
+def test_peft_keys_without_peft_model_prefix(saved_peft: Path, tmp_path: Path) -> None:
+    """transformers' PEFT integration saves keys without `base_model.model.`; same bundle."""
+    import shutil
+
+    folder = tmp_path / "lora"
+    shutil.copytree(saved_peft, folder)
+    _weights(lambda ts: [ts.update({k.removeprefix("base_model.model."): ts.pop(k)}) for k in list(ts)])(folder)
+    a, b = (import_peft(f, base_model=MINILM_ID, description="same") for f in (saved_peft, folder))
+    assert a.metadata == b.metadata
+    assert all(torch.equal(a.tensors()[k], b.tensors()[k]) for k in a.tensors())
 
 
 # ---- prefix mapping ----------------------------------------------------------------------

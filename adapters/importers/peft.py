@@ -61,7 +61,14 @@ UNSUPPORTED_SETTINGS = (
     "monteclora_config",
 )
 
-_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<factor>[AB])\.weight$")
+#: init_lora_weights values that leave the base weights and the forward untouched. PiSSA,
+#: OLoRA, CorDA, LoRA-GA and LoftQ subtract their init from the base weights (PEFT stores
+#: True once converted with path_initial_model_for_weight_conversion); MiCA is a variant.
+PLAIN_INITS = {"true", "false", "gaussian", "eva", "orthogonal"}
+
+# `base_model.model.` is what PeftModel.save_pretrained writes; transformers' own PEFT
+# integration saves the same keys without it.
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_(?P<factor>[AB])\.weight$")
 
 
 class PeftLoraConfig(BaseModel):
@@ -112,6 +119,12 @@ def read_peft_config(folder: Path) -> PeftLoraConfig:
     problems = []
     if config.peft_type.upper() != "LORA":
         problems.append(f"peft_type is {config.peft_type!r}; only LORA adapters can be imported")
+    init = str((config.model_extra or {}).get("init_lora_weights", True)).lower()
+    if init not in PLAIN_INITS:
+        problems.append(
+            f"init_lora_weights={init!r} changes the base weights; convert the adapter first with "
+            f"save_pretrained(..., path_initial_model_for_weight_conversion=...)"
+        )
     if config.bias != "none":
         problems.append(f"bias={config.bias!r} trains base biases, which a bundle cannot carry; expected 'none'")
     extra = config.model_extra or {}

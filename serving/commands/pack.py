@@ -93,7 +93,9 @@ def _prefix_map(args: argparse.Namespace):
         return None
     from adapters.importers import PrefixMap
 
-    return PrefixMap.parse(args.prefix_map)
+    # CAPASERVE_PREFIX_MAP arrives as one string: comma-separated rules
+    specs = args.prefix_map.split(",") if isinstance(args.prefix_map, str) else args.prefix_map
+    return PrefixMap.parse(specs)
 
 
 def _pack(args: argparse.Namespace, build) -> int:
