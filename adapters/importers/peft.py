@@ -117,9 +117,10 @@ def read_peft_config(folder: Path) -> PeftLoraConfig:
     except ValidationError as exc:
         raise ConversionError([f"{path}: {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]) from None
     problems = []
+    extra = config.model_extra or {}
     if config.peft_type.upper() != "LORA":
         problems.append(f"peft_type is {config.peft_type!r}; only LORA adapters can be imported")
-    init = str((config.model_extra or {}).get("init_lora_weights", True)).lower()
+    init = str(extra.get("init_lora_weights", True)).lower()
     if init not in PLAIN_INITS:
         problems.append(
             f"init_lora_weights={init!r} changes the base weights; convert the adapter first with "
@@ -127,7 +128,6 @@ def read_peft_config(folder: Path) -> PeftLoraConfig:
         )
     if config.bias != "none":
         problems.append(f"bias={config.bias!r} trains base biases, which a bundle cannot carry; expected 'none'")
-    extra = config.model_extra or {}
     for key in UNSUPPORTED_SETTINGS:
         if extra.get(key):
             problems.append(f"{key}={extra[key]!r} is not supported (a bundle is a plain additive LoRA)")
