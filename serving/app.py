@@ -129,8 +129,10 @@ def build_app(args: ServeArgs | dict[str, Any] | None = None) -> "Any":
     """The Ray Serve application: the HTTP ingress bound to the model deployment.
 
     The model deployment runs `replicas` replicas, each with `num_cpus` CPUs and room for
-    `max_queue` requests in flight (its scheduler needs them queued to batch them); the
-    ingress reserves no CPU, as it only parses, routes and records metrics.
+    `max_queue` requests in flight (its scheduler needs them queued to batch them); beyond
+    that Ray holds up to `max_queue` more per replica in the caller, then answers with
+    back-pressure, which the ingress maps to 503. The ingress reserves no CPU, as it only
+    parses, routes and records metrics.
     """
     from ray import serve
 
@@ -144,6 +146,7 @@ def build_app(args: ServeArgs | dict[str, Any] | None = None) -> "Any":
         name="CapaserveModel",
         num_replicas=args.replicas,
         max_ongoing_requests=args.max_queue,
+        max_queued_requests=args.max_queue * args.replicas,
         ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": args.num_gpus},
         health_check_period_s=5,
     ).bind(args)

@@ -119,6 +119,10 @@ def test_client_disconnect_mid_stream_leaves_replica_healthy(base_url):
         )
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+    metrics = httpx.get(f"{base_url}/metrics", timeout=30).text
+    assert 'route="/v1/chat/completions",status="499"' in metrics  # recorded as a client hang-up
+    assert "capaserve_time_to_first_token_seconds_count" in metrics
+    assert "capaserve_generated_tokens_total" in metrics
 
 
 ERROR_CASES = [
