@@ -14,9 +14,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+if TYPE_CHECKING:
+    from ray.serve import Application
+
+    from serving.engine import EngineConfig
+    from serving.scheduler import SchedulerConfig
 
 GiB = 1024**3
 MiB = 1024**2
@@ -98,7 +104,7 @@ class ServeArgs(BaseModel):
         """Threads for torch in a replica: Ray sets OMP_NUM_THREADS=1 there, so set it from the CPU share."""
         return max(1, int(self.num_cpus))
 
-    def engine_config(self) -> "Any":
+    def engine_config(self) -> "EngineConfig":
         from serving.engine import EngineConfig
 
         return EngineConfig(
@@ -112,7 +118,7 @@ class ServeArgs(BaseModel):
             num_threads=self.torch_threads(),
         )
 
-    def scheduler_config(self) -> "Any":
+    def scheduler_config(self) -> "SchedulerConfig":
         from serving.scheduler import SchedulerConfig
 
         return SchedulerConfig(
@@ -125,7 +131,7 @@ class ServeArgs(BaseModel):
         )
 
 
-def build_app(args: ServeArgs | dict[str, Any] | None = None) -> "Any":
+def build_app(args: ServeArgs | dict[str, Any] | None = None) -> "Application":
     """The Ray Serve application: the HTTP ingress bound to the model deployment.
 
     The model deployment runs `replicas` replicas, each with `num_cpus` CPUs and room for

@@ -35,7 +35,7 @@ from serving.app import ServeArgs
 from serving.errors import Overloaded, error_body
 from serving.metrics import CONTENT_TYPE, ServerMetrics
 from serving.protocol import ChatCompletionRequest, ClassifyRequest, CompletionRequest, EmbeddingRequest, dump
-from serving.replica_io import ReplicaCall, ReplicaInfo, ReplicaResult, StreamItem
+from serving.replica_io import ReplicaCall, ReplicaInfo, ReplicaResult
 from serving.service import RequestRecord, ServingContext
 
 access_log = logging.getLogger("capaserve.access")

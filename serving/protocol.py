@@ -28,11 +28,11 @@ class OpenAIBaseModel(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
 
-def _now() -> int:
+def unix_now() -> int:
     return int(time.time())
 
 
-def _id(prefix: str) -> str:
+def make_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
@@ -225,9 +225,9 @@ class CompletionChoice(OpenAIBaseModel):
 
 
 class CompletionResponse(OpenAIBaseModel):
-    id: str = Field(default_factory=lambda: _id("cmpl"))
+    id: str = Field(default_factory=lambda: make_id("cmpl"))
     object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=_now)
+    created: int = Field(default_factory=unix_now)
     model: str
     choices: list[CompletionChoice]
     usage: UsageInfo
@@ -257,9 +257,9 @@ class ChatCompletionChoice(OpenAIBaseModel):
 
 
 class ChatCompletionResponse(OpenAIBaseModel):
-    id: str = Field(default_factory=lambda: _id("chatcmpl"))
+    id: str = Field(default_factory=lambda: make_id("chatcmpl"))
     object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=_now)
+    created: int = Field(default_factory=unix_now)
     model: str
     choices: list[ChatCompletionChoice]
     usage: UsageInfo
@@ -294,7 +294,7 @@ class ChatCompletionStreamResponse(OpenAIBaseModel):
 class ModelCard(OpenAIBaseModel):
     id: str = Field(..., description="What to send as `model`: the base id or name@version's name.")
     object: Literal["model"] = "model"
-    created: int = Field(default_factory=_now)
+    created: int = Field(default_factory=unix_now)
     owned_by: str = "capaserve"
     root: str | None = Field(None, description="The pinned id name@version for adapters; the base id for the base.")
     parent: str | None = Field(None, description="The base model id for adapters; null for the base.")

@@ -27,8 +27,8 @@ from serving.protocol import (
     CompletionStreamResponse,
     DeltaMessage,
     UsageInfo,
-    _id,
-    _now,
+    make_id,
+    unix_now,
 )
 from serving.replica_io import ReplicaCall, StreamItem
 from serving.service import RequestRecord, ServingContext, Target
@@ -131,7 +131,7 @@ async def stream_completion(ctx: ServingContext, req: CompletionRequest, record:
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
     async def events() -> AsyncIterator[str]:
-        cid, created = _id("cmpl"), _now()
+        cid, created = make_id("cmpl"), unix_now()
         try:
             async for item in _items(first, rest):
                 _note(ctx, record, item)
@@ -157,7 +157,7 @@ async def stream_chat_completion(
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
     async def events() -> AsyncIterator[str]:
-        cid, created = _id("chatcmpl"), _now()
+        cid, created = make_id("chatcmpl"), unix_now()
 
         def chunk(delta: DeltaMessage, finish: str | None = None) -> str:
             choice = ChatCompletionStreamChoice(index=0, delta=delta, finish_reason=finish)
