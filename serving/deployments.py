@@ -109,6 +109,8 @@ class ModelServer:
         self._reported = self._stats
         self._swap_events: list[float] = []
         self._sweeper: asyncio.Task | None = None
+        self._streaming: dict[str, int] = {}  # ref -> open streams (worker thread only)
+        self._deferred_unloads: set[str] = set()
 
         async def load_adapter(ref: str) -> _AdapterLease:
             return await self._load(ref)
@@ -280,6 +282,12 @@ class ModelServer:
     def _engine_unload(self, ref: str) -> None:
         from serving.engine import AdapterNotLoaded
 
+        if self._streaming.get(ref):
+            self._deferred_unloads.add(ref)  # a stream between two slices still needs it
+            return
+        lease = self._leases.get(ref)
+        if lease is not None and not lease.closed and ref in self._manifests:
+            return  # loaded again since this unload was queued
         try:
             self.engine.unload_adapter(ref)
         except AdapterNotLoaded:
@@ -341,6 +349,8 @@ class ModelServer:
         e = self.engine
         prompt_tokens = e.count_tokens([prompt])
         gen = self._with_adapter(adapter, lambda: e.generate_stream(prompt, adapter, params))
+        if adapter is not None:
+            self._streaming[adapter] = self._streaming.get(adapter, 0) + 1
         try:
             for delta in gen:
                 yield delta, prompt_tokens
@@ -348,6 +358,13 @@ class ModelServer:
             close = getattr(gen, "close", None)
             if close is not None:
                 close()
+            if adapter is not None:
+                self._streaming[adapter] -= 1
+                if not self._streaming[adapter]:
+                    del self._streaming[adapter]
+                    if adapter in self._deferred_unloads:
+                        self._deferred_unloads.discard(adapter)
+                        self._engine_unload(adapter)
             self._refresh_stats()
 
     def _refresh_stats(self) -> None:

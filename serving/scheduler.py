@@ -13,7 +13,9 @@ request of the active adapter before moving on, and batches them. Policy, per st
    padded size (texts x longest) stays under `max_batch_tokens`, so one long text does
    not pad a batch of short ones.
 4. Execution. Engine calls run on one worker thread, never on the event loop, so the
-   replica keeps accepting requests while the model computes.
+   replica keeps accepting requests while the model computes. A stream runs in slices
+   of `stream_slice_ms` and then goes back to the head of its adapter's queue, so a
+   long stream cannot hold the replica beyond the starvation bound.
 
 With `grouping=False` each request runs alone in arrival order: the swap-per-request
 baseline the load test compares against. A full queue raises `Overloaded` (503).
@@ -55,6 +57,9 @@ class SchedulerConfig(BaseModel):
     )
     max_queue: int = Field(256, ge=1, description="Most queued requests; beyond it new ones get 503.")
     grouping: bool = Field(True, description="Group and batch by adapter; off: one request at a time, FIFO.")
+    stream_slice_ms: float = Field(
+        50.0, gt=0.0, description="A stream holds the worker this long at a time; others may run in between."
+    )
 
 
 class BatchRunner(Protocol):
@@ -90,6 +95,8 @@ class _Item:
     # streaming only
     deltas: asyncio.Queue | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    gen: Iterator[Any] | None = None
+    sent: int = 0
 
     def compatible(self, other: "_Item") -> bool:
         return self.kind == other.kind and self.kind != "stream" and self.params_key == other.params_key
@@ -220,7 +227,7 @@ class Scheduler:
     def _pick_queue(self, now: float) -> str | None:
         """The adapter to serve next: the active one unless another is starving."""
         heads = {k: q[0] for k, q in self._queues.items() if q}
-        oldest_key = min(heads, key=lambda k: heads[k].seq)
+        oldest_key = min(heads, key=lambda k: (heads[k].enqueued, heads[k].seq))
         if not self.config.grouping:
             return oldest_key
         if self._active in heads:
@@ -310,17 +317,14 @@ class Scheduler:
         if self._active != head.adapter:
             self._stats.adapter_switches += int(self._active is not _END)
             self._active = head.adapter
-        self._stats.batches += 1
-        self._stats.requests += len(batch)
-        self._new_batch_sizes.append(len(batch))
+        if head.gen is None:  # a stream's later slices are not new batches
+            self._stats.batches += 1
+            self._stats.requests += len(batch)
+            self._new_batch_sizes.append(len(batch))
         now = time.monotonic()
         loop = asyncio.get_running_loop()
         if head.kind == "stream":
-            info = BatchInfo(batch_size=1, swapped=swapped, queue_seconds=now - head.enqueued)
-            if head.future.cancelled():
-                return
-            head.future.set_result(info)
-            await loop.run_in_executor(self._executor, self._pump_stream, head, loop)
+            await self._run_stream_slice(head, swapped, now, loop)
             return
         try:
             outputs = await loop.run_in_executor(self._executor, self._run_chunks, batch)
@@ -358,26 +362,56 @@ class Scheduler:
             per_item[i][j] = results[k]
         return per_item
 
-    def _pump_stream(self, item: _Item, loop: asyncio.AbstractEventLoop) -> None:
+    async def _run_stream_slice(
+        self, item: _Item, swapped: bool, now: float, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        """Run a stream for one time slice; if unfinished, put it back at the head of its queue.
+
+        So a long stream holds the worker for `stream_slice_ms` at a time: between slices
+        the usual policy runs, and a starving adapter's batch gets in between two tokens
+        (the engine re-activates each stream's adapter per decode step).
+        """
+        if item.gen is None:
+            if item.future.cancelled():
+                return
+            item.future.set_result(BatchInfo(batch_size=1, swapped=swapped, queue_seconds=now - item.enqueued))
+        finished = await loop.run_in_executor(self._executor, self._pump_stream, item, loop)
+        if not finished:
+            item.enqueued = time.monotonic()
+            key = item.adapter if self.config.grouping else None
+            self._queues.setdefault(key, deque()).appendleft(item)
+            self._pending += 1
+
+    def _pump_stream(self, item: _Item, loop: asyncio.AbstractEventLoop) -> bool:
+        """Worker thread: forward deltas for up to one slice; True once the stream is over."""
         assert item.deltas is not None
         put = lambda x: loop.call_soon_threadsafe(item.deltas.put_nowait, x)  # noqa: E731
-        gen = None
-        n = 0
+        deadline = time.monotonic() + self.config.stream_slice_ms / 1000.0
+        finished = True
         try:
-            gen = self.runner.run_stream(item.adapter, item.texts[0], item.params)
-            for delta in gen:
-                put(delta)
-                n += 1
-                if item.cancelled.is_set():
-                    log.info("stream for adapter %s cancelled by its consumer after %d deltas", item.adapter, n)
+            if item.gen is None:
+                item.gen = iter(self.runner.run_stream(item.adapter, item.texts[0], item.params))
+            while not item.cancelled.is_set():
+                try:
+                    delta = next(item.gen)
+                except StopIteration:
                     break
+                put(delta)
+                item.sent += 1
+                if time.monotonic() >= deadline:
+                    finished = False
+                    break
+            if item.cancelled.is_set():
+                log.info("stream for adapter %s cancelled by its consumer after %d deltas", item.adapter, item.sent)
         except Exception as exc:  # noqa: BLE001 - handed to the consumer
             put(exc)
-        finally:
-            close: Callable[[], None] | None = getattr(gen, "close", None)
+            finished = True
+        if finished:
+            close: Callable[[], None] | None = getattr(item.gen, "close", None)
             if close is not None:
                 close()
             put(_END)
+        return finished
 
 
 def _resolve(item: _Item, out: Any, info: BatchInfo) -> None:

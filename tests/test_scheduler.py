@@ -155,3 +155,38 @@ def test_stream_and_early_close():
     assert got == [f"p-{i}" for i in range(5)]
     assert first[0] == "q-0"
     assert after[0] == [("a", "ok")]
+
+
+class SlowStreams(Recorder):
+    def run_stream(self, adapter, prompt, params):
+        for i in range(40):
+            time.sleep(0.01)
+            yield f"{prompt}-{i}"
+
+
+def test_long_stream_yields_to_a_starving_adapter():
+    rec = SlowStreams()
+
+    async def main():
+        s = Scheduler(rec, SchedulerConfig(starvation_ms=30, stream_slice_ms=20))
+        done: dict[str, float] = {}
+
+        async def consume():
+            out = [d async for d, _ in s.stream("a", "p")]
+            done["stream"] = time.monotonic()
+            return out
+
+        async def other():
+            await asyncio.sleep(0.05)
+            res = await s.submit("embed", "b", ["x"])
+            done["other"] = time.monotonic()
+            return res
+
+        out, res = await asyncio.gather(consume(), other())
+        await s.close()
+        return out, res, done
+
+    out, res, done = run(main())
+    assert out == [f"p-{i}" for i in range(40)]  # nothing lost or reordered across slices
+    assert res[0] == [("b", "x")]
+    assert done["other"] < done["stream"]  # served between two slices, not after the stream
