@@ -1,0 +1,170 @@
+"""The model being trained: a frozen transformers model whose target layers are wrapped
+in `CapaBoostLinear`, plus (for classification) the SPEC head. Everything the served
+model computes is computed here the same way, so the exported bundle reproduces it:
+
+- targets are module paths of `AutoModel` (feature-extraction, sequence-classification)
+  or `AutoModelForCausalLM` (causal-lm), the classes the server loads;
+- pooling is the SPEC's: mean over the attention mask (or the first token), and for
+  embeddings L2-normalised;
+- the head is dense -> tanh -> out on the pooled, unnormalised state.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from adapters.bundle import AdapterBundle, BundleMetadata, Task, TargetFactors
+from adapters.capaboost_linear import CapaBoostLinear
+
+
+def _is_linear(mod: nn.Module) -> bool:
+    if isinstance(mod, nn.Linear):
+        return True
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(mod, Conv1D)
+
+
+def match_targets(model: nn.Module, suffixes: list[str]) -> list[str]:
+    """Full paths of the Linear/Conv1D modules whose name is, or ends in `.`, a suffix.
+
+    Like PEFT's `target_modules`. Every suffix must match at least one layer, so a typo
+    fails loudly instead of training nothing; the error lists what could be targeted.
+    """
+    linear = [name for name, mod in model.named_modules() if name and _is_linear(mod)]
+    found: list[str] = []
+    unmatched: list[str] = []
+    for s in suffixes:
+        hits = [n for n in linear if n == s or n.endswith("." + s)]
+        if not hits:
+            unmatched.append(s)
+        found.extend(hits)
+    if unmatched:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in linear})
+        raise ValueError(
+            f"targets {unmatched} match no Linear/Conv1D layer of the model; layer names it has: {leaves}"
+        )
+    # keep model order, drop duplicates where two suffixes hit the same layer
+    order = {n: i for i, n in enumerate(linear)}
+    return sorted(set(found), key=order.__getitem__)
+
+
+def attach_capaboost(
+    model: nn.Module,
+    paths: list[str],
+    *,
+    rank: int,
+    num_copies: int,
+    alpha: float,
+    density: float,
+    seed: int,
+) -> dict[str, CapaBoostLinear]:
+    """Freeze `model` and replace each target by a CapaBoostLinear, in place.
+
+    One generator seeded with `seed` draws every A init and every mask, target by target
+    in model order, so the same seed and targets give the same masks on any machine.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    g = torch.Generator().manual_seed(seed)
+    wrapped: dict[str, CapaBoostLinear] = {}
+    for path in paths:
+        parent_path, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        base = getattr(parent, child)
+        m = CapaBoostLinear(base, rank, num_copies, alpha, density, generator=g)
+        w = base.weight
+        m.to(device=w.device)
+        setattr(parent, child, m)
+        wrapped[path] = m
+    return wrapped
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the token states over the attention mask (SPEC pooling), in float32."""
+    m = attention_mask.to(torch.float32).unsqueeze(-1)
+    return (hidden.to(torch.float32) * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.Tensor:
+    """SPEC section 2 pooling for the head: `mean` over the mask, or `cls` (first token)."""
+    if how == "cls":
+        return hidden[:, 0].to(torch.float32)
+    return mean_pool(hidden, attention_mask)
+
+
+class ClassificationHead(nn.Module):
+    """head.dense (hidden x hidden) -> tanh -> head.out (num_labels x hidden), as served."""
+
+    def __init__(self, hidden: int, num_labels: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(hidden, hidden)
+        self.out = nn.Linear(hidden, num_labels)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.dense(pooled)))
+
+
+class AdaptedModel(nn.Module):
+    """Base model + CapaBoost layers (+ head); forward returns what the server would.
+
+    - sequence-classification: logits [batch, num_labels] (softmax gives the served probs)
+    - feature-extraction: L2-normalised mean-pooled embeddings [batch, hidden]
+    - causal-lm: the transformers output (logits, and loss when labels are given)
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        task: Task,
+        layers: dict[str, CapaBoostLinear],
+        *,
+        head: ClassificationHead | None = None,
+        pooling: str = "mean",
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.task = task
+        self.head = head
+        self.pooling = pooling
+        self._paths = list(layers)
+
+    def layers(self) -> dict[str, CapaBoostLinear]:
+        """The wrapped targets, by their path in the base model (the bundle's names)."""
+        return {p: self.base.get_submodule(p) for p in self._paths}  # type: ignore[misc]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
+    ):
+        if self.task is Task.CAUSAL_LM:
+            return self.base(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        hidden = self.base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.task is Task.FEATURE_EXTRACTION:
+            return nn.functional.normalize(mean_pool(hidden, attention_mask), p=2, dim=-1)
+        assert self.head is not None
+        return self.head(pool(hidden, attention_mask, self.pooling))
+
+    def to_bundle(self, metadata: BundleMetadata) -> AdapterBundle:
+        """The bundle of exactly these factors and masks (never re-drawn), float32, on CPU."""
+        targets: dict[str, TargetFactors] = {}
+        for path, layer in self.layers().items():
+            f = layer.factors()
+            targets[path] = TargetFactors(
+                lora_A=f.lora_A.float().cpu(),
+                lora_B=f.lora_B.float().cpu(),
+                mask_A=f.mask_A.bool().cpu(),
+                mask_B=f.mask_B.bool().cpu(),
+            )
+        head: dict[str, torch.Tensor] = {}
+        if self.head is not None:
+            head = {
+                f"head.{k}": v.detach().float().cpu().clone() for k, v in self.head.state_dict().items()
+            }
+        return AdapterBundle(metadata=metadata, targets=targets, head=head)
