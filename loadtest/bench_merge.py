@@ -233,8 +233,10 @@ def main(argv: list[str] | None = None) -> int:
         ("all-MiniLM-L6-v2", lambda: minilm_case(seq, 1 if args.quick else 8)),
         (f"random Llama h={hidden} L={layers}", lambda: llama_case(hidden, layers, seq)),
     ]:
+        start = time.perf_counter()
         engine, bundle, batch = build()
         results.append(bench_engine(label, engine, bundle, batch, reps))
+        print(f"# {label}: done in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
         del engine
     out = table(results)
     header = f"torch {torch.__version__}, {torch.get_num_threads()} threads, {reps} interleaved repetitions, medians\n\n"

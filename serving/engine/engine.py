@@ -73,6 +73,8 @@ class Engine:
         self._bank = WeightBank(self.model)
         self._cache = AdapterCache(config.adapter_cache_bytes, config.dense_budget_bytes)
         self._lock = threading.RLock()
+        # fast tokenizers may reconfigure their Rust state on a call: never two at once
+        self._tok_lock = threading.Lock()
         self._active: PreparedAdapter | None = None
         self._swaps = self._hits = self._misses = self._evictions = 0
         self._swap_total = self._swap_last = 0.0
@@ -230,7 +232,8 @@ class Engine:
             raise InvalidRequest("input must be a non-empty list of strings")
         if not all(isinstance(t, str) for t in texts):
             raise InvalidRequest("every input must be a string")
-        enc = self.tokenizer(texts, add_special_tokens=True)
+        with self._tok_lock:
+            enc = self.tokenizer(texts, add_special_tokens=True)
         lengths = [len(ids) for ids in enc["input_ids"]]
         too_long = [(i, n) for i, n in enumerate(lengths) if n > self.max_len]
         if too_long:
@@ -243,7 +246,8 @@ class Engine:
         n = len(enc["input_ids"])
         for lo in range(0, n, ENCODE_CHUNK):
             chunk = {k: v[lo : lo + ENCODE_CHUNK] for k, v in enc.items()}
-            batch = self.tokenizer.pad(chunk, return_tensors="pt")
+            with self._tok_lock:
+                batch = self.tokenizer.pad(chunk, return_tensors="pt")
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with self._lock:
                 self._ensure(entry)
@@ -306,8 +310,10 @@ class Engine:
             raise UnsupportedTask(f"text generation needs a causal LM; {self.model_id!r} is an encoder")
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise InvalidRequest("prompt must be a non-empty list of strings")
+        with self._tok_lock:
+            encoded = self.tokenizer(prompts, add_special_tokens=True)["input_ids"]
         out: list[list[int]] = []
-        for i, ids in enumerate(self.tokenizer(prompts, add_special_tokens=True)["input_ids"]):
+        for i, ids in enumerate(encoded):
             if not ids:
                 bos = self.tokenizer.bos_token_id
                 if bos is None:
@@ -378,7 +384,9 @@ class Engine:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def count_tokens(self, texts: list[str]) -> int:
-        return sum(len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=True)["input_ids"])
+        with self._tok_lock:
+            encoded = self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+        return sum(len(ids) for ids in encoded)
 
     def stats(self) -> EngineStats:
         with self._lock:

@@ -17,6 +17,9 @@ import torch
 from serving.engine.config import SamplingParams
 from serving.engine.outputs import FinishReason, GenerationDelta, GenerationOutput
 
+#: Temperatures below this decode greedily (0 means greedy; tinier ones would overflow).
+GREEDY_BELOW = 1e-5
+
 
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Zero all but the smallest most-likely set whose mass reaches top_p (keeps >= 1 token)."""
@@ -30,7 +33,7 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 def next_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
     """[n, V] float32 logits -> [n] token ids: argmax at temperature 0, else sampled."""
-    if params.temperature == 0.0:
+    if params.temperature < GREEDY_BELOW:  # dividing by a vanishing temperature overflows
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits / params.temperature, dim=-1)
     probs = top_p_filter(probs, params.top_p)
