@@ -56,8 +56,8 @@ class TrainResult:
     model: AdaptedModel
     tokenizer: Any
     labels: list[str] | None
+    initial_eval: EpochReport
     history: list[EpochReport] = field(default_factory=list)
-    initial_eval: EpochReport | None = None
     seconds: float = 0.0
 
 
@@ -229,14 +229,15 @@ def build_model(cfg: TrainConfig, base: nn.Module, num_labels: int | None) -> Ad
     return AdaptedModel(base, cfg.task, layers, head=head, pooling=cfg.pooling)
 
 
-def describe(cfg: TrainConfig, train_ds: Dataset, eval_name: str, result: TrainResult) -> str:
-    """The bundle's `description`: how it was trained and the eval figures, one line."""
+def describe(cfg: TrainConfig, train_ds: Dataset, eval_name: str, reports: list[EpochReport]) -> str:
+    """The bundle's `description`: how it was trained and the eval figures (epoch 0 is
+    before training), one line."""
     parts = [
         f"capaserve train: {cfg.task.value} on {train_ds.path.name} ({len(train_ds)} examples)",
-        f"{result.history[-1].step if result.history else 0} steps, lr {cfg.lr:g}, batch {cfg.batch_size}, seed {cfg.seed}",
+        f"{reports[-1].step} steps, lr {cfg.lr:g}, batch {cfg.batch_size}, seed {cfg.seed}",
     ]
     figs = []
-    for r in ([result.initial_eval] if result.initial_eval else []) + result.history:
+    for r in reports:
         acc = f" accuracy {r.eval_accuracy:.4f}" if r.eval_accuracy is not None else ""
         figs.append(f"epoch {r.epoch}: loss {r.eval_loss:.4f}{acc}")
     parts.append(f"eval on {eval_name}: " + "; ".join(figs))
@@ -274,12 +275,10 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] | None = None) -> Trai
     per_epoch = math.ceil(len(train_ds) / cfg.batch_size)
     total_steps = cfg.steps if cfg.steps is not None else per_epoch * (cfg.epochs or DEFAULT_EPOCHS)
     shuffle = torch.Generator().manual_seed(cfg.seed)
-    result = TrainResult(bundle=None, path=Path(cfg.output), model=model, tokenizer=tok, labels=labels)  # type: ignore[arg-type]
-    result.initial_eval = evaluate(
-        model, eval_ds, batcher, eval_targets, cfg, autocast, epoch=0, step=0, train_loss=float("nan")
-    )
-    emit(f"before training: {result.initial_eval.eval_summary()}")
+    initial = evaluate(model, eval_ds, batcher, eval_targets, cfg, autocast, epoch=0, step=0, train_loss=float("nan"))
+    emit(f"before training: {initial.eval_summary()}")
 
+    history: list[EpochReport] = []
     model.train()
     step, epoch = 0, 0
     bar = tqdm(total=total_steps, desc="train", unit="step", disable=not cfg.progress, file=sys.stderr)
@@ -311,7 +310,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] | None = None) -> Trai
             model, eval_ds, batcher, eval_targets, cfg, autocast,
             epoch=epoch, step=step, train_loss=epoch_loss / max(epoch_batches, 1),
         )
-        result.history.append(report)
+        history.append(report)
         emit(report.summary())
     bar.close()
     model.eval()
@@ -326,10 +325,13 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] | None = None) -> Trai
         targets=list(model.layers()),
         labels=labels,
         pooling=cfg.pooling if cfg.task is Task.SEQUENCE_CLASSIFICATION else None,
-        description=describe(cfg, train_ds, eval_name, result),
+        description=describe(cfg, train_ds, eval_name, [initial, *history]),
     )
-    result.bundle = model.to_bundle(meta)
-    result.path = save_bundle(result.bundle, cfg.output)
-    result.seconds = time.monotonic() - t0
+    bundle = model.to_bundle(meta)
+    path = save_bundle(bundle, cfg.output)
+    result = TrainResult(
+        bundle=bundle, path=path, model=model, tokenizer=tok, labels=labels,
+        history=history, initial_eval=initial, seconds=time.monotonic() - t0,
+    )
     emit(f"wrote {result.path} ({len(meta.targets)} targets, base_model {meta.base_model!r}) in {result.seconds:.1f}s")
     return result

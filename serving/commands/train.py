@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seeds masks, init, dropout and data order (default 0)")
     p.add_argument("--pooling", choices=("mean", "cls"), default="mean", help="classification pooling (default mean)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)
 
 
@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
 
     fields = set(TrainConfig.model_fields)
     values = {k: v for k, v in vars(args).items() if k in fields}
+    values["progress"] = not args.no_progress
     try:
         cfg = TrainConfig(**values)
     except ValidationError as exc:
