@@ -130,8 +130,9 @@ class AdapterCache:
     def _protected(name: str, entry: PreparedAdapter, protected: set[str]) -> bool:
         return entry.pinned or entry.inflight > 0 or name in protected
 
-    def victims(self, needed: int, replacing: str, protected: set[str]) -> list[str]:
-        """LRU-first names to evict so that `needed` more bytes fit (after `replacing` goes)."""
+    def victims(self, needed: int, replacing: str, protected: set[str]) -> list[str] | None:
+        """LRU-first names to evict so that `needed` more bytes fit (after `replacing` goes);
+        None when even evicting every unprotected entry would not make room."""
         used = self.nbytes - (self._entries[replacing].nbytes if replacing in self._entries else 0)
         out: list[str] = []
         for n, e in self._entries.items():
@@ -141,7 +142,7 @@ class AdapterCache:
                 continue
             out.append(n)
             used -= e.nbytes
-        return out
+        return out if used + needed <= self.capacity else None
 
     def put(self, entry: PreparedAdapter) -> PreparedAdapter | None:
         """Insert (most recently used); returns the entry it replaced, if any."""

@@ -88,22 +88,26 @@ class Engine:
         Replaces an entry of the same name; if that one is active, the new one is written.
         Raises BundleError (nothing changed) if the bundle cannot be served here.
         """
+        self._validate(name, bundle)  # reads only static facts of the base model
+        dense, factors, head = planned_bytes(bundle)
+        if factors + head > self._cache.capacity:
+            raise BundleError(
+                f"needs {factors + head} bytes, more than adapter_cache_bytes={self._cache.capacity}", name=name
+            )
         with self._lock:
-            self._validate(name, bundle)
-            dense, factors, head = planned_bytes(bundle)
-            protected = {self._active.name} if self._active is not None else set()
-            if factors + head > self._cache.capacity:
-                raise BundleError(
-                    f"needs {factors + head} bytes, more than adapter_cache_bytes={self._cache.capacity}", name=name
-                )
-            mode = self._cache.choose_mode(dense, factors, head, name, protected)
-            if mode is None:
+            mode = self._cache.choose_mode(dense, factors, head, name, self._protected())
+        if mode is None:
+            raise Overloaded(f"adapter cache is full of active, pinned or in-use adapters; cannot load {name!r}")
+        # pre-merging touches no weight: done outside the lock, so forwards go on meanwhile
+        entry = prepare(name, bundle, self._bank, self.device, mode)
+        bad = [t for t, d in entry.deltas.items() if d.dense is not None and not bool(torch.isfinite(d.dense).all())]
+        if bad:
+            raise BundleError([f"target {t!r}: merged delta is not finite" for t in bad], name=name)
+        with self._lock:
+            victims = self._cache.victims(entry.nbytes, name, self._protected())
+            if victims is None:
                 raise Overloaded(f"adapter cache is full of active, pinned or in-use adapters; cannot load {name!r}")
-            entry = prepare(name, bundle, self._bank, self.device, mode)
-            bad = [t for t, d in entry.deltas.items() if d.dense is not None and not bool(torch.isfinite(d.dense).all())]
-            if bad:
-                raise BundleError([f"target {t!r}: merged delta is not finite" for t in bad], name=name)
-            for victim in self._cache.victims(entry.nbytes, name, protected):
+            for victim in victims:
                 self._evict(victim)
             self._bank.acquire(list(entry.deltas))
             old = self._cache.put(entry)
@@ -113,6 +117,9 @@ class Engine:
                     self._write(entry)  # from the old state; old-only targets restored from pristine
                 self._bank.release(list(old.deltas))
             return self._info(entry)
+
+    def _protected(self) -> set[str]:
+        return {self._active.name} if self._active is not None else set()
 
     def _validate(self, name: str, bundle: AdapterBundle) -> None:
         """check_servable plus what this engine needs of each target; one error listing all."""
