@@ -138,15 +138,6 @@ class LocalStore(RegistryStore):
                 continue
         raise AdapterNotFound(f"adapter {name!r} not found")
 
-    def versions(self, name: str) -> list[AdapterManifest]:
-        out: list[AdapterManifest] = []
-        for v in self.version_numbers(name):
-            try:
-                out.append(self._read_manifest(name, v))
-            except AdapterNotFound:
-                pass  # deleted while we were reading
-        return out
-
     def list_latest(self) -> list[AdapterManifest]:
         out: list[AdapterManifest] = []
         for name in sorted(os.listdir(self.manifests)):

@@ -157,15 +157,6 @@ class S3Store(RegistryStore):
                 continue
         raise AdapterNotFound(f"adapter {name}@{version} not found" if version else f"adapter {name!r} not found")
 
-    def versions(self, name: str) -> list[AdapterManifest]:
-        out: list[AdapterManifest] = []
-        for v in self.version_numbers(name):
-            try:
-                out.append(self._read_manifest(name, v))
-            except AdapterNotFound:
-                pass  # deleted while we were reading
-        return out
-
     def list_latest(self) -> list[AdapterManifest]:
         out: list[AdapterManifest] = []
         for name, (live, dead) in sorted(self._scan_all().items()):

@@ -85,9 +85,15 @@ class RegistryStore(ABC):
     def get(self, name: str, version: int | None = None) -> AdapterManifest:
         """The manifest of `name@version`, or of the latest version; AdapterNotFound if none."""
 
-    @abstractmethod
     def versions(self, name: str) -> list[AdapterManifest]:
         """Every version of `name`, oldest first; empty if the name is unknown."""
+        out: list[AdapterManifest] = []
+        for v in self.version_numbers(name):
+            try:
+                out.append(self._read_manifest(name, v))
+            except AdapterNotFound:
+                pass  # deleted while we were reading
+        return out
 
     @abstractmethod
     def list_latest(self) -> list[AdapterManifest]:
@@ -104,12 +110,14 @@ class RegistryStore(ABC):
         AdapterNotFound if nothing matched. Blobs no longer referenced are removed.
         """
 
+    @abstractmethod
     def version_numbers(self, name: str) -> list[int]:
-        """The live version numbers of `name`, ascending; cheaper than `versions` (no manifest reads).
+        """The live version numbers of `name`, ascending, from one listing (no manifest reads);
+        resolvers call it on every request."""
 
-        Backends override this with a single listing; resolvers call it on every request.
-        """
-        return [m.version for m in self.versions(name)]
+    @abstractmethod
+    def _read_manifest(self, name: str, version: int) -> AdapterManifest:
+        """One stored manifest; AdapterNotFound if it is absent or deleted."""
 
 
 def open_store(location: str, *, endpoint_url: str | None = None) -> RegistryStore:
