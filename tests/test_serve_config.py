@@ -15,8 +15,10 @@ def parse(argv: list[str]) -> ServeArgs:
 
 def test_flags_and_defaults(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    args = parse(["--port", "9001", "--api-keys", "k1, k2", "--replicas", "2", "--no-grouping"])
+    args = parse(["--port", "9001", "--api-keys", "k1, k2", "--replicas", "2", "--no-grouping",
+                  "--max-upload-bytes", "4096"])
     assert args.port == 9001 and args.replicas == 2 and args.grouping is False
+    assert args.max_upload_bytes == 4096
     assert [k.get_secret_value() for k in args.api_keys] == ["k1", "k2"]
     assert args.registry == str(tmp_path / "capaserve" / "registry") == default_registry_dir()
     assert args.host == "127.0.0.1" and args.model is None and args.admin_token is None

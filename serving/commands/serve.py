@@ -40,6 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="Longest wait for a batch to fill (default: 5).")
     p.add_argument("--max-adapters-per-replica", type=int, default=16, help="Adapters kept loaded per replica (default: 16).")
     p.add_argument("--max-queue", type=int, default=256, help="Queued requests per replica before 503 (default: 256).")
+    p.add_argument("--max-upload-bytes", type=int, default=256 * 1024 * 1024,
+                   help="Largest adapter upload accepted; 413 beyond (default: 256 MiB).")
     p.add_argument("--no-grouping", action="store_true", help="Swap per request instead of grouping by adapter (baseline).")
     p.set_defaults(func=run)
 
@@ -66,6 +68,7 @@ def serve_args_from(ns: argparse.Namespace) -> Any:
         "batch_wait_ms": ns.batch_wait_ms,
         "max_adapters_per_replica": ns.max_adapters_per_replica,
         "max_queue": ns.max_queue,
+        "max_upload_bytes": ns.max_upload_bytes,
         "grouping": not ns.no_grouping,
     }
     return ServeArgs(**{k: v for k, v in given.items() if v is not None})
