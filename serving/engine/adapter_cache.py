@@ -5,6 +5,8 @@ Each adapter is pre-merged once, when loaded, in one of two forms per target:
 - factors: the exact stacked pair (B', A') of rank d*r; a swap is one addmm, and it holds
   (out+in)*d*r floats instead of out*in.
 Dense is chosen while the adapter's dense deltas fit what is left of `dense_budget_bytes`.
+A dense adapter also keeps its factor pair (`factors`, counted in its bytes): the unmerged
+mixed-adapter path (serving.engine.mixed) needs the thin pair, never the dense delta.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class PreparedAdapter:
     mode: Mode
     deltas: dict[str, TargetDelta]
     head: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: target -> TargetDelta(b, a) for the unmerged path; the same objects as `deltas` in factors mode
+    factors: dict[str, TargetDelta] = field(default_factory=dict)
     pinned: bool = False
     inflight: int = 0  # streams/generations in progress; such an entry is never evicted
 
@@ -42,7 +46,8 @@ class PreparedAdapter:
 
     @property
     def nbytes(self) -> int:
-        return sum(d.nbytes for d in self.deltas.values()) + sum(t.numel() * t.element_size() for t in self.head.values())
+        extra = sum(d.nbytes for d in self.factors.values()) if self.mode == "dense" else 0
+        return sum(d.nbytes for d in self.deltas.values()) + extra + sum(t.numel() * t.element_size() for t in self.head.values())
 
     @property
     def dense_nbytes(self) -> int:
@@ -62,20 +67,24 @@ def prepare(name: str, bundle: AdapterBundle, bank: WeightBank, device: torch.de
     """Pre-merge every target with `adapters.merge` (the one source of the delta math)."""
     scaling = bundle.metadata.scaling
     deltas: dict[str, TargetDelta] = {}
+    factors: dict[str, TargetDelta] = {}
     with torch.no_grad():
         for path in bundle.metadata.targets:
             f = bundle.targets[path]
             f = TargetFactors(*(t.to(device) for t in (f.lora_A, f.lora_B, f.mask_A, f.mask_B)))
+            b, a = stacked_factors(f, scaling)
+            factors[path] = TargetDelta(b=b, a=a)
             if mode == "dense":
                 dense = delta_weight(f, scaling)
                 if bank.transposed(path):
                     dense = dense.t()
                 deltas[path] = TargetDelta(dense=dense.contiguous())
             else:
-                b, a = stacked_factors(f, scaling)
-                deltas[path] = TargetDelta(b=b, a=a)
+                deltas[path] = factors[path]
         head = {k: v.to(device=device, dtype=torch.float32).contiguous() for k, v in bundle.head.items()}
-    return PreparedAdapter(name=name, metadata=bundle.metadata, mode=mode, deltas=deltas, head=head)
+    return PreparedAdapter(
+        name=name, metadata=bundle.metadata, mode=mode, deltas=deltas, head=head, factors=factors
+    )
 
 
 class AdapterCache:
@@ -120,7 +129,8 @@ class AdapterCache:
         dense_used = self.dense_nbytes - (old.dense_nbytes if old else 0)
         fixed = sum(e.nbytes for n, e in self._entries.items() if n != replacing and self._protected(n, e, protected))
         room = self.capacity - fixed
-        if dense_used + dense <= self.dense_budget and dense + head <= room:
+        # a dense adapter also keeps its factors (for the unmerged path): dense + factors + head
+        if dense_used + dense <= self.dense_budget and dense + factors + head <= room:
             return "dense"
         if factors + head <= room:
             return "factors"

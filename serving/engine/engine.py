@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -24,6 +24,7 @@ from serving.engine.adapter_cache import AdapterCache, PreparedAdapter, planned_
 from serving.engine.config import EngineConfig, SamplingParams
 from serving.engine.errors import AdapterNotLoaded
 from serving.engine.generation import BatchDecoder, SequenceState
+from serving.engine.mixed import mixed_lora
 from serving.engine.model_loader import LoadedModel, load_model
 from serving.engine.outputs import (
     ClassificationOutput,
@@ -39,6 +40,9 @@ from serving.errors import InvalidRequest, Overloaded, UnsupportedTask
 
 #: Texts per encoder forward; the lock is released between chunks.
 ENCODE_CHUNK = 64
+
+#: merged: the batch's one adapter is written into the weights; mixed: base weights, per-row updates.
+AdapterMode = Literal["merged", "mixed"]
 
 
 class Engine:
@@ -76,6 +80,7 @@ class Engine:
         # fast tokenizers may reconfigure their Rust state on a call: never two at once
         self._tok_lock = threading.Lock()
         self._active: PreparedAdapter | None = None
+        self._mode: AdapterMode = "merged"
         self._swaps = self._hits = self._misses = self._evictions = 0
         self._swap_total = self._swap_last = 0.0
         self._eos_ids = self._collect_eos()
@@ -258,6 +263,7 @@ class Engine:
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with self._lock:
                 self._ensure(entry)
+                self._mode = "merged"
                 with torch.inference_mode():
                     hidden = self.model(**batch).last_hidden_state
             yield hidden, batch["attention_mask"]
@@ -298,6 +304,99 @@ class Engine:
         return ClassificationOutput(
             labels=[names[i] for i in p.argmax(dim=-1).tolist()], probs=p, label_names=names, prompt_tokens=n_tokens
         )
+
+    # ------------------------------------------------------------------ mixed-adapter batches
+
+    @property
+    def mode(self) -> AdapterMode:
+        """How the last encoder forward ran: merged (one adapter in the weights) or mixed."""
+        return self._mode
+
+    @contextmanager
+    def _using_many(self, names: list[str | None]) -> Iterator[list[PreparedAdapter | None]]:
+        """Resolve each row's adapter (each distinct one once) and keep them from eviction."""
+        with self._lock:
+            distinct = {n: self._lookup(n) for n in dict.fromkeys(names)}
+            for e in distinct.values():
+                if e is not None:
+                    e.inflight += 1
+        try:
+            yield [distinct[n] for n in names]
+        finally:
+            with self._lock:
+                for e in distinct.values():
+                    if e is not None:
+                        e.inflight -= 1
+
+    def _hidden_states_mixed(
+        self, enc: Any, entries: list[PreparedAdapter | None]
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, slice]]:
+        """Per chunk: last hidden states with each row's own adapter, on the pristine base."""
+        n = len(enc["input_ids"])
+        for lo in range(0, n, ENCODE_CHUNK):
+            rows = slice(lo, min(n, lo + ENCODE_CHUNK))
+            chunk = {k: v[rows] for k, v in enc.items()}
+            with self._tok_lock:
+                batch = self.tokenizer.pad(chunk, return_tensors="pt")
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with self._lock:
+                for e in {id(e): e for e in entries[rows] if e is not None}.values():
+                    if self._cache.peek(e.name) is not e:
+                        raise AdapterNotLoaded(e.name)
+                self._write(None)  # mixed mode runs with NO adapter merged
+                self._mode = "mixed"
+                factors = [e.factors if e is not None else None for e in entries[rows]]
+                with torch.inference_mode(), mixed_lora(self.model, factors, self.device):
+                    hidden = self.model(**batch).last_hidden_state
+            yield hidden, batch["attention_mask"], rows
+
+    def _check_rows(self, texts: list[str], adapters: list[str | None]) -> None:
+        if not isinstance(adapters, list) or len(adapters) != len(texts if isinstance(texts, list) else []):
+            raise InvalidRequest("adapters must be a list with one entry (a name or None) per text")
+
+    def embed_mixed(self, texts: list[str], adapters: list[str | None]) -> EmbeddingOutput:
+        """Embeddings of a batch whose row i uses adapters[i] (None: the base), in one forward."""
+        self._require_encoder("embeddings")
+        self._check_rows(texts, adapters)
+        enc, n_tokens = self._encode(texts)
+        with self._using_many(adapters) as entries:
+            parts = [l2_normalize(mean_pool(h, m)).cpu() for h, m, _ in self._hidden_states_mixed(enc, entries)]
+        return EmbeddingOutput(embeddings=torch.cat(parts), prompt_tokens=n_tokens)
+
+    def classify_mixed(self, texts: list[str], adapters: list[str]) -> list[ClassificationOutput]:
+        """Row i classified by adapters[i] (its own head, pooling and labels); one output per row."""
+        self._require_encoder("classification")
+        self._check_rows(texts, adapters)
+        with self._lock:
+            for name in dict.fromkeys(adapters):
+                if name is None:
+                    raise UnsupportedTask("classification needs a sequence-classification adapter, not the base model")
+                found = self._cache.peek(name)
+                if found is None:
+                    raise AdapterNotLoaded(name)
+                if found.task is not Task.SEQUENCE_CLASSIFICATION:
+                    raise UnsupportedTask(f"adapter {name!r} is a {found.task.value} adapter, not sequence-classification")
+        enc, _ = self._encode(texts)
+        outs: list[ClassificationOutput | None] = [None] * len(texts)
+        with self._using_many(list(adapters)) as entries:
+            for h, m, rows in self._hidden_states_mixed(enc, entries):
+                groups: dict[int, list[int]] = {}
+                for k, e in enumerate(entries[rows]):
+                    groups.setdefault(id(e), []).append(k)
+                for ks in groups.values():  # one head per adapter present, like the forward
+                    e = entries[rows.start + ks[0]]
+                    assert e is not None
+                    idx = torch.tensor(ks, device=h.device)
+                    pooled = pool(h.index_select(0, idx), m.index_select(0, idx), e.metadata.pooling or "mean")
+                    probs = torch.softmax(classification_head(pooled, e.head), dim=-1).cpu()
+                    names = list(e.metadata.labels or [])
+                    for k, p in zip(ks, probs):
+                        i = rows.start + k
+                        outs[i] = ClassificationOutput(
+                            labels=[names[int(p.argmax())]], probs=p.unsqueeze(0), label_names=names,
+                            prompt_tokens=len(enc["input_ids"][i]),
+                        )
+        return [o for o in outs if o is not None]
 
     # ------------------------------------------------------------------ causal LMs
 

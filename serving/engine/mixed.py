@@ -1,0 +1,86 @@
+"""The unmerged path: one forward serving rows of several adapters (and the base) at once.
+
+A CapaBoost update is an exact rank-(d*r) LoRA (adapters.merge.stacked_factors), so with the
+PRISTINE base weights in place every target layer can compute
+
+    y = x W^T + b + (x A'^T) B'^T          (scale already folded into B')
+
+with each row's own pair. As in S-LoRA / Punica, rows are grouped by adapter: one pair of
+thin matmuls per adapter present, added back with index_add_. Base rows get no update.
+The update is added by forward hooks, installed on the target modules for the duration of
+one forward only (`mixed_lora`), so the model object and its weights are never changed and
+the merged path needs nothing undone. Works for nn.Linear and GPT-2 Conv1D alike, since
+the factors are in nn.Linear orientation and both produce [..., out].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from serving.engine.weights import TargetDelta
+
+
+@dataclass
+class _Group:
+    """Rows [idx] of the batch that use one adapter's (B', A') on one target."""
+
+    idx: torch.Tensor
+    b: torch.Tensor
+    a: torch.Tensor
+    whole: bool  # the group covers every row: no gather or scatter needed
+
+
+def _plan(
+    rows: Sequence[dict[str, TargetDelta] | None], device: torch.device
+) -> dict[str, list[_Group]]:
+    """target -> groups, from each row's factor dict (None: the base)."""
+    by_adapter: dict[int, tuple[dict[str, TargetDelta], list[int]]] = {}
+    for i, factors in enumerate(rows):
+        if factors is not None:
+            by_adapter.setdefault(id(factors), (factors, []))[1].append(i)
+    plan: dict[str, list[_Group]] = {}
+    n = len(rows)
+    for factors, idx in by_adapter.values():
+        index = torch.tensor(idx, dtype=torch.long, device=device)
+        for target, d in factors.items():
+            assert d.b is not None and d.a is not None, f"target {target!r} has no factor pair"
+            plan.setdefault(target, []).append(_Group(index, d.b, d.a, whole=len(idx) == n))
+    return plan
+
+
+def _hook(groups: list[_Group]):  # noqa: ANN202 - a torch forward hook
+    def add_updates(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        for g in groups:
+            xs = x if g.whole else x.index_select(0, g.idx)
+            delta = (xs.to(torch.float32) @ g.a.t()) @ g.b.t()
+            if g.whole:
+                output = output + delta.to(output.dtype)
+            else:
+                output = output.index_add(0, g.idx, delta.to(output.dtype))
+        return output
+
+    return add_updates
+
+
+@contextmanager
+def mixed_lora(
+    model: torch.nn.Module, rows: Sequence[dict[str, TargetDelta] | None], device: torch.device
+) -> Iterator[None]:
+    """Within the block, a forward of `model` on a batch adds row i's low-rank updates.
+
+    `rows[i]` is row i's target -> TargetDelta(b, a) dict, or None for the base. The
+    model's target weights must be the pristine base ones (the caller activates None).
+    """
+    handles = []
+    try:
+        for target, groups in _plan(rows, device).items():
+            handles.append(model.get_submodule(target).register_forward_hook(_hook(groups)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
