@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
@@ -85,6 +85,11 @@ class ServeArgs(BaseModel):
     starvation_ms: float = Field(200.0, ge=0.0, description="Switch adapters once another's oldest request waited this long.")
     max_queue: int = Field(256, ge=1, description="Queued requests per replica before 503 (Overloaded).")
     grouping: bool = Field(True, description="Group requests by adapter; off: swap per request (load-test baseline).")
+    adapter_mode: Literal["merged", "adaptive"] = Field(
+        "adaptive",
+        description="merged: every batch holds one adapter, merged into the weights; adaptive: switch to "
+        "mixed-adapter unmerged batches (embed/classify) when many adapters wait (README: Mixed-adapter batches).",
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -128,6 +133,7 @@ class ServeArgs(BaseModel):
             starvation_ms=self.starvation_ms,
             max_queue=self.max_queue,
             grouping=self.grouping,
+            adapter_mode=self.adapter_mode,
         )
 
 

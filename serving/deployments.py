@@ -9,7 +9,8 @@ Duties, and nothing else:
    least recently used beyond `max_adapters_per_replica`. Base-model requests carry no
    multiplexed id and are load-balanced.
 3. Queue every request on the replica's `Scheduler`, which batches by adapter and runs
-   every engine call (adapter loads and unloads included) on one worker thread.
+   every engine call (adapter loads and unloads included) on one worker thread; with
+   `adapter_mode="adaptive"` it may run mixed-adapter batches (`run_mixed_batch`).
 4. Drop adapters deleted from the registry: every `registry_poll_s` the replica checks
    the versions it holds against the store and unloads the missing ones from the
    engine, the multiplexer and the blob cache. (The ingress already answers 404 for
@@ -111,6 +112,7 @@ class ModelServer:
         self._sweeper: asyncio.Task | None = None
         self._streaming: dict[str, int] = {}  # ref -> open streams (worker thread only)
         self._deferred_unloads: set[str] = set()
+        self._reported_mode_switches = 0
 
         async def load_adapter(ref: str) -> _AdapterLease:
             return await self._load(ref)
@@ -344,6 +346,35 @@ class ModelServer:
             ]
         raise InvalidRequest(f"unknown request kind {kind!r}")
 
+    def run_mixed_batch(self, kind: Kind, adapters: list[str | None], texts: list[str]) -> list[Any]:
+        """BatchRunner, adaptive mode: one unmerged engine call, text i with adapters[i]."""
+        e = self.engine
+
+        def call() -> Any:
+            if kind == "embed":
+                return e.embed_mixed(texts, adapters)
+            if kind == "classify":
+                return e.classify_mixed(texts, adapters)
+            raise InvalidRequest(f"kind {kind!r} cannot run as a mixed-adapter batch")
+
+        try:
+            out = self._with_adapter(None, call)
+        except Exception as exc:
+            from serving.engine import AdapterNotLoaded
+
+            if not isinstance(exc, AdapterNotLoaded):
+                raise
+            for ref in dict.fromkeys(a for a in adapters if a is not None):  # evicted meanwhile: reload
+                if not e.has_adapter(ref):
+                    self._reload(ref)
+            out = self._with_adapter(None, call)
+        if kind == "embed":
+            return [(v, e.count_tokens([t])) for v, t in zip(out.embeddings.tolist(), texts)]
+        return [
+            (ClassOutput(label=o.labels[0], probs=o.probs[0].tolist(), label_names=list(o.label_names)), o.prompt_tokens)
+            for o in out
+        ]
+
     def run_stream(self, adapter: str | None, prompt: str, params: Any) -> Iterator[Any]:
         """BatchRunner: (delta, prompt_tokens) pairs of one streamed generation."""
         e = self.engine
@@ -388,6 +419,8 @@ class ModelServer:
         swaps, self._swap_events = self._swap_events, []
         sched = self.scheduler.stats(drain=True)
         self._reported = now
+        mode_switches = max(0, sched.mode_switches - self._reported_mode_switches)
+        self._reported_mode_switches = sched.mode_switches
         return ReplicaReport(
             replica=self.replica,
             swap_seconds=swaps,
@@ -398,6 +431,8 @@ class ModelServer:
             cache_bytes=now.cache_bytes,
             queue_depth=sched.queue_depth,
             loaded_adapters=now.loaded_adapters,
+            adapter_mode=sched.mode,
+            mode_switches=mode_switches,
         )
 
     # ------------------------------------------------------------------ deletion sweep

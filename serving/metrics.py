@@ -32,6 +32,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 SWAP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+ADAPTER_MODES = ("merged", "mixed")
 
 
 class ReplicaReport(BaseModel):
@@ -46,6 +47,8 @@ class ReplicaReport(BaseModel):
     cache_bytes: int = Field(0, description="Bytes of adapter data held now.")
     queue_depth: int = Field(0, description="Requests queued now.")
     loaded_adapters: int = Field(0, description="Adapters loaded now.")
+    adapter_mode: str = Field("merged", description="The replica's adapter mode now: merged or mixed.")
+    mode_switches: int = Field(0, description="Merged/mixed mode switches since the previous report.")
 
 
 class ServerMetrics:
@@ -106,6 +109,20 @@ class ServerMetrics:
             "capaserve_batch_size_requests", "Requests per batch a replica ran.", buckets=BATCH_BUCKETS, registry=r
         )
 
+        self.adapter_mode = Gauge(
+            "capaserve_adapter_mode",
+            "1 for a replica's current adapter mode (merged: one adapter in the weights; mixed: "
+            "unmerged per-row adapters), 0 for the other.",
+            ("replica", "mode"),
+            registry=r,
+        )
+        self.mode_switches = Counter(
+            "capaserve_adapter_mode_switches_total",
+            "Times a replica's scheduler switched between merged and mixed-adapter batches.",
+            ("replica",),
+            registry=r,
+        )
+
     def adapter_label(self, target: str | None) -> str:
         """The adapter's name (not version), "base" or "unknown" as a label value; bounded in number."""
         if target is None:
@@ -145,6 +162,9 @@ class ServerMetrics:
         self.cache_bytes.labels(rep).set(report.cache_bytes)
         self.queue_depth.labels(rep).set(report.queue_depth)
         self.loaded_adapters.labels(rep).set(report.loaded_adapters)
+        for mode in ADAPTER_MODES:
+            self.adapter_mode.labels(rep, mode).set(1.0 if report.adapter_mode == mode else 0.0)
+        self.mode_switches.labels(rep).inc(report.mode_switches)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

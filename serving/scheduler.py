@@ -17,6 +17,12 @@ request of the active adapter before moving on, and batches them. Policy, per st
    of `stream_slice_ms` and then goes back to the head of its adapter's queue, so a
    long stream cannot hold the replica beyond the starvation bound.
 
+5. Mixed-adapter batches (`adapter_mode="adaptive"`, runners with `run_mixed_batch`).
+   A `ModePolicy` watches the waiting requests per adapter; while it says mixed, the
+   oldest embed/classify request heads a batch filled with the oldest requests of the
+   same kind whatever their adapter (base included), run unmerged in one forward. Other
+   kinds (generation, streams) always run merged.
+
 With `grouping=False` each request runs alone in arrival order: the swap-per-request
 baseline the load test compares against. A full queue raises `Overloaded` (503).
 The scheduler knows nothing of the engine: it calls a `BatchRunner`.
@@ -38,10 +44,14 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from serving.errors import Overloaded
+from serving.mode_policy import ModePolicy, ModePolicyConfig
 
 log = logging.getLogger("capaserve.scheduler")
 
 Kind = Literal["embed", "classify", "generate", "stream"]
+
+#: Kinds a mixed-adapter batch can hold (the engine's unmerged path serves encoders).
+MIXABLE: tuple[Kind, ...] = ("embed", "classify")
 
 
 class SchedulerConfig(BaseModel):
@@ -60,6 +70,14 @@ class SchedulerConfig(BaseModel):
     stream_slice_ms: float = Field(
         50.0, gt=0.0, description="A stream holds the worker this long at a time; others may run in between."
     )
+    adapter_mode: Literal["merged", "adaptive"] = Field(
+        "merged",
+        description="merged: one adapter per batch, merged into the weights; adaptive: a ModePolicy switches "
+        "to mixed-adapter (unmerged) batches of embed/classify requests when many adapters wait.",
+    )
+    mode_policy: ModePolicyConfig = Field(
+        default_factory=ModePolicyConfig, description="Hysteresis thresholds of the adaptive mode."
+    )
 
 
 class BatchRunner(Protocol):
@@ -70,6 +88,9 @@ class BatchRunner(Protocol):
 
     def run_stream(self, adapter: str | None, prompt: str, params: Any) -> Iterator[Any]:
         """A token stream for one prompt."""
+
+    # optional: def run_mixed_batch(self, kind, adapters: list[str | None], texts) -> list[Any]
+    # (one unmerged engine call, row i with adapters[i]); without it the scheduler stays merged.
 
 
 @dataclass(frozen=True)
@@ -113,6 +134,9 @@ class SchedulerStats(BaseModel):
     batches: int = Field(0, description="Batches run so far.")
     adapter_switches: int = Field(0, description="Times the scheduler moved to another adapter.")
     batch_sizes: list[int] = Field(default_factory=list, description="Sizes of batches since the last drain.")
+    mode: str = Field("merged", description="Adapter mode of the next batch: merged or mixed.")
+    mode_switches: int = Field(0, description="Times the adapter mode switched between merged and mixed.")
+    mixed_batches: int = Field(0, description="Batches run as mixed-adapter (unmerged) batches.")
 
 
 class Scheduler:
@@ -130,6 +154,10 @@ class Scheduler:
         self._task: asyncio.Task | None = None
         self._stats = SchedulerStats()
         self._new_batch_sizes: list[int] = []
+        self._policy = ModePolicy(self.config.mode_policy)
+        self._mixing = (
+            self.config.adapter_mode == "adaptive" and self.config.grouping and hasattr(runner, "run_mixed_batch")
+        )
 
     # ------------------------------------------------------------------ public
 
@@ -183,7 +211,14 @@ class Scheduler:
 
     def stats(self, drain: bool = False) -> SchedulerStats:
         """A snapshot; with drain=True the batch-size events are handed over and cleared."""
-        snap = self._stats.model_copy(update={"queue_depth": self._pending, "batch_sizes": list(self._new_batch_sizes)})
+        snap = self._stats.model_copy(
+            update={
+                "queue_depth": self._pending,
+                "batch_sizes": list(self._new_batch_sizes),
+                "mode": self._policy.mode,
+                "mode_switches": self._policy.switches,
+            }
+        )
         if drain:
             self._new_batch_sizes.clear()
         return snap
@@ -277,6 +312,8 @@ class Scheduler:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
+            if self._mixing and await self._mixed_step():
+                continue
             key = self._pick_queue(time.monotonic())
             growable, left = self._fillable(key)
             if growable and left > 0:
@@ -301,6 +338,64 @@ class Scheduler:
                     if not it.future.done():
                         it.future.set_exception(exc)
 
+    async def _mixed_step(self) -> bool:
+        """One step in mixed mode; False when the policy says merged or the head is not mixable."""
+        if self._policy.decide(self._waiting(), time.monotonic()) != "mixed":
+            return False
+        head = min((q[0] for q in self._queues.values() if q), key=lambda it: (it.enqueued, it.seq))
+        if head.kind not in MIXABLE:
+            return False
+        n = sum(1 for q in self._queues.values() for it in q if it.kind == head.kind)
+        left = head.enqueued + self.config.batch_wait_ms / 1000.0 - time.monotonic()
+        if n < self.config.max_batch_size and left > 0:
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout=left)
+            except asyncio.TimeoutError:
+                pass
+            return True  # decide again with what arrived meanwhile
+        batch = self._take_mixed(head)
+        try:
+            await self._run(batch, mixed=True)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # never let the loop die
+            for it in batch:
+                if not it.future.done():
+                    it.future.set_exception(exc)
+        return True
+
+    def _waiting(self) -> dict[str | None, int]:
+        """Waiting mixable requests per adapter: what the mode policy decides on."""
+        counts: dict[str | None, int] = {}
+        for q in self._queues.values():
+            for it in q:
+                if it.kind in MIXABLE:
+                    counts[it.adapter] = counts.get(it.adapter, 0) + 1
+        return counts
+
+    def _take_mixed(self, head: _Item) -> list[_Item]:
+        """The oldest requests of head's kind over every adapter's queue, within the batch caps."""
+        candidates = sorted(
+            (it for q in self._queues.values() for it in q if head.compatible(it)), key=lambda it: (it.enqueued, it.seq)
+        )
+        batch: list[_Item] = []
+        tokens = 0
+        for it in candidates:
+            if batch and (len(batch) >= self.config.max_batch_size or tokens + sum(it.lengths) > self.config.max_batch_tokens):
+                break
+            batch.append(it)
+            tokens += sum(it.lengths)
+        taken = {id(it) for it in batch}
+        for key in list(self._queues):
+            kept = deque(it for it in self._queues[key] if id(it) not in taken)
+            if kept:
+                self._queues[key] = kept
+            else:
+                del self._queues[key]
+        self._pending -= len(batch)
+        return batch
+
     def _drop_cancelled(self) -> None:
         for key in list(self._queues):
             q = self._queues[key]
@@ -311,13 +406,15 @@ class Scheduler:
             else:
                 del self._queues[key]
 
-    async def _run(self, batch: list[_Item]) -> None:
+    async def _run(self, batch: list[_Item], mixed: bool = False) -> None:
         head = batch[0]
-        swapped = self._active is not _END and self._active != head.adapter
-        if self._active != head.adapter:
+        target = None if mixed else head.adapter  # a mixed batch runs on the base weights
+        swapped = self._active is not _END and self._active != target
+        if self._active != target:
             self._stats.adapter_switches += int(self._active is not _END)
-            self._active = head.adapter
+            self._active = target
         if head.gen is None:  # a stream's later slices are not new batches
+            self._stats.mixed_batches += int(mixed)
             self._stats.batches += 1
             self._stats.requests += len(batch)
             self._new_batch_sizes.append(len(batch))
@@ -327,7 +424,7 @@ class Scheduler:
             await self._run_stream_slice(head, swapped, now, loop)
             return
         try:
-            outputs = await loop.run_in_executor(self._executor, self._run_chunks, batch)
+            outputs = await loop.run_in_executor(self._executor, self._run_chunks, batch, mixed)
         except Exception:
             if len(batch) == 1:
                 raise
@@ -345,14 +442,20 @@ class Scheduler:
 
     # ------------------------------------------------------------------ worker thread
 
-    def _run_chunks(self, batch: list[_Item]) -> list[list[Any]]:
-        """Run a batch as length-sorted engine calls under the padded-token cap."""
+    def _run_chunks(self, batch: list[_Item], mixed: bool = False) -> list[list[Any]]:
+        """Run a batch as length-sorted engine calls under the padded-token cap (mixed: with
+        each text's own adapter, in one unmerged call per chunk)."""
         head = batch[0]
         flat = [(i, j, text, length) for i, it in enumerate(batch) for j, (text, length) in enumerate(zip(it.texts, it.lengths))]
         order = sorted(range(len(flat)), key=lambda k: flat[k][3])
         results: list[Any] = [None] * len(flat)
         for chunk in _chunks(order, lambda k: flat[k][3], self.config.max_batch_tokens):
-            outs = self.runner.run_batch(head.kind, head.adapter, [flat[k][2] for k in chunk], head.params)
+            texts = [flat[k][2] for k in chunk]
+            if mixed:
+                adapters = [batch[flat[k][0]].adapter for k in chunk]
+                outs = self.runner.run_mixed_batch(head.kind, adapters, texts)  # type: ignore[attr-defined]
+            else:
+                outs = self.runner.run_batch(head.kind, head.adapter, texts, head.params)
             if len(outs) != len(chunk):
                 raise RuntimeError(f"engine returned {len(outs)} results for {len(chunk)} inputs")
             for k, out in zip(chunk, outs):

@@ -106,3 +106,131 @@ def test_single_adapter_mixed_equals_merged_and_long_batches_chunk(minilm: Engin
     got = minilm.embed_mixed(TEXTS, rows).embeddings
     for i in range(len(TEXTS)):
         torch.testing.assert_close(got[i], minilm.embed([TEXTS[i]], rows[i]).embeddings[0], atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------------------- policy
+
+from serving.mode_policy import ModePolicy, ModePolicyConfig  # noqa: E402
+
+#: (waiting per adapter, seconds since start, mode after deciding), applied in order:
+#: K=3 distinct to enter, top share < 0.5 to enter, > 0.8 to leave, 100 ms dwell.
+HYSTERESIS = [
+    ({"a": 9}, 0.0, "merged"),  # one adapter: merged
+    ({"a": 4, "b": 3}, 0.2, "merged"),  # two adapters: below K
+    ({"a": 5, "b": 3, "c": 2}, 0.4, "merged"),  # top share 0.5: not below X
+    ({"a": 4, "b": 3, None: 2}, 0.6, "mixed"),  # 3 distinct (base counts), top 0.44 < X: enter
+    ({"a": 7, "b": 2, "c": 1}, 0.65, "mixed"),  # top 0.7: between X and Y, stays mixed
+    ({"a": 9, "b": 1}, 0.68, "mixed"),  # top 0.9 > Y, but within the dwell time
+    ({"a": 9, "b": 1}, 0.75, "merged"),  # dwell over: leave
+    ({"a": 2, "b": 2, "c": 2}, 0.8, "merged"),  # would enter, but within the dwell time
+    ({}, 0.9, "merged"),  # empty queue: keep the mode
+    ({"a": 2, "b": 2, "c": 2}, 1.0, "mixed"),  # enter
+    ({"a": 6, "b": 3}, 1.2, "mixed"),  # 2 distinct, top 0.67 <= Y: stays mixed (hysteresis)
+    ({"b": 3}, 1.4, "merged"),  # one adapter left: leave
+]
+
+
+def test_policy_hysteresis_table() -> None:
+    policy = ModePolicy(ModePolicyConfig(enter_min_adapters=3, enter_top_share=0.5, leave_top_share=0.8, min_dwell_ms=100))
+    got = [policy.decide(waiting, now) for waiting, now, _ in HYSTERESIS]
+    assert got == [mode for _, _, mode in HYSTERESIS]
+    assert policy.switches == 4
+
+
+def test_policy_config_rejects_leave_below_enter() -> None:
+    with pytest.raises(ValueError, match="leave_top_share"):
+        ModePolicyConfig(enter_top_share=0.6, leave_top_share=0.5)
+
+
+# ---------------------------------------------------------------------------- scheduler
+
+from serving.scheduler import Scheduler, SchedulerConfig  # noqa: E402
+
+
+class MixedRecorder:
+    """Echoes (adapter, text) and records each call as ("merged"|"mixed", adapters, texts)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list, list[str]]] = []
+
+    def run_batch(self, kind, adapter, texts, params):
+        time.sleep(0.01)
+        self.calls.append(("merged", [adapter] * len(texts), list(texts)))
+        return [(adapter, t) for t in texts]
+
+    def run_mixed_batch(self, kind, adapters, texts):
+        time.sleep(0.01)
+        self.calls.append(("mixed", list(adapters), list(texts)))
+        return [(a, t) for a, t in zip(adapters, texts)]
+
+    def run_stream(self, adapter, prompt, params):
+        yield prompt
+
+
+def _drive(mode: str, reqs: list[tuple[str | None, str]]):
+    rec = MixedRecorder()
+
+    async def main():
+        cfg = SchedulerConfig(
+            max_batch_size=8, batch_wait_ms=30, adapter_mode=mode, mode_policy=ModePolicyConfig(min_dwell_ms=0)
+        )
+        s = Scheduler(rec, cfg)
+        outs = await asyncio.gather(*(s.submit("embed", a, [t]) for a, t in reqs))
+        await s.close()
+        return outs, s.stats()
+
+    outs, stats = asyncio.run(main())
+    for (a, t), (res, _) in zip(reqs, outs):
+        assert res == [(a, t)]  # every request gets its own adapter's result
+    return rec, stats
+
+
+def test_scheduler_forms_mixed_batches_when_many_adapters_wait() -> None:
+    reqs = [([None, "a", "b", "c", "d"][i % 5], f"t{i}") for i in range(16)]
+    rec, stats = _drive("adaptive", reqs)
+    mixed = [c for c in rec.calls if c[0] == "mixed"]
+    assert mixed and len(set(mixed[0][1])) >= 3  # one call, several adapters and the base
+    assert len(rec.calls) <= 3 and stats.mixed_batches == len(mixed) and stats.mode_switches >= 1
+    merged_rec, merged_stats = _drive("merged", reqs)
+    assert all(c[0] == "merged" and len(set(c[1])) == 1 for c in merged_rec.calls)
+    assert len(merged_rec.calls) >= 5 and merged_stats.mixed_batches == 0 and merged_stats.mode_switches == 0
+
+
+def test_scheduler_stays_merged_when_one_adapter_dominates() -> None:
+    reqs = [("a" if i % 8 else "b", f"t{i}") for i in range(16)]
+    rec, stats = _drive("adaptive", reqs)
+    assert all(c[0] == "merged" for c in rec.calls) and stats.mode == "merged" and stats.mode_switches == 0
+
+
+def test_model_server_mixed_batch_through_scheduler_equals_merged(minilm: Engine, tmp_path) -> None:
+    """The deployment's runner in adaptive mode: mixed batches give each request's merged answer."""
+    from serving.deployments import ModelServer
+    from serving.metrics import ServerMetrics
+
+    server = ModelServer(
+        {"registry": str(tmp_path), "adapter_mode": "adaptive", "batch_wait_ms": 50.0}, engine=minilm
+    )
+    server.scheduler._policy.config = ModePolicyConfig(min_dwell_ms=0)
+    rows = [None, "fx", "clf0", "clf1", "clf2", "fx", None, "clf0"]
+
+    async def main():
+        embeds = await asyncio.gather(*(server.scheduler.submit("embed", a, [t]) for a, t in zip(rows, TEXTS)))
+        clfs = await asyncio.gather(
+            *(server.scheduler.submit("classify", a, [t]) for a, t in zip(rows[2:5], TEXTS[2:5]))
+        )
+        report = server._report()
+        await server.scheduler.close()
+        return embeds, clfs, report
+
+    embeds, clfs, report = asyncio.run(main())
+    assert server.scheduler.stats().mixed_batches >= 1
+    for (out, _), a, t in zip(embeds, rows, TEXTS):
+        torch.testing.assert_close(torch.tensor(out[0][0]), minilm.embed([t], a).embeddings[0], atol=1e-4, rtol=0)
+    for (out, _), a, t in zip(clfs, rows[2:5], TEXTS[2:5]):
+        torch.testing.assert_close(torch.tensor(out[0][0].probs), minilm.classify([t], a).probs[0], atol=1e-4, rtol=0)
+    assert report.mode_switches >= 1
+    metrics = ServerMetrics()
+    metrics.apply(report)
+    text = metrics.render().decode()
+    assert f'capaserve_adapter_mode{{mode="{report.adapter_mode}",replica="local"}} 1.0' in text
+    assert "capaserve_adapter_mode_switches_total" in text

@@ -43,6 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-upload-bytes", type=int, default=256 * 1024 * 1024,
                    help="Largest adapter upload accepted; 413 beyond (default: 256 MiB).")
     p.add_argument("--no-grouping", action="store_true", help="Swap per request instead of grouping by adapter (baseline).")
+    p.add_argument("--adapter-mode", choices=["merged", "adaptive"], default=None,
+                   help="merged: one merged adapter per batch; adaptive: mixed-adapter batches when many adapters "
+                   "wait (default: adaptive).")
     p.set_defaults(func=run)
 
 
@@ -70,6 +73,7 @@ def serve_args_from(ns: argparse.Namespace) -> Any:
         "max_queue": ns.max_queue,
         "max_upload_bytes": ns.max_upload_bytes,
         "grouping": not ns.no_grouping,
+        "adapter_mode": ns.adapter_mode,
     }
     return ServeArgs(**{k: v for k, v in given.items() if v is not None})
 
