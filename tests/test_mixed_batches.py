@@ -234,3 +234,18 @@ def test_model_server_mixed_batch_through_scheduler_equals_merged(minilm: Engine
     text = metrics.render().decode()
     assert f'capaserve_adapter_mode{{mode="{report.adapter_mode}",replica="local"}} 1.0' in text
     assert "capaserve_adapter_mode_switches_total" in text
+
+
+def test_bench_mixed_quick(tmp_path) -> None:
+    """loadtest/bench_mixed.py keeps working: its --quick run writes the table."""
+    from loadtest.bench_mixed import main
+
+    threads = torch.get_num_threads()
+    out = tmp_path / "mixed.md"
+    try:
+        assert main(["--quick", "--requests", "16", "--clients", "8", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    text = out.read_text()
+    assert "| N | Zipf s | merged req/s | adaptive req/s |" in text
+    assert text.count("x** |") == 2  # N=1 and N=10
