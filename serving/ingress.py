@@ -34,7 +34,19 @@ from serving.api.registry import RegistrySettings, build_registry_router, error_
 from serving.app import ServeArgs
 from serving.errors import Overloaded, error_body
 from serving.metrics import CONTENT_TYPE, ServerMetrics
-from serving.protocol import ChatCompletionRequest, ClassifyRequest, CompletionRequest, EmbeddingRequest, dump
+from serving.protocol import (
+    ERROR_RESPONSES,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ClassifyRequest,
+    ClassifyResponse,
+    CompletionRequest,
+    CompletionResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    ModelList,
+    dump,
+)
 from serving.replica_io import ReplicaCall, ReplicaInfo, ReplicaResult
 from serving.service import RequestRecord, ServingContext
 
@@ -148,7 +160,8 @@ def create_api(
 ) -> FastAPI:
     """The FastAPI app: inference routes, registry routes, health and metrics."""
     app = FastAPI(title="capaserve", version="0.1.0")
-    api = APIRouter(route_class=MappedRoute)
+    api = APIRouter(route_class=MappedRoute, responses=ERROR_RESPONSES)
+    sse = {200: {"description": "JSON, or Server-Sent Events when `stream` is true.", "content": {"text/event-stream": {}}}}
     keyed = [Depends(settings.auth.require_api_key)]
 
     def record(request: Request, route: str) -> RequestRecord:
@@ -156,24 +169,24 @@ def create_api(
         request.state.record = rec
         return rec
 
-    @api.post("/v1/embeddings", dependencies=keyed)
+    @api.post("/v1/embeddings", dependencies=keyed, response_model=EmbeddingResponse)
     async def embeddings(body: EmbeddingRequest, request: Request) -> JSONResponse:
         res = await serve_embeddings.create_embeddings(ctx, body, record(request, "/v1/embeddings"))
         return JSONResponse(dump(res))
 
-    @api.post("/v1/classify", dependencies=keyed)
+    @api.post("/v1/classify", dependencies=keyed, response_model=ClassifyResponse)
     async def classify(body: ClassifyRequest, request: Request) -> JSONResponse:
         res = await serve_classify.classify(ctx, body, record(request, "/v1/classify"))
         return JSONResponse(dump(res))
 
-    @api.post("/v1/completions", dependencies=keyed)
+    @api.post("/v1/completions", dependencies=keyed, response_model=CompletionResponse, responses=sse)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         rec = record(request, "/v1/completions")
         if body.stream:
             return StreamingResponse(await serve_generate.stream_completion(ctx, body, rec), media_type="text/event-stream")
         return JSONResponse(dump(await serve_generate.create_completion(ctx, body, rec)))
 
-    @api.post("/v1/chat/completions", dependencies=keyed)
+    @api.post("/v1/chat/completions", dependencies=keyed, response_model=ChatCompletionResponse, responses=sse)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         rec = record(request, "/v1/chat/completions")
         if body.stream:
@@ -181,7 +194,7 @@ def create_api(
             return StreamingResponse(events, media_type="text/event-stream")
         return JSONResponse(dump(await serve_generate.create_chat_completion(ctx, body, rec)))
 
-    @api.get("/v1/models", dependencies=keyed)
+    @api.get("/v1/models", dependencies=keyed, response_model=ModelList)
     async def models() -> JSONResponse:
         return JSONResponse(dump(await serve_models.list_models(ctx, store)))
 
@@ -199,7 +212,7 @@ def create_api(
             return JSONResponse(error_body(message, "unavailable", 503), status_code=503)
         return JSONResponse({"status": "ready", "model": info.model_id})
 
-    @api.get("/metrics")
+    @api.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def metrics() -> Response:
         return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)
 

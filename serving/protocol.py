@@ -13,7 +13,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 if TYPE_CHECKING:
     from serving.engine import SamplingParams
@@ -26,6 +26,32 @@ class OpenAIBaseModel(BaseModel):
     """Base of every body: ignore unknown fields, keep declared order when dumping."""
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+def _check_text(value: Any, where: str) -> None:
+    """Raise ValueError if a string in `value` is not encodable text (a lone surrogate, which
+    JSON can carry as "\\ud800"); tokenizers fail on those, and with them the whole batch."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"{where} is not valid Unicode text (lone surrogate at position {exc.start})") from None
+    elif isinstance(value, BaseModel):
+        for name in type(value).model_fields:
+            _check_text(getattr(value, name), f"{where}.{name}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_text(item, f"{where}.{i}")
+
+
+class OpenAIRequest(OpenAIBaseModel):
+    """Base of every request body: all its strings must be valid Unicode text."""
+
+    @model_validator(mode="after")
+    def _valid_text(self) -> "OpenAIRequest":
+        for name in type(self).model_fields:
+            _check_text(getattr(self, name), name)
+        return self
 
 
 def unix_now() -> int:
@@ -51,6 +77,14 @@ class ErrorResponse(OpenAIBaseModel):
     error: ErrorInfo
 
 
+#: OpenAPI `responses` of every route: any 4xx (validation errors are 400, not FastAPI's 422)
+#: and 5xx carries the SPEC error body.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": ErrorResponse, "description": "Client error, with the SPEC error body."},
+    "5XX": {"model": ErrorResponse, "description": "Server error or overload (503), with the SPEC error body."},
+}
+
+
 # ---------------------------------------------------------------------------- shared
 
 
@@ -74,7 +108,7 @@ def _texts(value: str | list[str], field: str) -> list[str]:
 # ---------------------------------------------------------------------------- embeddings
 
 
-class EmbeddingRequest(OpenAIBaseModel):
+class EmbeddingRequest(OpenAIRequest):
     """POST /v1/embeddings."""
 
     input: str | list[str] = Field(..., description="A text or a list of texts to embed.")
@@ -109,7 +143,7 @@ class EmbeddingResponse(OpenAIBaseModel):
 # ---------------------------------------------------------------------------- classify
 
 
-class ClassifyRequest(OpenAIBaseModel):
+class ClassifyRequest(OpenAIRequest):
     """POST /v1/classify: a sequence-classification adapter's label and probabilities."""
 
     model: str = Field(..., description="A sequence-classification adapter name or name@version.")
@@ -141,7 +175,7 @@ class ClassifyResponse(OpenAIBaseModel):
 # ---------------------------------------------------------------------------- generation
 
 
-class _SamplingFields(OpenAIBaseModel):
+class _SamplingFields(OpenAIRequest):
     """Sampling options shared by completions and chat, in OpenAI order."""
 
     def _sampling(self, max_tokens: int) -> "SamplingParams":

@@ -45,6 +45,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters.bundle import AdapterBundle, Task, load_bundle, save_bundle
 from adapters.manifest import NAME_PATTERN, AdapterManifest, is_valid_name
@@ -52,6 +53,7 @@ from adapters.registry.store import AdapterNotFound, RegistryStore
 from adapters.validation import BaseModelSpec, check_servable
 from serving.api.auth import AuthSettings
 from serving.errors import InvalidRequest, PayloadTooLarge, Unauthorized, error_body, status_for
+from serving.protocol import ERROR_RESPONSES
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +121,39 @@ class UnloadLoraAdapterResponse(BaseModel):
     deleted_versions: list[int]
 
 
+# -- OpenAPI documentation of the bodies FastAPI does not parse itself -------------------
+
+BINARY = {"type": "string", "format": "binary"}
+#: PUT /v1/adapters/{name}: the raw bundle bytes.
+RAW_BUNDLE_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "The bundle file's bytes (capaboost.v1 safetensors).",
+        "content": {"application/octet-stream": {"schema": BINARY}},
+    }
+}
+#: POST /v1/adapters: multipart form fields `file`, `name` and optional `sha256`.
+MULTIPART_BUNDLE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file", "name"],
+                    "properties": {
+                        "file": {**BINARY, "description": "The bundle file."},
+                        "name": {"type": "string", "pattern": NAME_PATTERN, "description": "Adapter name."},
+                        "sha256": {"type": "string", "description": "Expected sha256 of the file (hex)."},
+                    },
+                }
+            }
+        },
+    }
+}
+BUNDLE_DOWNLOAD = {200: {"description": "The bundle bytes.", "content": {"application/octet-stream": {"schema": BINARY}}}}
+
+
 # -- errors ----------------------------------------------------------------------------
 
 
@@ -130,6 +165,10 @@ def error_response(exc: BaseException) -> JSONResponse:
             loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path"))
             parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
         status, kind, message = 400, "invalid_request_error", "; ".join(parts) or "invalid request"
+    elif isinstance(exc, StarletteHTTPException) and exc.status_code < 500:
+        # Raised by FastAPI itself inside the route, e.g. a body that is not UTF-8 JSON (400).
+        status, message = exc.status_code, str(exc.detail)
+        kind = "not_found_error" if status == 404 else "invalid_request_error"
     else:
         status, kind = status_for(exc)
         message = str(exc) if status < 500 else "internal error"
@@ -313,7 +352,7 @@ def build_registry_router(
     on_change: Callable[[str], Awaitable[None]] | None = None,
 ) -> APIRouter:
     """The registry routes over `store`; see the module docstring for the contract."""
-    router = APIRouter(route_class=ErrorMappingRoute, tags=["adapters"])
+    router = APIRouter(route_class=ErrorMappingRoute, tags=["adapters"], responses=ERROR_RESPONSES)
     admin = [Depends(settings.auth.require_admin)]
     reader = [Depends(settings.auth.require_api_key)]
     validations = asyncio.Semaphore(settings.max_concurrent_validations)
@@ -342,7 +381,10 @@ def build_registry_router(
         await notify(name)
         return JSONResponse(_manifest_json(manifest), status_code=201)
 
-    @router.put("/v1/adapters/{name:path}", status_code=201, response_model=AdapterManifest, dependencies=admin)
+    @router.put(
+        "/v1/adapters/{name:path}", status_code=201, response_model=AdapterManifest, dependencies=admin,
+        openapi_extra=RAW_BUNDLE_BODY,
+    )
     async def put_adapter(
         name: str, request: Request, x_content_sha256: str | None = Header(None)
     ) -> JSONResponse:
@@ -354,7 +396,10 @@ def build_registry_router(
         finally:
             spool.discard()
 
-    @router.post("/v1/adapters", status_code=201, response_model=AdapterManifest, dependencies=admin)
+    @router.post(
+        "/v1/adapters", status_code=201, response_model=AdapterManifest, dependencies=admin,
+        openapi_extra=MULTIPART_BUNDLE_BODY,
+    )
     async def post_adapter(request: Request, x_content_sha256: str | None = Header(None)) -> JSONResponse:
         """Upload a bundle as multipart form fields `file` and `name` (and optional `sha256`)."""
         spool, fields = await _spool_multipart(request, settings)
@@ -371,7 +416,9 @@ def build_registry_router(
     async def list_adapters() -> AdapterList:
         return AdapterList(data=await run_in_threadpool(store.list_latest))
 
-    @router.get("/v1/adapters/{name:path}/download", dependencies=reader)
+    @router.get(
+        "/v1/adapters/{name:path}/download", dependencies=reader, response_class=Response, responses=BUNDLE_DOWNLOAD
+    )
     async def download_adapter(name: str, version: int | None = Query(None, ge=1)) -> Response:
         """The bundle bytes of `name@version` (default: latest)."""
         _check_name(name)
@@ -419,18 +466,19 @@ def build_registry_router(
         name = _check_name(body.lora_name)
         if not settings.allow_path_loading:
             raise InvalidRequest("loading adapters from server paths is disabled; upload with PUT /v1/adapters/{name}")
-        path = Path(body.lora_path).expanduser()
-        if path.is_dir():
+        path, kind = _local_source(body.lora_path)
+        if kind == "dir":
             spec = await base_spec()
             bundle = await run_in_threadpool(_import_peft_folder, path, spec)
             response = await _commit_bundle(name, bundle)
-        elif path.is_file():
+        elif kind == "file":
             size = path.stat().st_size
             if size > settings.max_upload_bytes:
                 raise PayloadTooLarge(f"{size}-byte bundle exceeds the limit of {settings.max_upload_bytes} bytes")
             response = await commit_file(name, path, None, None)
         else:
-            raise InvalidRequest(f"lora_path {body.lora_path!r} is neither a bundle file nor a folder on the server")
+            shown = body.lora_path if len(body.lora_path) <= 140 else body.lora_path[:137] + "..."
+            raise InvalidRequest(f"lora_path {shown!r} is neither a bundle file nor a folder on the server")
         response.status_code = 200
         return response
 
@@ -452,6 +500,31 @@ def build_registry_router(
         return UnloadLoraAdapterResponse(name=name, deleted_versions=[m.version for m in deleted])
 
     return router
+
+
+def _local_source(lora_path: str) -> tuple[Path, str | None]:
+    """`lora_path` resolved on the server, and "dir", "file" or None (nothing readable there).
+
+    A path that cannot even be looked at (`~nosuchuser`, a name longer than the OS takes, a
+    file this process may not read) is the client's error (400), not the server's.
+    """
+    try:
+        path = Path(lora_path).expanduser()
+        if path.is_dir():
+            return path, "dir"
+        if path.is_file():
+            if not os.access(path, os.R_OK):
+                raise InvalidRequest(f"lora_path {lora_path!r} is not readable by the server")
+            with path.open("rb") as f:
+                f.read(1)  # some files (e.g. under /proc) only fail when read
+            return path, "file"
+    except (OSError, RuntimeError, ValueError) as exc:
+        if isinstance(exc, InvalidRequest):
+            raise
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        shown = lora_path if len(lora_path) <= 140 else lora_path[:137] + "..."
+        raise InvalidRequest(f"lora_path {shown!r} cannot be read on the server: {reason}") from None
+    return path, None
 
 
 def _import_peft_folder(path: Path, spec: BaseModelSpec) -> AdapterBundle:
