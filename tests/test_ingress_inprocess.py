@@ -98,3 +98,30 @@ def test_full_queue_answers_503(engine, tmp_path):
     codes = sorted(r.status_code for r in rs)
     assert 200 in codes and 503 in codes, codes
     assert error_of(next(r for r in rs if r.status_code == 503))["type"] == "overloaded_error"
+
+
+def test_undecodable_text_is_400_and_spares_its_batch(engine, tmp_path):
+    """Found by tests/test_api_fuzz.py: a body that is not UTF-8 was a 500, and a lone
+    surrogate ("\\ud800", valid JSON) in a text was a 500 for every request of its batch."""
+    app, server = make_app(engine, tmp_path / "reg", max_batch_size=8, batch_wait_ms=50)
+    json_type = {"content-type": "application/json"}
+
+    async def main():
+        async with await _client(app) as c:
+            r = await c.post("/v1/embeddings", content=b'{"model": "\xff\xfe"}', headers=json_type)
+            assert r.status_code == 400 and error_of(r)["type"] == "invalid_request_error"
+            bad = b'{"model": "%s", "input": ["ok", "a\\ud800b"]}' % MINILM_ID.encode()
+            good = {"model": MINILM_ID, "input": ["fine text"]}
+            rs = await asyncio.gather(
+                c.post("/v1/embeddings", content=bad, headers=json_type),
+                c.post("/v1/embeddings", json=good),
+                c.post("/v1/chat/completions", content=b'{"model": "m", "messages": [{"role": "user", "content": "\\udc00"}]}',
+                       headers=json_type),
+            )
+        await server.scheduler.close()
+        return rs
+
+    bad, good, chat = asyncio.run(main())
+    assert bad.status_code == 400 and "not valid Unicode" in error_of(bad)["message"], bad.text
+    assert good.status_code == 200, good.text
+    assert chat.status_code == 400 and "messages.0.content" in error_of(chat)["message"], chat.text

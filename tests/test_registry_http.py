@@ -422,3 +422,34 @@ def test_server_killed_mid_upload_leaves_registry_consistent(spec, tmp_path):
         check_consistent(open_store_url(str(root)))
     finally:
         kill(proc)
+
+
+def test_unreadable_lora_paths_and_non_utf8_bodies_are_400(spec, tmp_path):
+    """Found by tests/test_api_fuzz.py: these were 500s (RuntimeError/OSError, HTTPException)."""
+    from fastapi import FastAPI
+
+    from adapters.registry.local import LocalStore
+    from serving.api.auth import AuthSettings
+    from serving.api.registry import RegistrySettings, build_registry_router
+
+    async def base_spec() -> BaseModelSpec:
+        return spec
+
+    settings = RegistrySettings(auth=AuthSettings(admin_token=ADMIN_TOKEN))
+    app = FastAPI()
+    app.include_router(build_registry_router(LocalStore(tmp_path / "reg"), settings, base_spec))
+    server = Server(app)
+    paths = ["~no-such-user-capaserve/x.safetensors", "a" * 5000]
+    if Path("/proc/self/mem").exists():
+        paths.append("/proc/self/mem")  # a regular file whose read fails (EIO)
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            for lora_path in paths:
+                r = c.post("/v1/load_lora_adapter", json={"lora_name": "p", "lora_path": lora_path}, headers=AUTH)
+                _assert_error(r, 400, "invalid_request_error", "lora_path")
+            r = c.post("/v1/load_lora_adapter", content=b'{"lora_name": "\xff\xfe"}',
+                       headers={**AUTH, "content-type": "application/json"})
+            _assert_error(r, 400, "invalid_request_error", "pars")
+            assert c.get("/v1/adapters").json()["data"] == []
+    finally:
+        server.stop()
