@@ -351,7 +351,7 @@ class Engine:
             yield hidden, batch["attention_mask"], rows
 
     def _check_rows(self, texts: list[str], adapters: list[str | None]) -> None:
-        if not isinstance(adapters, list) or len(adapters) != len(texts if isinstance(texts, list) else []):
+        if not isinstance(adapters, list) or not isinstance(texts, list) or len(adapters) != len(texts):
             raise InvalidRequest("adapters must be a list with one entry (a name or None) per text")
 
     def embed_mixed(self, texts: list[str], adapters: list[str | None]) -> EmbeddingOutput:
