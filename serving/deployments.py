@@ -346,7 +346,7 @@ class ModelServer:
             ]
         raise InvalidRequest(f"unknown request kind {kind!r}")
 
-    def run_mixed_batch(self, kind: Kind, adapters: list[str | None], texts: list[str]) -> list[Any]:
+    def run_mixed_batch(self, kind: Kind, adapters: list[str | None], texts: list[str], params: Any = None) -> list[Any]:
         """BatchRunner, adaptive mode: one unmerged engine call, text i with adapters[i]."""
         e = self.engine
 
@@ -355,6 +355,8 @@ class ModelServer:
                 return e.embed_mixed(texts, adapters)
             if kind == "classify":
                 return e.classify_mixed(texts, adapters)
+            if kind == "generate":
+                return e.generate_mixed(texts, adapters, params)
             raise InvalidRequest(f"kind {kind!r} cannot run as a mixed-adapter batch")
 
         try:
@@ -370,6 +372,17 @@ class ModelServer:
             out = self._with_adapter(None, call)
         if kind == "embed":
             return [(v, e.count_tokens([t])) for v, t in zip(out.embeddings.tolist(), texts)]
+        if kind == "generate":
+            return [
+                (
+                    GenerationResult(
+                        text=o.text, finish_reason=o.finish_reason, prompt_tokens=o.prompt_tokens,
+                        completion_tokens=o.completion_tokens,
+                    ),
+                    o.prompt_tokens,
+                )
+                for o in out
+            ]
         return [
             (ClassOutput(label=o.labels[0], probs=o.probs[0].tolist(), label_names=list(o.label_names)), o.prompt_tokens)
             for o in out

@@ -19,9 +19,9 @@ request of the active adapter before moving on, and batches them. Policy, per st
 
 5. Mixed-adapter batches (`adapter_mode="adaptive"`, runners with `run_mixed_batch`).
    A `ModePolicy` watches the waiting requests per adapter; while it says mixed, the
-   oldest embed/classify request heads a batch filled with the oldest requests of the
-   same kind whatever their adapter (base included), run unmerged in one forward. Other
-   kinds (generation, streams) always run merged.
+   oldest embed/classify/generate request heads a batch filled with the oldest compatible
+   requests (same kind and sampling parameters) whatever their adapter (base included),
+   run unmerged in one engine call. Streams always run merged.
 
 With `grouping=False` each request runs alone in arrival order: the swap-per-request
 baseline the load test compares against. A full queue raises `Overloaded` (503).
@@ -50,8 +50,8 @@ log = logging.getLogger("capaserve.scheduler")
 
 Kind = Literal["embed", "classify", "generate", "stream"]
 
-#: Kinds a mixed-adapter batch can hold (the engine's unmerged path serves encoders).
-MIXABLE: tuple[Kind, ...] = ("embed", "classify")
+#: Kinds a mixed-adapter batch can hold (streams always run merged, one at a time).
+MIXABLE: tuple[Kind, ...] = ("embed", "classify", "generate")
 
 
 class SchedulerConfig(BaseModel):
@@ -89,7 +89,7 @@ class BatchRunner(Protocol):
     def run_stream(self, adapter: str | None, prompt: str, params: Any) -> Iterator[Any]:
         """A token stream for one prompt."""
 
-    # optional: def run_mixed_batch(self, kind, adapters: list[str | None], texts) -> list[Any]
+    # optional: def run_mixed_batch(self, kind, adapters: list[str | None], texts, params) -> list[Any]
     # (one unmerged engine call, row i with adapters[i]); without it the scheduler stays merged.
 
 
@@ -345,7 +345,7 @@ class Scheduler:
         head = min((q[0] for q in self._queues.values() if q), key=lambda it: (it.enqueued, it.seq))
         if head.kind not in MIXABLE:
             return False
-        n = sum(1 for q in self._queues.values() for it in q if it.kind == head.kind)
+        n = sum(1 for q in self._queues.values() for it in q if it is head or head.compatible(it))
         left = head.enqueued + self.config.batch_wait_ms / 1000.0 - time.monotonic()
         if n < self.config.max_batch_size and left > 0:
             self._wakeup.clear()
@@ -453,7 +453,7 @@ class Scheduler:
             texts = [flat[k][2] for k in chunk]
             if mixed:
                 adapters = [batch[flat[k][0]].adapter for k in chunk]
-                outs = self.runner.run_mixed_batch(head.kind, adapters, texts)  # type: ignore[attr-defined]
+                outs = self.runner.run_mixed_batch(head.kind, adapters, texts, head.params)  # type: ignore[attr-defined]
             else:
                 outs = self.runner.run_batch(head.kind, head.adapter, texts, head.params)
             if len(outs) != len(chunk):

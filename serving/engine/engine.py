@@ -454,6 +454,34 @@ class Engine:
                         s.push(tok)
         return [s.output() for s in states]
 
+    def generate_mixed(
+        self, prompts: list[str], adapters: list[str | None], params: SamplingParams
+    ) -> list[GenerationOutput]:
+        """Complete a batch whose row i uses adapters[i] (None: the base), unmerged.
+
+        The decoder's rows stay fixed for the whole generation (finished rows keep being
+        computed), so each step installs the same per-row updates and every row's KV cache
+        is its own adapter's. Greedy rows equal their merged single-adapter completion;
+        sampled rows share one generator, as in `generate`.
+        """
+        self._check_rows(prompts, adapters)
+        ids = self._prompt_ids(prompts, params)
+        with self._using_many(list(adapters)) as entries:
+            dec, states = self._decoder(ids, params)
+            factors = [e.factors if e is not None else None for e in entries]
+            while not all(s.done for s in states):
+                with self._lock:
+                    for e in {id(e): e for e in entries if e is not None}.values():
+                        if self._cache.peek(e.name) is not e:
+                            raise AdapterNotLoaded(e.name)
+                    self._write(None)
+                    with mixed_lora(self.model, factors, self.device):
+                        toks = dec.step()
+                for s, tok in zip(states, toks):
+                    if not s.done:
+                        s.push(tok)
+        return [s.output() for s in states]
+
     def generate_stream(self, prompt: str, adapter: str | None, params: SamplingParams) -> Iterator[GenerationDelta]:
         """Deltas of one completion; the last one has finish_reason set. Bad requests raise
         here, before the first delta, so a server can answer with an error status."""
