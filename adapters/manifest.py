@@ -26,7 +26,7 @@ def parse_model_ref(ref: str) -> tuple[str, int | None]:
     name, sep, version = ref.rpartition("@")
     if not sep:
         return ref, None
-    if not version.isdigit() or int(version) < 1:
+    if not (version.isascii() and version.isdigit()) or int(version) < 1:
         raise ValueError(f"version in {ref!r} must be a positive integer")
     return name, int(version)
 
