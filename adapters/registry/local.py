@@ -17,6 +17,8 @@ How atomicity is had on a POSIX filesystem:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import fcntl
 import hashlib
 import json
@@ -163,19 +165,19 @@ class LocalStore(RegistryStore):
         fd, path = tempfile.mkstemp(dir=self.tmp, prefix="commit-")
         return fd, Path(path)
 
-    def _copy_to_temp(self, src: Path) -> tuple[Path, str, int]:
-        """Copy `src` into tmp/ while hashing it; fsynced before it is returned."""
+    def _fill_temp(self, chunks: Iterable[bytes]) -> tuple[Path, str, int]:
+        """Write `chunks` to a new file in tmp/ while hashing them; fsynced before it is
+        returned, removed if anything fails."""
         fd, tmp = self._temp()
         h = hashlib.sha256()
         size = 0
         try:
-            with open(src, "rb", buffering=0) as f:  # raw reads: take what a pipe has, don't wait for 1 MiB
-                while chunk := f.read(CHUNK_BYTES):
-                    h.update(chunk)
-                    size += len(chunk)
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(fd, view) :]
+            for chunk in chunks:
+                h.update(chunk)
+                size += len(chunk)
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
             os.fsync(fd)
         except BaseException:
             os.close(fd)
@@ -184,19 +186,13 @@ class LocalStore(RegistryStore):
         os.close(fd)
         return tmp, h.hexdigest(), size
 
+    def _copy_to_temp(self, src: Path) -> tuple[Path, str, int]:
+        """Copy `src` into tmp/ while hashing it."""
+        with open(src, "rb", buffering=0) as f:  # raw reads: take what a pipe has, don't wait for 1 MiB
+            return self._fill_temp(iter(lambda: f.read(CHUNK_BYTES), b""))
+
     def _write_temp(self, data: bytes) -> Path:
-        fd, tmp = self._temp()
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        return tmp
+        return self._fill_temp([data])[0]
 
     def commit(self, name: str, bundle_file: Path, metadata: BundleMetadata) -> AdapterManifest:
         if not is_valid_name(name):
@@ -229,13 +225,7 @@ class LocalStore(RegistryStore):
 
     def delete(self, name: str, version: int | None = None) -> list[AdapterManifest]:
         with self._locked(exclusive=True):
-            nums = self.version_numbers(name)
-            if version is not None:
-                if version not in nums:
-                    raise AdapterNotFound(f"adapter {name}@{version} not found")
-                nums = [version]
-            if not nums:
-                raise AdapterNotFound(f"adapter {name!r} not found")
+            nums = self._versions_to_delete(name, version)
             d = self._name_dir(name)
             deleted: list[AdapterManifest] = []
             for v in nums:

@@ -234,13 +234,7 @@ class S3Store(RegistryStore):
         raise RuntimeError(f"could not claim a version of {name!r} after {MAX_CLAIM_ATTEMPTS} attempts")
 
     def delete(self, name: str, version: int | None = None) -> list[AdapterManifest]:
-        nums = self.version_numbers(name)
-        if version is not None:
-            if version not in nums:
-                raise AdapterNotFound(f"adapter {name}@{version} not found")
-            nums = [version]
-        if not nums:
-            raise AdapterNotFound(f"adapter {name!r} not found")
+        nums = self._versions_to_delete(name, version)
         prefix = self._name_prefix(name)
         deleted: list[AdapterManifest] = []
         for v in nums:

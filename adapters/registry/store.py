@@ -110,6 +110,17 @@ class RegistryStore(ABC):
         AdapterNotFound if nothing matched. Blobs no longer referenced are removed.
         """
 
+    def _versions_to_delete(self, name: str, version: int | None) -> list[int]:
+        """The live versions a delete of `name` (one version, or all) removes; AdapterNotFound if none."""
+        nums = self.version_numbers(name)
+        if version is not None:
+            if version not in nums:
+                raise AdapterNotFound(f"adapter {name}@{version} not found")
+            return [version]
+        if not nums:
+            raise AdapterNotFound(f"adapter {name!r} not found")
+        return nums
+
     @abstractmethod
     def version_numbers(self, name: str) -> list[int]:
         """The live version numbers of `name`, ascending, from one listing (no manifest reads);
