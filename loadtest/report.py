@@ -86,6 +86,16 @@ def _find(rows: list[Row], app: str, n: int, s: float) -> Row | None:
     return None
 
 
+def _ratio_goal(grouped: Row, other: Row | None, goal: float, what: str, missing: str) -> tuple[str, bool]:
+    """One throughput-ratio goal as a Markdown line, and whether it was met (False if unmeasured)."""
+    if other is None or other.rps <= 0:
+        return f"- {missing}", False
+    ratio = grouped.rps / other.rps
+    met = ratio >= goal
+    return (f"- {what}: {grouped.rps:.1f} / {other.rps:.1f} req/s "
+            f"= **{ratio:.2f}x** (goal >= {goal}x): {'met' if met else 'NOT met'}"), met
+
+
 def goals(rows: list[Row], n: int, s: float) -> tuple[list[str], bool]:
     """Markdown lines for each goal, and whether all were met."""
     lines: list[str] = []
@@ -93,24 +103,14 @@ def goals(rows: list[Row], n: int, s: float) -> tuple[list[str], bool]:
     grouped, single, base = _find(rows, "grouped", n, s), _find(rows, "grouped", 1, s), _find(rows, "baseline", n, s)
     if grouped is None:
         return [f"- no grouped run at N={n}, s={s:g}: goals not evaluated"], False
-    if single is not None and single.rps > 0:
-        ratio = grouped.rps / single.rps
-        met = ratio >= GOAL_VS_SINGLE
+    for line, met in (
+        _ratio_goal(grouped, single, GOAL_VS_SINGLE, f"throughput at N={n}, s={s:g} vs single adapter",
+                    "no single-adapter run: throughput vs single adapter not evaluated"),
+        _ratio_goal(grouped, base, GOAL_VS_BASELINE, "throughput vs swap-per-request baseline",
+                    "no baseline run: throughput vs swap-per-request not evaluated"),
+    ):
+        lines.append(line)
         ok &= met
-        lines.append(f"- throughput at N={n}, s={s:g} vs single adapter: {grouped.rps:.1f} / {single.rps:.1f} req/s "
-                     f"= **{ratio:.2f}x** (goal >= {GOAL_VS_SINGLE}x): {'met' if met else 'NOT met'}")
-    else:
-        ok = False
-        lines.append("- no single-adapter run: throughput vs single adapter not evaluated")
-    if base is not None and base.rps > 0:
-        ratio = grouped.rps / base.rps
-        met = ratio >= GOAL_VS_BASELINE
-        ok &= met
-        lines.append(f"- throughput vs swap-per-request baseline: {grouped.rps:.1f} / {base.rps:.1f} req/s "
-                     f"= **{ratio:.2f}x** (goal >= {GOAL_VS_BASELINE}x): {'met' if met else 'NOT met'}")
-    else:
-        ok = False
-        lines.append("- no baseline run: throughput vs swap-per-request not evaluated")
     failed = sum(r.failures - r.contaminated for r in rows)
     dirty = sum(r.contaminated for r in rows)
     checked = sum(r.checked for r in rows)
