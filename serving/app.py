@@ -69,7 +69,10 @@ class ServeArgs(BaseModel):
     max_seq_len: int = Field(512, ge=1, description="Longest sequence in tokens (prompt plus completion).")
     # --- adapters
     max_adapters_per_replica: int = Field(
-        16, ge=1, description="Adapters a replica keeps loaded (serve.multiplexed LRU); routing prefers replicas holding one."
+        64,
+        ge=1,
+        description="Adapters a replica keeps loaded (serve.multiplexed LRU; memory is bounded by adapter_cache_bytes); "
+        "routing prefers replicas holding one.",
     )
     adapter_cache_bytes: int = Field(2 * GiB, ge=0, description="Engine bound on pre-merged adapter data per replica.")
     dense_budget_bytes: int = Field(1 * GiB, ge=0, description="Of it, bytes that may hold dense deltas (fastest swap).")

@@ -31,22 +31,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--registry-endpoint-url", default=None, help="S3-compatible endpoint for an s3:// registry.")
     p.add_argument("--admin-token", default=None, help="Bearer token required for registry writes.")
     p.add_argument("--api-keys", default=None, help="Comma-separated bearer tokens accepted for inference.")
-    p.add_argument("--replicas", type=int, default=1, help="Model replicas (default: 1).")
-    p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per model replica; sets torch threads (default: 1).")
-    p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per model replica (default: 0).")
+    knob = _knob(p)
+    knob("--replicas", int, "Model replicas")
+    knob("--num-cpus", float, "CPUs per model replica; sets torch threads")
+    knob("--num-gpus", float, "GPUs per model replica")
     p.add_argument("--device", default=None, help="Torch device (default: cuda if available, else cpu).")
-    p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (default: auto).")
-    p.add_argument("--max-batch-size", type=int, default=8, help="Most requests per batch (default: 8).")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="Longest wait for a batch to fill (default: 5).")
-    p.add_argument("--max-adapters-per-replica", type=int, default=16, help="Adapters kept loaded per replica (default: 16).")
-    p.add_argument("--max-queue", type=int, default=256, help="Queued requests per replica before 503 (default: 256).")
-    p.add_argument("--max-upload-bytes", type=int, default=256 * 1024 * 1024,
-                   help="Largest adapter upload accepted; 413 beyond (default: 256 MiB).")
+    knob("--dtype", str, "auto, float32, float16 or bfloat16")
+    knob("--max-batch-size", int, "Most requests per batch")
+    knob("--batch-wait-ms", float, "Longest wait in ms for a batch to fill")
+    knob("--max-adapters-per-replica", int, "Adapters kept loaded per replica (memory is bounded by the engine's byte budget)")
+    knob("--max-queue", int, "Queued requests per replica before 503")
+    knob("--max-upload-bytes", int, "Largest adapter upload accepted; 413 beyond")
     p.add_argument("--no-grouping", action="store_true", help="Swap per request instead of grouping by adapter (baseline).")
     p.add_argument("--adapter-mode", choices=["merged", "adaptive"], default=None,
                    help="merged: one merged adapter per batch; adaptive: mixed-adapter batches when many adapters "
                    "wait (default: adaptive).")
     p.set_defaults(func=run)
+
+
+def _knob(p: argparse.ArgumentParser) -> Any:
+    """Adds a tuning flag whose default is ServeArgs' own (one source of defaults; None = unset)."""
+    from serving.app import ServeArgs
+
+    def add(flag: str, kind: type, text: str) -> None:
+        default = ServeArgs.model_fields[flag.lstrip("-").replace("-", "_")].default
+        p.add_argument(flag, type=kind, default=None, help=f"{text} (default: {default}).")
+
+    return add
 
 
 def serve_args_from(ns: argparse.Namespace) -> Any:
@@ -101,7 +112,9 @@ def run(ns: argparse.Namespace) -> int:
         address = os.environ.get("RAY_ADDRESS") or None
         if address is None:
             need = math.ceil(args.replicas * args.num_cpus)
-            ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, logging_level=logging.WARNING)
+            from serving.ray_local import init_local_ray
+
+            init_local_ray(max(os.cpu_count() or 1, need))
         else:
             ray.init(address=address, logging_level=logging.WARNING)
         started_ray = True
