@@ -316,48 +316,24 @@ class ModelServer:
         finally:
             self._refresh_stats()
 
-    def run_batch(self, kind: Kind, adapter: str | None, texts: list[str], params: Any) -> list[Any]:
-        """BatchRunner: one engine call; returns (output, prompt_tokens) per text."""
+    def run_batch(self, kinds: list[Kind], adapter: str | None, texts: list[str], params: Any) -> list[Any]:
+        """BatchRunner: one engine call (text i is a kinds[i] request); (output, prompt_tokens) per text."""
         e = self.engine
-        if kind == "embed":
-            out = self._with_adapter(adapter, lambda: e.embed(texts, adapter))
-            vectors = out.embeddings.tolist()
-            return [(v, e.count_tokens([t])) for v, t in zip(vectors, texts)]
-        if kind == "classify":
-            out = self._with_adapter(adapter, lambda: e.classify(texts, adapter))
-            probs = out.probs.tolist()
-            return [
-                (ClassOutput(label=lab, probs=p, label_names=list(out.label_names)), e.count_tokens([t]))
-                for lab, p, t in zip(out.labels, probs, texts)
-            ]
-        if kind == "generate":
-            outs = self._with_adapter(adapter, lambda: e.generate(texts, adapter, params))
-            return [
-                (
-                    GenerationResult(
-                        text=o.text,
-                        finish_reason=o.finish_reason,
-                        prompt_tokens=o.prompt_tokens,
-                        completion_tokens=o.completion_tokens,
-                    ),
-                    o.prompt_tokens,
-                )
-                for o in outs
-            ]
-        raise InvalidRequest(f"unknown request kind {kind!r}")
+        if _generation(kinds):
+            return _generation_results(self._with_adapter(adapter, lambda: e.generate(texts, adapter, params)))
+        return _encoder_results(self._with_adapter(adapter, lambda: e.encode(texts, [adapter] * len(texts), kinds)))
 
-    def run_mixed_batch(self, kind: Kind, adapters: list[str | None], texts: list[str], params: Any = None) -> list[Any]:
+    def run_mixed_batch(
+        self, kinds: list[Kind], adapters: list[str | None], texts: list[str], params: Any = None
+    ) -> list[Any]:
         """BatchRunner, adaptive mode: one unmerged engine call, text i with adapters[i]."""
         e = self.engine
+        generation = _generation(kinds)
 
         def call() -> Any:
-            if kind == "embed":
-                return e.embed_mixed(texts, adapters)
-            if kind == "classify":
-                return e.classify_mixed(texts, adapters)
-            if kind == "generate":
+            if generation:
                 return e.generate_mixed(texts, adapters, params)
-            raise InvalidRequest(f"kind {kind!r} cannot run as a mixed-adapter batch")
+            return e.encode(texts, adapters, kinds, mixed=True)
 
         try:
             out = self._with_adapter(None, call)
@@ -370,23 +346,7 @@ class ModelServer:
                 if not e.has_adapter(ref):
                     self._reload(ref)
             out = self._with_adapter(None, call)
-        if kind == "embed":
-            return [(v, e.count_tokens([t])) for v, t in zip(out.embeddings.tolist(), texts)]
-        if kind == "generate":
-            return [
-                (
-                    GenerationResult(
-                        text=o.text, finish_reason=o.finish_reason, prompt_tokens=o.prompt_tokens,
-                        completion_tokens=o.completion_tokens,
-                    ),
-                    o.prompt_tokens,
-                )
-                for o in out
-            ]
-        return [
-            (ClassOutput(label=o.labels[0], probs=o.probs[0].tolist(), label_names=list(o.label_names)), o.prompt_tokens)
-            for o in out
-        ]
+        return _generation_results(out) if generation else _encoder_results(out)
 
     def run_stream(self, adapter: str | None, prompt: str, params: Any) -> Iterator[Any]:
         """BatchRunner: (delta, prompt_tokens) pairs of one streamed generation."""
@@ -485,3 +445,37 @@ class ModelServer:
         if sched is not None:
             sched._executor.shutdown(wait=False, cancel_futures=True)
 
+
+def _generation(kinds: list[Kind]) -> bool:
+    """Whether a batch is generation (all rows) or encoder work (embed/classify rows, mixable)."""
+    if all(k == "generate" for k in kinds):
+        return True
+    if any(k not in ("embed", "classify") for k in kinds):
+        raise InvalidRequest(f"a batch holds generate rows only, or embed/classify rows only; got {sorted(set(kinds))}")
+    return False
+
+
+def _generation_results(outs: list[Any]) -> list[Any]:
+    return [
+        (
+            GenerationResult(
+                text=o.text, finish_reason=o.finish_reason, prompt_tokens=o.prompt_tokens,
+                completion_tokens=o.completion_tokens,
+            ),
+            o.prompt_tokens,
+        )
+        for o in outs
+    ]
+
+
+def _encoder_results(rows: list[Any]) -> list[Any]:
+    """EncodedRow -> (embedding list | ClassOutput, prompt_tokens): what the ingress answers with."""
+    return [
+        (
+            r.embedding.tolist()
+            if r.task == "embed"
+            else ClassOutput(label=r.label, probs=r.probs.tolist(), label_names=list(r.label_names or [])),
+            r.prompt_tokens,
+        )
+        for r in rows
+    ]

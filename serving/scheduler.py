@@ -7,8 +7,9 @@ request of the active adapter before moving on, and batches them. Policy, per st
    adapter's oldest request has waited longer than `starvation_ms`; then switch to the
    adapter whose oldest request waited longest. So no adapter waits unboundedly.
 2. Batch fill. Wait up to `batch_wait_ms` (from the arrival of the head request) for
-   up to `max_batch_size` compatible requests: same kind and, for generation, the same
-   sampling parameters, since one engine call takes one SamplingParams.
+   up to `max_batch_size` compatible requests: embeddings and classify requests share
+   one encoder forward (each row is pooled its own way), generation requests batch with
+   those of the same sampling parameters, since one engine call takes one SamplingParams.
 3. Padding. A batch's texts are sorted by length and split into engine calls whose
    padded size (texts x longest) stays under `max_batch_tokens`, so one long text does
    not pad a batch of short ones.
@@ -20,7 +21,7 @@ request of the active adapter before moving on, and batches them. Policy, per st
 5. Mixed-adapter batches (`adapter_mode="adaptive"`, runners with `run_mixed_batch`).
    A `ModePolicy` watches the waiting requests per adapter; while it says mixed, the
    oldest embed/classify/generate request heads a batch filled with the oldest compatible
-   requests (same kind and sampling parameters) whatever their adapter (base included),
+   requests (as in 2) whatever their adapter (base included),
    run unmerged in one engine call. Streams always run merged.
 
 With `grouping=False` each request runs alone in arrival order: the swap-per-request
@@ -53,6 +54,9 @@ Kind = Literal["embed", "classify", "generate", "stream"]
 #: Kinds a mixed-adapter batch can hold (streams always run merged, one at a time).
 MIXABLE: tuple[Kind, ...] = ("embed", "classify", "generate")
 
+#: Kinds that share one encoder forward: a batch may hold both (each row pooled its own way).
+ENCODER: tuple[Kind, ...] = ("embed", "classify")
+
 
 class SchedulerConfig(BaseModel):
     """Batching and fairness knobs of one replica's scheduler."""
@@ -83,13 +87,13 @@ class SchedulerConfig(BaseModel):
 class BatchRunner(Protocol):
     """What the scheduler drives; implemented over the engine by the model deployment."""
 
-    def run_batch(self, kind: Kind, adapter: str | None, texts: list[str], params: Any) -> list[Any]:
-        """One engine call; returns one result per text, in order."""
+    def run_batch(self, kinds: list[Kind], adapter: str | None, texts: list[str], params: Any) -> list[Any]:
+        """One engine call (text i belongs to a kinds[i] request); returns one result per text, in order."""
 
     def run_stream(self, adapter: str | None, prompt: str, params: Any) -> Iterator[Any]:
         """A token stream for one prompt."""
 
-    # optional: def run_mixed_batch(self, kind, adapters: list[str | None], texts, params) -> list[Any]
+    # optional: def run_mixed_batch(self, kinds, adapters: list[str | None], texts, params) -> list[Any]
     # (one unmerged engine call, row i with adapters[i]); without it the scheduler stays merged.
 
 
@@ -120,6 +124,10 @@ class _Item:
     sent: int = 0
 
     def compatible(self, other: "_Item") -> bool:
+        """Whether two requests can share an engine call: embed with classify (one encoder
+        forward), generation with generation of the same sampling parameters; never streams."""
+        if self.kind in ENCODER and other.kind in ENCODER:
+            return True
         return self.kind == other.kind and self.kind != "stream" and self.params_key == other.params_key
 
 
@@ -451,11 +459,12 @@ class Scheduler:
         results: list[Any] = [None] * len(flat)
         for chunk in _chunks(order, lambda k: flat[k][3], self.config.max_batch_tokens):
             texts = [flat[k][2] for k in chunk]
+            kinds = [batch[flat[k][0]].kind for k in chunk]
             if mixed:
                 adapters = [batch[flat[k][0]].adapter for k in chunk]
-                outs = self.runner.run_mixed_batch(head.kind, adapters, texts, head.params)  # type: ignore[attr-defined]
+                outs = self.runner.run_mixed_batch(kinds, adapters, texts, head.params)  # type: ignore[attr-defined]
             else:
-                outs = self.runner.run_batch(head.kind, head.adapter, texts, head.params)
+                outs = self.runner.run_batch(kinds, head.adapter, texts, head.params)
             if len(outs) != len(chunk):
                 raise RuntimeError(f"engine returned {len(outs)} results for {len(chunk)} inputs")
             for k, out in zip(chunk, outs):

@@ -11,7 +11,7 @@ import torch
 
 from adapters.bundle import Task
 from serving.engine import Engine
-from serving.errors import UnsupportedTask
+from serving.errors import InvalidRequest, UnsupportedTask
 from tests.engine_utils import MINILM_ID, bundle_for, engine_for, same_weights, weights_snapshot
 
 torch.set_num_threads(1)
@@ -153,15 +153,30 @@ class MixedRecorder:
     def __init__(self) -> None:
         self.calls: list[tuple[str, list, list[str]]] = []
 
-    def run_batch(self, kind, adapter, texts, params):
+    def run_batch(self, kinds, adapter, texts, params):
         time.sleep(0.01)
         self.calls.append(("merged", [adapter] * len(texts), list(texts)))
         return [(adapter, t) for t in texts]
 
-    def run_mixed_batch(self, kind, adapters, texts, params):
+    def run_mixed_batch(self, kinds, adapters, texts, params):
         time.sleep(0.01)
         self.calls.append(("mixed", list(adapters), list(texts)))
         return [(a, t) for a, t in zip(adapters, texts)]
+
+    def run_stream(self, adapter, prompt, params):
+        yield prompt
+
+
+class KindRecorder:
+    """Echoes (kind, text) per row and records each engine call's rows."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[tuple[str, str]]] = []
+
+    def run_batch(self, kinds, adapter, texts, params):
+        time.sleep(0.01)
+        self.calls.append(list(zip(kinds, texts)))
+        return list(zip(kinds, texts))
 
     def run_stream(self, adapter, prompt, params):
         yield prompt
@@ -291,3 +306,49 @@ def test_generate_mixed_greedy_rows_equal_merged_single_adapter(arch: str, reque
     outs = asyncio.run(main())
     assert server.scheduler.stats().mixed_batches == 1
     assert [o[0][0][0].text for o in outs] == [r.text for r in refs]
+
+
+def test_encode_shares_one_forward_between_embed_and_classify_rows(minilm: Engine) -> None:
+    """Embedding and classify rows in one encode call equal the per-endpoint answers,
+    merged (one adapter) and mixed (several adapters and the base)."""
+    tasks = ["embed", "classify", "classify", "embed", "classify", "embed", "embed", "classify"]
+    merged = minilm.encode(TEXTS, ["clf1"] * len(TEXTS), tasks)
+    assert minilm.mode == "merged"
+    rows = [None, "clf0", "clf1", "fx", "clf2", "clf0", "fx", "clf0"]
+    mixed = minilm.encode(TEXTS, rows, tasks, mixed=True)
+    assert minilm.mode == "mixed"
+    for got, names in ((merged, ["clf1"] * len(TEXTS)), (mixed, rows)):
+        assert [r.task for r in got] == tasks
+        for r, text, task, name in zip(got, TEXTS, tasks, names):
+            assert r.prompt_tokens == minilm.count_tokens([text])
+            if task == "embed":
+                ref = minilm.embed([text], name).embeddings[0]
+                torch.testing.assert_close(r.embedding, ref, atol=1e-4, rtol=0)
+                assert r.probs is None
+            else:
+                ref = minilm.classify([text], name)
+                torch.testing.assert_close(r.probs, ref.probs[0], atol=1e-4, rtol=0)
+                assert [r.label] == ref.labels and r.label_names == ref.label_names and r.embedding is None
+    with pytest.raises(InvalidRequest):
+        minilm.encode(TEXTS[:2], ["clf0", "clf1"], ["embed", "embed"])  # two adapters need mixed=True
+    with pytest.raises(UnsupportedTask):
+        minilm.encode(TEXTS[:2], ["fx", "fx"], ["embed", "classify"])  # fx has no head
+    with pytest.raises(InvalidRequest):
+        minilm.encode(TEXTS[:2], ["fx", "fx"], ["embed", "generate"])
+
+
+def test_scheduler_batches_embed_with_classify_and_keeps_generate_apart() -> None:
+    rec = KindRecorder()
+
+    async def main():
+        s = Scheduler(rec, SchedulerConfig(max_batch_size=8, batch_wait_ms=30))
+        reqs = [("embed", "e0"), ("classify", "c0"), ("embed", "e1"), ("generate", "g0"), ("classify", "c1")]
+        outs = await asyncio.gather(*(s.submit(kind, "a", [text]) for kind, text in reqs))
+        await s.close()
+        return reqs, outs
+
+    reqs, outs = asyncio.run(main())
+    for (kind, text), (res, _) in zip(reqs, outs):
+        assert res == [(kind, text)]
+    calls = sorted(rec.calls, key=len)
+    assert [sorted(c) for c in calls] == [[("generate", "g0")], sorted(r for r in reqs if r[0] != "generate")]

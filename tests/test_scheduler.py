@@ -21,9 +21,9 @@ class Recorder:
         self.delay = delay
         self.threads: set[str] = set()
 
-    def run_batch(self, kind, adapter, texts, params) -> list[Any]:
+    def run_batch(self, kinds, adapter, texts, params) -> list[Any]:
         self.threads.add(threading.current_thread().name)
-        self.calls.append((kind, adapter, list(texts)))
+        self.calls.append((kinds, adapter, list(texts)))
         if self.delay:
             time.sleep(self.delay)
         if any(t == "boom" for t in texts):

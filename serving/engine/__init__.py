@@ -17,6 +17,7 @@ _EXPORTS = {
     "AdapterNotLoaded": "serving.engine.errors",
     "ClassificationOutput": "serving.engine.outputs",
     "EmbeddingOutput": "serving.engine.outputs",
+    "EncodedRow": "serving.engine.outputs",
     "EngineStats": "serving.engine.outputs",
     "GenerationDelta": "serving.engine.outputs",
     "GenerationOutput": "serving.engine.outputs",
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from serving.engine.outputs import (
         ClassificationOutput,
         EmbeddingOutput,
+        EncodedRow,
         EngineStats,
         GenerationDelta,
         GenerationOutput,

@@ -29,6 +29,8 @@ from serving.engine.model_loader import LoadedModel, load_model
 from serving.engine.outputs import (
     ClassificationOutput,
     EmbeddingOutput,
+    EncodedRow,
+    EncodeTask,
     EngineStats,
     GenerationDelta,
     GenerationOutput,
@@ -253,57 +255,122 @@ class Engine:
             raise InvalidRequest(f"input {i} has {n} tokens, more than the limit of {self.max_len}")
         return enc, sum(lengths)
 
-    def _hidden_states(self, enc: Any, entry: PreparedAdapter | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Last hidden states and masks per chunk, each forward under the lock with `entry` active."""
+    def _hidden_states(
+        self, enc: Any, entry: PreparedAdapter | None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, slice]]:
+        """Per chunk: last hidden states, masks and rows, each forward under the lock with `entry` active."""
         n = len(enc["input_ids"])
         for lo in range(0, n, ENCODE_CHUNK):
-            chunk = {k: v[lo : lo + ENCODE_CHUNK] for k, v in enc.items()}
+            rows = slice(lo, min(n, lo + ENCODE_CHUNK))
             with self._tok_lock:
-                batch = self.tokenizer.pad(chunk, return_tensors="pt")
+                batch = self.tokenizer.pad({k: v[rows] for k, v in enc.items()}, return_tensors="pt")
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with self._lock:
                 self._ensure(entry)
                 self._mode = "merged"
                 with torch.inference_mode():
                     hidden = self.model(**batch).last_hidden_state
-            yield hidden, batch["attention_mask"]
+            yield hidden, batch["attention_mask"], rows
 
     def _require_encoder(self, what: str) -> None:
         if self.task is Task.CAUSAL_LM:
             raise UnsupportedTask(f"{what} needs an encoder base model; {self.model_id!r} is a causal LM")
 
+    def _check_classifiers(self, names: list[str | None]) -> None:
+        """Every classify row needs a loaded sequence-classification adapter (checked before tokenizing)."""
+        with self._lock:
+            for name in dict.fromkeys(names):
+                if name is None:
+                    raise UnsupportedTask("classification needs a sequence-classification adapter, not the base model")
+                found = self._cache.peek(name)
+                if found is None:
+                    raise AdapterNotLoaded(name)
+                if found.task is not Task.SEQUENCE_CLASSIFICATION:
+                    raise UnsupportedTask(f"adapter {name!r} is a {found.task.value} adapter, not sequence-classification")
+
+    def encode(
+        self, texts: list[str], adapters: list[str | None], tasks: list[EncodeTask], *, mixed: bool = False
+    ) -> list[EncodedRow]:
+        """One encoder pass over rows that may mix embeddings and classification.
+
+        Row i uses adapters[i] (None: the base) and gets tasks[i]: a mean-pooled,
+        L2-normalised embedding, or the softmax of its adapter's head. Merged (the
+        default) needs one adapter for all rows, written into the weights; mixed=True
+        runs the rows unmerged on the pristine base, each with its own adapter. Either
+        way every row costs one forward shared with the others: endpoints do not split
+        a batch.
+        """
+        self._require_encoder("classification" if isinstance(tasks, list) and "embed" not in tasks else "embeddings")
+        if not isinstance(texts, list) or not texts:
+            raise InvalidRequest("input must be a non-empty list of strings")
+        self._check_rows(texts, adapters)
+        if not isinstance(tasks, list) or len(tasks) != len(texts) or any(t not in ("embed", "classify") for t in tasks):
+            raise InvalidRequest("tasks must be a list with one entry (embed or classify) per text")
+        if not mixed and len(set(adapters)) > 1:
+            raise InvalidRequest("a merged encoder batch holds one adapter; pass mixed=True for several")
+        self._check_classifiers([a for a, t in zip(adapters, tasks) if t == "classify"])
+        enc, _ = self._encode(texts)
+        out: list[EncodedRow] = []
+        with self._rows_of(adapters, mixed) as entries:
+            if mixed:
+                chunks = self._hidden_states_mixed(enc, entries)
+            else:
+                chunks = self._hidden_states(enc, entries[0] if entries else None)
+            for hidden, mask, rows in chunks:
+                out.extend(self._rows_out(hidden, mask, entries[rows], tasks[rows], enc["input_ids"][rows]))
+        return out
+
+    @contextmanager
+    def _rows_of(self, names: list[str | None], mixed: bool) -> Iterator[list[PreparedAdapter | None]]:
+        if mixed:
+            with self._using_many(names) as entries:
+                yield entries
+        else:
+            with self._using(names[0] if names else None) as entry:
+                yield [entry] * len(names)
+
+    @staticmethod
+    def _rows_out(
+        hidden: torch.Tensor,
+        mask: torch.Tensor,
+        entries: list[PreparedAdapter | None],
+        tasks: list[EncodeTask],
+        ids: list[list[int]],
+    ) -> list[EncodedRow]:
+        """Pool one chunk: embed rows together, classify rows per adapter (its pooling and head)."""
+        rows: list[EncodedRow | None] = [None] * len(tasks)
+        groups: dict[Any, list[int]] = {}
+        for k, (task, e) in enumerate(zip(tasks, entries)):
+            groups.setdefault("embed" if task == "embed" else id(e), []).append(k)
+        for key, ks in groups.items():
+            if len(ks) == len(tasks):
+                h, m = hidden, mask
+            else:
+                idx = torch.tensor(ks, device=hidden.device)
+                h, m = hidden.index_select(0, idx), mask.index_select(0, idx)
+            if key == "embed":
+                for k, v in zip(ks, l2_normalize(mean_pool(h, m)).cpu()):
+                    rows[k] = EncodedRow(task="embed", prompt_tokens=len(ids[k]), embedding=v)
+                continue
+            e = entries[ks[0]]
+            assert e is not None
+            names = list(e.metadata.labels or [])
+            probs = torch.softmax(classification_head(pool(h, m, e.metadata.pooling or "mean"), e.head), dim=-1).cpu()
+            for k, p in zip(ks, probs):
+                rows[k] = EncodedRow(
+                    task="classify", prompt_tokens=len(ids[k]), label=names[int(p.argmax())], probs=p, label_names=names
+                )
+        return [r for r in rows if r is not None]
+
     def embed(self, texts: list[str], adapter: str | None = None) -> EmbeddingOutput:
         """Mean-pooled, L2-normalised embeddings of the base or of an adapter."""
-        self._require_encoder("embeddings")
-        enc, n_tokens = self._encode(texts)
-        with self._using(adapter) as entry:
-            parts = [l2_normalize(mean_pool(h, m)).cpu() for h, m in self._hidden_states(enc, entry)]
-        return EmbeddingOutput(embeddings=torch.cat(parts), prompt_tokens=n_tokens)
+        rows = self.encode(texts, [adapter] * _count(texts), ["embed"] * _count(texts))
+        return _embedding_output(rows)
 
     def classify(self, texts: list[str], adapter: str) -> ClassificationOutput:
         """Softmax over the labels of a sequence-classification adapter's head."""
-        self._require_encoder("classification")
-        if adapter is None:
-            raise UnsupportedTask("classification needs a sequence-classification adapter, not the base model")
-        with self._lock:
-            found = self._cache.peek(adapter)
-            if found is None:
-                raise AdapterNotLoaded(adapter)
-            if found.task is not Task.SEQUENCE_CLASSIFICATION:
-                raise UnsupportedTask(f"adapter {adapter!r} is a {found.task.value} adapter, not sequence-classification")
-        enc, n_tokens = self._encode(texts)
-        with self._using(adapter) as entry:
-            assert entry is not None
-            how = entry.metadata.pooling or "mean"
-            probs = [
-                torch.softmax(classification_head(pool(h, m, how), entry.head), dim=-1).cpu()
-                for h, m in self._hidden_states(enc, entry)
-            ]
-            names = list(entry.metadata.labels or [])
-        p = torch.cat(probs)
-        return ClassificationOutput(
-            labels=[names[i] for i in p.argmax(dim=-1).tolist()], probs=p, label_names=names, prompt_tokens=n_tokens
-        )
+        rows = self.encode(texts, [adapter] * _count(texts), ["classify"] * _count(texts))
+        return _classification_output(rows)
 
     # ------------------------------------------------------------------ mixed-adapter batches
 
@@ -335,9 +402,8 @@ class Engine:
         n = len(enc["input_ids"])
         for lo in range(0, n, ENCODE_CHUNK):
             rows = slice(lo, min(n, lo + ENCODE_CHUNK))
-            chunk = {k: v[rows] for k, v in enc.items()}
             with self._tok_lock:
-                batch = self.tokenizer.pad(chunk, return_tensors="pt")
+                batch = self.tokenizer.pad({k: v[rows] for k, v in enc.items()}, return_tensors="pt")
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with self._lock:
                 for e in {id(e): e for e in entries[rows] if e is not None}.values():
@@ -356,47 +422,12 @@ class Engine:
 
     def embed_mixed(self, texts: list[str], adapters: list[str | None]) -> EmbeddingOutput:
         """Embeddings of a batch whose row i uses adapters[i] (None: the base), in one forward."""
-        self._require_encoder("embeddings")
-        self._check_rows(texts, adapters)
-        enc, n_tokens = self._encode(texts)
-        with self._using_many(adapters) as entries:
-            parts = [l2_normalize(mean_pool(h, m)).cpu() for h, m, _ in self._hidden_states_mixed(enc, entries)]
-        return EmbeddingOutput(embeddings=torch.cat(parts), prompt_tokens=n_tokens)
+        return _embedding_output(self.encode(texts, adapters, ["embed"] * _count(adapters), mixed=True))
 
     def classify_mixed(self, texts: list[str], adapters: list[str]) -> list[ClassificationOutput]:
         """Row i classified by adapters[i] (its own head, pooling and labels); one output per row."""
-        self._require_encoder("classification")
-        self._check_rows(texts, adapters)
-        with self._lock:
-            for name in dict.fromkeys(adapters):
-                if name is None:
-                    raise UnsupportedTask("classification needs a sequence-classification adapter, not the base model")
-                found = self._cache.peek(name)
-                if found is None:
-                    raise AdapterNotLoaded(name)
-                if found.task is not Task.SEQUENCE_CLASSIFICATION:
-                    raise UnsupportedTask(f"adapter {name!r} is a {found.task.value} adapter, not sequence-classification")
-        enc, _ = self._encode(texts)
-        outs: list[ClassificationOutput | None] = [None] * len(texts)
-        with self._using_many(list(adapters)) as entries:
-            for h, m, rows in self._hidden_states_mixed(enc, entries):
-                groups: dict[int, list[int]] = {}
-                for k, e in enumerate(entries[rows]):
-                    groups.setdefault(id(e), []).append(k)
-                for ks in groups.values():  # one head per adapter present, like the forward
-                    e = entries[rows.start + ks[0]]
-                    assert e is not None
-                    idx = torch.tensor(ks, device=h.device)
-                    pooled = pool(h.index_select(0, idx), m.index_select(0, idx), e.metadata.pooling or "mean")
-                    probs = torch.softmax(classification_head(pooled, e.head), dim=-1).cpu()
-                    names = list(e.metadata.labels or [])
-                    for k, p in zip(ks, probs):
-                        i = rows.start + k
-                        outs[i] = ClassificationOutput(
-                            labels=[names[int(p.argmax())]], probs=p.unsqueeze(0), label_names=names,
-                            prompt_tokens=len(enc["input_ids"][i]),
-                        )
-        return [o for o in outs if o is not None]
+        rows = self.encode(texts, list(adapters), ["classify"] * _count(adapters), mixed=True)
+        return [_classification_output([r]) for r in rows]
 
     # ------------------------------------------------------------------ causal LMs
 
@@ -535,3 +566,23 @@ class Engine:
                 cache_bytes=self._cache.nbytes,
                 loaded_adapters=len(self._cache),
             )
+
+
+def _count(xs: Any) -> int:
+    """Rows of a list argument (0 for anything else, which `encode` then rejects)."""
+    return len(xs) if isinstance(xs, list) else 0
+
+
+def _embedding_output(rows: list[EncodedRow]) -> EmbeddingOutput:
+    return EmbeddingOutput(
+        embeddings=torch.stack([r.embedding for r in rows]), prompt_tokens=sum(r.prompt_tokens for r in rows)
+    )
+
+
+def _classification_output(rows: list[EncodedRow]) -> ClassificationOutput:
+    return ClassificationOutput(
+        labels=[r.label for r in rows],
+        probs=torch.stack([r.probs for r in rows]),
+        label_names=list(rows[0].label_names or []),
+        prompt_tokens=sum(r.prompt_tokens for r in rows),
+    )

@@ -31,6 +31,25 @@ class ClassificationOutput:
     prompt_tokens: int
 
 
+EncodeTask = Literal["embed", "classify"]
+
+
+@dataclass
+class EncodedRow:
+    """One input of an encoder batch: its embedding [dim] or its classification, CPU float32.
+
+    Embedding and classification rows share one forward (same adapter, or mixed), so
+    the scheduler can batch the two endpoints together.
+    """
+
+    task: EncodeTask
+    prompt_tokens: int
+    embedding: torch.Tensor | None = None
+    label: str | None = None
+    probs: torch.Tensor | None = None
+    label_names: list[str] | None = None
+
+
 class GenerationOutput(BaseModel):
     text: str = Field(..., description="Completion text, cut before the first stop string.")
     token_ids: list[int] = Field(..., description="Generated token ids (an EOS that ended it included).")
