@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal
 
 import torch
@@ -44,12 +45,14 @@ class PreparedAdapter:
     def task(self) -> Task:
         return self.metadata.task
 
-    @property
+    # Sizes are fixed once prepared (deltas, factors and head are never replaced), and the
+    # engine reads them per batch for its stats: computed once.
+    @cached_property
     def nbytes(self) -> int:
         extra = sum(d.nbytes for d in self.factors.values()) if self.mode == "dense" else 0
         return sum(d.nbytes for d in self.deltas.values()) + extra + sum(t.numel() * t.element_size() for t in self.head.values())
 
-    @property
+    @cached_property
     def dense_nbytes(self) -> int:
         return sum(d.nbytes for d in self.deltas.values()) if self.mode == "dense" else 0
 
