@@ -295,6 +295,7 @@ def local_apps(cfg: LoadTestConfig) -> Iterator[dict[str, str]]:
     from ray import serve
 
     from serving.app import ServeArgs, build_app
+    from serving.ray_local import init_local_ray
 
     registry = tempfile.mkdtemp(prefix="capaserve-loadtest-registry-")
     port = _free_port()
@@ -309,8 +310,7 @@ def local_apps(cfg: LoadTestConfig) -> Iterator[dict[str, str]]:
         apps["baseline"] = ("/baseline", ServeArgs(**common, grouping=False))
     # Logical CPUs: every replica of both apps must fit, whatever the core count (they take turns).
     need = math.ceil(cfg.num_cpus * cfg.replicas * len(apps))
-    ray.init(num_cpus=max(need, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
-             configure_logging=False, logging_level=logging.WARNING)
+    init_local_ray(max(need, os.cpu_count() or 1), log_to_driver=False, configure_logging=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         urls: dict[str, str] = {}

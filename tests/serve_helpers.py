@@ -25,10 +25,11 @@ def running_app(args_dict: dict, num_cpus: int = 4) -> Iterator[str]:
     from ray import serve
 
     from serving.app import ServeArgs, build_app
+    from serving.ray_local import init_local_ray
 
     port = free_port()
     args = ServeArgs(host="127.0.0.1", port=port, **args_dict)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, configure_logging=False)
+    init_local_ray(num_cpus, log_to_driver=True, configure_logging=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(args), name=APP_NAME, route_prefix="/")
