@@ -102,7 +102,8 @@ class ModelServer:
         self.engine = engine
         self.store = open_store(self.args.registry, endpoint_url=self.args.registry_endpoint_url)
         self.resolver = AdapterResolver(self.store, self.args.blob_cache_bytes)
-        self.scheduler = Scheduler(self, self.args.scheduler_config())
+        device = getattr(self.engine, "device", None)  # the padding split depends on it
+        self.scheduler = Scheduler(self, self.args.scheduler_config(device.type if device is not None else "cpu"))
         self.replica = _replica_id()
         self._manifests: OrderedDict[str, AdapterManifest] = OrderedDict()
         self._leases: dict[str, _AdapterLease] = {}

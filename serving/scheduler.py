@@ -11,8 +11,12 @@ request of the active adapter before moving on, and batches them. Policy, per st
    one encoder forward (each row is pooled its own way), generation requests batch with
    those of the same sampling parameters, since one engine call takes one SamplingParams.
 3. Padding. A batch's texts are sorted by length and split into engine calls whose
-   padded size (texts x longest) stays under `max_batch_tokens`, so one long text does
-   not pad a batch of short ones.
+   padded size (texts x longest) stays under `max_batch_tokens`. Encoder batches are
+   split further where that is cheaper: cuts are chosen to minimise the sum over calls
+   of `call_overhead_tokens` + texts x longest (measured on MiniLM, 1 CPU thread: a call
+   costs ~9 ms + ~0.28 ms per padded token, so ~32 tokens). Padding a batch of mixed
+   lengths to its longest wasted about a quarter of the forward in the load test.
+   Generation batches are not split beyond the cap: each call runs its own decode loop.
 4. Execution. Engine calls run on one worker thread, never on the event loop, so the
    replica keeps accepting requests while the model computes. A stream runs in slices
    of `stream_slice_ms` and then goes back to the head of its adapter's queue, so a
@@ -70,6 +74,12 @@ class SchedulerConfig(BaseModel):
         200.0, ge=0.0, description="Once another adapter's oldest request waited this long, switch to it."
     )
     max_queue: int = Field(256, ge=1, description="Most queued requests; beyond it new ones get 503.")
+    call_overhead_tokens: int = Field(
+        32,
+        ge=0,
+        description="Fixed cost of one encoder call in padded tokens: an encoder batch is split by length "
+        "where the padding saved is worth more than the extra call (0: one call per length).",
+    )
     grouping: bool = Field(True, description="Group and batch by adapter; off: one request at a time, FIFO.")
     stream_slice_ms: float = Field(
         50.0, gt=0.0, description="A stream holds the worker this long at a time; others may run in between."
@@ -457,7 +467,8 @@ class Scheduler:
         flat = [(i, j, text, length) for i, it in enumerate(batch) for j, (text, length) in enumerate(zip(it.texts, it.lengths))]
         order = sorted(range(len(flat)), key=lambda k: flat[k][3])
         results: list[Any] = [None] * len(flat)
-        for chunk in _chunks(order, lambda k: flat[k][3], self.config.max_batch_tokens):
+        overhead = self.config.call_overhead_tokens if head.kind in ENCODER else None
+        for chunk in _chunks(order, lambda k: flat[k][3], self.config.max_batch_tokens, overhead):
             texts = [flat[k][2] for k in chunk]
             kinds = [batch[flat[k][0]].kind for k in chunk]
             if mixed:
@@ -531,16 +542,42 @@ def _resolve(item: _Item, out: Any, info: BatchInfo) -> None:
         item.future.set_result((out, info))
 
 
-def _chunks(order: list[int], length: Callable[[int], int], cap: int) -> Iterator[list[int]]:
-    """Split length-sorted indices so len(chunk) * longest <= cap (at least one each)."""
-    chunk: list[int] = []
-    for k in order:
-        if chunk and (len(chunk) + 1) * max(length(k), 1) > cap:
+def _chunks(
+    order: list[int], length: Callable[[int], int], cap: int, overhead: int | None = None
+) -> Iterator[list[int]]:
+    """Split length-sorted indices into calls with len(chunk) * longest <= cap (at least one
+    text each). With `overhead` (tokens per call), the cuts minimise the sum over calls of
+    overhead + len(chunk) * longest: an O(n^2) dynamic programme over contiguous runs, exact
+    because with sorted lengths some optimal split is contiguous. Without it, greedy."""
+    if overhead is None:
+        chunk: list[int] = []
+        for k in order:
+            if chunk and (len(chunk) + 1) * max(length(k), 1) > cap:
+                yield chunk
+                chunk = []
+            chunk.append(k)
+        if chunk:
             yield chunk
-            chunk = []
-        chunk.append(k)
-    if chunk:
-        yield chunk
+        return
+    lengths = [max(length(k), 1) for k in order]
+    n = len(lengths)
+    best = [0.0] + [float("inf")] * n  # best[j]: cheapest split of the first j texts
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j - 1, -1, -1):  # chunk = texts i..j-1, longest = lengths[j-1]
+            padded = (j - i) * lengths[j - 1]
+            if padded > cap and j - i > 1:
+                break
+            cost = best[i] + overhead + padded
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    bounds: list[tuple[int, int]] = []
+    j = n
+    while j > 0:
+        bounds.append((cut[j], j))
+        j = cut[j]
+    for i, j in reversed(bounds):
+        yield order[i:j]
 
 
 def _params_key(params: Any) -> Hashable:

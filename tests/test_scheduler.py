@@ -190,3 +190,32 @@ def test_long_stream_yields_to_a_starving_adapter():
     assert out == [f"p-{i}" for i in range(40)]  # nothing lost or reordered across slices
     assert res[0] == [("b", "x")]
     assert done["other"] < done["stream"]  # served between two slices, not after the stream
+
+
+def test_encoder_batches_split_by_length_where_padding_costs_more_than_a_call():
+    from serving.scheduler import _chunks
+
+    lengths = [3, 3, 3, 3, 40, 41]
+    order = list(range(len(lengths)))
+    split = list(_chunks(order, lambda k: lengths[k], cap=10_000, overhead=8))
+    assert split == [[0, 1, 2, 3], [4, 5]]  # 8+4*3 + 8+2*41 = 110 < 8+6*41 = 254
+    assert list(_chunks(order, lambda k: lengths[k], cap=10_000, overhead=500)) == [order]  # calls too dear
+    assert list(_chunks(order, lambda k: lengths[k], cap=10_000)) == [order]  # no overhead given: greedy
+    capped = list(_chunks(order, lambda k: lengths[k], cap=60, overhead=1000))
+    assert all(len(c) * max(lengths[k] for k in c) <= 60 or len(c) == 1 for c in capped)
+    assert sorted(k for c in capped for k in c) == order
+
+    rec = Recorder()
+
+    async def main():
+        s = Scheduler(rec, SchedulerConfig(max_batch_size=8, batch_wait_ms=20, call_overhead_tokens=8))
+        outs = await asyncio.gather(
+            *(s.submit("embed", "a", ["x" * n], lengths=[n]) for n in lengths),
+            s.submit("classify", "a", ["y" * 2], lengths=[2]),
+        )
+        await s.close()
+        return outs
+
+    outs = run(main())
+    assert [o[0] for o in outs] == [[("a", "x" * n)] for n in lengths] + [[("a", "yy")]]
+    assert sorted(len(c[2]) for c in rec.calls) == [2, 5]  # one batch, two calls: short ones, long ones
