@@ -291,11 +291,13 @@ def _free_port() -> int:
 @contextmanager
 def local_apps(cfg: LoadTestConfig) -> Iterator[dict[str, str]]:
     """Both apps in one local Ray cluster on 127.0.0.1; yields {app: base URL}; shuts all down."""
+    from serving.ray_local import init_local_ray, use_serve_env
+
+    use_serve_env()  # before ray.serve is imported
     import ray
     from ray import serve
 
     from serving.app import ServeArgs, build_app
-    from serving.ray_local import init_local_ray
 
     registry = tempfile.mkdtemp(prefix="capaserve-loadtest-registry-")
     port = _free_port()

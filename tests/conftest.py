@@ -10,6 +10,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from serving.ray_local import use_serve_env  # noqa: E402
+
+use_serve_env()  # the tests' Ray runs as `capaserve serve` does; set before any ray.serve import
+
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 

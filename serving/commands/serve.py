@@ -101,6 +101,10 @@ def run(ns: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = serve_args_from(ns)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not os.environ.get("RAY_ADDRESS"):
+        from serving.ray_local import use_serve_env
+
+        use_serve_env()  # before ray.serve is imported below
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     started_ray = False
     try:
