@@ -26,6 +26,7 @@ from locust import FastHttpUser, constant, events, task
 from locust.env import Environment
 
 from loadtest.scenario import (
+    EMBED_ATOL,
     PATHS,
     CheckError,
     Contaminated,
@@ -46,6 +47,7 @@ class _State:
     picker: Picker | None = None
     refs: ReferenceSet | None = None
     check_fraction: float = 0.1
+    atol: float = EMBED_ATOL
     summary = RunSummary()
     summary_file: Path | None = None
 
@@ -64,6 +66,8 @@ def _options(parser) -> None:
                    help="Inputs per embeddings/classify request.")
     g.add_argument("--check-fraction", type=float, default=0.1, env_var="LOCUST_CHECK_FRACTION",
                    help="Share of answers compared with the single-request reference.")
+    g.add_argument("--atol", type=float, default=EMBED_ATOL, env_var="LOCUST_ATOL",
+                   help="Largest element-wise difference from the reference that is not contamination.")
     g.add_argument("--reference-file", default="", env_var="LOCUST_REFERENCE_FILE",
                    help="JSON of reference answers: read if it exists, else computed at start and written.")
     g.add_argument("--summary-file", default="", env_var="LOCUST_SUMMARY_FILE",
@@ -85,6 +89,7 @@ def _setup(environment: Environment, **_: object) -> None:
     _State.picker = Picker(refs, names, opts.zipf_s, parse_mix(opts.mix), opts.texts_per_request,
                            seed=None if opts.seed < 0 else opts.seed)
     _State.check_fraction = opts.check_fraction
+    _State.atol = opts.atol
     _State.summary_file = Path(opts.summary_file) if opts.summary_file else None
 
 
@@ -122,7 +127,7 @@ class CapaserveUser(FastHttpUser):
                 except Exception as exc:  # noqa: BLE001 - any undecodable body is a failure
                     raise CheckError(f"{kind} {adapter}: body is not JSON ({exc})") from None
                 summary.checked += int(compare)
-                check_answer(kind, payload, refs.adapters[adapter], idx, compare)
+                check_answer(kind, payload, refs.adapters[adapter], idx, compare, _State.atol)
             except Contaminated as exc:
                 summary.failures += 1
                 summary.contaminated += 1

@@ -237,7 +237,7 @@ def write(out: Path, info: RunInfo, results: list[Any], *, goal_adapters: int, g
         f"{c['users']} closed-loop Locust users, {c['duration_s']:g} s per configuration x {c['rounds']} round(s); "
         f"mix `{c['mix']}`, {c['texts_per_request']} text(s) per request, {c['check_fraction']:.0%} of answers "
         f"compared with single-request references. Server: {c['replicas']} model replica(s) x {c['num_cpus']:g} CPU, "
-        f"max batch {c['max_batch_size']}, batch wait {c['batch_wait_ms']:g} ms. Machine: {info.cpu_count} cores, "
+        f"max batch {c['max_batch_size']}, batch wait {c['batch_wait_ms']:g} ms, {c.get('dtype', 'float32')} weights. Machine: {info.cpu_count} cores, "
         f"load average {info.load_before[0]:.1f} before, {info.load_after[0]:.1f} after (Locust and the server "
         "share these cores).",
         "",

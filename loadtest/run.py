@@ -42,6 +42,8 @@ from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from loadtest.scenario import ATOL_BY_DTYPE
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make the repo importable
     sys.path.insert(0, str(ROOT))
@@ -78,6 +80,9 @@ class LoadTestConfig(BaseModel):
     num_cpus: float = Field(1.0, gt=0, description="CPUs (torch threads) per model replica of a started app.")
     max_batch_size: int = Field(16, ge=1, description="Scheduler batch cap of the started apps.")
     batch_wait_ms: float = Field(5.0, ge=0, description="Scheduler batch-fill wait of the started apps.")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="Weight dtype of the started apps (and the check tolerance for --url servers)."
+    )
     # --- the adapters
     targets: Literal["qv", "attn", "all"] = Field("qv", description="Layers the synthetic adapters adapt.")
     rank: int = Field(8, ge=1, description="r of the synthetic adapters.")
@@ -305,7 +310,7 @@ def local_apps(cfg: LoadTestConfig) -> Iterator[dict[str, str]]:
         model=cfg.model, served_model_name=cfg.served_model_name, host="127.0.0.1", port=port, registry=registry,
         replicas=cfg.replicas, num_cpus=cfg.num_cpus, max_batch_size=cfg.max_batch_size,
         batch_wait_ms=cfg.batch_wait_ms, max_adapters_per_replica=max(16, cfg.max_adapters()),
-        max_queue=max(256, 4 * cfg.users),
+        max_queue=max(256, 4 * cfg.users), dtype=cfg.dtype,
     )
     apps: dict[str, tuple[str, Any]] = {"grouped": ("/", ServeArgs(**common, grouping=True))}
     if cfg.baseline:
@@ -391,6 +396,7 @@ def run_locust(
         "--stop-timeout", "30", "--csv", str(prefix), "--host", url, "--loglevel", "WARNING",
         "--adapters", str(case.adapters), "--zipf-s", f"{case.zipf:g}", "--mix", cfg.mix,
         "--texts-per-request", str(cfg.texts_per_request), "--check-fraction", f"{cfg.check_fraction:g}",
+        "--atol", f"{ATOL_BY_DTYPE[cfg.dtype]:g}",
         "--reference-file", str(refs), "--summary-file", str(summary), "--seed", str(cfg.seed + 7919 * rnd),
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -502,7 +508,7 @@ def run(cfg: LoadTestConfig) -> Path:
         refs = compute_references(urls["grouped"], names)
         refs.save(refs_path)
         if "baseline" in urls:  # also loads every adapter on the baseline app before it is measured
-            problems = compare_references(refs, compute_references(urls["baseline"], names))
+            problems = compare_references(refs, compute_references(urls["baseline"], names), ATOL_BY_DTYPE[cfg.dtype])
             if problems:
                 notes.append(f"grouped and baseline apps disagree on single-request answers: {problems[:5]}")
         steps = schedule(plan(cfg), cfg.rounds)
@@ -560,6 +566,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=1, help="Repetitions of the plan, alternating order (default: 1).")
     p.add_argument("--mix", default="auto", help="Endpoint weights, e.g. embeddings=1,classify=1 (default: auto).")
     p.add_argument("--texts-per-request", type=int, default=1, help="Inputs per encoder request (default: 1).")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="Weight dtype of started apps; sets the check tolerance (default: float32).")
     p.add_argument("--check-fraction", type=float, default=0.1, help="Answers compared with references (default: 0.1).")
     p.add_argument("--targets", choices=sorted(TARGET_SETS), default="qv", help="Layers adapted (default: qv).")
     p.add_argument("--rank", type=int, default=8, help="Adapter rank r (default: 8).")
@@ -580,7 +588,7 @@ def config_from(ns: argparse.Namespace) -> LoadTestConfig:
         model=ns.model, served_model_name=ns.served_model_name, url=ns.url, baseline_url=ns.baseline_url,
         admin_token=ns.admin_token, adapters=ns.adapters, zipf=ns.zipf, goal_adapters=ns.goal_adapters,
         goal_zipf=ns.goal_zipf, users=ns.users, spawn_rate=ns.spawn_rate, duration_s=ns.duration, rounds=ns.rounds,
-        mix=ns.mix, texts_per_request=ns.texts_per_request, check_fraction=ns.check_fraction, targets=ns.targets,
+        dtype=ns.dtype, mix=ns.mix, texts_per_request=ns.texts_per_request, check_fraction=ns.check_fraction, targets=ns.targets,
         rank=ns.rank, num_copies=ns.num_copies, replicas=ns.replicas, num_cpus=ns.num_cpus,
         max_batch_size=ns.max_batch_size, batch_wait_ms=ns.batch_wait_ms, baseline=not ns.no_baseline, single=not ns.no_single,
         seed=ns.seed, out=ns.out, progress=not ns.no_progress,

@@ -11,7 +11,15 @@ import json
 import pytest
 
 from loadtest.run import Case, LoadTestConfig, plan, schedule
-from loadtest.scenario import CheckError, Contaminated, Reference, check_answer, parse_mix, zipf_weights
+from loadtest.scenario import (
+    ATOL_BY_DTYPE,
+    CheckError,
+    Contaminated,
+    Reference,
+    check_answer,
+    parse_mix,
+    zipf_weights,
+)
 
 
 def test_zipf_weights_are_normalised_and_skewed():
@@ -77,6 +85,18 @@ def test_check_answer(kind, body, idx, error):
             check_answer(kind, body, REF, idx, compare=True)
     if error is not CheckError:  # well-formed: passes when not compared
         check_answer(kind, body, REF, idx, compare=False)
+
+
+def test_check_tolerance_follows_the_dtype():
+    """bfloat16 batch noise (~2.5e-3) passes at its tolerance but not at float32's; another
+    adapter's answer (differences >= 0.12 in the load test) fails at both."""
+    noisy = {"data": [{"index": 0, "embedding": [0.003, 0.997]}]}
+    with pytest.raises(Contaminated):
+        check_answer("embeddings", noisy, REF, [1], compare=True, atol=ATOL_BY_DTYPE["float32"])
+    check_answer("embeddings", noisy, REF, [1], compare=True, atol=ATOL_BY_DTYPE["bfloat16"])
+    wrong = {"data": [{"index": 0, "embedding": [0.12, 0.88]}]}
+    with pytest.raises(Contaminated):
+        check_answer("embeddings", wrong, REF, [1], compare=True, atol=ATOL_BY_DTYPE["bfloat16"])
 
 
 @pytest.mark.ray
