@@ -238,7 +238,9 @@ def check_answer(
             raise CheckError(f"classify: probs sum to {sum(probs)}, not 1")
     if compare:
         for d, i in zip(data, idx):
-            if d["label"] != ref.labels[i] or not _close(d["probs"], ref.probs[i], atol):
+            top2 = sorted(ref.probs[i], reverse=True)[:2]
+            tie = len(top2) == 2 and top2[0] - top2[1] <= atol  # noise within atol may flip the argmax
+            if (d["label"] != ref.labels[i] and not tie) or not _close(d["probs"], ref.probs[i], atol):
                 raise Contaminated(f"{ref.adapter} classify of text {i}: {d['label']} {d['probs']} != {ref.labels[i]} {ref.probs[i]}")
 
 

@@ -94,6 +94,15 @@ def test_check_tolerance_follows_the_dtype():
     with pytest.raises(Contaminated):
         check_answer("embeddings", noisy, REF, [1], compare=True, atol=ATOL_BY_DTYPE["float32"])
     check_answer("embeddings", noisy, REF, [1], compare=True, atol=ATOL_BY_DTYPE["bfloat16"])
+    tied = Reference(adapter="a", task="sequence-classification", embeddings=[[1.0, 0.0]], labels=["y"],
+                     probs=[[0.498, 0.502]])
+    flipped = {"data": [{"index": 0, "label": "x", "probs": [0.5005, 0.4995]}]}
+    check_answer("classify", flipped, tied, [0], compare=True, atol=ATOL_BY_DTYPE["bfloat16"])  # a near-tie
+    with pytest.raises(Contaminated):
+        check_answer("classify", flipped, tied, [0], compare=True, atol=ATOL_BY_DTYPE["float32"])
+    with pytest.raises(Contaminated):  # a clear winner must keep its label
+        check_answer("classify", {"data": [{"index": 0, "label": "y", "probs": [0.9, 0.1]}]}, REF, [0],
+                     compare=True, atol=ATOL_BY_DTYPE["bfloat16"])
     wrong = {"data": [{"index": 0, "embedding": [0.12, 0.88]}]}
     with pytest.raises(Contaminated):
         check_answer("embeddings", wrong, REF, [1], compare=True, atol=ATOL_BY_DTYPE["bfloat16"])
