@@ -33,6 +33,11 @@ USER capaserve
 ENV XDG_CACHE_HOME=/home/capaserve/.cache \
     CAPASERVE_HOST=0.0.0.0 \
     CAPASERVE_PORT=8000
+# Serve's throughput mode with gRPC between deployments (serving/ray_local.py); set here too
+# for a container that joins a cluster, where capaserve does not start Ray itself.
+ENV RAY_SERVE_THROUGHPUT_OPTIMIZED=1 \
+    RAY_SERVE_USE_GRPC_BY_DEFAULT=1 \
+    RAY_SERVE_ENABLE_DIRECT_INGRESS=0
 VOLUME ["/home/capaserve/.cache/capaserve"]
 EXPOSE 8000
 
