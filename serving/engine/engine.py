@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Literal
 
 import torch
@@ -256,9 +256,13 @@ class Engine:
         return enc, sum(lengths)
 
     def _hidden_states(
-        self, enc: Any, entry: PreparedAdapter | None
+        self, enc: Any, entries: list[PreparedAdapter | None], mixed: bool
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, slice]]:
-        """Per chunk: last hidden states, masks and rows, each forward under the lock with `entry` active."""
+        """Per chunk: last hidden states, masks and rows, each forward under the lock.
+
+        Merged: entries[0] (one adapter for all rows) is written into the weights. Mixed: the
+        pristine base runs with each row's own factor pair added by hooks.
+        """
         n = len(enc["input_ids"])
         for lo in range(0, n, ENCODE_CHUNK):
             rows = slice(lo, min(n, lo + ENCODE_CHUNK))
@@ -266,9 +270,18 @@ class Engine:
                 batch = self.tokenizer.pad({k: v[rows] for k, v in enc.items()}, return_tensors="pt")
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with self._lock:
-                self._ensure(entry)
-                self._mode = "merged"
-                with torch.inference_mode():
+                if mixed:
+                    for e in {id(e): e for e in entries[rows] if e is not None}.values():
+                        if self._cache.peek(e.name) is not e:
+                            raise AdapterNotLoaded(e.name)
+                    self._write(None)  # mixed mode runs with NO adapter merged
+                    factors = [e.factors if e is not None else None for e in entries[rows]]
+                    updates = mixed_lora(self.model, factors, self.device)
+                else:
+                    self._ensure(entries[0])
+                    updates = nullcontext()
+                self._mode = "mixed" if mixed else "merged"
+                with torch.inference_mode(), updates:
                     hidden = self.model(**batch).last_hidden_state
             yield hidden, batch["attention_mask"], rows
 
@@ -312,11 +325,7 @@ class Engine:
         enc, _ = self._encode(texts)
         out: list[EncodedRow] = []
         with self._rows_of(adapters, mixed) as entries:
-            if mixed:
-                chunks = self._hidden_states_mixed(enc, entries)
-            else:
-                chunks = self._hidden_states(enc, entries[0] if entries else None)
-            for hidden, mask, rows in chunks:
+            for hidden, mask, rows in self._hidden_states(enc, entries, mixed):
                 out.extend(self._rows_out(hidden, mask, entries[rows], tasks[rows], enc["input_ids"][rows]))
         return out
 
@@ -394,27 +403,6 @@ class Engine:
                 for e in distinct.values():
                     if e is not None:
                         e.inflight -= 1
-
-    def _hidden_states_mixed(
-        self, enc: Any, entries: list[PreparedAdapter | None]
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, slice]]:
-        """Per chunk: last hidden states with each row's own adapter, on the pristine base."""
-        n = len(enc["input_ids"])
-        for lo in range(0, n, ENCODE_CHUNK):
-            rows = slice(lo, min(n, lo + ENCODE_CHUNK))
-            with self._tok_lock:
-                batch = self.tokenizer.pad({k: v[rows] for k, v in enc.items()}, return_tensors="pt")
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            with self._lock:
-                for e in {id(e): e for e in entries[rows] if e is not None}.values():
-                    if self._cache.peek(e.name) is not e:
-                        raise AdapterNotLoaded(e.name)
-                self._write(None)  # mixed mode runs with NO adapter merged
-                self._mode = "mixed"
-                factors = [e.factors if e is not None else None for e in entries[rows]]
-                with torch.inference_mode(), mixed_lora(self.model, factors, self.device):
-                    hidden = self.model(**batch).last_hidden_state
-            yield hidden, batch["attention_mask"], rows
 
     def _check_rows(self, texts: list[str], adapters: list[str | None]) -> None:
         if not isinstance(adapters, list) or not isinstance(texts, list) or len(adapters) != len(texts):
