@@ -346,15 +346,7 @@ class Scheduler:
                         continue  # more time to fill; re-pick in case of starvation
                 else:
                     continue
-            batch = self._take_batch(key)
-            try:
-                await self._run(batch)
-            except asyncio.CancelledError:
-                raise
-            except BaseException as exc:  # never let the loop die
-                for it in batch:
-                    if not it.future.done():
-                        it.future.set_exception(exc)
+            await self._run_guarded(self._take_batch(key))
 
     async def _mixed_step(self) -> bool:
         """One step in mixed mode; False when the policy says merged or the head is not mixable."""
@@ -372,15 +364,7 @@ class Scheduler:
             except asyncio.TimeoutError:
                 pass
             return True  # decide again with what arrived meanwhile
-        batch = self._take_mixed(head)
-        try:
-            await self._run(batch, mixed=True)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:  # never let the loop die
-            for it in batch:
-                if not it.future.done():
-                    it.future.set_exception(exc)
+        await self._run_guarded(self._take_mixed(head), mixed=True)
         return True
 
     def _waiting(self) -> dict[str | None, int]:
@@ -423,6 +407,17 @@ class Scheduler:
                 self._queues[key] = kept
             else:
                 del self._queues[key]
+
+    async def _run_guarded(self, batch: list[_Item], mixed: bool = False) -> None:
+        """`_run`, with any failure handed to the batch's callers: the loop never dies."""
+        try:
+            await self._run(batch, mixed)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            for it in batch:
+                if not it.future.done():
+                    it.future.set_exception(exc)
 
     async def _run(self, batch: list[_Item], mixed: bool = False) -> None:
         head = batch[0]
