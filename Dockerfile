@@ -33,13 +33,15 @@ USER capaserve
 ENV XDG_CACHE_HOME=/home/capaserve/.cache \
     CAPASERVE_HOST=0.0.0.0 \
     CAPASERVE_PORT=8000
-# Serve's throughput mode with gRPC between deployments (serving/ray_local.py); set here too
-# for a container that joins a cluster, where capaserve does not start Ray itself.
+# Serve's throughput mode with gRPC between deployments and direct ingress (serving/ray_local.py);
+# set here too for a container that joins a cluster, where capaserve does not start Ray itself.
+# Direct ingress: each ingress replica also serves the API on its own port (30000 up); a load
+# balancer given those targets skips the proxy hop. Port 8000 (the proxy) serves everything.
 ENV RAY_SERVE_THROUGHPUT_OPTIMIZED=1 \
     RAY_SERVE_USE_GRPC_BY_DEFAULT=1 \
-    RAY_SERVE_ENABLE_DIRECT_INGRESS=0
+    RAY_SERVE_ENABLE_DIRECT_INGRESS=1
 VOLUME ["/home/capaserve/.cache/capaserve"]
-EXPOSE 8000
+EXPOSE 8000 30000
 
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
   CMD curl -fsS "http://127.0.0.1:${CAPASERVE_PORT}/healthz" || exit 1

@@ -218,6 +218,14 @@ def plots(out: Path, rows: list[Row], goal_zipf: float) -> list[str]:
     return files
 
 
+def _ingress_words(c: dict) -> str:
+    if c.get("url"):
+        return "requests to the given URL(s)"
+    if c.get("ingress", "proxy") == "direct":
+        return "requests straight to each app's ingress replica (Serve direct ingress, no proxy hop)"
+    return "requests through Serve's HTTP proxy"
+
+
 def write(out: Path, info: RunInfo, results: list[Any], *, goal_adapters: int, goal_zipf: float) -> Path:
     """Write results.json, summary.md and the plots into `out`; returns summary.md."""
     rows = aggregate(results)
@@ -237,7 +245,8 @@ def write(out: Path, info: RunInfo, results: list[Any], *, goal_adapters: int, g
         f"{c['users']} closed-loop Locust users, {c['duration_s']:g} s per configuration x {c['rounds']} round(s); "
         f"mix `{c['mix']}`, {c['texts_per_request']} text(s) per request, {c['check_fraction']:.0%} of answers "
         f"compared with single-request references. Server: {c['replicas']} model replica(s) x {c['num_cpus']:g} CPU, "
-        f"max batch {c['max_batch_size']}, batch wait {c['batch_wait_ms']:g} ms, {c.get('dtype', 'float32')} weights. Machine: {info.cpu_count} cores, "
+        f"max batch {c['max_batch_size']}, batch wait {c['batch_wait_ms']:g} ms, {c.get('dtype', 'float32')} weights, "
+        f"{_ingress_words(c)}. Machine: {info.cpu_count} cores, "
         f"load average {info.load_before[0]:.1f} before, {info.load_after[0]:.1f} after (Locust and the server "
         "share these cores).",
         "",

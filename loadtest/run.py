@@ -2,10 +2,12 @@
 
 One invocation (also `capaserve loadtest`):
 
-1. Starts a local Ray cluster with TWO apps behind one HTTP proxy on 127.0.0.1: the
-   scheduler as built at `/` (grouping on) and the swap-per-request baseline at
-   `/baseline` (`ServeArgs(grouping=False)`), sharing one registry folder. Or it
-   targets `--url` (and optionally `--baseline-url`), loopback only.
+1. Starts a local Ray cluster with TWO apps on 127.0.0.1: the scheduler as built at `/`
+   (grouping on) and the swap-per-request baseline at `/baseline`
+   (`ServeArgs(grouping=False)`), sharing one registry folder. Locust targets each app's
+   ingress replica directly (Serve direct ingress; `--ingress proxy` goes through Serve's
+   HTTP proxy instead, one more hop for every request). Or it targets `--url` (and
+   optionally `--baseline-url`), loopback only.
 2. Registers N synthetic CapaBoost adapters over HTTP (PUT /v1/adapters/{name}); their
    shapes come from a BaseModelSpec of the base built on the meta device (no weights).
 3. Computes reference answers with single requests on the quiet grouped app, and the
@@ -80,6 +82,11 @@ class LoadTestConfig(BaseModel):
     num_cpus: float = Field(1.0, gt=0, description="CPUs (torch threads) per model replica of a started app.")
     max_batch_size: int = Field(16, ge=1, description="Scheduler batch cap of the started apps.")
     batch_wait_ms: float = Field(5.0, ge=0, description="Scheduler batch-fill wait of the started apps.")
+    ingress: Literal["direct", "proxy"] = Field(
+        "direct",
+        description="How Locust reaches a started app: its ingress replica's own HTTP server (Serve direct "
+        "ingress, as a load balancer in front of a cluster would) or Serve's HTTP proxy (one more hop).",
+    )
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="Weight dtype of the started apps (and the check tolerance for --url servers)."
     )
@@ -295,8 +302,12 @@ def _free_port() -> int:
 
 @contextmanager
 def local_apps(cfg: LoadTestConfig) -> Iterator[dict[str, str]]:
-    """Both apps in one local Ray cluster on 127.0.0.1; yields {app: base URL}; shuts all down."""
-    from serving.ray_local import init_local_ray, use_serve_env
+    """Both apps in one local Ray cluster on 127.0.0.1; yields {app: base URL}; shuts all down.
+
+    A URL is the app's ingress replica's own server with `ingress="direct"` (one replica per
+    app, so no balancing is lost), else the shared proxy's route prefix.
+    """
+    from serving.ray_local import direct_ingress_urls, init_local_ray, use_serve_env
 
     use_serve_env()  # before ray.serve is imported
     import ray
@@ -326,6 +337,13 @@ def local_apps(cfg: LoadTestConfig) -> Iterator[dict[str, str]]:
             urls[name] = f"http://127.0.0.1:{port}{prefix.rstrip('/')}"
         for url in urls.values():
             wait_ready(url)
+        if cfg.ingress == "direct":
+            for name in urls:
+                direct = direct_ingress_urls(f"capaserve-{name}", "127.0.0.1")
+                if not direct:
+                    raise RuntimeError("Serve direct ingress is off (RAY_SERVE_ENABLE_DIRECT_INGRESS=0): use --ingress proxy")
+                urls[name] = direct[0]
+                wait_ready(urls[name])
         yield urls
     finally:
         try:
@@ -566,6 +584,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=1, help="Repetitions of the plan, alternating order (default: 1).")
     p.add_argument("--mix", default="auto", help="Endpoint weights, e.g. embeddings=1,classify=1 (default: auto).")
     p.add_argument("--texts-per-request", type=int, default=1, help="Inputs per encoder request (default: 1).")
+    p.add_argument("--ingress", choices=["direct", "proxy"], default="direct",
+                   help="Started apps: send to the ingress replica's own port or through Serve's proxy (default: direct).")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="Weight dtype of started apps; sets the check tolerance (default: float32).")
     p.add_argument("--check-fraction", type=float, default=0.1, help="Answers compared with references (default: 0.1).")
@@ -588,7 +608,7 @@ def config_from(ns: argparse.Namespace) -> LoadTestConfig:
         model=ns.model, served_model_name=ns.served_model_name, url=ns.url, baseline_url=ns.baseline_url,
         admin_token=ns.admin_token, adapters=ns.adapters, zipf=ns.zipf, goal_adapters=ns.goal_adapters,
         goal_zipf=ns.goal_zipf, users=ns.users, spawn_rate=ns.spawn_rate, duration_s=ns.duration, rounds=ns.rounds,
-        dtype=ns.dtype, mix=ns.mix, texts_per_request=ns.texts_per_request, check_fraction=ns.check_fraction, targets=ns.targets,
+        ingress=ns.ingress, dtype=ns.dtype, mix=ns.mix, texts_per_request=ns.texts_per_request, check_fraction=ns.check_fraction, targets=ns.targets,
         rank=ns.rank, num_copies=ns.num_copies, replicas=ns.replicas, num_cpus=ns.num_cpus,
         max_batch_size=ns.max_batch_size, batch_wait_ms=ns.batch_wait_ms, baseline=not ns.no_baseline, single=not ns.no_single,
         seed=ns.seed, out=ns.out, progress=not ns.no_progress,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -44,12 +45,15 @@ def test_serve_subprocess_ready_then_sigterm_cleans_up(tmp_path: Path):
         while ready_line not in (tmp_path / "serve.log").read_text():  # serve.run returns a bit after the proxy
             assert time.monotonic() < deadline, "no ready line logged"
             time.sleep(0.2)
-        r = httpx.post(
-            f"http://127.0.0.1:{port}/v1/embeddings",
-            json={"model": "sentence-transformers/all-MiniLM-L6-v2", "input": "hi"},
-            timeout=30,
-        )
+        body = {"model": "sentence-transformers/all-MiniLM-L6-v2", "input": "hi"}
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json=body, timeout=30)
         assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 384
+        # the ingress replica's own port is logged and serves the same API without the proxy hop
+        while not (direct := re.search(r"direct ingress .*: (http://127\.0\.0\.1:\d+)", (tmp_path / "serve.log").read_text())):
+            assert time.monotonic() < deadline, "no direct ingress line logged"
+            time.sleep(0.2)
+        d = httpx.post(f"{direct.group(1)}/v1/embeddings", json=body, timeout=30)
+        assert d.status_code == 200 and d.json()["data"] == r.json()["data"]
         # --registry defaults to a folder under the user's cache dir
         assert (tmp_path / "cache" / "capaserve" / "registry").is_dir()
         children = psutil.Process(proc.pid).children(recursive=True)

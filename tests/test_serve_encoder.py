@@ -110,6 +110,21 @@ def test_adapter_embeddings_and_classify_match_engine(base_url, engine):
     np.testing.assert_allclose([d["probs"] for d in body["data"]], want.probs.numpy(), atol=1e-5)
 
 
+def test_direct_ingress_serves_the_same_api(base_url):
+    """The ingress replica's own server (Serve direct ingress) answers as the proxy does."""
+    from serving.ray_local import direct_ingress_urls
+
+    (direct,) = direct_ingress_urls(APP_NAME, "127.0.0.1")  # one ingress replica
+    assert direct != base_url
+    body = {"model": "fe-b", "input": TEXTS[:2]}
+    via_proxy, via_direct = post(base_url, "/v1/embeddings", body), post(direct, "/v1/embeddings", body)
+    assert via_proxy.status_code == via_direct.status_code == 200, via_direct.text
+    np.testing.assert_allclose([d["embedding"] for d in via_direct.json()["data"]],
+                               [d["embedding"] for d in via_proxy.json()["data"]], atol=1e-5)
+    r = post(direct, "/v1/embeddings", {"model": "no-such-adapter", "input": "x"})
+    assert r.status_code == 404 and error_of(r)["type"] == "not_found_error"
+
+
 def test_models_lists_base_and_adapters(base_url):
     r = httpx.get(f"{base_url}/v1/models", timeout=30)
     assert r.status_code == 200

@@ -131,6 +131,11 @@ def run(ns: argparse.Namespace) -> int:
             "capaserve ready at http://%s:%d (registry %s, %d replica(s)); Ctrl-C or SIGTERM stops it",
             args.host, args.port, args.registry, args.replicas,
         )
+        if address is None:
+            from serving.ray_local import direct_ingress_urls
+
+            for url in direct_ingress_urls(APP_NAME, args.host):
+                log.info("direct ingress (same API, skips the proxy hop): %s", url)
         while True:
             signal.pause()
     except _Stop as stop:
