@@ -352,3 +352,35 @@ def test_scheduler_batches_embed_with_classify_and_keeps_generate_apart() -> Non
         assert res == [(kind, text)]
     calls = sorted(rec.calls, key=len)
     assert [sorted(c) for c in calls] == [[("generate", "g0")], sorted(r for r in reqs if r[0] != "generate")]
+
+
+def test_adapter_order_groups_equal_keys_stably() -> None:
+    from serving.engine.mixed import adapter_order
+
+    assert adapter_order(["b", None, "a", "b", None, "a", "c"]) == [0, 3, 1, 4, 2, 5, 6]
+    assert adapter_order([]) == []
+
+
+@pytest.mark.parametrize("rows", [["p", "p", None, "q", "q"], ["p", None, "q", "p", "q"]], ids=["slices", "scattered"])
+def test_mixed_lora_hooks_equal_the_per_row_formula(rows: list[str | None]) -> None:
+    """Both ways a group is addressed (a slice of the batch, or gathered indices) add x A'^T B'^T to its rows only."""
+    from serving.engine.mixed import mixed_lora
+    from serving.engine.weights import TargetDelta
+
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 4))
+    pairs = {
+        name: {t: TargetDelta(b=torch.randn(o, 3, generator=g), a=torch.randn(3, i, generator=g))
+               for t, (i, o) in {"0": (6, 5), "1": (5, 4)}.items()}
+        for name in ("p", "q")
+    }
+    x = torch.randn(len(rows), 2, 6, generator=g)
+    with torch.inference_mode(), mixed_lora(model, [pairs[r] if r else None for r in rows], torch.device("cpu")):
+        got = model(x)
+    with torch.inference_mode():
+        for k, r in enumerate(rows):
+            h = x[k]
+            for t, layer in (("0", model[0]), ("1", model[1])):
+                h = layer(h) + ((h @ pairs[r][t].a.t()) @ pairs[r][t].b.t() if r else 0)
+            torch.testing.assert_close(got[k], h, atol=1e-5, rtol=1e-5)
+    assert all(not m._forward_hooks for m in model.modules())

@@ -24,7 +24,7 @@ from serving.engine.adapter_cache import AdapterCache, PreparedAdapter, planned_
 from serving.engine.config import EngineConfig, SamplingParams
 from serving.engine.errors import AdapterNotLoaded
 from serving.engine.generation import BatchDecoder, SequenceState
-from serving.engine.mixed import mixed_lora
+from serving.engine.mixed import adapter_order, mixed_lora
 from serving.engine.model_loader import LoadedModel, load_model
 from serving.engine.outputs import (
     ClassificationOutput,
@@ -257,25 +257,28 @@ class Engine:
 
     def _hidden_states(
         self, enc: Any, entries: list[PreparedAdapter | None], mixed: bool
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, slice]]:
-        """Per chunk: last hidden states, masks and rows, each forward under the lock.
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[int]]]:
+        """Per chunk: last hidden states, masks and the input rows they hold, each forward under the lock.
 
         Merged: entries[0] (one adapter for all rows) is written into the weights. Mixed: the
-        pristine base runs with each row's own factor pair added by hooks.
+        pristine base runs with each row's own factor pair added by hooks; a chunk's rows go
+        in adapter order, so each adapter's rows are one slice of the batch (same padding).
         """
         n = len(enc["input_ids"])
         for lo in range(0, n, ENCODE_CHUNK):
-            rows = slice(lo, min(n, lo + ENCODE_CHUNK))
+            rows = list(range(lo, min(n, lo + ENCODE_CHUNK)))
+            if mixed:
+                rows = [rows[k] for k in adapter_order([id(entries[i]) for i in rows])]
             with self._tok_lock:
-                batch = self.tokenizer.pad({k: v[rows] for k, v in enc.items()}, return_tensors="pt")
+                batch = self.tokenizer.pad({k: [v[i] for i in rows] for k, v in enc.items()}, return_tensors="pt")
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with self._lock:
                 if mixed:
-                    for e in {id(e): e for e in entries[rows] if e is not None}.values():
+                    for e in {id(entries[i]): entries[i] for i in rows if entries[i] is not None}.values():
                         if self._cache.peek(e.name) is not e:
                             raise AdapterNotLoaded(e.name)
                     self._write(None)  # mixed mode runs with NO adapter merged
-                    factors = [e.factors if e is not None else None for e in entries[rows]]
+                    factors = [entries[i].factors if entries[i] is not None else None for i in rows]
                     updates = mixed_lora(self.model, factors, self.device)
                 else:
                     self._ensure(entries[0])
@@ -323,11 +326,15 @@ class Engine:
             raise InvalidRequest("a merged encoder batch holds one adapter; pass mixed=True for several")
         self._check_classifiers([a for a, t in zip(adapters, tasks) if t == "classify"])
         enc, _ = self._encode(texts)
-        out: list[EncodedRow] = []
+        out: list[EncodedRow | None] = [None] * len(texts)
+        ids = enc["input_ids"]
         with self._rows_of(adapters, mixed) as entries:
             for hidden, mask, rows in self._hidden_states(enc, entries, mixed):
-                out.extend(self._rows_out(hidden, mask, entries[rows], tasks[rows], enc["input_ids"][rows]))
-        return out
+                pooled = self._rows_out(hidden, mask, [entries[i] for i in rows], [tasks[i] for i in rows],
+                                        [ids[i] for i in rows])
+                for i, row in zip(rows, pooled):
+                    out[i] = row
+        return out  # type: ignore[return-value] - every row was filled
 
     @contextmanager
     def _rows_of(self, names: list[str | None], mixed: bool) -> Iterator[list[PreparedAdapter | None]]:
@@ -484,6 +491,13 @@ class Engine:
         sampled rows share one generator, as in `generate`.
         """
         self._check_rows(prompts, adapters)
+        order = adapter_order(list(adapters))  # each adapter's rows one slice of the batch
+        if order != list(range(len(order))):
+            outputs = self.generate_mixed([prompts[i] for i in order], [adapters[i] for i in order], params)
+            restored: list[GenerationOutput | None] = [None] * len(order)
+            for i, o in zip(order, outputs):
+                restored[i] = o
+            return restored  # type: ignore[return-value] - every row was filled
         ids = self._prompt_ids(prompts, params)
         with self._using_many(list(adapters)) as entries:
             dec, states = self._decoder(ids, params)

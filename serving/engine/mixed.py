@@ -6,7 +6,10 @@ PRISTINE base weights in place every target layer can compute
     y = x W^T + b + (x A'^T) B'^T          (scale already folded into B')
 
 with each row's own pair. As in S-LoRA / Punica, rows are grouped by adapter: one pair of
-thin matmuls per adapter present, added back with index_add_. Base rows get no update.
+thin matmuls per adapter present, added into the layer's output in place. The engine orders
+a batch's rows by adapter (`adapter_order`), so each group is a slice of the batch: views
+in, an in-place add out, no gather or scatter copies (any other order still works, through
+index_select / index_add_). Base rows get no update.
 The update is added by forward hooks, installed on the target modules for the duration of
 one forward only (`mixed_lora`), so the model object and its weights are never changed and
 the merged path needs nothing undone. Works for nn.Linear and GPT-2 Conv1D alike, since
@@ -24,14 +27,27 @@ import torch
 from serving.engine.weights import TargetDelta
 
 
+def adapter_order(keys: Sequence[object]) -> list[int]:
+    """Row indices with equal keys next to each other (adapters in order of first appearance)."""
+    first: dict[object, int] = {}
+    for k in keys:
+        first.setdefault(k, len(first))
+    return sorted(range(len(keys)), key=lambda i: first[keys[i]])
+
+
 @dataclass
 class _Group:
-    """Rows [idx] of the batch that use one adapter's (B', A') on one target."""
+    """Rows of the batch that use one adapter's (B', A') on one target."""
 
-    idx: torch.Tensor
+    rows: slice | torch.Tensor  # a slice when the rows are contiguous, else their indices
     b: torch.Tensor
     a: torch.Tensor
-    whole: bool  # the group covers every row: no gather or scatter needed
+
+
+def _rows(idx: list[int], device: torch.device) -> slice | torch.Tensor:
+    if idx == list(range(idx[0], idx[-1] + 1)):
+        return slice(idx[0], idx[-1] + 1)
+    return torch.tensor(idx, dtype=torch.long, device=device)
 
 
 def _plan(
@@ -43,25 +59,25 @@ def _plan(
         if factors is not None:
             by_adapter.setdefault(id(factors), (factors, []))[1].append(i)
     plan: dict[str, list[_Group]] = {}
-    n = len(rows)
     for factors, idx in by_adapter.values():
-        index = torch.tensor(idx, dtype=torch.long, device=device)
+        where = _rows(idx, device)
         for target, d in factors.items():
             assert d.b is not None and d.a is not None, f"target {target!r} has no factor pair"
-            plan.setdefault(target, []).append(_Group(index, d.b, d.a, whole=len(idx) == n))
+            plan.setdefault(target, []).append(_Group(where, d.b, d.a))
     return plan
 
 
 def _hook(groups: list[_Group]):  # noqa: ANN202 - a torch forward hook
     def add_updates(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        # `output` is the layer's fresh result (inference mode): updating it in place is safe
         x = args[0]
         for g in groups:
-            xs = x if g.whole else x.index_select(0, g.idx)
-            delta = (xs.to(torch.float32) @ g.a.t()) @ g.b.t()
-            if g.whole:
-                output = output + delta.to(output.dtype)
+            if isinstance(g.rows, slice):
+                delta = (x[g.rows].to(torch.float32) @ g.a.t()) @ g.b.t()
+                output[g.rows] += delta.to(output.dtype)
             else:
-                output = output.index_add(0, g.idx, delta.to(output.dtype))
+                delta = (x.index_select(0, g.rows).to(torch.float32) @ g.a.t()) @ g.b.t()
+                output.index_add_(0, g.rows, delta.to(output.dtype))
         return output
 
     return add_updates
