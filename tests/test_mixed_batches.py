@@ -289,6 +289,8 @@ def test_generate_mixed_greedy_rows_equal_merged_single_adapter(arch: str, reque
     refs = [engine.generate([p], a, greedy)[0] for p, a in zip(prompts, rows)]
     assert [o.token_ids for o in got] == [r.token_ids for r in refs]
     assert len({tuple(r.token_ids) for r in refs[:3]}) > 1  # the adapters change the completions
+    with pytest.raises(InvalidRequest, match="prompt 2 has"):  # rows run in adapter order, errors keep the caller's
+        engine.generate_mixed(["a", "b", "word " * engine.max_len], ["x", None, "x"], greedy)
 
     # and through the deployment's scheduler: one mixed generate batch, same completions
     from serving.deployments import ModelServer

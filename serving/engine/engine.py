@@ -491,14 +491,17 @@ class Engine:
         sampled rows share one generator, as in `generate`.
         """
         self._check_rows(prompts, adapters)
+        ids = self._prompt_ids(prompts, params)  # errors name rows as the caller numbered them
         order = adapter_order(list(adapters))  # each adapter's rows one slice of the batch
-        if order != list(range(len(order))):
-            outputs = self.generate_mixed([prompts[i] for i in order], [adapters[i] for i in order], params)
-            restored: list[GenerationOutput | None] = [None] * len(order)
-            for i, o in zip(order, outputs):
-                restored[i] = o
-            return restored  # type: ignore[return-value] - every row was filled
-        ids = self._prompt_ids(prompts, params)
+        outputs = self._generate_mixed([ids[i] for i in order], [adapters[i] for i in order], params)
+        restored: list[GenerationOutput | None] = [None] * len(order)
+        for i, o in zip(order, outputs):
+            restored[i] = o
+        return restored  # type: ignore[return-value] - every row was filled
+
+    def _generate_mixed(
+        self, ids: list[list[int]], adapters: list[str | None], params: SamplingParams
+    ) -> list[GenerationOutput]:
         with self._using_many(list(adapters)) as entries:
             dec, states = self._decoder(ids, params)
             factors = [e.factors if e is not None else None for e in entries]
