@@ -274,12 +274,7 @@ class Engine:
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with self._lock:
                 if mixed:
-                    for e in {id(entries[i]): entries[i] for i in rows if entries[i] is not None}.values():
-                        if self._cache.peek(e.name) is not e:
-                            raise AdapterNotLoaded(e.name)
-                    self._write(None)  # mixed mode runs with NO adapter merged
-                    factors = [entries[i].factors if entries[i] is not None else None for i in rows]
-                    updates = mixed_lora(self.model, factors, self.device)
+                    updates = self._mixed_updates([entries[i] for i in rows])
                 else:
                     self._ensure(entries[0])
                     updates = nullcontext()
@@ -411,6 +406,17 @@ class Engine:
                     if e is not None:
                         e.inflight -= 1
 
+    def _mixed_updates(self, entries: list[PreparedAdapter | None]) -> Any:
+        """Under the lock: the pristine base with row i's factor pair hooked in, as a context.
+
+        Raises AdapterNotLoaded if an entry left the cache since it was pinned.
+        """
+        for e in {id(e): e for e in entries if e is not None}.values():
+            if self._cache.peek(e.name) is not e:
+                raise AdapterNotLoaded(e.name)
+        self._write(None)  # mixed mode runs with NO adapter merged
+        return mixed_lora(self.model, [e.factors if e is not None else None for e in entries], self.device)
+
     def _check_rows(self, texts: list[str], adapters: list[str | None]) -> None:
         if not isinstance(adapters, list) or not isinstance(texts, list) or len(adapters) != len(texts):
             raise InvalidRequest("adapters must be a list with one entry (a name or None) per text")
@@ -502,17 +508,11 @@ class Engine:
     def _generate_mixed(
         self, ids: list[list[int]], adapters: list[str | None], params: SamplingParams
     ) -> list[GenerationOutput]:
-        with self._using_many(list(adapters)) as entries:
+        with self._using_many(adapters) as entries:
             dec, states = self._decoder(ids, params)
-            factors = [e.factors if e is not None else None for e in entries]
             while not all(s.done for s in states):
-                with self._lock:
-                    for e in {id(e): e for e in entries if e is not None}.values():
-                        if self._cache.peek(e.name) is not e:
-                            raise AdapterNotLoaded(e.name)
-                    self._write(None)
-                    with mixed_lora(self.model, factors, self.device):
-                        toks = dec.step()
+                with self._lock, self._mixed_updates(entries):
+                    toks = dec.step()
                 for s, tok in zip(states, toks):
                     if not s.done:
                         s.push(tok)
