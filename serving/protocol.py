@@ -113,9 +113,18 @@ class EmbeddingRequest(OpenAIRequest):
 
     input: str | list[str] = Field(..., description="A text or a list of texts to embed.")
     model: str = Field(..., description="The base model id, an adapter name, or name@version.")
-    encoding_format: Literal["float"] = Field("float", description="Only float is supported.")
-    dimensions: int | None = Field(None, description="Not supported; must be omitted or the full size.")
-    user: str | None = Field(None, description="End-user id; logged only.")
+    encoding_format: Literal["float", "base64"] = Field(
+        "float",
+        description="float: a list of numbers; base64: the vector's little-endian float32 bytes, "
+        "base64-encoded (what OpenAI returns, and what its SDK asks for by default).",
+    )
+    dimensions: int | None = Field(
+        None,
+        ge=1,
+        description="Keep the first N dimensions, then L2-normalise again (Matryoshka-style "
+        "truncation); 400 above the model's size. Omit for the full vector.",
+    )
+    user: str | None = Field(None, description="End-user id; accepted and ignored.")
 
     @field_validator("input")
     @classmethod
@@ -129,15 +138,22 @@ class EmbeddingRequest(OpenAIRequest):
 
 class EmbeddingData(OpenAIBaseModel):
     object: Literal["embedding"] = "embedding"
-    embedding: list[float]
+    embedding: list[float] | str = Field(..., description="Numbers, or a base64 string (encoding_format).")
     index: int
+
+
+class EncoderUsage(OpenAIBaseModel):
+    """Usage of an encoder request: no completion tokens (OpenAI sends none for embeddings)."""
+
+    prompt_tokens: int = Field(0, description="Tokens in the input(s).")
+    total_tokens: int = Field(0, description="Equal to prompt_tokens.")
 
 
 class EmbeddingResponse(OpenAIBaseModel):
     object: Literal["list"] = "list"
     data: list[EmbeddingData]
     model: str
-    usage: UsageInfo
+    usage: EncoderUsage
 
 
 # ---------------------------------------------------------------------------- classify
@@ -169,7 +185,7 @@ class ClassifyResponse(OpenAIBaseModel):
     object: Literal["list"] = "list"
     model: str
     data: list[ClassifyData]
-    usage: UsageInfo
+    usage: EncoderUsage
 
 
 # ---------------------------------------------------------------------------- generation

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from adapters.bundle import Task
-from serving.protocol import ClassifyData, ClassifyRequest, ClassifyResponse, UsageInfo
+from serving.protocol import ClassifyData, ClassifyRequest, ClassifyResponse, EncoderUsage
 from serving.replica_io import ReplicaCall
 from serving.service import RequestRecord, ServingContext
 
@@ -18,5 +18,5 @@ async def classify(ctx: ServingContext, req: ClassifyRequest, record: RequestRec
     return ClassifyResponse(
         model=req.model,
         data=[ClassifyData(index=i, label=o.label, probs=o.probs) for i, o in enumerate(result.outputs)],
-        usage=UsageInfo(prompt_tokens=record.prompt_tokens, total_tokens=record.prompt_tokens),
+        usage=EncoderUsage(prompt_tokens=record.prompt_tokens, total_tokens=record.prompt_tokens),
     )

@@ -1,24 +1,55 @@
-"""POST /v1/embeddings: the base encoder or an encoder adapter, mean-pooled and normalised."""
+"""POST /v1/embeddings: the base encoder or an encoder adapter, mean-pooled and normalised.
+
+OpenAI's options are honoured so its SDK works unchanged: `encoding_format="base64"` (its
+default) returns each vector's little-endian float32 bytes base64-encoded, and
+`dimensions=N` keeps the first N components and L2-normalises them again (the rule OpenAI
+documents for its shortened embeddings). Truncation is exact for Matryoshka-trained models
+and an approximation for others; the caller opts in, so it is allowed for every encoder.
+"""
 
 from __future__ import annotations
 
+import base64
+
+import numpy as np
+
 from adapters.bundle import Task
-from serving.protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse, UsageInfo
+from serving.errors import InvalidRequest
+from serving.protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse, EncoderUsage
 from serving.replica_io import ReplicaCall
 from serving.service import RequestRecord, ServingContext
 
 ENCODER_TASKS = {Task.FEATURE_EXTRACTION, Task.SEQUENCE_CLASSIFICATION}
 
 
+def shape_vectors(vectors: list[list[float]], dimensions: int | None, encoding: str) -> list[list[float] | str]:
+    """Truncate and re-normalise (when `dimensions` is set), then encode each vector."""
+    if dimensions is None and encoding == "float":
+        return vectors  # as computed: no float32 round trip
+    arr = np.asarray(vectors, dtype=np.float32)
+    if dimensions is not None:
+        arr = arr[:, :dimensions]
+        norms = np.linalg.norm(arr, axis=1, keepdims=True)
+        arr = arr / np.maximum(norms, np.float32(1e-12))
+    if encoding == "base64":
+        little = arr.astype("<f4", copy=False)
+        return [base64.b64encode(row.tobytes()).decode("ascii") for row in little]
+    return arr.tolist()
+
+
 async def create_embeddings(ctx: ServingContext, req: EmbeddingRequest, record: RequestRecord) -> EmbeddingResponse:
     base_task = await ctx.base_task()
     target = await ctx.resolve(req.model, record)
     ctx.require(target, ENCODER_TASKS, "embeddings", base_ok=base_task in ENCODER_TASKS, base_task=base_task)
+    size = int((await ctx.info()).spec["hidden_size"])
+    if req.dimensions is not None and req.dimensions > size:  # refused before any compute
+        raise InvalidRequest(f"dimensions must be between 1 and the model's size {size}, got {req.dimensions}")
     result = await ctx.client.call("embed", ReplicaCall(adapter=target.adapter, texts=req.texts()))
     ctx.account(record, result)
     record.prompt_tokens = sum(result.prompt_tokens)
+    vectors = shape_vectors(result.outputs, req.dimensions, req.encoding_format)
     return EmbeddingResponse(
-        data=[EmbeddingData(embedding=v, index=i) for i, v in enumerate(result.outputs)],
+        data=[EmbeddingData(embedding=v, index=i) for i, v in enumerate(vectors)],
         model=req.model,
-        usage=UsageInfo(prompt_tokens=record.prompt_tokens, total_tokens=record.prompt_tokens),
+        usage=EncoderUsage(prompt_tokens=record.prompt_tokens, total_tokens=record.prompt_tokens),
     )

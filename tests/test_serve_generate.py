@@ -96,6 +96,37 @@ def test_streamed_completion_equals_whole(base_url):
     assert whole["object"] == "text_completion" and whole["usage"]["completion_tokens"] >= 1
 
 
+@pytest.mark.parametrize("model", [BASE, "chatty@1"])
+def test_openai_sdk_completions_chat_and_streams_equal_the_engine(base_url, engine, model):
+    """The stock `openai` client: whole and streamed completions and chat, greedy, equal the engine's."""
+    import openai
+
+    from serving.engine import SamplingParams
+
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=60)
+    adapter = None if model == BASE else "chatty"
+    params = SamplingParams(max_tokens=12, temperature=0)
+
+    want = engine.generate(["the quick brown"], adapter, params)[0]
+    whole = client.completions.create(model=model, prompt="the quick brown", max_tokens=12, temperature=0)
+    assert whole.choices[0].text == want.text and whole.usage.completion_tokens == want.completion_tokens
+    stream = client.completions.create(model=model, prompt="the quick brown", max_tokens=12, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in stream if c.choices) == want.text
+
+    want_chat = engine.generate([engine.apply_chat_template(MESSAGES)], adapter, params)[0]
+    chat = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=12, temperature=0)
+    assert chat.choices[0].message.role == "assistant" and chat.choices[0].message.content == want_chat.text
+    chunks = list(client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=12, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want_chat.text
+    assert chunks[-1].usage.completion_tokens == want_chat.completion_tokens
+
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="no-such-adapter", messages=MESSAGES)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=model, prompt="x", max_tokens=0)
+
+
 def test_seeded_sampling_is_reproducible(base_url):
     body = {"model": BASE, "prompt": ["hello", "the lazy dog"], "max_tokens": 12, "temperature": 0.9, "seed": 42}
     a = httpx.post(f"{base_url}/v1/completions", json=body, timeout=60).json()

@@ -3,7 +3,8 @@
 Two roles. The admin token guards registry writes: with one configured, a write without
 `Authorization: Bearer ...` is 401 and one with a wrong token 403; with none configured,
 writes are open (a local, single-user server). API keys guard inference and registry
-reads, only when some are configured; the admin token is accepted there too.
+reads, only when some are configured; the admin token is accepted there too. A missing
+or invalid API key is 401 (what OpenAI answers, so its SDK raises AuthenticationError).
 
 Secrets are held as `SecretStr` so they never show in a repr, a log line or a settings
 dump, and are compared with `hmac.compare_digest` so timing reveals nothing of them.
@@ -84,7 +85,9 @@ class AuthSettings(BaseModel):
             assert self.admin_token is not None
             accepted.append(self.admin_token)
         if not _matches(token, accepted):
-            raise Forbidden("the API key is not valid")
+            # 401, as OpenAI and vLLM answer an invalid key (their SDK raises AuthenticationError);
+            # 403 stays for a valid caller without the right (an API key on a registry write).
+            raise Unauthorized("the API key is not valid")
 
     async def require_admin(self, authorization: str | None = Header(None)) -> None:
         """FastAPI dependency for registry writes."""

@@ -31,13 +31,25 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Start capaserve on 127.0.0.1 (or target --url), register N synthetic adapters, run Locust per "
         "configuration and write Locust CSVs, summary.md and PNG plots to --out.",
     )
-    if (ROOT / "loadtest" / "run.py").exists():
-        _import_run().add_arguments(p)
-    p.set_defaults(func=run)
+    try:
+        mod = _import_run()
+    except (SystemExit, ImportError):
+        # Not a checkout, or the [loadtest] extra is missing: keep `capaserve --help` and the
+        # other subcommands working; running this one says what to install.
+        p.set_defaults(func=run, accepts_unknown_args=True)
+    else:
+        mod.add_arguments(p)
+        p.set_defaults(func=run)
 
 
 def run(ns: argparse.Namespace) -> int:
-    mod = _import_run()
+    try:
+        mod = _import_run()
+    except ImportError as exc:
+        raise SystemExit(
+            f"capaserve loadtest needs the loadtest extra ({exc.name} is missing): "
+            "pip install 'capaserve[loadtest]'"
+        ) from exc
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -9,6 +9,7 @@ With RAY_ADDRESS set the app joins that cluster and only Serve's app is removed 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import math
 import os
@@ -31,6 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--registry-endpoint-url", default=None, help="S3-compatible endpoint for an s3:// registry.")
     p.add_argument("--admin-token", default=None, help="Bearer token required for registry writes.")
     p.add_argument("--api-keys", default=None, help="Comma-separated bearer tokens accepted for inference.")
+    p.add_argument("--allow-unauthenticated-writes", action="store_true",
+                   help="RISK: let anyone who reaches a non-loopback --host upload and delete adapters "
+                   "(without it, such a host needs --admin-token).")
     knob = _knob(p)
     knob("--replicas", int, "Model replicas")
     knob("--num-cpus", float, "CPUs per model replica; sets torch threads")
@@ -97,8 +101,31 @@ def _on_signal(signum: int, _frame: Any) -> None:
     raise _Stop(signal.Signals(signum).name)
 
 
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine reaches (127.0.0.0/8, ::1, localhost)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name or 0.0.0.0-style wildcard: assume it is reachable from outside
+
+
+def check_write_safety(host: str, admin_token: str | None, allow_unauthenticated: bool) -> None:
+    """Refuse an open registry on a reachable address: an unauthenticated upload is code-free but
+    still lets anyone replace what the server answers with."""
+    if admin_token or allow_unauthenticated or is_loopback(host):
+        return
+    raise SystemExit(
+        f"capaserve serve: --host {host} is reachable from other machines and no admin token is set, so "
+        "anyone could upload or delete adapters. Set one with --admin-token TOKEN (or CAPASERVE_ADMIN_TOKEN), "
+        "or pass --allow-unauthenticated-writes to accept the risk."
+    )
+
+
 def run(ns: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    check_write_safety(ns.host, ns.admin_token or None, ns.allow_unauthenticated_writes)
     args = serve_args_from(ns)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not os.environ.get("RAY_ADDRESS"):
