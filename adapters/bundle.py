@@ -1,5 +1,5 @@
 """The `capaboost.v1` bundle: one safetensors file holding, per target layer, the shared
-LoRA factors and the d static masks, plus optional classification head (SPEC section 2).
+LoRA factors and the d static masks, plus optional classification head (docs/bundle-format.md).
 
 Reading goes through `adapters.validation`, so a bundle object always holds a bundle
 that passed every format check; nothing is ever half-loaded.
@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 FORMAT = "capaboost.v1"
 
-#: Tensor name suffixes of one target, in the order they are listed in the SPEC.
+#: Tensor name suffixes of one target, in the order docs/bundle-format.md#tensors lists them.
 TARGET_TENSORS = ("lora_A", "lora_B", "mask_A", "mask_B")
 HEAD_TENSORS = ("head.dense.weight", "head.dense.bias", "head.out.weight", "head.out.bias")
 

@@ -1,4 +1,4 @@
-"""The registry's record of one stored adapter version (SPEC section 3)."""
+"""The registry's record of one stored adapter version (docs/registry.md#manifest)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The merge math: the single source of a target's delta_W (SPEC section 1).
+"""The merge math: the single source of a target's delta_W (docs/merge.md#merge-rule).
 
     delta_W = (alpha / r) * sum_i (B * M_B[i]) @ (A * M_A[i])
             = B' @ A',  B' = scale * [B*M_B[0] | ... | B*M_B[d-1]]  [out, d*r]

@@ -25,7 +25,7 @@ PATHS: dict[Kind, str] = {
     "classify": "/v1/classify",
     "completions": "/v1/completions",
 }
-#: Which endpoints an adapter of each bundle task can serve (SPEC section 3).
+#: Which endpoints an adapter of each bundle task can serve (docs/http-api.md#routes).
 KINDS_OF_TASK: dict[str, tuple[Kind, ...]] = {
     "feature-extraction": ("embeddings",),
     "sequence-classification": ("embeddings", "classify"),

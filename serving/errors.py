@@ -59,5 +59,5 @@ def status_for(exc: BaseException) -> tuple[int, str]:
 
 
 def error_body(message: str, kind: str, code: int) -> dict:
-    """The SPEC error body: {"error": {"message", "type", "code"}}."""
+    """The error body of docs/http-api.md#errors: {"error": {"message", "type", "code"}}."""
     return {"error": {"message": message, "type": kind, "code": code}}

@@ -1,7 +1,7 @@
-"""The HTTP ingress: FastAPI routes of SPEC section 3 over Ray Serve (`serve.ingress`).
+"""The HTTP ingress: FastAPI routes of docs/http-api.md over Ray Serve (`serve.ingress`).
 
 Routes only map service results to HTTP: a response model becomes JSON, an iterator
-becomes Server-Sent Events, an exception becomes the SPEC error body with the status
+becomes Server-Sent Events, an exception becomes the error body (docs/http-api.md#errors) with the status
 `serving.errors.status_for` gives it. The service logic is in one module per endpoint
 family (serve_embeddings, serve_classify, serve_generate, serve_models); the registry
 routes come from serving.api.registry. An ASGI middleware records the metrics of every
@@ -92,7 +92,7 @@ def unwrap(exc: BaseException) -> BaseException:
 
 
 class MappedRoute(APIRoute):
-    """Every error of a route (validation and auth included) becomes the SPEC body."""
+    """Every error of a route (validation and auth included) becomes the error body of docs/http-api.md#errors."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()

@@ -1,4 +1,4 @@
-"""Every request and response body of the HTTP API (SPEC section 3), on one base class.
+"""Every request and response body of the HTTP API (docs/http-api.md), on one base class.
 
 Fields follow the order of the OpenAI API reference so clients and docs read alike.
 Each request converts itself to what the engine takes (`to_sampling_params`, `texts`),
@@ -72,16 +72,16 @@ class ErrorInfo(OpenAIBaseModel):
 
 
 class ErrorResponse(OpenAIBaseModel):
-    """The SPEC error body: {"error": {"message", "type", "code"}}."""
+    """The error body of docs/http-api.md#errors: {"error": {"message", "type", "code"}}."""
 
     error: ErrorInfo
 
 
 #: OpenAPI `responses` of every route: any 4xx (validation errors are 400, not FastAPI's 422)
-#: and 5xx carries the SPEC error body.
+#: and 5xx carries the error body of docs/http-api.md#errors.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    "4XX": {"model": ErrorResponse, "description": "Client error, with the SPEC error body."},
-    "5XX": {"model": ErrorResponse, "description": "Server error or overload (503), with the SPEC error body."},
+    "4XX": {"model": ErrorResponse, "description": "Client error, with the standard error body."},
+    "5XX": {"model": ErrorResponse, "description": "Server error or overload (503), with the standard error body."},
 }
 
 

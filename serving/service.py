@@ -1,7 +1,7 @@
 """What every endpoint family shares on the ingress: resolving `model`, calling replicas,
 and the per-request record that the access log and metrics read.
 
-`model` resolution (SPEC section 3): the base model id means the base; otherwise it is
+`model` resolution (docs/http-api.md#model-references): the base model id means the base; otherwise it is
 an adapter `name` (latest version) or `name@version`, resolved against the registry on
 every request, so a new version is served by the next request and a deleted one is 404.
 The resolved manifest travels with the call and its `ref` (name@version) is the

@@ -15,7 +15,7 @@ MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 def hand_delta(bundle: AdapterBundle, target: str) -> torch.Tensor:
-    """SPEC section 1 literally, in float64: (alpha/r) * sum_i (B*M_B[i]) @ (A*M_A[i])."""
+    """docs/merge.md#merge-rule literally, in float64: (alpha/r) * sum_i (B*M_B[i]) @ (A*M_A[i])."""
     m, f = bundle.metadata, bundle.targets[target]
     a, b = f.lora_A.double(), f.lora_B.double()
     total = torch.zeros(f.out_features, f.in_features, dtype=torch.float64)

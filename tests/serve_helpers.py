@@ -47,7 +47,7 @@ def running_app(args_dict: dict, num_cpus: int = 4) -> Iterator[str]:
 
 
 def error_of(resp: httpx.Response) -> dict:
-    """The SPEC error body's inner object, checked for shape and code."""
+    """The inner object of the error body (docs/http-api.md#errors), checked for shape and code."""
     body = resp.json()
     assert set(body) == {"error"}, body
     err = body["error"]

@@ -1,4 +1,4 @@
-"""Model references and adapter names (SPEC section 3)."""
+"""Model references and adapter names (docs/http-api.md#model-references, docs/registry.md#names)."""
 
 from __future__ import annotations
 

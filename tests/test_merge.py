@@ -1,4 +1,4 @@
-"""The merge math (SPEC section 1) against two oracles: the unmerged CapaBoostLinear and an
+"""The merge math (docs/merge.md#merge-rule) against two oracles: the unmerged CapaBoostLinear and an
 independent float64 loop written straight from the formula; both weight orientations
 (nn.Linear [out, in], GPT-2 Conv1D [in, out]); float32, float16 and bfloat16 weights."""
 

@@ -90,7 +90,7 @@ def trained_cls(cls_data, tmp_path_factory):
 
 def served_probs(model_dir: Path, bundle_path: Path, texts: list[str]) -> torch.Tensor:
     """What the server must answer, computed independently of the training code: a plain
-    AutoModel with W + delta_W written into each target, mean-pooled, then the SPEC head."""
+    AutoModel with W + delta_W written into each target, mean-pooled, then the docs/bundle-format.md head."""
     from transformers import AutoModel, AutoTokenizer
 
     bundle = load_bundle(bundle_path)

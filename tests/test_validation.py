@@ -1,4 +1,4 @@
-"""Every invalid-bundle case of SPEC section 2, as one table of (name, mutation, expected).
+"""Every invalid-bundle case of docs/bundle-format.md#validation, as one table of (name, mutation, expected).
 
 Each case copies a good fixture bundle to tmp_path, mutates the file, then runs both
 validation stages (format via load_bundle, servability via check_servable against

@@ -93,7 +93,7 @@ class S3Store(RegistryStore):
         return f"{self.prefix}blobs/{sha}"
 
     def _name_prefix(self, name: str) -> str:
-        if not is_valid_name(name):  # names become key parts: keep them to the SPEC charset
+        if not is_valid_name(name):  # names become key parts: keep them to docs/registry.md#names
             raise AdapterNotFound(f"adapter {name!r} not found")
         return f"{self.prefix}manifests/{name}/"
 

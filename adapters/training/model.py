@@ -1,10 +1,10 @@
 """The model being trained: a frozen transformers model whose target layers are wrapped
-in `CapaBoostLinear`, plus (for classification) the SPEC head. Everything the served
+in `CapaBoostLinear`, plus (for classification) the head of docs/bundle-format.md#task-heads. Everything the served
 model computes is computed here the same way, so the exported bundle reproduces it:
 
 - targets are module paths of `AutoModel` (feature-extraction, sequence-classification)
   or `AutoModelForCausalLM` (causal-lm), the classes the server loads;
-- pooling is the SPEC's: mean over the attention mask (or the first token), and for
+- pooling is that of docs/bundle-format.md#pooling: mean over the attention mask (or the first token), and for
   embeddings L2-normalised;
 - the head is dense -> tanh -> out on the pooled, unnormalised state.
 """
@@ -82,13 +82,13 @@ def attach_capaboost(
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Mean of the token states over the attention mask (SPEC pooling), in float32."""
+    """Mean of the token states over the attention mask (docs/bundle-format.md#pooling), in float32."""
     m = attention_mask.to(torch.float32).unsqueeze(-1)
     return (hidden.to(torch.float32) * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.Tensor:
-    """SPEC section 2 pooling for the head: `mean` over the mask, or `cls` (first token)."""
+    """Head pooling (docs/bundle-format.md#pooling): `mean` over the mask, or `cls` (first token)."""
     if how == "cls":
         return hidden[:, 0].to(torch.float32)
     return mean_pool(hidden, attention_mask)

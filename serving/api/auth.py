@@ -1,4 +1,4 @@
-"""Bearer-token auth for the HTTP API (SPEC section 3).
+"""Bearer-token auth for the HTTP API (docs/http-api.md#authentication).
 
 Two roles. The admin token guards registry writes: with one configured, a write without
 `Authorization: Bearer ...` is 401 and one with a wrong token 403; with none configured,
@@ -11,7 +11,7 @@ dump, and are compared with `hmac.compare_digest` so timing reveals nothing of t
 
 Use: `Depends(auth.require_admin)` / `Depends(auth.require_api_key)` on a route (bound
 methods are FastAPI dependencies). They raise `serving.errors.Unauthorized` / `Forbidden`,
-which the route class or the app's exception handler turns into the SPEC error body.
+which the route class or the app's exception handler turns into the error body (docs/http-api.md#errors).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The adapter registry over HTTP (SPEC section 3), plus vLLM's runtime LoRA admin routes.
+"""The adapter registry over HTTP (docs/http-api.md#adapter-registry), plus vLLM's runtime LoRA admin routes.
 
 Contract with the ingress (serving/app.py):
 
@@ -13,7 +13,7 @@ Contract with the ingress (serving/app.py):
   request, so a new version is served and a deleted one answers 404 even if it fails
   (its failure is logged; the registry write has happened and the answer says so).
 * The router carries its own route class, so its errors (including auth and
-  parameter-validation errors) are the SPEC body `{"error": {message, type, code}}`
+  parameter-validation errors) are the error body (docs/http-api.md#errors) `{"error": {message, type, code}}`
   whatever exception handlers the app installs.
 
 Uploads are streamed to a temp file (never held whole in memory while receiving), with
@@ -158,7 +158,7 @@ BUNDLE_DOWNLOAD = {200: {"description": "The bundle bytes.", "content": {"applic
 
 
 def error_response(exc: BaseException) -> JSONResponse:
-    """The SPEC error body for any exception; unknown ones are 500 without internals."""
+    """The error body (docs/http-api.md#errors) for any exception; unknown ones are 500 without internals."""
     if isinstance(exc, RequestValidationError):
         parts = []
         for err in exc.errors():
@@ -179,7 +179,7 @@ def error_response(exc: BaseException) -> JSONResponse:
 
 
 class ErrorMappingRoute(APIRoute):
-    """Route class whose handler (dependencies included) answers errors with the SPEC body."""
+    """Route class whose handler (dependencies included) answers errors as docs/http-api.md#errors says."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()

@@ -1,6 +1,6 @@
 """`capaserve serve`: start (or join) Ray, run the application on host:port, block until stopped.
 
-Flags are SPEC section 4 plus the tuning knobs of `ServeArgs`; each also reads
+Flags are those of docs/cli.md#capaserve-serve plus the tuning knobs of `ServeArgs`; each also reads
 CAPASERVE_<FLAG> (see serving.cli). Ctrl-C and SIGTERM shut down cleanly: Serve first
 (replicas drain and exit), then Ray, so a local cluster leaves no processes behind.
 With RAY_ADDRESS set the app joins that cluster and only Serve's app is removed on exit.

@@ -1,4 +1,4 @@
-"""SPEC pooling: mean over the attention mask (then L2 normalisation for embeddings, as
+"""Pooling (docs/bundle-format.md#pooling): mean over the attention mask (then L2 normalisation for embeddings, as
 sentence-transformers does for all-MiniLM-L6-v2) and the classification head. float32."""
 
 from __future__ import annotations
