@@ -3,6 +3,8 @@ edge (`serving.errors.status_for`). Engine code raises these; only routes build 
 
 from __future__ import annotations
 
+from starlette.requests import ClientDisconnect
+
 from adapters.errors import BundleError
 from adapters.registry.store import AdapterNotFound
 from serving.engine.errors import AdapterNotLoaded
@@ -47,6 +49,9 @@ _STATUS: list[tuple[type[BaseException], int, str]] = [
     (AdapterNotLoaded, 404, "not_found_error"),
     (PayloadTooLarge, 413, "payload_too_large"),
     (Overloaded, 503, "overloaded_error"),
+    # The client closed the connection while its body was read: nginx's 499, so logs and
+    # metrics do not count it as a server error (nobody receives this answer).
+    (ClientDisconnect, 499, "client_closed_request"),
 ]
 
 

@@ -26,7 +26,6 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 
 from adapters.registry.resolver import AdapterResolver
 from adapters.registry.store import RegistryStore, open_store
@@ -129,8 +128,10 @@ class Metered:
 
         try:
             await self.app(scope, receive, send_wrapper)
-        except (asyncio.CancelledError, ClientDisconnect):
-            status["code"] = 499  # the client went away (Serve cancels its request): not a server error
+        except asyncio.CancelledError:
+            # The client went away and Serve cancelled its request (a disconnect seen by a route
+            # is mapped to 499 by serving.errors.status_for): not a server error.
+            status["code"] = 499
             raise
         finally:
             if not status["done"]:

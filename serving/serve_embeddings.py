@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import base64
 
-import numpy as np
+import torch
 
 from adapters.bundle import Task
+from serving.engine.pooling import l2_normalize
 from serving.errors import InvalidRequest
 from serving.protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse, EncoderUsage
 from serving.replica_io import ReplicaCall
@@ -26,13 +27,11 @@ def shape_vectors(vectors: list[list[float]], dimensions: int | None, encoding: 
     """Truncate and re-normalise (when `dimensions` is set), then encode each vector."""
     if dimensions is None and encoding == "float":
         return vectors  # as computed: no float32 round trip
-    arr = np.asarray(vectors, dtype=np.float32)
+    arr = torch.tensor(vectors, dtype=torch.float32)
     if dimensions is not None:
-        arr = arr[:, :dimensions]
-        norms = np.linalg.norm(arr, axis=1, keepdims=True)
-        arr = arr / np.maximum(norms, np.float32(1e-12))
+        arr = l2_normalize(arr[:, :dimensions])  # the engine's own normalisation
     if encoding == "base64":
-        little = arr.astype("<f4", copy=False)
+        little = arr.numpy().astype("<f4", copy=False)
         return [base64.b64encode(row.tobytes()).decode("ascii") for row in little]
     return arr.tolist()
 
@@ -41,9 +40,10 @@ async def create_embeddings(ctx: ServingContext, req: EmbeddingRequest, record: 
     base_task = await ctx.base_task()
     target = await ctx.resolve(req.model, record)
     ctx.require(target, ENCODER_TASKS, "embeddings", base_ok=base_task in ENCODER_TASKS, base_task=base_task)
-    size = int((await ctx.info()).spec["hidden_size"])
-    if req.dimensions is not None and req.dimensions > size:  # refused before any compute
-        raise InvalidRequest(f"dimensions must be between 1 and the model's size {size}, got {req.dimensions}")
+    if req.dimensions is not None:  # refused before any compute
+        size = int((await ctx.info()).spec["hidden_size"])
+        if req.dimensions > size:
+            raise InvalidRequest(f"dimensions must be between 1 and the model's size {size}, got {req.dimensions}")
     result = await ctx.client.call("embed", ReplicaCall(adapter=target.adapter, texts=req.texts()))
     ctx.account(record, result)
     record.prompt_tokens = sum(result.prompt_tokens)

@@ -70,3 +70,47 @@ def test_cancelled_before_answer_is_499_and_finished_request_is_200():
     assert _count(metrics, "500") == 0
     statuses = [json.loads(line)["status"] for line in lines]
     assert statuses == [499, 499, 200]
+
+
+def test_route_that_sees_a_disconnect_is_499_not_500():
+    """A route reading the body of a request whose client left gets starlette's ClientDisconnect;
+    the error mapping turns it into 499 (nginx's "client closed request"), never 500."""
+    from fastapi import FastAPI
+    from starlette.requests import ClientDisconnect
+
+    from serving.errors import status_for
+    from serving.ingress import MappedRoute
+
+    assert status_for(ClientDisconnect()) == (499, "client_closed_request")
+
+    api = FastAPI()
+    api.router.route_class = MappedRoute
+
+    @api.post("/v1/embeddings")
+    async def embeddings() -> dict:
+        raise ClientDisconnect()
+
+    metrics = ServerMetrics()
+
+    async def main() -> list[dict]:
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "path": "/v1/embeddings", "method": "POST", "headers": [],
+                 "query_string": b"", "state": {}}
+        await Metered(api, metrics)(scope, receive, send)
+        return sent
+
+    sent = asyncio.run(main())
+    assert sent[0]["status"] == 499
+    assert _count_any(metrics, "499") == 1 and _count_any(metrics, "500") == 0
+
+
+def _count_any(metrics: ServerMetrics, status: str) -> float:
+    return sum(s.value for m in metrics.requests.collect() for s in m.samples
+               if s.name.endswith("_total") and s.labels.get("status") == status)

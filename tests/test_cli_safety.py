@@ -3,6 +3,7 @@ missing optional extra is named, not a traceback."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -29,8 +30,6 @@ def test_open_registry_off_loopback_needs_a_token_or_the_risk_flag():
 
 def test_serve_refuses_to_start_on_a_public_host_without_a_token():
     env_clear = {"CAPASERVE_ADMIN_TOKEN": "", "CAPASERVE_ALLOW_UNAUTHENTICATED_WRITES": "0"}
-    import os
-
     proc = subprocess.run([sys.executable, "-m", "serving.cli", "serve", "--host", "0.0.0.0"],
                           capture_output=True, text=True, timeout=120, env={**os.environ, **env_clear})
     assert proc.returncode != 0
