@@ -1,19 +1,8 @@
-"""CapaBoost adapters: the `capaboost.v1` bundle format, its validation, the merge math,
-importers and the registry stores. Nothing here imports Ray."""
+"""CapaBoost adapters: the `capaboost.v1` bundle format (`adapters.bundle`), its validation
+(`adapters.validation`), the merge math (`adapters.merge`), importers (`adapters.importers`),
+training (`adapters.training`) and the registry stores (`adapters.registry`). Nothing here
+imports Ray. The package itself re-exports nothing: import from the module that defines a
+name, so no module is imported back by what it imports.
+"""
 
-from adapters.bundle import FORMAT, AdapterBundle, BundleMetadata, Task, TargetFactors, load_bundle, save_bundle
-from adapters.errors import BundleError
-from adapters.merge import delta_weight, stacked_factors
-
-__all__ = [
-    "FORMAT",
-    "AdapterBundle",
-    "BundleError",
-    "BundleMetadata",
-    "Task",
-    "TargetFactors",
-    "delta_weight",
-    "load_bundle",
-    "save_bundle",
-    "stacked_factors",
-]
+#: capaserve-adapters (serving/__init__.py checks for this line: AdapterHub's PyPI package is also named `adapters`)

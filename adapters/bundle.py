@@ -16,7 +16,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors.torch import save_file
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from adapters.errors import BundleError
 
 FORMAT = "capaboost.v1"
 
@@ -84,8 +87,6 @@ class BundleMetadata(BaseModel):
     @classmethod
     def from_header(cls, header: dict[str, str] | None) -> "BundleMetadata":
         """Parse the string-valued header; raises BundleError naming every bad key."""
-        from adapters.errors import BundleError
-
         if header is None:
             raise BundleError("safetensors header has no __metadata__")
         problems: list[str] = []
@@ -179,8 +180,6 @@ class AdapterBundle:
 
 def save_bundle(bundle: AdapterBundle, path: str | os.PathLike[str]) -> Path:
     """Write a bundle atomically (temp file in the same folder, then rename)."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in bundle.tensors().items()}
@@ -194,9 +193,3 @@ def save_bundle(bundle: AdapterBundle, path: str | os.PathLike[str]) -> Path:
         raise
     return path
 
-
-def load_bundle(source: str | os.PathLike[str] | bytes) -> AdapterBundle:
-    """Read and fully validate a bundle from a path or bytes; raises BundleError."""
-    from adapters.validation import read_validated
-
-    return read_validated(source)

@@ -7,6 +7,7 @@ import math
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from adapters.bundle import TargetFactors
 
@@ -85,8 +86,6 @@ class CapaBoostLinear(nn.Module):
 def _linear_dims(base: nn.Module) -> tuple[int, int]:
     if isinstance(base, nn.Linear):
         return base.in_features, base.out_features
-    from transformers.pytorch_utils import Conv1D
-
     if isinstance(base, Conv1D):
         return base.weight.shape[0], base.nf
     raise TypeError(f"CapaBoostLinear wraps nn.Linear or Conv1D, got {type(base).__name__}")

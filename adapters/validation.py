@@ -1,6 +1,6 @@
 """Bundle validation in two stages, each reporting every problem at once.
 
-1. Format (`read_validated`): the safetensors header is parsed by hand, so names, shapes,
+1. Format (`load_bundle`): the safetensors header is parsed by hand, so names, shapes,
    dtypes and metadata are checked before a single tensor byte is read; only then are
    tensors loaded and checked for NaN/Inf. Safetensors is a flat JSON header plus raw
    bytes, so no code is ever executed: pickles are rejected as "not a safetensors file".
@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load as st_load
+from transformers.pytorch_utils import Conv1D
 
 from adapters.bundle import HEAD_TENSORS, TARGET_TENSORS, AdapterBundle, BundleMetadata, Task, TargetFactors
 from adapters.errors import BundleError
@@ -139,10 +141,9 @@ def check_layout(meta: BundleMetadata, infos: dict[str, TensorInfo]) -> list[str
     return problems
 
 
-def read_validated(source: str | os.PathLike[str] | bytes) -> AdapterBundle:
-    """Read a bundle, checking format, layout and values; raises one BundleError listing all."""
-    from safetensors.torch import load as st_load
-
+def load_bundle(source: str | os.PathLike[str] | bytes) -> AdapterBundle:
+    """Read a bundle from a path or bytes, checking format, layout and values; raises one
+    BundleError listing every problem. The only way to read a bundle."""
     data = _read_source(source)
     header, infos = parse_header(data)
     meta = BundleMetadata.from_header(header)
@@ -177,8 +178,6 @@ class BaseModelSpec:
 
     @classmethod
     def from_model(cls, model_id: str, task: Task, model: torch.nn.Module, hidden_size: int) -> "BaseModelSpec":
-        from transformers.pytorch_utils import Conv1D
-
         shapes: dict[str, tuple[int, int]] = {}
         for name, mod in model.named_modules():
             if isinstance(mod, torch.nn.Linear):

@@ -21,9 +21,11 @@ from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save
 
 from adapters.bundle import AdapterBundle, Task
 from adapters.errors import BundleError
+from adapters.validation import load_bundle
 
 #: transformers' `base_model_prefix` of common encoder families: the attribute under which
 #: a task model (…ForSequenceClassification, adapter heads) holds what AutoModel returns.
@@ -112,8 +114,6 @@ def load_tensor_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     with path.open("rb") as fh:
         magic = fh.read(2)
     if path.suffix == ".safetensors" or (path.suffix not in (".bin", ".pt", ".pth") and magic not in (b"PK", b"\x80\x02")):
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(path))
         except Exception as exc:
@@ -139,12 +139,9 @@ def load_tensor_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 def validated(bundle: AdapterBundle) -> AdapterBundle:
     """Serialize and read back through `adapters.validation`: an importer hands out only
     bundles that `load_bundle` would accept (names, shapes, dtypes, metadata, NaN/Inf)."""
-    from safetensors.torch import save
-
-    from adapters.validation import read_validated
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in bundle.tensors().items()}
     try:
-        return read_validated(save(tensors, metadata=bundle.metadata.to_header()))
+        return load_bundle(save(tensors, metadata=bundle.metadata.to_header()))
     except BundleError as exc:
         raise ConversionError(exc.problems) from None

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors.torch import load_file
 
 from adapters.bundle import AdapterBundle, BundleMetadata, Task, TargetFactors
 from adapters.importers.common import ConversionError, PrefixMap, bundle_dtype, natural_key, validated
@@ -149,8 +150,6 @@ def import_peft(
     `base_model` and `task` override adapter_config's `base_model_name_or_path` and
     `task_type`; `prefix_map` overrides `PrefixMap.default(task)`.
     """
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     if not folder.is_dir():
         raise ConversionError(f"{folder}: not a folder")

@@ -32,7 +32,6 @@ from adapters.bundle import BundleMetadata
 from adapters.manifest import AdapterManifest, is_valid_name
 from adapters.registry.store import (
     CHUNK_BYTES,
-    SHA256_RE,
     AdapterNotFound,
     RegistryStore,
     build_manifest,
@@ -151,13 +150,11 @@ class LocalStore(RegistryStore):
                 pass
         return out
 
-    def read_blob(self, sha256: str) -> bytes:
-        if not SHA256_RE.fullmatch(sha256):
-            raise AdapterNotFound(f"blob {sha256!r} not found")
+    def _read_blob(self, sha256: str) -> bytes | None:
         try:
             return (self.blobs / sha256).read_bytes()
         except FileNotFoundError:
-            raise AdapterNotFound(f"blob {sha256} not found") from None
+            return None
 
     # -- writes ------------------------------------------------------------------------
 

@@ -18,9 +18,10 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from adapters.bundle import AdapterBundle, load_bundle
+from adapters.bundle import AdapterBundle
 from adapters.manifest import AdapterManifest, is_valid_name, parse_model_ref
 from adapters.registry.store import AdapterNotFound, RegistryCorrupt, RegistryStore
+from adapters.validation import load_bundle
 
 #: Manifests are tiny, but a registry may hold many; bound the cache anyway.
 MAX_CACHED_MANIFESTS = 4096

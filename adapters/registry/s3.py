@@ -34,9 +34,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import boto3
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
 from adapters.bundle import BundleMetadata
 from adapters.manifest import AdapterManifest, is_valid_name
-from adapters.registry.store import SHA256_RE, AdapterNotFound, RegistryStore, build_manifest, file_digest
+from adapters.registry.store import AdapterNotFound, RegistryStore, build_manifest, file_digest
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +58,6 @@ class S3Store(RegistryStore):
     """Adapters in `bucket` under `prefix`; see the module docstring for the guarantees."""
 
     def __init__(self, client: Any, bucket: str, prefix: str = "", *, gc_grace_s: float = 300.0) -> None:
-        from botocore.exceptions import ClientError
-
         self._ClientError = ClientError
         self.client = client
         self.bucket = bucket
@@ -67,9 +69,6 @@ class S3Store(RegistryStore):
         cls, url: str, *, endpoint_url: str | None = None, gc_grace_s: float = 300.0, **client_kwargs: Any
     ) -> "S3Store":
         """`s3://bucket/prefix` -> store; extra kwargs go to `boto3.client("s3", ...)`."""
-        import boto3
-        from botocore.config import Config
-
         parsed = urlparse(url)
         if parsed.scheme != "s3" or not parsed.netloc:
             raise ValueError(f"expected s3://bucket[/prefix], got {url!r}")
@@ -169,14 +168,12 @@ class S3Store(RegistryStore):
                 pass
         return out
 
-    def read_blob(self, sha256: str) -> bytes:
-        if not SHA256_RE.fullmatch(sha256):
-            raise AdapterNotFound(f"blob {sha256!r} not found")
+    def _read_blob(self, sha256: str) -> bytes | None:
         try:
             return self.client.get_object(Bucket=self.bucket, Key=self._blob_key(sha256))["Body"].read()
         except self._ClientError as exc:
             if _code(exc) in _MISSING_CODES:
-                raise AdapterNotFound(f"blob {sha256} not found") from None
+                return None
             raise
 
     def _exists(self, key: str) -> dict[str, Any] | None:

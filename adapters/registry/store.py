@@ -99,9 +99,19 @@ class RegistryStore(ABC):
     def list_latest(self) -> list[AdapterManifest]:
         """The latest version of every name, sorted by name."""
 
-    @abstractmethod
     def read_blob(self, sha256: str) -> bytes:
-        """The bundle bytes with this digest; AdapterNotFound if absent."""
+        """The bundle bytes with this digest; AdapterNotFound if it is absent or not a digest
+        (a malformed one never reaches the backend: it could name a path or key outside blobs/)."""
+        if not SHA256_RE.fullmatch(sha256):
+            raise AdapterNotFound(f"blob {sha256!r} not found")
+        data = self._read_blob(sha256)
+        if data is None:
+            raise AdapterNotFound(f"blob {sha256} not found")
+        return data
+
+    @abstractmethod
+    def _read_blob(self, sha256: str) -> bytes | None:
+        """The blob's bytes, None if there is none; `sha256` is a well-formed digest."""
 
     @abstractmethod
     def delete(self, name: str, version: int | None = None) -> list[AdapterManifest]:
@@ -129,14 +139,3 @@ class RegistryStore(ABC):
     @abstractmethod
     def _read_manifest(self, name: str, version: int) -> AdapterManifest:
         """One stored manifest; AdapterNotFound if it is absent or deleted."""
-
-
-def open_store(location: str, *, endpoint_url: str | None = None) -> RegistryStore:
-    """A store for a folder path or an `s3://bucket/prefix` URL."""
-    if location.startswith("s3://"):
-        from adapters.registry.s3 import S3Store
-
-        return S3Store.from_url(location, endpoint_url=endpoint_url)
-    from adapters.registry.local import LocalStore
-
-    return LocalStore(Path(location).expanduser())

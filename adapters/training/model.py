@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from adapters.bundle import AdapterBundle, BundleMetadata, Task, TargetFactors
 from adapters.capaboost_linear import CapaBoostLinear
@@ -21,8 +22,6 @@ from adapters.capaboost_linear import CapaBoostLinear
 def _is_linear(mod: nn.Module) -> bool:
     if isinstance(mod, nn.Linear):
         return True
-    from transformers.pytorch_utils import Conv1D
-
     return isinstance(mod, Conv1D)
 
 

@@ -19,8 +19,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from adapters.bundle import AdapterBundle, BundleMetadata, Task, save_bundle
+from adapters.device import resolve_device
 from adapters.training.config import TrainConfig
 from adapters.training.data import Dataset, label_ids, label_names, read_jsonl
 from adapters.training.model import AdaptedModel, ClassificationHead, attach_capaboost, match_targets
@@ -59,16 +62,6 @@ class TrainResult:
     initial_eval: EpochReport
     history: list[EpochReport] = field(default_factory=list)
     seconds: float = 0.0
-
-
-def resolve_device(spec: str) -> torch.device:
-    """`auto` is CUDA when present, else CPU; an explicit CUDA request without one fails."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(spec)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {spec!r} requested but CUDA is not available")
-    return dev
 
 
 def autocast_for(device: torch.device) -> Callable[[], contextlib.AbstractContextManager[Any]]:
@@ -197,8 +190,6 @@ def evaluate(
 
 def load_base(cfg: TrainConfig, device: torch.device) -> tuple[Any, nn.Module]:
     """Tokenizer and float32 model of the class the server loads for this task."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
-
     src = cfg.model_source()
     tok = AutoTokenizer.from_pretrained(src)
     cls = AutoModelForCausalLM if cfg.task is Task.CAUSAL_LM else AutoModel
@@ -246,8 +237,6 @@ def describe(cfg: TrainConfig, train_ds: Dataset, eval_name: str, reports: list[
 
 def train(cfg: TrainConfig, *, log: Callable[[str], None] | None = None) -> TrainResult:
     """Run one training and write the bundle to cfg.output; returns the live model too."""
-    from tqdm.auto import tqdm
-
     t0 = time.monotonic()
     emit = log or (lambda s: tqdm.write(s, file=sys.stderr))
     # data first: a bad line fails before the (slow) model load
