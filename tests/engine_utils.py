@@ -1,15 +1,21 @@
 """Independent references for the engine tests: the merge rule computed by hand in float64
-and plain transformers models whose target weights were replaced by hand."""
+and plain transformers models whose target weights were replaced by hand; and `embed` /
+`classify` (and their mixed forms), the tests' shorthand over `Engine.encode`."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+from transformers import AutoModel, AutoModelForCausalLM
+from transformers.pytorch_utils import Conv1D
 
 from adapters.bundle import AdapterBundle, Task
 from adapters.synthetic import random_bundle
-from serving.engine import Engine, EngineConfig
+from serving.config import EngineConfig
+from serving.engine.engine import Engine
+from serving.engine.outputs import EncodedRow
 
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -25,8 +31,6 @@ def hand_delta(bundle: AdapterBundle, target: str) -> torch.Tensor:
 
 
 def plain_model(folder: Path, task: Task, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    from transformers import AutoModel, AutoModelForCausalLM
-
     cls = AutoModelForCausalLM if task is Task.CAUSAL_LM else AutoModel
     return cls.from_pretrained(str(folder), dtype=dtype, local_files_only=True).eval()
 
@@ -34,8 +38,6 @@ def plain_model(folder: Path, task: Task, dtype: torch.dtype = torch.float32) ->
 @torch.no_grad()
 def hand_merge(model: torch.nn.Module, bundle: AdapterBundle) -> torch.nn.Module:
     """Replace each target weight by W + delta_W (transposed for Conv1D), computed in float64."""
-    from transformers.pytorch_utils import Conv1D
-
     for t in bundle.metadata.targets:
         mod = model.get_submodule(t)
         delta = hand_delta(bundle, t)
@@ -65,3 +67,46 @@ def weights_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def same_weights(model: torch.nn.Module, snapshot: dict[str, torch.Tensor]) -> bool:
     return all(torch.equal(v, snapshot[k]) for k, v in model.state_dict().items())
+
+
+class Embedded(NamedTuple):
+    embeddings: torch.Tensor  # [n, dim] float32, L2-normalised
+    prompt_tokens: int
+
+
+class Classified(NamedTuple):
+    labels: list[str]
+    probs: torch.Tensor  # [n, len(label_names)]
+    label_names: list[str]
+    prompt_tokens: int
+
+
+def embed(engine: Engine, texts: list[str], adapter: str | None = None) -> Embedded:
+    """Embeddings of `texts`, all with `adapter` (None: the base), in one merged encode."""
+    return _embedded(engine.encode(texts, [adapter] * len(texts), ["embed"] * len(texts)))
+
+
+def embed_mixed(engine: Engine, texts: list[str], adapters: list[str | None]) -> Embedded:
+    """Row i embedded with adapters[i], in one mixed (unmerged) encode."""
+    return _embedded(engine.encode(texts, adapters, ["embed"] * len(texts), mixed=True))
+
+
+def classify(engine: Engine, texts: list[str], adapter: str) -> Classified:
+    """`texts` classified by one sequence-classification adapter, in one merged encode."""
+    return _classified(engine.encode(texts, [adapter] * len(texts), ["classify"] * len(texts)))
+
+
+def classify_mixed(engine: Engine, texts: list[str], adapters: list[str]) -> list[Classified]:
+    """Row i classified by adapters[i] (its own head and labels), in one mixed encode; one result per row."""
+    return [_classified([r]) for r in engine.encode(texts, adapters, ["classify"] * len(texts), mixed=True)]
+
+
+def _embedded(rows: list[EncodedRow]) -> Embedded:
+    return Embedded(torch.stack([r.embedding for r in rows]), sum(r.prompt_tokens for r in rows))
+
+
+def _classified(rows: list[EncodedRow]) -> Classified:
+    return Classified(
+        [r.label for r in rows], torch.stack([r.probs for r in rows]), list(rows[0].label_names or []),
+        sum(r.prompt_tokens for r in rows),
+    )

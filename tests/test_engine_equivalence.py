@@ -8,7 +8,7 @@ import torch
 
 from adapters.bundle import Task
 from adapters.capaboost_linear import wrap_targets
-from tests.engine_utils import MINILM_ID, bundle_for, engine_for, hand_merge, plain_model
+from tests.engine_utils import MINILM_ID, bundle_for, embed, engine_for, hand_merge, plain_model
 
 TEXTS = ["the quick brown fox jumps over the lazy dog", "hello world", "capaboost adapters are merged"]
 
@@ -57,7 +57,7 @@ def test_embeddings_match_sentence_transformers_and_hand_pooling(minilm_dir) -> 
     from sentence_transformers import SentenceTransformer
 
     engine = engine_for(minilm_dir, MINILM_ID)
-    out = engine.embed(TEXTS)
+    out = embed(engine, TEXTS)
     st = SentenceTransformer(str(minilm_dir), device="cpu", local_files_only=True)
     ref = torch.as_tensor(st.encode(TEXTS, convert_to_numpy=True))
     assert out.embeddings.shape == (3, 384) and out.embeddings.dtype == torch.float32
@@ -66,7 +66,7 @@ def test_embeddings_match_sentence_transformers_and_hand_pooling(minilm_dir) -> 
 
     bundle = bundle_for(engine, ("attention.self.query", "output.dense"), seed=3, std=0.1)
     engine.load_adapter("a", bundle)
-    got = engine.embed(TEXTS, "a").embeddings
+    got = embed(engine, TEXTS, "a").embeddings
     batch = dict(engine.tokenizer(TEXTS, padding=True, return_tensors="pt"))
     with torch.inference_mode():
         hidden = hand_merge(plain_model(minilm_dir, Task.FEATURE_EXTRACTION), bundle)(**batch).last_hidden_state

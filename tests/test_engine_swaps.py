@@ -12,9 +12,10 @@ import re
 import pytest
 import torch
 
-from adapters.bundle import BundleMetadata, Task
+from adapters.bundle import Task
 from adapters.errors import BundleError
-from serving.engine import AdapterNotLoaded, Engine
+from serving.engine.engine import Engine
+from serving.errors import AdapterNotLoaded
 from serving.errors import Overloaded, status_for
 from tests.engine_utils import MINILM_ID, bundle_for, engine_for, same_weights, weights_snapshot
 
@@ -43,11 +44,11 @@ def test_random_swaps_are_exact(case: str, dtype: str, request: pytest.FixtureRe
     ptrs = {n: p.data_ptr() for n, p in engine.model.named_parameters()}
     objs = {n: p for n, p in engine.model.named_parameters()}
     # "a" dense, "b" factors, "c" dense on overlapping and disjoint targets
-    engine._cache.dense_budget = 1 << 40
+    engine.residency.cache.dense_budget = 1 << 40
     engine.load_adapter("a", bundle_for(engine, suffixes, seed=1))
-    engine._cache.dense_budget = 0
+    engine.residency.cache.dense_budget = 0
     engine.load_adapter("b", bundle_for(engine, suffixes[:1], seed=2))
-    engine._cache.dense_budget = 1 << 40
+    engine.residency.cache.dense_budget = 1 << 40
     engine.load_adapter("c", bundle_for(engine, suffixes[1:], seed=3))
     assert [i.mode for i in engine.list_adapters()] == ["dense", "factors", "dense"]
 
@@ -87,7 +88,7 @@ def minilm(_minilm_engine: Engine) -> Iterator[Engine]:
     e.activate(None)
     for info in e.list_adapters():
         e.unload_adapter(info.name)
-    e._cache.capacity, e._cache.dense_budget = e.config.adapter_cache_bytes, e.config.dense_budget_bytes
+    e.residency.cache.capacity, e.residency.cache.dense_budget = e.config.adapter_cache_bytes, e.config.dense_budget_bytes
 
 
 def _set_meta(b, **changes):
@@ -136,32 +137,35 @@ def test_tied_target_rejected(tiny_gpt2_dir) -> None:
         engine.load_adapter("x", bundle_for(engine, ("lm_head",), seed=1))
 
 
-def test_lru_bounded_in_bytes_never_evicts_active_or_pinned(minilm: Engine) -> None:
+def test_lru_bounded_in_bytes_never_evicts_active_or_leased(minilm: Engine) -> None:
     before = minilm.stats()
-    minilm._cache.dense_budget = 0  # all factors: equal sizes
+    minilm.residency.cache.dense_budget = 0  # all factors: equal sizes
     bundles = {n: bundle_for(minilm, MINILM_TARGETS, seed=i) for i, n in enumerate("abcde")}
     probe = minilm.load_adapter("probe", bundles["a"])
     minilm.unload_adapter("probe")
     size = probe.nbytes
-    minilm._cache.capacity = 2 * size + size // 2  # room for two
+    minilm.residency.cache.capacity = 2 * size + size // 2  # room for two
     for n in "ab":
         minilm.load_adapter(n, bundles[n])
     minilm.activate("a")  # a is active and most recently used
     minilm.load_adapter("c", bundles["c"])  # evicts b (LRU, a is active)
     assert [i.name for i in minilm.list_adapters()] == ["a", "c"]
-    minilm.pin_adapter("c")
+    with minilm.residency.lease(["c"]):  # as a request or stream in progress holds it
+        minilm.activate(None)
+        minilm.load_adapter("d", bundles["d"])  # c leased: evicts a
+        assert [i.name for i in minilm.list_adapters()] == ["c", "d"]
+        s = minilm.stats()
+        assert s.cache_evictions - before.cache_evictions == 2 and s.cache_misses - before.cache_misses == 5 and s.cache_bytes <= minilm.residency.cache.capacity
+        minilm.activate("d")
+        with pytest.raises(Overloaded):  # c leased, d active: no room
+            minilm.load_adapter("e", bundles["e"])
     minilm.activate(None)
-    minilm.load_adapter("d", bundles["d"])  # c pinned: evicts a
-    assert [i.name for i in minilm.list_adapters()] == ["c", "d"]
-    s = minilm.stats()
-    assert s.cache_evictions - before.cache_evictions == 2 and s.cache_misses - before.cache_misses == 5 and s.cache_bytes <= minilm._cache.capacity
-    minilm.activate("d")
-    with pytest.raises(Overloaded):  # c pinned, d active: no room
-        minilm.load_adapter("e", bundles["e"])
+    minilm.load_adapter("e", bundles["e"])  # lease over, d inactive: evicts c (the LRU)
+    assert [i.name for i in minilm.list_adapters()] == ["d", "e"]
     with pytest.raises(AdapterNotLoaded) as err:
         minilm.activate("a")
     assert status_for(err.value)[0] == 404
-    minilm._cache.capacity = size // 2
+    minilm.residency.cache.capacity = size // 2
     with pytest.raises(BundleError, match="more than adapter_cache_bytes"):
         minilm.load_adapter("e", bundles["e"])
 
@@ -181,6 +185,6 @@ def test_replace_and_unload_active(minilm: Engine) -> None:
     minilm.unload_adapter("x")
     assert minilm.stats().active_adapter is None and same_weights(minilm.model, base_w)
     minilm.unload_adapter("y")
-    assert minilm._bank.pristine_bytes() == 0, "pristine copies are kept only for targets in use"
+    assert minilm.residency.bank.pristine_bytes() == 0, "pristine copies are kept only for targets in use"
     with pytest.raises(AdapterNotLoaded):
         minilm.unload_adapter("y")

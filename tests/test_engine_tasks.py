@@ -12,9 +12,20 @@ import pytest
 import torch
 
 from adapters.bundle import Task
-from serving.engine import AdapterNotLoaded, Engine, SamplingParams
-from serving.errors import InvalidRequest, UnsupportedTask
-from tests.engine_utils import MINILM_ID, bundle_for, engine_for, hand_merge, plain_model
+from serving.engine.engine import Engine
+from serving.engine.sampling import SamplingParams
+from serving.errors import AdapterNotLoaded, InvalidRequest, UnsupportedTask
+from tests.engine_utils import (
+    MINILM_ID,
+    bundle_for,
+    classify,
+    embed,
+    engine_for,
+    hand_merge,
+    plain_model,
+    same_weights,
+    weights_snapshot,
+)
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj")
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
@@ -44,7 +55,7 @@ def test_classify_matches_hand_head(minilm: Engine, minilm_dir, pooling: str) ->
         bundle.head = {k: v for k, v in bundle.head.items() if k.startswith("head.out")}
     name = f"clf-{pooling}"
     minilm.load_adapter(name, bundle)
-    out = minilm.classify(TEXTS, name)
+    out = classify(minilm, TEXTS, name)
 
     batch = dict(minilm.tokenizer(TEXTS, padding=True, return_tensors="pt"))
     with torch.inference_mode():
@@ -168,6 +179,30 @@ def test_interleaved_streams_of_different_adapters(llama: Engine) -> None:
     assert got == ref
 
 
+def test_unload_during_a_stream_waits_for_it_to_end(tiny_llama_dir) -> None:
+    """An adapter unloaded (evicted upstream, or its version deleted) while a stream of it is
+    between two steps: the stream ends exactly as an undisturbed one, the adapter is gone
+    once it does, and the base weights are the pristine ones again, bit for bit."""
+    engine = engine_for(tiny_llama_dir)
+    pristine = weights_snapshot(engine.model)
+    engine.load_adapter("z", bundle_for(engine, LLAMA_TARGETS, seed=13, std=0.5))
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    want = engine.generate(["the quick brown fox"], "z", params)[0].token_ids
+    stream = engine.generate_stream("the quick brown fox", "z", params)
+    got = list(next(stream).token_ids)
+    engine.unload_adapter("z")
+    assert engine.has_adapter("z")  # still leased by the stream
+    base_now = engine.generate(["the quick brown fox"], None, params)[0].token_ids  # others go on meanwhile
+    for d in stream:
+        got += d.token_ids
+    assert got == want
+    assert not engine.has_adapter("z") and engine.stats().loaded_adapters == 0
+    assert same_weights(engine.model, pristine)
+    assert engine.generate(["the quick brown fox"], None, params)[0].token_ids == base_now
+    with pytest.raises(AdapterNotLoaded):
+        engine.generate(["x"], "z", params)
+
+
 def test_chat_template_and_counts(llama: Engine, minilm: Engine) -> None:
     text = llama.apply_chat_template([{"role": "user", "content": "hi"}])
     assert text == "<|user|>hi<|end|><|assistant|>"
@@ -181,14 +216,14 @@ def test_chat_template_and_counts(llama: Engine, minilm: Engine) -> None:
 def test_request_errors(llama: Engine, minilm: Engine) -> None:
     minilm.load_adapter("fe", bundle_for(minilm, ("attention.self.value",), seed=1))
     cases = [
-        (lambda: llama.embed(["x"]), UnsupportedTask, "causal LM"),
+        (lambda: embed(llama, ["x"]), UnsupportedTask, "causal LM"),
         (lambda: minilm.generate(["x"], None, GREEDY), UnsupportedTask, "encoder"),
-        (lambda: minilm.classify(["x"], "fe"), UnsupportedTask, "not sequence-classification"),
-        (lambda: minilm.embed([]), InvalidRequest, "non-empty"),
-        (lambda: minilm.embed(["word " * 600]), InvalidRequest, "more than the limit of 512"),
+        (lambda: classify(minilm, ["x"], "fe"), UnsupportedTask, "not sequence-classification"),
+        (lambda: embed(minilm, []), InvalidRequest, "non-empty"),
+        (lambda: embed(minilm, ["word " * 600]), InvalidRequest, "more than the limit of 512"),
         (lambda: llama.generate(["hi"], None, SamplingParams(max_tokens=300)), InvalidRequest, "exceeds the limit"),
         (lambda: llama.generate_stream("hi", "nope", GREEDY), AdapterNotLoaded, "nope"),
-        (lambda: minilm.embed(["x"], "nope"), AdapterNotLoaded, "nope"),
+        (lambda: embed(minilm, ["x"], "nope"), AdapterNotLoaded, "nope"),
     ]
     for call, exc, message in cases:
         with pytest.raises(exc, match=message):

@@ -7,7 +7,7 @@ import threading
 
 import torch
 
-from tests.engine_utils import MINILM_ID, bundle_for, engine_for
+from tests.engine_utils import MINILM_ID, bundle_for, embed, engine_for
 
 TEXTS = ["threads must never see another adapter's weights", "short", "a third text, of medium length"]
 
@@ -19,7 +19,7 @@ def test_concurrent_embeds_on_different_adapters(minilm_dir) -> None:
         engine.load_adapter(f"a{i}", bundle_for(engine, ("attention.self.query", "attention.output.dense"), seed=i))
         names.append(f"a{i}")
     assert {i.mode for i in engine.list_adapters()} == {"dense", "factors"}
-    refs = {n: engine.embed(TEXTS, n).embeddings for n in names}
+    refs = {n: embed(engine, TEXTS, n).embeddings for n in names}
     assert all((refs[n] - refs[None]).abs().max() > 1e-3 for n in names[1:])
 
     errors: list[str] = []
@@ -28,7 +28,7 @@ def test_concurrent_embeds_on_different_adapters(minilm_dir) -> None:
     def worker(name: str | None) -> None:
         start.wait()
         for _ in range(6):
-            got = engine.embed(TEXTS, name).embeddings
+            got = embed(engine, TEXTS, name).embeddings
             if not torch.allclose(got, refs[name], atol=1e-6, rtol=0):
                 errors.append(f"{name}: max diff {(got - refs[name]).abs().max():.3g}")
 

@@ -10,9 +10,20 @@ import pytest
 import torch
 
 from adapters.bundle import Task
-from serving.engine import Engine
+from serving.engine.engine import Engine
+from serving.config_sources import config_of
 from serving.errors import InvalidRequest, UnsupportedTask
-from tests.engine_utils import MINILM_ID, bundle_for, engine_for, same_weights, weights_snapshot
+from tests.engine_utils import (
+    MINILM_ID,
+    bundle_for,
+    classify,
+    classify_mixed,
+    embed,
+    embed_mixed,
+    engine_for,
+    same_weights,
+    weights_snapshot,
+)
 
 torch.set_num_threads(1)
 
@@ -50,62 +61,62 @@ def test_factors_kept_for_dense_and_factor_adapters(minilm: Engine) -> None:
     modes = {i.name: i.mode for i in minilm.list_adapters()}
     assert modes == {"fx": "dense", "clf0": "factors", "clf1": "factors", "clf2": "factors"}
     for name in modes:
-        e = minilm._cache.peek(name)
+        e = minilm.residency.cache.peek(name)
         assert set(e.factors) == set(e.deltas) and all(d.b is not None and d.a is not None for d in e.factors.values())
-    fx = minilm._cache.peek("fx")
+    fx = minilm.residency.cache.peek("fx")
     factor_bytes = sum(d.nbytes for d in fx.factors.values())
     assert fx.nbytes == sum(d.nbytes for d in fx.deltas.values()) + factor_bytes  # accounted
-    clf = minilm._cache.peek("clf0")
+    clf = minilm.residency.cache.peek("clf0")
     assert clf.factors["encoder.layer.0.attention.self.query"] is clf.deltas["encoder.layer.0.attention.self.query"]
 
 
 def test_embed_mixed_base_and_three_adapters_equal_merged_reference(minilm: Engine) -> None:
     rows = [None, "fx", "clf0", "clf1", None, "fx", "clf2", "clf0"]
-    got = minilm.embed_mixed(TEXTS, rows)
+    got = embed_mixed(minilm, TEXTS, rows)
     assert minilm.mode == "mixed"
     for i, (text, name) in enumerate(zip(TEXTS, rows)):
-        ref = minilm.embed([text], name).embeddings[0]
+        ref = embed(minilm, [text], name).embeddings[0]
         torch.testing.assert_close(got.embeddings[i], ref, atol=1e-4, rtol=0)
     assert minilm.mode == "merged"
     assert got.prompt_tokens == minilm.count_tokens(TEXTS)
     # the adapters visibly differ, so equality above is not vacuous
-    assert (minilm.embed([TEXTS[0]], "fx").embeddings - minilm.embed([TEXTS[0]]).embeddings).abs().max() > 1e-3
+    assert (embed(minilm, [TEXTS[0]], "fx").embeddings - embed(minilm, [TEXTS[0]]).embeddings).abs().max() > 1e-3
 
 
 def test_classify_mixed_each_row_own_head_equals_merged_reference(minilm: Engine) -> None:
     rows = ["clf0", "clf1", "clf2", "clf0", "clf2", "clf1", "clf0", "clf1"]
-    got = minilm.classify_mixed(TEXTS, rows)
+    got = classify_mixed(minilm, TEXTS, rows)
     assert len(got) == len(TEXTS)
     for out, text, name in zip(got, TEXTS, rows):
-        ref = minilm.classify([text], name)
+        ref = classify(minilm, [text], name)
         torch.testing.assert_close(out.probs, ref.probs, atol=1e-4, rtol=0)
         assert out.labels == ref.labels and out.label_names == ref.label_names
     with pytest.raises(UnsupportedTask):
-        minilm.classify_mixed(TEXTS[:2], ["clf0", None])
+        classify_mixed(minilm, TEXTS[:2], ["clf0", None])
     with pytest.raises(UnsupportedTask):
-        minilm.classify_mixed(TEXTS[:2], ["clf0", "fx"])
+        classify_mixed(minilm, TEXTS[:2], ["clf0", "fx"])
 
 
 def test_mixed_forward_leaves_base_weights_bit_exact(minilm: Engine) -> None:
     minilm.activate(None)
     base = weights_snapshot(minilm.model)
     minilm.activate("fx")  # a merged adapter is unmerged (pristine restored) before a mixed forward
-    minilm.embed_mixed(TEXTS[:4], ["fx", None, "clf0", "clf1"])
+    embed_mixed(minilm, TEXTS[:4], ["fx", None, "clf0", "clf1"])
     assert minilm.stats().active_adapter is None
     assert same_weights(minilm.model, base)
-    minilm.classify_mixed(TEXTS[:3], ["clf0", "clf1", "clf2"])
+    classify_mixed(minilm, TEXTS[:3], ["clf0", "clf1", "clf2"])
     assert same_weights(minilm.model, base)
     assert all(not m._forward_hooks for m in minilm.model.modules())  # hooks live for one forward only
 
 
 def test_single_adapter_mixed_equals_merged_and_long_batches_chunk(minilm: Engine, monkeypatch) -> None:
-    import serving.engine.engine as engine_mod
+    import serving.engine.encode as encode_mod
 
-    monkeypatch.setattr(engine_mod, "ENCODE_CHUNK", 3)  # rows of one adapter split across chunks
+    monkeypatch.setattr(encode_mod, "ENCODE_CHUNK", 3)  # rows of one adapter split across chunks
     rows = ["fx"] * 5 + [None, "clf2", "fx"]
-    got = minilm.embed_mixed(TEXTS, rows).embeddings
+    got = embed_mixed(minilm, TEXTS, rows).embeddings
     for i in range(len(TEXTS)):
-        torch.testing.assert_close(got[i], minilm.embed([TEXTS[i]], rows[i]).embeddings[0], atol=1e-4, rtol=0)
+        torch.testing.assert_close(got[i], embed(minilm, [TEXTS[i]], rows[i]).embeddings[0], atol=1e-4, rtol=0)
 
 
 # ---------------------------------------------------------------------------- policy
@@ -222,9 +233,7 @@ def test_model_server_mixed_batch_through_scheduler_equals_merged(minilm: Engine
     from serving.deployments import ModelServer
     from serving.metrics import ServerMetrics
 
-    server = ModelServer(
-        {"registry": str(tmp_path), "adapter_mode": "adaptive", "batch_wait_ms": 50.0}, engine=minilm
-    )
+    server = ModelServer(config_of(registry=str(tmp_path), adapter_mode="adaptive", batch_wait_ms=50.0), engine=minilm)
     server.scheduler._policy.config = ModePolicyConfig(min_dwell_ms=0)
     rows = [None, "fx", "clf0", "clf1", "clf2", "fx", None, "clf0"]
 
@@ -240,9 +249,9 @@ def test_model_server_mixed_batch_through_scheduler_equals_merged(minilm: Engine
     embeds, clfs, report = asyncio.run(main())
     assert server.scheduler.stats().mixed_batches >= 1
     for (out, _), a, t in zip(embeds, rows, TEXTS):
-        torch.testing.assert_close(torch.tensor(out[0][0]), minilm.embed([t], a).embeddings[0], atol=1e-4, rtol=0)
+        torch.testing.assert_close(torch.tensor(out[0][0]), embed(minilm, [t], a).embeddings[0], atol=1e-4, rtol=0)
     for (out, _), a, t in zip(clfs, rows[2:5], TEXTS[2:5]):
-        torch.testing.assert_close(torch.tensor(out[0][0].probs), minilm.classify([t], a).probs[0], atol=1e-4, rtol=0)
+        torch.testing.assert_close(torch.tensor(out[0][0].probs), classify(minilm, [t], a).probs[0], atol=1e-4, rtol=0)
     assert report.mode_switches >= 1
     metrics = ServerMetrics()
     metrics.apply(report)
@@ -268,7 +277,7 @@ def test_bench_mixed_quick(tmp_path) -> None:
 
 # ---------------------------------------------------------------------------- generation
 
-from serving.engine import SamplingParams  # noqa: E402
+from serving.engine.sampling import SamplingParams  # noqa: E402
 
 LM_TARGETS = {"llama": ("q_proj", "v_proj", "up_proj"), "gpt2": ("c_attn", "c_fc")}
 
@@ -295,7 +304,7 @@ def test_generate_mixed_greedy_rows_equal_merged_single_adapter(arch: str, reque
     # and through the deployment's scheduler: one mixed generate batch, same completions
     from serving.deployments import ModelServer
 
-    server = ModelServer({"registry": str(tmp_path), "adapter_mode": "adaptive", "batch_wait_ms": 50.0}, engine=engine)
+    server = ModelServer(config_of(registry=str(tmp_path), adapter_mode="adaptive", batch_wait_ms=50.0), engine=engine)
     server.scheduler._policy.config = ModePolicyConfig(enter_top_share=0.6, min_dwell_ms=0)
 
     async def main():
@@ -324,11 +333,11 @@ def test_encode_shares_one_forward_between_embed_and_classify_rows(minilm: Engin
         for r, text, task, name in zip(got, TEXTS, tasks, names):
             assert r.prompt_tokens == minilm.count_tokens([text])
             if task == "embed":
-                ref = minilm.embed([text], name).embeddings[0]
+                ref = embed(minilm, [text], name).embeddings[0]
                 torch.testing.assert_close(r.embedding, ref, atol=1e-4, rtol=0)
                 assert r.probs is None
             else:
-                ref = minilm.classify([text], name)
+                ref = classify(minilm, [text], name)
                 torch.testing.assert_close(r.probs, ref.probs[0], atol=1e-4, rtol=0)
                 assert [r.label] == ref.labels and r.label_names == ref.label_names and r.embedding is None
     with pytest.raises(InvalidRequest):

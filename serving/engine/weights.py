@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers.pytorch_utils import Conv1D
 
 from adapters.merge import add_dense_into, merge_into
 
@@ -42,8 +43,6 @@ class WeightBank:
     """Owns the target weights of one model: their pristine copies and every write to them."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        from transformers.pytorch_utils import Conv1D
-
         self._modules: dict[str, tuple[torch.Tensor, bool]] = {}
         for name, mod in model.named_modules():
             if isinstance(mod, torch.nn.Linear):

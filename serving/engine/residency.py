@@ -1,0 +1,263 @@
+"""Which adapters live on this engine and which one is in the weights.
+
+`AdapterResidency` owns the adapter LRU (`AdapterCache`), the pristine weights and the
+in-place writes (`WeightBank`), the one lock no forward may run without, and the leases
+that keep a request's adapters from eviction. Every task runner (encode, generate,
+stream) leases through `lease` and runs its forwards inside `merged` or `unmerged`, so
+the reference count and the swap bookkeeping each live in one place.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+
+from adapters.bundle import AdapterBundle, Task
+from adapters.errors import BundleError
+from adapters.validation import BaseModelSpec, check_servable
+from serving.engine.adapter_cache import (
+    AdapterCache,
+    PreparedAdapter,
+    planned_bytes,
+    prepare,
+)
+from serving.engine.mixed import mixed_lora
+from serving.engine.outputs import EngineStats, LoadedAdapterInfo
+from serving.engine.weights import TargetDelta, WeightBank
+from serving.errors import AdapterNotLoaded, Overloaded
+
+Entry = PreparedAdapter | None  # None: the base model, no adapter
+
+
+class AdapterResidency:
+    """Loaded adapters of one model, the active one, and every swap; thread-safe.
+
+    The RLock is held for each activate+forward pair, so no forward ever overlaps a swap.
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, spec: BaseModelSpec, device: torch.device, cache_bytes: int, dense_bytes: int
+    ) -> None:
+        self.model = model
+        self.spec = spec
+        self.device = device
+        self.bank = WeightBank(model)
+        self.cache = AdapterCache(cache_bytes, dense_bytes)
+        self._lock = threading.RLock()
+        self._active: Entry = None
+        self._swaps = self._hits = self._misses = self._evictions = 0
+        self._swap_total = self._swap_last = 0.0
+
+    # ------------------------------------------------------------------ load / unload
+
+    def load(self, name: str, bundle: AdapterBundle) -> LoadedAdapterInfo:
+        """Validate every target, pre-merge once, insert (evicting LRU entries if needed).
+
+        Replaces an entry of the same name; if that one is active, the new one is written.
+        Raises BundleError (nothing changed) if the bundle cannot be served here.
+        """
+        self._validate(name, bundle)  # reads only static facts of the base model
+        dense, factors, head = planned_bytes(bundle)
+        if factors + head > self.cache.capacity:
+            raise BundleError(
+                f"needs {factors + head} bytes, more than adapter_cache_bytes={self.cache.capacity}", name=name
+            )
+        with self._lock:
+            mode = self.cache.choose_mode(dense, factors, head, name, self._protected())
+        if mode is None:
+            raise Overloaded(f"adapter cache is full of active or in-use adapters; cannot load {name!r}")
+        # pre-merging touches no weight: done outside the lock, so forwards go on meanwhile
+        entry = prepare(name, bundle, self.bank, self.device, mode)
+        bad = [t for t, d in entry.deltas.items() if d.dense is not None and not bool(torch.isfinite(d.dense).all())]
+        if bad:
+            raise BundleError([f"target {t!r}: merged delta is not finite" for t in bad], name=name)
+        with self._lock:
+            victims = self.cache.victims(entry.nbytes, name, self._protected())
+            if victims is None:
+                raise Overloaded(f"adapter cache is full of active or in-use adapters; cannot load {name!r}")
+            for victim in victims:
+                self._evict(victim)
+            self.bank.acquire(list(entry.deltas))
+            old = self.cache.put(entry)
+            self._misses += 1
+            if old is not None:
+                if self._active is old:
+                    self._write(entry)  # from the old state; old-only targets restored from pristine
+                self.bank.release(list(old.deltas))
+            return _info(entry)
+
+    def _validate(self, name: str, bundle: AdapterBundle) -> None:
+        """check_servable plus what the weight bank needs of each target; one error listing all."""
+        problems: list[str] = []
+        try:
+            check_servable(bundle, self.spec)
+        except BundleError as exc:
+            problems += exc.problems
+        if set(bundle.targets) != set(bundle.metadata.targets):
+            problems.append("tensors' targets do not match the metadata targets")
+        for t in bundle.metadata.targets:
+            if t in self.spec.linear_shapes:
+                problems += self.bank.problems(t)
+        for k, v in bundle.head.items():
+            if not v.is_floating_point():
+                problems.append(f"head tensor {k!r} is not floating point")
+        if problems:
+            raise BundleError(problems, name=name)
+
+    def unload(self, name: str) -> None:
+        """Drop an adapter; if it is active the base is restored first.
+
+        One still leased (a stream between two of its slices) keeps serving its leases and
+        is dropped when the last one ends, so callers never count streams themselves.
+        """
+        with self._lock:
+            entry = self.cache.peek(name)
+            if entry is None:
+                raise AdapterNotLoaded(name)
+            if entry.inflight:
+                entry.retiring = True
+            else:
+                self._drop(entry)
+
+    def _drop(self, entry: PreparedAdapter) -> None:
+        if self._active is entry:
+            self._write(None)
+        self.cache.pop(entry.name)
+        self.bank.release(list(entry.deltas))
+
+    def _protected(self) -> set[str]:
+        return {self._active.name} if self._active is not None else set()
+
+    def _evict(self, name: str) -> None:
+        entry = self.cache.pop(name)
+        assert entry is not None and entry is not self._active
+        self.bank.release(list(entry.deltas))
+        self._evictions += 1
+
+    def infos(self) -> list[LoadedAdapterInfo]:
+        with self._lock:
+            return [_info(e) for e in self.cache.entries()]
+
+    def has(self, name: str) -> bool:
+        with self._lock:
+            return name in self.cache
+
+    def task_of(self, name: str) -> Task:
+        """The task of a loaded adapter (no LRU move: requests check it before leasing)."""
+        with self._lock:
+            entry = self.cache.peek(name)
+        if entry is None:
+            raise AdapterNotLoaded(name)
+        return entry.task
+
+    # ------------------------------------------------------------------ leases
+
+    def check(self, name: str | None) -> None:
+        """Raise AdapterNotLoaded now unless `name` is loaded (counts a cache hit, as a lease does)."""
+        with self._lock:
+            self._resolve(name, touch=True)
+
+    @contextmanager
+    def lease(self, names: Sequence[str | None], *, touch: bool = True) -> Iterator[list[Entry]]:
+        """Row i's adapter (each distinct one resolved once), none evictable until the block ends.
+
+        `touch=False` re-resolves names a request already checked (a stream's first step):
+        no second cache hit, no LRU move. This is the only place the in-flight count changes.
+        """
+        with self._lock:
+            held = {n: self._resolve(n, touch) for n in dict.fromkeys(names)}
+            for e in held.values():
+                if e is not None:
+                    e.inflight += 1
+        try:
+            yield [held[n] for n in names]
+        finally:
+            with self._lock:
+                for e in held.values():
+                    if e is not None:
+                        e.inflight -= 1
+                        if not e.inflight and e.retiring and self.cache.peek(e.name) is e:
+                            self._drop(e)
+
+    def _resolve(self, name: str | None, touch: bool) -> Entry:
+        if name is None:
+            return None
+        entry = self.cache.touch(name) if touch else self.cache.peek(name)
+        if entry is None:
+            raise AdapterNotLoaded(name)
+        if touch:
+            self._hits += 1
+        return entry
+
+    def _still_loaded(self, entries: Sequence[Entry]) -> None:
+        """A leased entry may have been replaced (same name loaded again) or unloaded since."""
+        for e in {id(e): e for e in entries if e is not None}.values():
+            if self.cache.peek(e.name) is not e:
+                raise AdapterNotLoaded(e.name)
+
+    # ------------------------------------------------------------------ forwards
+
+    @contextmanager
+    def merged(self, entry: Entry) -> Iterator[None]:
+        """The lock held and `entry` (None: the base) written into the weights: run one forward."""
+        with self._lock:
+            self._still_loaded([entry])
+            self._write(entry)
+            yield
+
+    @contextmanager
+    def unmerged(self, entries: Sequence[Entry]) -> Iterator[None]:
+        """The lock held, the pristine base in the weights and row i's factor pair hooked in."""
+        with self._lock:
+            self._still_loaded(entries)
+            self._write(None)  # mixed mode runs with NO adapter merged
+            with mixed_lora(self.model, [e.factors if e is not None else None for e in entries], self.device):
+                yield
+
+    def activate(self, name: str | None) -> bool:
+        """Make `name` (None: the base) the weights in place; True when weights were rewritten."""
+        with self._lock:
+            return self._write(self._resolve(name, touch=True))
+
+    def _write(self, entry: Entry) -> bool:
+        """Swap from the active entry to `entry`: check every target, then rewrite in place."""
+        old = self._active
+        if entry is old:
+            return False
+        changes: dict[str, TargetDelta | None] = dict.fromkeys(old.deltas if old is not None else ())
+        if entry is not None:
+            changes.update(entry.deltas)
+        problems = [p for t, d in changes.items() for p in self.bank.check(t, d)]
+        if problems:
+            raise RuntimeError("refusing to swap, nothing written: " + "; ".join(problems))
+        start = time.perf_counter()
+        self.bank.write(changes)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._swap_last = time.perf_counter() - start
+        self._swap_total += self._swap_last
+        self._swaps += 1
+        self._active = entry
+        return True
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            return EngineStats(
+                active_adapter=self._active.name if self._active is not None else None,
+                swaps=self._swaps,
+                swap_seconds_total=self._swap_total,
+                last_swap_seconds=self._swap_last,
+                cache_hits=self._hits,
+                cache_misses=self._misses,
+                cache_evictions=self._evictions,
+                cache_bytes=self.cache.nbytes,
+                loaded_adapters=len(self.cache),
+            )
+
+
+def _info(e: PreparedAdapter) -> LoadedAdapterInfo:
+    return LoadedAdapterInfo(name=e.name, task=e.task, mode=e.mode, nbytes=e.nbytes, labels=e.metadata.labels)
