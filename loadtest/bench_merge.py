@@ -25,15 +25,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch
 
 from adapters.bundle import AdapterBundle, Task
 from adapters.capaboost_linear import wrap_targets
 from adapters.synthetic import random_bundle
-from serving.engine import Engine, EngineConfig
+from serving.config import EngineConfig
+from serving.engine.engine import Engine
 from serving.engine.model_loader import finish
 
 
@@ -98,9 +96,9 @@ def bench_engine(label: str, engine: Engine, bundle: AdapterBundle, batch: dict[
         rank=f"r={meta.rank}, d={meta.num_copies}",
     )
     # one dense and one factors copy of the same adapter
-    engine._cache.dense_budget = 1 << 50
+    engine.residency.cache.dense_budget = 1 << 50
     assert engine.load_adapter("dense", bundle).mode == "dense"
-    engine._cache.dense_budget = 0
+    engine.residency.cache.dense_budget = 0
     assert engine.load_adapter("factors", bundle).mode == "factors"
 
     switch = ModuleSwitch(model, paths)
@@ -119,7 +117,7 @@ def bench_engine(label: str, engine: Engine, bundle: AdapterBundle, batch: dict[
         "capaboost_unmerged": (None, "capaboost"),
         "peft_unmerged": (None, "peft"),
     }
-    slots = engine._bank._slots
+    slots = engine.residency.bank._slots
     pairs = [(slots[p].weight, slots[p].pristine) for p in paths]
 
     def copy_same_bytes() -> None:

@@ -23,13 +23,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch
 
 from adapters.synthetic import random_bundle
-from serving.engine import Engine, EngineConfig
+from serving.config import EngineConfig
+from serving.config_sources import config_of
+from serving.engine.engine import Engine
 
 MODES = ("merged", "adaptive")
 TARGET_SUFFIXES = ("attention.self.query", "attention.self.value")
@@ -98,7 +97,7 @@ def run_cell(servers: dict, cell: Cell, requests: list[tuple[str, str]], clients
     order = MODES if first == MODES[0] else MODES[::-1]
     for mode in order:
         server = servers[mode]
-        server.scheduler = Scheduler(server, server.args.scheduler_config())
+        server.scheduler = Scheduler(server, server.config.scheduler, device_type=server.engine.device.type)
 
         async def go():
             try:
@@ -153,9 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     load_s = time.perf_counter() - t0
     registry = tempfile.mkdtemp(prefix="bench-mixed-")
     servers = {
-        mode: ModelServer(
-            {"registry": registry, "adapter_mode": mode, "num_cpus": args.threads}, engine=engine
-        )
+        mode: ModelServer(config_of(registry=registry, adapter_mode=mode, num_cpus=args.threads), engine=engine)
         for mode in MODES
     }
     cells = [Cell(n, s) for n in ns for s in ss]
@@ -164,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             requests = zipf_requests(cell.n, cell.s, count, seed=1000 * i + rep)
             run_cell(servers, cell, requests, args.clients, first=MODES[(rep + i) % 2])
     sweep_s = time.perf_counter() - t0 - load_s
-    cfg = servers["adaptive"].args.scheduler_config()
+    cfg = servers["adaptive"].config.scheduler
     header = (
         f"Mixed-adapter batches: merged-only vs adaptive, in process (ModelServer -> Scheduler -> Engine), "
         f"all-MiniLM-L6-v2, float32, {args.threads} torch thread(s), {torch.get_num_threads()} used. "

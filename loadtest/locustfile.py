@@ -15,12 +15,8 @@ from `--reference-file` if it exists, else from single requests sent at test sta
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
-
-if __package__ in (None, ""):  # loaded by path (locust -f): make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from locust import FastHttpUser, constant, events, task
 from locust.env import Environment

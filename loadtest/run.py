@@ -4,7 +4,7 @@ One invocation (also `capaserve loadtest`):
 
 1. Starts a local Ray cluster with TWO apps on 127.0.0.1: the scheduler as built at `/`
    (grouping on) and the swap-per-request baseline at `/baseline`
-   (`ServeArgs(grouping=False)`), sharing one registry folder. Locust targets each app's
+   (`config_of(grouping=False)`, i.e. `--no-grouping`), sharing one registry folder. Locust targets each app's
    ingress replica directly (Serve direct ingress; `--ingress proxy` goes through Serve's
    HTTP proxy instead, one more hop for every request). Or it targets `--url` (and
    optionally `--baseline-url`), loopback only.
@@ -27,11 +27,13 @@ One invocation (also `capaserve loadtest`):
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -42,15 +44,18 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from tqdm import tqdm
 
-from loadtest.scenario import ATOL_BY_DTYPE
+from loadtest import report
+from loadtest.scenario import ATOL_BY_DTYPE, PATHS, RunSummary, adapter_names, compute_references, request_body
+from serving.config import EngineConfig
+from serving.config_sources import config_of
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script: make the repo importable
-    sys.path.insert(0, str(ROOT))
-
-LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
+HERE = Path(__file__).resolve().parent
+LOCUSTFILE = HERE / "locustfile.py"
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 App = Literal["grouped", "baseline"]
 log = logging.getLogger("capaserve.loadtest")
@@ -110,7 +115,7 @@ class LoadTestConfig(BaseModel):
     single: bool = Field(True, description="Also run the single-adapter configuration (N=1).")
     seed: int = Field(0, description="Seed of adapters and request draws.")
     # --- the report
-    out: Path = Field(ROOT / "loadtest" / "results", description="Report folder.")
+    out: Path = Field(HERE / "results", description="Report folder.")
     progress: bool = Field(True, description="Show a progress bar.")
 
     @field_validator("url", "baseline_url")
@@ -219,21 +224,10 @@ def schedule(cases: list[Case], rounds: int) -> list[tuple[int, Case]]:
 
 def base_spec(cfg: LoadTestConfig) -> Any:
     """The base's BaseModelSpec (names and shapes of its Linear layers), built on the meta device."""
-    import torch
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
-    from adapters.bundle import Task
-    from adapters.validation import BaseModelSpec
-    from serving.engine.config import EngineConfig
-    from serving.engine.model_loader import detect_task, model_source
+    from serving.engine.model_loader import meta_spec, model_source  # deferred: torch
 
     econf = EngineConfig(model=cfg.model, served_model_name=cfg.served_model_name)
-    hf = AutoConfig.from_pretrained(model_source(econf), local_files_only=True)
-    task = detect_task(hf)
-    with torch.device("meta"):
-        model = (AutoModelForCausalLM if task is Task.CAUSAL_LM else AutoModel).from_config(hf)
-    hidden = int(getattr(hf, "hidden_size", None) or getattr(hf, "n_embd"))
-    return BaseModelSpec.from_model(econf.served_name(), task, model, hidden)
+    return meta_spec(model_source(econf), econf.served_name())
 
 
 def target_paths(cfg: LoadTestConfig, spec: Any) -> list[str]:
@@ -247,7 +241,7 @@ def target_paths(cfg: LoadTestConfig, spec: Any) -> list[str]:
 
 def make_bundles(cfg: LoadTestConfig, spec: Any, names: Sequence[str], folder: Path) -> dict[str, bytes]:
     """Synthetic adapters: sequence-classification on an encoder (serves embeddings and classify)."""
-    from adapters.bundle import Task, save_bundle
+    from adapters.bundle import Task, save_bundle  # deferred: torch
     from adapters.synthetic import random_bundle
 
     targets = target_paths(cfg, spec)
@@ -265,7 +259,6 @@ def make_bundles(cfg: LoadTestConfig, spec: Any, names: Sequence[str], folder: P
 
 
 def register(url: str, bundles: dict[str, bytes], admin_token: str | None) -> None:
-    import httpx
 
     headers = {"Content-Type": "application/octet-stream"}
     if admin_token:
@@ -278,7 +271,6 @@ def register(url: str, bundles: dict[str, bytes], admin_token: str | None) -> No
 
 
 def wait_ready(url: str, timeout_s: float = 180.0) -> None:
-    import httpx
 
     deadline = time.monotonic() + timeout_s
     while True:
@@ -293,7 +285,6 @@ def wait_ready(url: str, timeout_s: float = 180.0) -> None:
 
 
 def _free_port() -> int:
-    import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -313,7 +304,7 @@ def local_apps(cfg: LoadTestConfig) -> Iterator[dict[str, str]]:
     import ray
     from ray import serve
 
-    from serving.app import ServeArgs, build_app
+    from serving.app import build_app
 
     registry = tempfile.mkdtemp(prefix="capaserve-loadtest-registry-")
     port = _free_port()
@@ -323,9 +314,9 @@ def local_apps(cfg: LoadTestConfig) -> Iterator[dict[str, str]]:
         batch_wait_ms=cfg.batch_wait_ms, max_adapters_per_replica=max(16, cfg.max_adapters()),
         max_queue=max(256, 4 * cfg.users), dtype=cfg.dtype,
     )
-    apps: dict[str, tuple[str, Any]] = {"grouped": ("/", ServeArgs(**common, grouping=True))}
+    apps: dict[str, tuple[str, Any]] = {"grouped": ("/", config_of(**common, grouping=True))}
     if cfg.baseline:
-        apps["baseline"] = ("/baseline", ServeArgs(**common, grouping=False))
+        apps["baseline"] = ("/baseline", config_of(**common, grouping=False))
     # Logical CPUs: every replica of both apps must fit, whatever the core count (they take turns).
     need = math.ceil(cfg.num_cpus * cfg.replicas * len(apps))
     init_local_ray(max(need, os.cpu_count() or 1), log_to_driver=False, configure_logging=False)
@@ -358,8 +349,6 @@ def local_apps(cfg: LoadTestConfig) -> Iterator[dict[str, str]]:
 
 def scrape(url: str) -> dict[str, float]:
     """Sums of the counters the report needs, from the app's /metrics."""
-    import httpx
-    from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(f"{url}/metrics", timeout=30).text
     want = {
@@ -378,16 +367,13 @@ def scrape(url: str) -> dict[str, float]:
 
 def flush_reports(url: str, adapter: str, kind: str) -> None:
     """One small request, so the replica hands over the metric events of the run's last answers."""
-    import httpx
 
-    from loadtest.scenario import PATHS, request_body
 
     httpx.post(f"{url}{PATHS[kind]}", json=request_body(kind, adapter, ["ok"]), timeout=60)  # type: ignore[index]
 
 
 def read_stats(prefix: Path) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """Locust's Aggregated row and the per-endpoint rows of <prefix>_stats.csv."""
-    import csv
 
     rows = list(csv.DictReader(open(f"{prefix}_stats.csv", newline="")))
 
@@ -417,9 +403,9 @@ def run_locust(
         "--atol", f"{ATOL_BY_DTYPE[cfg.dtype]:g}",
         "--reference-file", str(refs), "--summary-file", str(summary), "--seed", str(cfg.seed + 7919 * rnd),
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # the locustfile imports the installed loadtest package
     logfile = open(f"{prefix}_locust.log", "w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logfile, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, env=env, stdout=logfile, stderr=subprocess.STDOUT)
     start = time.monotonic()
     try:
         while proc.poll() is None:
@@ -443,10 +429,8 @@ def run_locust(
 
 def measure(cfg: LoadTestConfig, case: Case, rnd: int, url: str, csv_dir: Path, refs: Path, kind: str,
             tick: Any = None) -> CaseResult:
-    from loadtest.scenario import RunSummary
 
     before = scrape(url)
-    t0 = time.monotonic()
     prefix, summary_path = run_locust(cfg, case, url, csv_dir, refs, rnd, tick)
     flush_reports(url, "lt-000", kind)
     after = scrape(url)
@@ -485,10 +469,7 @@ def compare_references(a: Any, b: Any, atol: float = 1e-4) -> list[str]:
 
 def run(cfg: LoadTestConfig) -> Path:
     """Run the whole plan and write the report; returns the summary.md path."""
-    from tqdm import tqdm
 
-    from loadtest import report
-    from loadtest.scenario import ReferenceSet, adapter_names, compute_references
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -599,7 +580,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-baseline", action="store_true", help="Skip the swap-per-request baseline app.")
     p.add_argument("--no-single", action="store_true", help="Skip the single-adapter configuration (N=1).")
     p.add_argument("--seed", type=int, default=0, help="Seed of adapters and request draws (default: 0).")
-    p.add_argument("--out", type=Path, default=ROOT / "loadtest" / "results", help="Report folder.")
+    p.add_argument("--out", type=Path, default=HERE / "results", help="Report folder.")
     p.add_argument("--no-progress", action="store_true", help="No progress bar.")
 
 

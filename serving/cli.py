@@ -1,10 +1,13 @@
 """`capaserve` command line. Each subcommand lives in `serving/commands/<name>.py` and
-exposes `register(subparsers)`; modules import heavy libraries only when run, so
-`capaserve --help` stays fast.
+exposes `register(subparsers)`. A decision: torch and Ray take 3-4 s to import, so a
+subcommand imports them inside its `run`, each such import marked `# deferred` with its
+reason; this is the only place in capaserve where imports sit inside functions besides
+optional dependencies, and it keeps `capaserve --help` and a bad flag at ~0.3 s.
 
 Every flag of every subcommand can also be given as an environment variable
 `CAPASERVE_<FLAG>` (dashes become underscores, e.g. `CAPASERVE_ADMIN_TOKEN`); a flag on
-the command line wins over the environment.
+the command line wins over the environment. `capaserve serve` generates its flags,
+variables and `--config` file from one model (serving/config.py, serving/config_sources.py).
 """
 
 from __future__ import annotations
@@ -21,16 +24,21 @@ COMMANDS = ("serve", "pack", "inspect", "train", "loadtest")
 class EnvDefaultsParser(argparse.ArgumentParser):
     """An ArgumentParser whose options default to CAPASERVE_<FLAG> when that is set."""
 
+    #: Set by a subcommand that reads its CAPASERVE_* variables itself (serve: from its config model).
+    own_env: bool = False
+
     def _add_action(self, action: argparse.Action) -> argparse.Action:  # type: ignore[override]
         long = [s for s in action.option_strings if s.startswith("--")]
-        if long and action.dest not in ("help",):
+        if long and action.dest not in ("help",) and not self.own_env:
             env = "CAPASERVE_" + long[0][2:].upper().replace("-", "_")
             if env in os.environ:
                 raw = os.environ[env]
                 if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
                     action.default = raw.strip().lower() in ("1", "true", "yes", "on")
                 else:
-                    action.default = action.type(raw) if callable(action.type) else raw
+                    # a string default: argparse converts it with `type` only when this subcommand
+                    # is parsed, so a bad variable is a usage error of that subcommand alone
+                    action.default = raw
                 action.required = False
             if action.help and action.help is not argparse.SUPPRESS:
                 action.help += f" [env: {env}]"

@@ -17,7 +17,7 @@ Duties, and nothing else:
    them at once, as it resolves every request against the store.)
 5. Attach a `ReplicaReport` (metric events since its previous answer) to every answer.
 
-`ModelServer(args, engine=...)` also works outside Ray, for tests of the shim itself.
+`ModelServer(config, engine=...)` also works outside Ray, for tests of the shim itself.
 """
 
 from __future__ import annotations
@@ -28,9 +28,16 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import torch
+from ray import serve
+from ray.serve.exceptions import RayServeException
+
 from adapters.manifest import AdapterManifest, parse_model_ref
-from serving.app import ServeArgs
-from serving.errors import InvalidRequest, ModelNotFound
+from adapters.registry.backends import open_store
+from adapters.registry.resolver import AdapterResolver
+from serving.config import ServeConfig
+from serving.engine.engine import Engine
+from serving.errors import AdapterNotLoaded, InvalidRequest, ModelNotFound
 from serving.metrics import ReplicaReport
 from serving.replica_io import (
     ClassOutput,
@@ -50,15 +57,11 @@ MAX_REMEMBERED_MANIFESTS = 4096
 
 
 def _replica_id() -> str:
+    """This replica's unique id inside Ray Serve; "local" outside it (tests of the shim)."""
     try:
-        from ray.serve.context import _get_internal_replica_context
-
-        ctx = _get_internal_replica_context()
-        if ctx is not None:
-            return str(ctx.replica_id.unique_id)
-    except Exception:  # noqa: BLE001 - outside Ray
-        pass
-    return "local"
+        return str(serve.get_replica_context().replica_id.unique_id)
+    except RayServeException:
+        return "local"
 
 
 def _estimate_tokens(text: str) -> int:
@@ -67,10 +70,11 @@ def _estimate_tokens(text: str) -> int:
 
 
 class _AdapterLease:
-    """What the multiplexer caches per adapter; its unload hands the engine unload to the worker.
+    """What the multiplexer caches per adapter: evicting it unloads the adapter from the engine.
 
-    `__del__` runs when the multiplexer evicts it (called explicitly) and again when it
-    is garbage collected; only the first call acts, and never on the caller's thread.
+    `serve.multiplexed` calls a cached object's `__del__` when it evicts it (its documented
+    unload hook), and Python calls it again at garbage collection; `close` acts once, and
+    hands the engine unload to the worker thread, never running it on the caller's.
     """
 
     def __init__(self, server: "ModelServer", ref: str) -> None:
@@ -78,32 +82,28 @@ class _AdapterLease:
         self.ref = ref
         self.closed = False
 
-    def __del__(self) -> None:
-        if not getattr(self, "closed", True):
+    def close(self) -> None:
+        if not self.closed:
             self.closed = True
             self.server._retire(self.ref)
+
+    def __del__(self) -> None:
+        if hasattr(self, "closed"):  # a half-built lease has nothing to release
+            self.close()
 
 
 class ModelServer:
     """The model deployment's replica class (see the module docstring for its duties)."""
 
-    def __init__(self, args: ServeArgs | dict[str, Any], engine: Any = None) -> None:
-        import torch
-
-        from adapters.registry.resolver import AdapterResolver
-        from adapters.registry.store import open_store
-
-        self.args = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args)
-        torch.set_num_threads(self.args.torch_threads())
-        if engine is None:
-            from serving.engine import Engine
-
-            engine = Engine(self.args.engine_config())
-        self.engine = engine
-        self.store = open_store(self.args.registry, endpoint_url=self.args.registry_endpoint_url)
-        self.resolver = AdapterResolver(self.store, self.args.blob_cache_bytes)
-        device = getattr(self.engine, "device", None)  # the padding split depends on it
-        self.scheduler = Scheduler(self, self.args.scheduler_config(device.type if device is not None else "cpu"))
+    def __init__(self, config: ServeConfig | dict[str, Any], engine: Engine | None = None) -> None:
+        self.config = config if isinstance(config, ServeConfig) else ServeConfig.model_validate(config)
+        torch.set_num_threads(self.config.torch_threads())
+        self.engine = engine if engine is not None else Engine(self.config.engine)
+        registry = self.config.registry
+        self.store = open_store(registry.location, endpoint_url=registry.endpoint_url)
+        self.resolver = AdapterResolver(self.store, registry.blob_cache_bytes)
+        # the padding split depends on the device (padding is nearly free on a GPU)
+        self.scheduler = Scheduler(self, self.config.scheduler, device_type=self.engine.device.type)
         self.replica = _replica_id()
         self._manifests: OrderedDict[str, AdapterManifest] = OrderedDict()
         self._leases: dict[str, _AdapterLease] = {}
@@ -111,8 +111,6 @@ class ModelServer:
         self._reported = self._stats
         self._swap_events: list[float] = []
         self._sweeper: asyncio.Task | None = None
-        self._streaming: dict[str, int] = {}  # ref -> open streams (worker thread only)
-        self._deferred_unloads: set[str] = set()
         self._reported_mode_switches = 0
 
         async def load_adapter(ref: str) -> _AdapterLease:
@@ -121,9 +119,7 @@ class ModelServer:
         self._multiplex_fn = load_adapter
         in_replica = self.replica != "local"
         if in_replica:
-            from ray import serve
-
-            self._get_adapter = serve.multiplexed(max_num_models_per_replica=self.args.max_adapters_per_replica)(
+            self._get_adapter = serve.multiplexed(max_num_models_per_replica=self.config.registry.max_adapters_per_replica)(
                 load_adapter
             )
         else:
@@ -143,7 +139,7 @@ class ModelServer:
             task=e.task.value,
             spec=e.spec.to_dict(),
             has_chat_template=bool(getattr(e.tokenizer, "chat_template", None)),
-            max_seq_len=getattr(e, "max_len", self.args.max_seq_len),
+            max_seq_len=e.max_len,
             replica=self.replica,
         )
 
@@ -249,9 +245,8 @@ class ModelServer:
             return lease
         lease = await self._load(ref)
         live = [r for r, lz in self._leases.items() if not lz.closed]
-        while len(live) > self.args.max_adapters_per_replica:
-            old = self._leases.pop(live.pop(0))
-            old.__del__()
+        while len(live) > self.config.registry.max_adapters_per_replica:
+            self._leases.pop(live.pop(0)).close()
         return lease
 
     def _retire(self, ref: str) -> None:
@@ -261,18 +256,14 @@ class ModelServer:
         self.scheduler.post(lambda: self._engine_unload(ref))
 
     async def _drop(self, ref: str) -> None:
-        """Forget `ref` everywhere on this replica: multiplexer, engine, manifests."""
-        lease = self._leases.pop(ref, None)
-        wrapper = getattr(self._multiplex_fn, "__serve_multiplex_wrapper", None)
-        if wrapper is not None:
-            try:
-                async with wrapper._model_cache_lock:
-                    wrapper.models.pop(ref, None)
-                    wrapper._push_multiplexed_replica_info = True
-            except Exception:  # noqa: BLE001 - Ray internals moved; the engine unload below still happens
-                log.warning("could not drop %s from the multiplexer cache", ref, exc_info=True)
-        if lease is not None:
-            lease.closed = True
+        """Forget `ref`'s bytes on this replica: manifest and engine (a deleted or replaced version).
+
+        The multiplexer keeps its lease (Serve has no public call to evict one): Serve may
+        route that id here until the lease ages out of its LRU, which is harmless, since the
+        ingress answers 404 for a deleted version and a replaced one is reloaded from its new
+        manifest on first use (`_with_adapter`); the lease's eventual close is then a no-op
+        or unloads the reloaded copy, as for any evicted adapter.
+        """
         self._manifests.pop(ref, None)
         await self.scheduler.call(self._engine_unload, ref)
 
@@ -283,11 +274,8 @@ class ModelServer:
         self._refresh_stats()
 
     def _engine_unload(self, ref: str) -> None:
-        from serving.engine import AdapterNotLoaded
-
-        if self._streaming.get(ref):
-            self._deferred_unloads.add(ref)  # a stream between two slices still needs it
-            return
+        """Unload `ref` unless it was loaded again since this was queued; a stream still
+        using it keeps it until the stream ends (the engine's lease, not counted here)."""
         lease = self._leases.get(ref)
         if lease is not None and not lease.closed and ref in self._manifests:
             return  # loaded again since this unload was queued
@@ -305,8 +293,6 @@ class ModelServer:
         self.engine.load_adapter(ref, self.resolver.fetch_bundle(manifest))
 
     def _with_adapter(self, ref: str | None, fn: Any) -> Any:
-        from serving.engine import AdapterNotLoaded
-
         try:
             return fn()
         except AdapterNotLoaded:
@@ -338,11 +324,7 @@ class ModelServer:
 
         try:
             out = self._with_adapter(None, call)
-        except Exception as exc:
-            from serving.engine import AdapterNotLoaded
-
-            if not isinstance(exc, AdapterNotLoaded):
-                raise
+        except AdapterNotLoaded:
             for ref in dict.fromkeys(a for a in adapters if a is not None):  # evicted meanwhile: reload
                 if not e.has_adapter(ref):
                     self._reload(ref)
@@ -354,22 +336,11 @@ class ModelServer:
         e = self.engine
         prompt_tokens = e.count_tokens([prompt])
         gen = self._with_adapter(adapter, lambda: e.generate_stream(prompt, adapter, params))
-        if adapter is not None:
-            self._streaming[adapter] = self._streaming.get(adapter, 0) + 1
         try:
             for delta in gen:
                 yield delta, prompt_tokens
         finally:
-            close = getattr(gen, "close", None)
-            if close is not None:
-                close()
-            if adapter is not None:
-                self._streaming[adapter] -= 1
-                if not self._streaming[adapter]:
-                    del self._streaming[adapter]
-                    if adapter in self._deferred_unloads:
-                        self._deferred_unloads.discard(adapter)
-                        self._engine_unload(adapter)
+            gen.close()
             self._refresh_stats()
 
     def _refresh_stats(self) -> None:
@@ -417,7 +388,7 @@ class ModelServer:
 
     async def _sweep_forever(self) -> None:
         while True:
-            await asyncio.sleep(self.args.registry_poll_s)
+            await asyncio.sleep(self.config.registry.poll_s)
             try:
                 await self.sweep()
             except Exception:  # noqa: BLE001 - a flaky store must not kill the replica
@@ -427,11 +398,11 @@ class ModelServer:
         """Drop every held adapter version the registry no longer has; returns the refs dropped."""
         by_name: dict[str, list[str]] = {}
         for ref in list(self._manifests):
-            by_name.setdefault(ref.rsplit("@", 1)[0], []).append(ref)
+            by_name.setdefault(parse_model_ref(ref)[0], []).append(ref)
         dropped: list[str] = []
         for name, refs in by_name.items():
             live = set(await asyncio.to_thread(self.store.version_numbers, name))
-            gone = [r for r in refs if int(r.rsplit("@", 1)[1]) not in live]
+            gone = [r for r in refs if parse_model_ref(r)[1] not in live]
             for ref in gone:
                 await self._drop(ref)
                 dropped.append(ref)
@@ -442,9 +413,10 @@ class ModelServer:
         return dropped
 
     def __del__(self) -> None:
+        """Serve's replica shutdown hook: stop the worker thread (queued work is dropped)."""
         sched = getattr(self, "scheduler", None)
         if sched is not None:
-            sched._executor.shutdown(wait=False, cancel_futures=True)
+            sched.shutdown()
 
 
 def _generation(kinds: list[Kind]) -> bool:

@@ -7,7 +7,6 @@ from starlette.requests import ClientDisconnect
 
 from adapters.errors import BundleError
 from adapters.registry.store import AdapterNotFound
-from serving.engine.errors import AdapterNotLoaded
 
 
 class InvalidRequest(ValueError):
@@ -32,6 +31,17 @@ class Forbidden(PermissionError):
 
 class PayloadTooLarge(ValueError):
     """An upload exceeds the configured size limit (413)."""
+
+
+class AdapterNotLoaded(KeyError):
+    """A request names an adapter this engine has not loaded (or has evicted): load it first (404)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(name)
+
+    def __str__(self) -> str:  # KeyError would quote the repr of the whole message
+        return f"adapter {self.name!r} is not loaded on this engine"
 
 
 class Overloaded(RuntimeError):

@@ -18,22 +18,22 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable, Coroutine
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
-from fastapi.routing import APIRoute
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters.registry.resolver import AdapterResolver
-from adapters.registry.store import RegistryStore, open_store
+from adapters.registry.backends import open_store
+from adapters.registry.store import RegistryStore
 from serving import serve_classify, serve_embeddings, serve_generate, serve_models
 from serving.api.auth import AuthSettings
-from serving.api.registry import RegistrySettings, build_registry_router, error_response
-from serving.app import ServeArgs
-from serving.errors import Overloaded, error_body
+from serving.api.errors import ErrorMappingRoute, unwrap
+from serving.api.registry import RegistrySettings, build_registry_router
+from serving.config import ServeConfig
+from serving.errors import error_body
 from serving.metrics import CONTENT_TYPE, ServerMetrics
 from serving.protocol import (
     ERROR_RESPONSES,
@@ -73,36 +73,6 @@ def _route_label(path: str) -> str:
     if path in ROUTES:
         return path
     return "other"
-
-
-def unwrap(exc: BaseException) -> BaseException:
-    """The user exception inside a Ray task error; Ray's back-pressure as Overloaded."""
-    try:
-        from ray.exceptions import RayTaskError
-        from ray.serve.exceptions import BackPressureError
-
-        if isinstance(exc, RayTaskError) and getattr(exc, "cause", None) is not None:
-            return exc.cause
-        if isinstance(exc, BackPressureError):
-            return Overloaded(str(exc))
-    except ImportError:  # pragma: no cover - Ray is a dependency
-        pass
-    return exc
-
-
-class MappedRoute(APIRoute):
-    """Every error of a route (validation and auth included) becomes the error body of docs/http-api.md#errors."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def mapped(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except Exception as exc:  # noqa: BLE001 - the API edge
-                return error_response(unwrap(exc))
-
-        return mapped
 
 
 class Metered:
@@ -166,7 +136,7 @@ def create_api(
 ) -> FastAPI:
     """The FastAPI app: inference routes, registry routes, health and metrics."""
     app = FastAPI(title="capaserve", version="0.1.0")
-    api = APIRouter(route_class=MappedRoute, responses=ERROR_RESPONSES)
+    api = APIRouter(route_class=ErrorMappingRoute, responses=ERROR_RESPONSES)
     sse = {200: {"description": "JSON, or Server-Sent Events when `stream` is true.", "content": {"text/event-stream": {}}}}
     keyed = [Depends(settings.auth.require_api_key)]
 
@@ -263,12 +233,13 @@ class HandleClient:
         return await self.handle.info.remote()
 
 
-def _build_context(handle: Any, args: ServeArgs) -> tuple[ServingContext, RegistryStore, RegistrySettings]:
-    store = open_store(args.registry, endpoint_url=args.registry_endpoint_url)
+def _build_context(handle: Any, config: ServeConfig) -> tuple[ServingContext, RegistryStore, RegistrySettings]:
+    registry, server = config.registry, config.server
+    store = open_store(registry.location, endpoint_url=registry.endpoint_url)
     # The ingress resolves manifests only; bundle bytes are fetched by the replicas.
     resolver = AdapterResolver(store, blob_cache_bytes=0)
-    auth = AuthSettings(admin_token=args.admin_token, api_keys=args.api_keys)
-    settings = RegistrySettings(max_upload_bytes=args.max_upload_bytes, auth=auth)
+    auth = AuthSettings(admin_token=server.admin_token, api_keys=server.api_keys)
+    settings = RegistrySettings(max_upload_bytes=registry.max_upload_bytes, auth=auth)
     return ServingContext(HandleClient(handle), resolver, ServerMetrics()), store, settings
 
 
@@ -276,9 +247,9 @@ def _build_context(handle: Any, args: ServeArgs) -> tuple[ServingContext, Regist
 class Ingress:
     """Ray Serve ingress deployment: builds the FastAPI app around the model handle."""
 
-    def __init__(self, model: Any, args: ServeArgs | dict[str, Any]) -> None:
-        self.args = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args)
-        self.ctx, self.store, self.settings = _build_context(model, self.args)
+    def __init__(self, model: Any, config: ServeConfig | dict[str, Any]) -> None:
+        self.config = config if isinstance(config, ServeConfig) else ServeConfig.model_validate(config)
+        self.ctx, self.store, self.settings = _build_context(model, self.config)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_api(self.ctx, self.store, self.settings)

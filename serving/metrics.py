@@ -24,6 +24,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: F401 - re-exported
 from prometheus_client import disable_created_metrics
 
+from adapters.manifest import parse_model_ref
+
 disable_created_metrics()  # the *_created series only double the exposition
 
 MAX_ADAPTER_LABELS = 1000
@@ -127,7 +129,7 @@ class ServerMetrics:
         """The adapter's name (not version), "base" or "unknown" as a label value; bounded in number."""
         if target is None:
             return "none"
-        name = target.rsplit("@", 1)[0]
+        name = parse_model_ref(target)[0]
         if name in self._adapters or len(self._adapters) < MAX_ADAPTER_LABELS:
             self._adapters.add(name)
             return name

@@ -28,7 +28,7 @@ Mode = Literal["merged", "mixed"]
 class ModePolicyConfig(BaseModel):
     """Thresholds of the merged/mixed switch (see the module docstring)."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     enter_min_adapters: int = Field(3, ge=2, description="Distinct waiting adapters (base counts as one) to enter mixed.")
     enter_top_share: float = Field(

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-if TYPE_CHECKING:
-    from serving.engine import SamplingParams
+from serving.engine.sampling import SamplingParams
 
 #: Largest `max_tokens` a request may ask for; the engine's context bounds it further.
 MAX_TOKENS_LIMIT = 4096
@@ -194,9 +193,7 @@ class ClassifyResponse(OpenAIBaseModel):
 class _SamplingFields(OpenAIRequest):
     """Sampling options shared by completions and chat, in OpenAI order."""
 
-    def _sampling(self, max_tokens: int) -> "SamplingParams":
-        from serving.engine import SamplingParams
-
+    def _sampling(self, max_tokens: int) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, seed=self.seed, stop=stop

@@ -43,13 +43,14 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
+from serving.config import SchedulerConfig
 from serving.errors import Overloaded
-from serving.mode_policy import ModePolicy, ModePolicyConfig
+from serving.mode_policy import ModePolicy
 
 log = logging.getLogger("capaserve.scheduler")
 
@@ -60,38 +61,6 @@ MIXABLE: tuple[Kind, ...] = ("embed", "classify", "generate")
 
 #: Kinds that share one encoder forward: a batch may hold both (each row pooled its own way).
 ENCODER: tuple[Kind, ...] = ("embed", "classify")
-
-
-class SchedulerConfig(BaseModel):
-    """Batching and fairness knobs of one replica's scheduler."""
-
-    model_config = ConfigDict(frozen=True)
-
-    max_batch_size: int = Field(8, ge=1, description="Most requests in one batch.")
-    batch_wait_ms: float = Field(5.0, ge=0.0, description="Longest a head request waits for its batch to fill.")
-    max_batch_tokens: int = Field(8192, ge=1, description="Cap on padded tokens (texts x longest) per engine call.")
-    starvation_ms: float = Field(
-        200.0, ge=0.0, description="Once another adapter's oldest request waited this long, switch to it."
-    )
-    max_queue: int = Field(256, ge=1, description="Most queued requests; beyond it new ones get 503.")
-    call_overhead_tokens: int = Field(
-        32,
-        ge=0,
-        description="Fixed cost of one encoder call in padded tokens: an encoder batch is split by length "
-        "where the padding saved is worth more than the extra call (0: one call per length).",
-    )
-    grouping: bool = Field(True, description="Group and batch by adapter; off: one request at a time, FIFO.")
-    stream_slice_ms: float = Field(
-        50.0, gt=0.0, description="A stream holds the worker this long at a time; others may run in between."
-    )
-    adapter_mode: Literal["merged", "adaptive"] = Field(
-        "merged",
-        description="merged: one adapter per batch, merged into the weights; adaptive: a ModePolicy switches "
-        "to mixed-adapter (unmerged) batches of embed/classify requests when many adapters wait.",
-    )
-    mode_policy: ModePolicyConfig = Field(
-        default_factory=ModePolicyConfig, description="Hysteresis thresholds of the adaptive mode."
-    )
 
 
 class BatchRunner(Protocol):
@@ -160,9 +129,11 @@ class SchedulerStats(BaseModel):
 class Scheduler:
     """Queues requests per adapter and runs them in batches on a single worker thread."""
 
-    def __init__(self, runner: BatchRunner, config: SchedulerConfig | None = None) -> None:
+    def __init__(self, runner: BatchRunner, config: SchedulerConfig | None = None, device_type: str = "cpu") -> None:
         self.runner = runner
         self.config = config or SchedulerConfig()
+        #: Padded tokens one encoder call costs on this device (see SchedulerConfig.call_overhead).
+        self._call_overhead = self.config.call_overhead(device_type)
         self._queues: dict[str | None, deque[_Item]] = {}
         self._pending = 0
         self._seq = itertools.count()
@@ -241,14 +212,21 @@ class Scheduler:
             self._new_batch_sizes.clear()
         return snap
 
-    async def close(self) -> None:
+    def shutdown(self) -> None:
+        """Stop at once from any thread (a replica's shutdown hook): queued work is dropped."""
         if self._task is not None:
             self._task.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def close(self) -> None:
+        """Stop and wait for the dispatch task to end."""
+        task = self._task
+        self.shutdown()
+        if task is not None:
             try:
-                await self._task
+                await task
             except (asyncio.CancelledError, Exception):
                 pass
-        self._executor.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ queueing
 
@@ -462,7 +440,7 @@ class Scheduler:
         flat = [(i, j, text, length) for i, it in enumerate(batch) for j, (text, length) in enumerate(zip(it.texts, it.lengths))]
         order = sorted(range(len(flat)), key=lambda k: flat[k][3])
         results: list[Any] = [None] * len(flat)
-        overhead = self.config.call_overhead_tokens if head.kind in ENCODER else None
+        overhead = self._call_overhead if head.kind in ENCODER else None
         for chunk in _chunks(order, lambda k: flat[k][3], self.config.max_batch_tokens, overhead):
             texts = [flat[k][2] for k in chunk]
             kinds = [batch[flat[k][0]].kind for k in chunk]
@@ -581,7 +559,5 @@ def _params_key(params: Any) -> Hashable:
     if isinstance(params, BaseModel):
         return repr(params.model_dump())
     if hasattr(params, "__dataclass_fields__"):
-        from dataclasses import asdict
-
         return repr(asdict(params))
     return repr(params)

@@ -16,10 +16,10 @@ from serving.ray_local import use_serve_env  # noqa: E402
 # built here (the app graph) use gRPC. But this process also calls handles from synchronous
 # test code, which Serve's throughput mode forbids (its router runs on the caller's event
 # loop), so the driver alone keeps the router on its own loop: the variable is set while
-# Serve's constants are imported here and removed before ray.init spawns any worker.
+# ray.serve (and its constants) is imported here and removed before ray.init spawns any worker.
 use_serve_env()
 os.environ["RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"] = "1"
-import ray.serve._private.constants  # noqa: E402,F401
+import ray.serve  # noqa: E402,F401
 
 del os.environ["RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"]
 

@@ -20,19 +20,20 @@ def free_port() -> int:
 
 @contextmanager
 def running_app(args_dict: dict, num_cpus: int = 4) -> Iterator[str]:
-    """A local Ray cluster with the app of `args_dict` served at the yielded base URL."""
+    """A local Ray cluster serving the app of `args_dict` (settings named as flags) at the yielded base URL."""
     import ray
     from ray import serve
 
-    from serving.app import ServeArgs, build_app
+    from serving.app import build_app
+    from serving.config_sources import config_of
     from serving.ray_local import init_local_ray
 
     port = free_port()
-    args = ServeArgs(host="127.0.0.1", port=port, **args_dict)
+    config = config_of(host="127.0.0.1", port=port, **args_dict)
     init_local_ray(num_cpus, log_to_driver=True, configure_logging=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+        serve.run(build_app(config), name=APP_NAME, route_prefix="/")
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
         while httpx.get(f"{base}/readyz", timeout=10).status_code != 200:

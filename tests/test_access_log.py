@@ -79,12 +79,12 @@ def test_route_that_sees_a_disconnect_is_499_not_500():
     from starlette.requests import ClientDisconnect
 
     from serving.errors import status_for
-    from serving.ingress import MappedRoute
+    from serving.api.errors import ErrorMappingRoute
 
     assert status_for(ClientDisconnect()) == (499, "client_closed_request")
 
     api = FastAPI()
-    api.router.route_class = MappedRoute
+    api.router.route_class = ErrorMappingRoute
 
     @api.post("/v1/embeddings")
     async def embeddings() -> dict:

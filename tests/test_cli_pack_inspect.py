@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from adapters.bundle import load_bundle
 from adapters.capaboost_linear import random_masks
+from adapters.validation import load_bundle
 from serving.cli import main
 from tests.conftest import MINILM_ID
 

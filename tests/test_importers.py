@@ -20,7 +20,9 @@ from transformers.pytorch_utils import Conv1D
 
 from adapters.bundle import AdapterBundle, Task
 from adapters.capaboost_linear import random_masks
-from adapters.importers import ConversionError, PrefixMap, ReferenceConfig, import_peft, import_reference
+from adapters.importers.common import ConversionError, PrefixMap
+from adapters.importers.peft import import_peft
+from adapters.importers.reference import ReferenceConfig, import_reference
 from adapters.merge import delta_weight, merge_into, stacked_factors
 from tests.conftest import MINILM_ID
 

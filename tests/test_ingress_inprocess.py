@@ -13,7 +13,7 @@ import pytest
 
 from adapters.bundle import save_bundle
 from adapters.synthetic import random_bundle
-from serving.app import ServeArgs
+from serving.config_sources import config_of
 from serving.deployments import ModelServer
 from serving.ingress import _build_context, create_api
 from tests.conftest import MINILM_ID
@@ -39,13 +39,14 @@ class DirectClient:
 
 @pytest.fixture(scope="module")
 def engine():
-    from serving.engine import Engine, EngineConfig
+    from serving.config import EngineConfig
+    from serving.engine.engine import Engine
 
     return Engine(EngineConfig(num_threads=1))
 
 
 def make_app(engine, registry, **kw):
-    args = ServeArgs(registry=str(registry), **kw)
+    args = config_of(registry=str(registry), **kw)
     server = ModelServer(args, engine=engine)
     ctx, store, settings = _build_context(None, args)
     ctx.client = DirectClient(server)

@@ -12,9 +12,10 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from adapters.bundle import AdapterBundle, BundleMetadata, Task, TargetFactors, load_bundle, save_bundle
+from adapters.bundle import AdapterBundle, BundleMetadata, Task, TargetFactors, save_bundle
 from adapters.capaboost_linear import CapaBoostLinear, random_masks, wrap_targets
 from adapters.merge import add_dense_into, delta_weight, merge_into, merged_weight, rank_of, stacked_factors
+from adapters.validation import load_bundle
 
 IN, OUT, R, D, ALPHA = 48, 40, 4, 2, 12.0
 SCALING = ALPHA / R

@@ -18,6 +18,7 @@ import pytest
 from adapters.bundle import Task, save_bundle
 from adapters.synthetic import random_bundle
 from tests.conftest import MINILM_ID
+from tests.engine_utils import embed
 from tests.serve_helpers import running_app
 
 pytestmark = pytest.mark.ray
@@ -28,7 +29,8 @@ TEXTS = ["hello world", "the quick brown fox jumps over the lazy dog", "a"]
 
 @pytest.fixture(scope="module")
 def engine():
-    from serving.engine import Engine, EngineConfig
+    from serving.config import EngineConfig
+    from serving.engine.engine import Engine
 
     return Engine(EngineConfig(num_threads=1))
 
@@ -58,7 +60,7 @@ def client(base_url) -> openai.OpenAI:
 def test_default_embeddings_call_decodes_to_engine_vectors(client, engine, model):
     res = client.embeddings.create(model=model, input=TEXTS)  # the SDK's default: base64 on the wire
     got = np.array([d.embedding for d in res.data], dtype=np.float32)
-    want = engine.embed(TEXTS, None if model == MINILM_ID else "sdk-fe").embeddings.numpy()
+    want = embed(engine, TEXTS, None if model == MINILM_ID else "sdk-fe").embeddings.numpy()
     assert got.shape == (3, 384)
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert res.usage.prompt_tokens == res.usage.total_tokens == engine.count_tokens(TEXTS)
@@ -70,7 +72,7 @@ def test_base64_is_little_endian_float32_and_usage_has_no_completion_tokens(base
     assert r.status_code == 200, r.text
     out = r.json()
     assert set(out["usage"]) == {"prompt_tokens", "total_tokens"}
-    want = engine.embed(TEXTS[:2]).embeddings.numpy()
+    want = embed(engine, TEXTS[:2]).embeddings.numpy()
     for d, row in zip(out["data"], want):
         raw = base64.b64decode(d["embedding"])
         assert len(raw) == 384 * 4
@@ -80,7 +82,7 @@ def test_base64_is_little_endian_float32_and_usage_has_no_completion_tokens(base
 @pytest.mark.parametrize("encoding", ["float", "base64"])
 def test_dimensions_truncate_then_renormalise(client, engine, encoding):
     res = client.embeddings.create(model=MINILM_ID, input=TEXTS, dimensions=64, encoding_format=encoding)
-    full = engine.embed(TEXTS).embeddings.numpy()
+    full = embed(engine, TEXTS).embeddings.numpy()
     want = full[:, :64] / np.linalg.norm(full[:, :64], axis=1, keepdims=True)
     if encoding == "base64":
         got = np.array([np.frombuffer(base64.b64decode(d.embedding), dtype="<f4") for d in res.data])

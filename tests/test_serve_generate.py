@@ -20,7 +20,8 @@ MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content
 
 @pytest.fixture(scope="module")
 def engine(tiny_llama_dir):
-    from serving.engine import Engine, EngineConfig
+    from serving.config import EngineConfig
+    from serving.engine.engine import Engine
 
     return Engine(EngineConfig(model=str(tiny_llama_dir), served_model_name=BASE, num_threads=1))
 
@@ -58,7 +59,7 @@ def test_streamed_chat_equals_whole_greedy_answer(base_url, engine, model):
     text = answer["choices"][0]["message"]["content"]
     assert answer["object"] == "chat.completion" and answer["choices"][0]["message"]["role"] == "assistant"
 
-    from serving.engine import SamplingParams
+    from serving.engine.sampling import SamplingParams
 
     prompt = engine.apply_chat_template(MESSAGES)
     ref = engine.generate([prompt], None if model == BASE else "chatty", SamplingParams(max_tokens=24, temperature=0))[0]
@@ -101,7 +102,7 @@ def test_openai_sdk_completions_chat_and_streams_equal_the_engine(base_url, engi
     """The stock `openai` client: whole and streamed completions and chat, greedy, equal the engine's."""
     import openai
 
-    from serving.engine import SamplingParams
+    from serving.engine.sampling import SamplingParams
 
     client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=60)
     adapter = None if model == BASE else "chatty"

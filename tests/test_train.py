@@ -15,13 +15,13 @@ import json
 import os
 import random
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from adapters.bundle import Task, load_bundle
+from adapters.bundle import Task
+from adapters.validation import load_bundle
 from adapters.merge import delta_weight, rank_of
 from adapters.training.config import DEFAULT_MODEL_ID, TrainConfig
 from adapters.training.data import TrainingDataError, label_ids, label_names, read_jsonl
@@ -242,7 +242,7 @@ def test_causal_lm_on_tiny_llama(tiny_llama_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from adapters.training.trainer import train
-    from adapters.validation import BaseModelSpec, check_servable
+    from adapters.validation import BaseModelSpec, check_servable, load_bundle
 
     texts = ["the quick brown fox jumps over the lazy dog", "hello world, this is a tiny language model"]
     data = write_jsonl(tmp_path / "lm.jsonl", [{"text": t} for t in texts * 8])

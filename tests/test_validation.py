@@ -20,10 +20,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from adapters.bundle import Task, load_bundle, save_bundle
+from adapters.bundle import Task, save_bundle
 from adapters.errors import BundleError
 from adapters.synthetic import random_bundle
-from adapters.validation import BaseModelSpec, check_servable
+from adapters.validation import BaseModelSpec, check_servable, load_bundle
+from serving.engine.model_loader import meta_spec
 from tests.conftest import MINILM_ID
 
 Q = "encoder.layer.0.attention.self.query"
@@ -35,9 +36,7 @@ R, D = 4, 2
 
 @pytest.fixture(scope="module")
 def minilm_spec(minilm_dir: Path) -> BaseModelSpec:
-    from serving.commands.pack import base_spec
-
-    return base_spec(str(minilm_dir), Task.FEATURE_EXTRACTION, MINILM_ID)
+    return meta_spec(str(minilm_dir), MINILM_ID, Task.FEATURE_EXTRACTION)
 
 
 @pytest.fixture(scope="module")

@@ -64,30 +64,22 @@ class AuthSettings(BaseModel):
 
     def check_admin(self, authorization: str | None) -> None:
         """Raise Unauthorized (no bearer) or Forbidden (wrong one) unless this is the admin."""
-        if not self.admin_required:
-            return
-        token = bearer_token(authorization)
-        if token is None:
-            raise Unauthorized("this operation needs an admin token: send 'Authorization: Bearer <token>'")
-        assert self.admin_token is not None
-        if not _matches(token, [self.admin_token]):
-            raise Forbidden("the admin token is not valid")
-
-    def check_api_key(self, authorization: str | None) -> None:
-        """Raise Unauthorized / Forbidden unless a configured API key (or the admin token) is sent."""
-        if not self.api_key_required:
-            return
-        token = bearer_token(authorization)
-        if token is None:
-            raise Unauthorized("this server needs an API key: send 'Authorization: Bearer <key>'")
-        accepted = [k for k in self.api_keys if k.get_secret_value()]
         if self.admin_required:
             assert self.admin_token is not None
-            accepted.append(self.admin_token)
-        if not _matches(token, accepted):
-            # 401, as OpenAI and vLLM answer an invalid key (their SDK raises AuthenticationError);
-            # 403 stays for a valid caller without the right (an API key on a registry write).
-            raise Unauthorized("the API key is not valid")
+            wrong = Forbidden("the admin token is not valid")
+            _check(authorization, [self.admin_token], "this operation needs an admin token", wrong)
+
+    def check_api_key(self, authorization: str | None) -> None:
+        """Raise Unauthorized unless a configured API key (or the admin token) is sent.
+
+        A wrong key is 401, as OpenAI and vLLM answer an invalid key (their SDK raises
+        AuthenticationError); 403 stays for a valid caller without the right (an API key on
+        a registry write)."""
+        if self.api_key_required:
+            accepted = [k for k in self.api_keys if k.get_secret_value()]
+            if self.admin_token is not None and self.admin_required:
+                accepted.append(self.admin_token)
+            _check(authorization, accepted, "this server needs an API key", Unauthorized("the API key is not valid"))
 
     async def require_admin(self, authorization: str | None = Header(None)) -> None:
         """FastAPI dependency for registry writes."""
@@ -96,3 +88,12 @@ class AuthSettings(BaseModel):
     async def require_api_key(self, authorization: str | None = Header(None)) -> None:
         """FastAPI dependency for inference (and registry reads)."""
         self.check_api_key(authorization)
+
+
+def _check(authorization: str | None, accepted: list[SecretStr], needs: str, wrong: Exception) -> None:
+    """Unauthorized when no bearer token is sent, `wrong` when it is none of `accepted`."""
+    token = bearer_token(authorization)
+    if token is None:
+        raise Unauthorized(f"{needs}: send 'Authorization: Bearer <token>'")
+    if not _matches(token, accepted):
+        raise wrong

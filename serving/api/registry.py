@@ -35,24 +35,25 @@ import hashlib
 import logging
 import os
 import tempfile
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
 
-from adapters.bundle import AdapterBundle, Task, load_bundle, save_bundle
+from adapters.bundle import AdapterBundle, Task, save_bundle
+from adapters.importers.peft import PEFT_TASKS, import_peft, read_peft_config
 from adapters.manifest import NAME_PATTERN, AdapterManifest, is_valid_name
 from adapters.registry.store import AdapterNotFound, RegistryStore
-from adapters.validation import BaseModelSpec, check_servable
+from adapters.validation import BaseModelSpec, check_servable, load_bundle
 from serving.api.auth import AuthSettings
-from serving.errors import InvalidRequest, PayloadTooLarge, Unauthorized, error_body, status_for
+from serving.api.errors import ErrorMappingRoute
+from serving.errors import InvalidRequest, PayloadTooLarge
 from serving.protocol import ERROR_RESPONSES
 
 log = logging.getLogger(__name__)
@@ -154,45 +155,6 @@ MULTIPART_BUNDLE_BODY = {
 BUNDLE_DOWNLOAD = {200: {"description": "The bundle bytes.", "content": {"application/octet-stream": {"schema": BINARY}}}}
 
 
-# -- errors ----------------------------------------------------------------------------
-
-
-def error_response(exc: BaseException) -> JSONResponse:
-    """The error body (docs/http-api.md#errors) for any exception; unknown ones are 500 without internals."""
-    if isinstance(exc, RequestValidationError):
-        parts = []
-        for err in exc.errors():
-            loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path"))
-            parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
-        status, kind, message = 400, "invalid_request_error", "; ".join(parts) or "invalid request"
-    elif isinstance(exc, StarletteHTTPException) and exc.status_code < 500:
-        # Raised by FastAPI itself inside the route, e.g. a body that is not UTF-8 JSON (400).
-        status, message = exc.status_code, str(exc.detail)
-        kind = "not_found_error" if status == 404 else "invalid_request_error"
-    else:
-        status, kind = status_for(exc)
-        message = str(exc) if status < 500 else "internal error"
-        if status >= 500:
-            log.error("registry request failed", exc_info=exc)
-    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
-    return JSONResponse(error_body(message, kind, status), status_code=status, headers=headers)
-
-
-class ErrorMappingRoute(APIRoute):
-    """Route class whose handler (dependencies included) answers errors as docs/http-api.md#errors says."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def mapped(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except Exception as exc:  # noqa: BLE001 - the API edge: everything becomes a body
-                return error_response(exc)
-
-        return mapped
-
-
 # -- upload spooling -------------------------------------------------------------------
 
 
@@ -250,9 +212,6 @@ async def _spool_raw(request: Request, settings: RegistrySettings) -> _Spool:
 
 async def _spool_multipart(request: Request, settings: RegistrySettings) -> tuple[_Spool, dict[str, str]]:
     """Stream a multipart body: the `file` part into a spool, small text fields into a dict."""
-    from python_multipart.exceptions import MultipartParseError
-    from python_multipart.multipart import MultipartParser, parse_options_header
-
     ctype, params = parse_options_header(request.headers.get("content-type", ""))
     boundary = params.get(b"boundary")
     if ctype != b"multipart/form-data" or not boundary:
@@ -528,29 +487,20 @@ def _local_source(lora_path: str) -> tuple[Path, str | None]:
 
 
 def _import_peft_folder(path: Path, spec: BaseModelSpec) -> AdapterBundle:
-    """A PEFT LoRA folder as a bundle for `spec`'s base, via adapters.importers.peft."""
-    try:
-        from adapters.importers import peft as peft_importer
-    except ImportError:
-        raise InvalidRequest("this build cannot import PEFT folders; convert with `capaserve pack` first") from None
+    """A PEFT LoRA folder as a bundle for `spec`'s base; a task_type PEFT names nothing we
+    map (or none) is taken from the served base."""
     task: Task | None = None
-    try:
-        config = peft_importer.read_peft_config(path)
-        if config.task_type not in getattr(peft_importer, "PEFT_TASKS", {}):
-            task = Task.CAUSAL_LM if spec.task is Task.CAUSAL_LM else Task.FEATURE_EXTRACTION
-    except AttributeError:
-        pass
-    return peft_importer.import_peft(path, base_model=spec.model_id, task=task)
+    if read_peft_config(path).task_type not in PEFT_TASKS:
+        task = Task.CAUSAL_LM if spec.task is Task.CAUSAL_LM else Task.FEATURE_EXTRACTION
+    return import_peft(path, base_model=spec.model_id, task=task)
 
 
 __all__ = [
     "AdapterDetail",
     "AdapterList",
-    "ErrorMappingRoute",
     "LoadLoraAdapterRequest",
     "RegistrySettings",
     "UnloadLoraAdapterRequest",
     "UnloadLoraAdapterResponse",
     "build_registry_router",
-    "error_response",
 ]

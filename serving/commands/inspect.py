@@ -9,8 +9,13 @@ bundle prints every problem and exits with status 1.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import sys
+from pathlib import Path
 from typing import Any
+
+from adapters.errors import BundleError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,11 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def describe(path: str) -> dict[str, Any]:
     """Everything inspect reports, as plain data; raises BundleError for an invalid bundle."""
-    import hashlib
-    from pathlib import Path
-
-    from adapters.bundle import load_bundle
+    # deferred: only this subcommand pays for torch (`capaserve --help` stays fast)
     from adapters.merge import rank_of
+    from adapters.validation import load_bundle
 
     data = Path(path).read_bytes()
     bundle = load_bundle(data)
@@ -57,8 +60,6 @@ def describe(path: str) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from adapters.errors import BundleError
-
     try:
         info = describe(args.bundle)
     except FileNotFoundError:
@@ -70,8 +71,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"  - {problem}", file=sys.stderr)
         return 1
     if args.json:
-        import json
-
         print(json.dumps(info, indent=2))
         return 0
     _print_table(info)

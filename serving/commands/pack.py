@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from adapters.errors import BundleError
+
 TASKS = ("feature-extraction", "sequence-classification", "causal-lm")
 
 
@@ -56,7 +58,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _run_peft(args: argparse.Namespace) -> int:
     def build():
-        from adapters.importers import import_peft
+        from adapters.importers.peft import import_peft  # deferred: torch only when packing
 
         return import_peft(
             args.folder,
@@ -71,7 +73,7 @@ def _run_peft(args: argparse.Namespace) -> int:
 
 def _run_reference(args: argparse.Namespace) -> int:
     def build():
-        from adapters.importers import ReferenceConfig, import_reference
+        from adapters.importers.reference import ReferenceConfig, import_reference  # deferred: torch
 
         config = ReferenceConfig.from_sources(
             args.config, alpha=args.alpha, rank=args.rank, name=args.name, density=args.density
@@ -91,7 +93,7 @@ def _run_reference(args: argparse.Namespace) -> int:
 def _prefix_map(args: argparse.Namespace):
     if not args.prefix_map:
         return None
-    from adapters.importers import PrefixMap
+    from adapters.importers.common import PrefixMap  # deferred: torch
 
     # CAPASERVE_PREFIX_MAP arrives as one string: comma-separated rules
     specs = args.prefix_map.split(",") if isinstance(args.prefix_map, str) else args.prefix_map
@@ -99,15 +101,14 @@ def _prefix_map(args: argparse.Namespace):
 
 
 def _pack(args: argparse.Namespace, build) -> int:
-    from adapters.bundle import save_bundle
-    from adapters.errors import BundleError
+    from adapters.bundle import save_bundle  # deferred: torch
+    from adapters.validation import check_servable
+    from serving.engine.model_loader import meta_spec
 
     try:
         bundle = build()
         if args.check_base:
-            from adapters.validation import check_servable
-
-            check_servable(bundle, base_spec(args.check_base, bundle.metadata.task, bundle.metadata.base_model))
+            check_servable(bundle, meta_spec(args.check_base, bundle.metadata.base_model, bundle.metadata.task))
     except BundleError as exc:
         print("error: cannot pack:", file=sys.stderr)
         for problem in exc.problems:
@@ -121,18 +122,3 @@ def _pack(args: argparse.Namespace, build) -> int:
         f"task {m.task.value}, base {m.base_model}"
     )
     return 0
-
-
-def base_spec(model: str, task, model_id: str):
-    """The BaseModelSpec of a model folder or cached id, built on the meta device (no weights read)."""
-    import torch
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
-    from adapters.bundle import Task
-    from adapters.validation import BaseModelSpec
-
-    config = AutoConfig.from_pretrained(model)
-    cls = AutoModelForCausalLM if Task(task) is Task.CAUSAL_LM else AutoModel
-    with torch.device("meta"):
-        net = cls.from_config(config)
-    return BaseModelSpec.from_model(model_id, Task(task), net, int(config.hidden_size))

@@ -11,6 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 TASKS = ("sequence-classification", "causal-lm", "feature-extraction")
 
 
@@ -56,8 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
+    # deferred: these import torch (~3 s), which `capaserve --help` must not wait for
     from adapters.training.config import TrainConfig
     from adapters.training.data import TrainingDataError
 
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"capaserve train: error: {flag}: {err['msg']}", file=sys.stderr)
         return 2
 
-    from adapters.training.trainer import train
+    from adapters.training.trainer import train  # deferred: transformers, only once the flags are valid
 
     try:
         train(cfg)

@@ -1,0 +1,129 @@
+"""Adapter routing affinity and swaps on a multi-replica app, measured from its own metrics.
+
+Starts `capaserve serve` (a subprocess, on 127.0.0.1) with two model replicas, uploads
+`--adapters` synthetic adapters, sends `--requests` embeddings requests over them
+(Zipf-popular, `--concurrency` at a time) and reads /metrics before and after:
+
+- loads per adapter: adapter loads (cache misses, all replicas) / distinct adapters
+  requested. 1.00 means every adapter was loaded on one replica only and its requests
+  were routed there; 2.00 means both replicas loaded every adapter.
+- requests per load and swaps per request: how often a request paid a load or a swap.
+
+Another capaserve checkout is measured with `--tree DIR` (the server runs with DIR first on
+its PYTHONPATH; this script's own imports stay on the installed tree), so a change to
+routing is compared before and after on the same machine.
+
+    python loadtest/bench_affinity.py [--adapters 8] [--requests 400] [--concurrency 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from adapters.bundle import Task, save_bundle
+from adapters.default_model import DEFAULT_MODEL_ID, default_model_dir
+from adapters.synthetic import random_bundle
+from serving.engine.model_loader import meta_spec
+
+TEXT = "the quick brown fox jumps over the lazy dog"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def totals(base: str) -> dict[str, float]:
+    """Sum over replicas of each capaserve_* counter sample."""
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(httpx.get(f"{base}/metrics", timeout=30).text):
+        for s in fam.samples:
+            if s.name.startswith("capaserve_"):
+                out[s.name] = out.get(s.name, 0.0) + s.value
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--adapters", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=400)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--zipf", type=float, default=1.0)
+    ap.add_argument("--max-adapters-per-replica", type=int, default=64)
+    ap.add_argument("--tree", type=Path, help="serve this capaserve checkout instead of the installed one")
+    args = ap.parse_args(argv)
+
+    spec = meta_spec(default_model_dir(), DEFAULT_MODEL_ID)
+    targets = [n for n in spec.linear_shapes if n.endswith(("attention.self.query", "attention.self.value"))]
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    work = Path(tempfile.mkdtemp(prefix="bench-affinity-"))
+    cmd = [sys.executable, "-m", "serving.cli", "serve", "--port", str(port), "--registry", str(work / "registry"),
+           "--replicas", "2", "--num-cpus", "1", "--max-adapters-per-replica", str(args.max_adapters_per_replica)]
+    log = open(work / "serve.log", "w")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if args.tree is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(args.tree.resolve()), env.get("PYTHONPATH", "")])
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"capaserve did not become ready; see {work / 'serve.log'}")
+            time.sleep(0.5)
+        names = [f"aff-{i:02d}" for i in range(args.adapters)]
+        for i, name in enumerate(names):
+            bundle = random_bundle(spec, targets, seed=i, task=Task.FEATURE_EXTRACTION, std=0.05)
+            body = save_bundle(bundle, work / f"{name}.safetensors").read_bytes()
+            r = httpx.put(f"{base}/v1/adapters/{name}", content=body, timeout=60)
+            r.raise_for_status()
+        weights = [1.0 / (k + 1) ** args.zipf for k in range(len(names))]
+        picks = random.Random(0).choices(names, weights, k=args.requests)
+        before = totals(base)
+        with httpx.Client(timeout=60) as client, ThreadPoolExecutor(args.concurrency) as pool:
+            def send(model: str) -> int:
+                return client.post(f"{base}/v1/embeddings", json={"model": model, "input": [TEXT]}).status_code
+
+            t0 = time.perf_counter()
+            codes = list(pool.map(send, picks))
+            took = time.perf_counter() - t0
+        after = totals(base)
+        delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+        loads = delta.get("capaserve_adapter_cache_misses_total", 0.0)
+        swaps = delta.get("capaserve_adapter_swaps_total", 0.0)
+        used = len(set(picks))
+        failed = sum(c != 200 for c in codes)
+        print("| adapters requested | requests | failed | req/s | loads per adapter | requests per load | swaps per request |")
+        print("|---:|---:|---:|---:|---:|---:|---:|")
+        print(f"| {used} | {len(picks)} | {failed} | {len(picks) / took:.0f} | {loads / used:.2f} | "
+              f"{len(picks) / max(loads, 1):.1f} | {swaps / len(picks):.3f} |")
+        return 1 if failed else 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

