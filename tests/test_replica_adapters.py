@@ -1,0 +1,114 @@
+"""serving/replica_adapters.py without Ray: the replica's adapter bookkeeping over a real
+engine, a real registry folder and the real scheduler thread (the plain LRU stands in for
+serve.multiplexed, with the same bound and the same close)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapters.bundle import Task, save_bundle
+from adapters.manifest import AdapterManifest
+from serving.config_sources import config_of
+from serving.deployments import ModelServer
+from serving.engine.engine import Engine
+from serving.errors import ModelNotFound
+from tests.engine_utils import MINILM_ID, bundle_for, embed, engine_for
+
+QV = ("attention.self.query", "attention.self.value")
+TEXTS = ["a short text", "another, somewhat longer text about adapters"]
+
+
+@pytest.fixture(scope="module")
+def engine(minilm_dir: Path) -> Engine:
+    return engine_for(minilm_dir, MINILM_ID)
+
+
+def commit(server: ModelServer, engine: Engine, name: str, seed: int, tmp: Path) -> AdapterManifest:
+    b = bundle_for(engine, QV, seed=seed, task=Task.FEATURE_EXTRACTION)
+    path = save_bundle(b, tmp / f"{name}-{seed}.safetensors")
+    return server.store.commit(name, path, b.metadata)
+
+
+def run(coro):  # noqa: ANN001, ANN201 - a test helper
+    return asyncio.run(coro)
+
+
+def test_lru_bound_unloads_the_oldest_and_a_closed_lease_reloads(engine: Engine, tmp_path: Path) -> None:
+    server = ModelServer(config_of(registry=str(tmp_path / "reg"), max_adapters_per_replica=2), engine=engine)
+    manifests = [commit(server, engine, f"lru{i}", i, tmp_path) for i in range(3)]
+
+    async def main() -> tuple[list[str], torch.Tensor]:
+        await server.adapters.prepare(manifests[0])
+        first = await server.scheduler.call(lambda: embed(engine, TEXTS, manifests[0].ref).embeddings)
+        for m in manifests[1:]:
+            await server.adapters.prepare(m)
+        held = await server.scheduler.call(engine.list_adapters)
+        return [a.name for a in held], first
+
+    held, first = run(main())
+    assert held == [manifests[1].ref, manifests[2].ref]  # lru0's lease closed: unloaded from the engine
+    # a request still queued for it reloads it from the remembered manifest: same answer
+    ref = manifests[0].ref
+    again = server.adapters.with_adapter([ref], lambda: embed(engine, TEXTS, ref)).embeddings
+    assert engine.has_adapter(ref) and torch.equal(first, again)
+    for m in manifests:
+        if engine.has_adapter(m.ref):
+            engine.unload_adapter(m.ref)
+
+
+def test_reload_after_engine_eviction_gives_the_same_answer(engine: Engine, tmp_path: Path) -> None:
+    server = ModelServer(config_of(registry=str(tmp_path / "reg")), engine=engine)
+    m = commit(server, engine, "evicted", 7, tmp_path)
+    run(server.adapters.prepare(m))
+    before = embed(engine, TEXTS, m.ref).embeddings
+    engine.unload_adapter(m.ref)  # as the engine's byte budget would
+    after = server.adapters.with_adapter([m.ref], lambda: embed(engine, TEXTS, m.ref)).embeddings
+    assert torch.equal(before, after)
+    engine.unload_adapter(m.ref)
+
+
+def test_sweep_drops_deleted_versions_everywhere(engine: Engine, tmp_path: Path) -> None:
+    server = ModelServer(config_of(registry=str(tmp_path / "reg")), engine=engine)
+    v1 = commit(server, engine, "swept", 1, tmp_path)
+    v2 = commit(server, engine, "swept", 2, tmp_path)
+
+    async def main() -> list[str]:
+        await server.adapters.prepare(v1)
+        await server.adapters.prepare(v2)
+        assert await server.sweep() == []  # both live: nothing dropped
+        server.store.delete("swept", 1)
+        dropped = await server.sweep()
+        await server.scheduler.call(lambda: None)  # the unload ran on the worker thread
+        return dropped
+
+    assert run(main()) == [v1.ref]
+    assert not engine.has_adapter(v1.ref) and engine.has_adapter(v2.ref)
+    with pytest.raises(ModelNotFound):  # forgotten: not reloadable on demand
+        server.adapters.reload(v1.ref)
+    engine.unload_adapter(v2.ref)
+
+
+def test_same_ref_with_other_bytes_never_serves_the_stale_copy(engine: Engine, tmp_path: Path) -> None:
+    """A registry rebuilt behind the replica's back: same name@version, other sha256."""
+    server = ModelServer(config_of(registry=str(tmp_path / "reg")), engine=engine)
+    old = commit(server, engine, "rebuilt", 1, tmp_path)
+    run(server.adapters.prepare(old))
+    stale = embed(engine, TEXTS, old.ref).embeddings
+    other = bundle_for(engine, QV, seed=99, task=Task.FEATURE_EXTRACTION)
+    server2 = ModelServer(config_of(registry=str(tmp_path / "reg2")), engine=engine)
+    new = server2.store.commit("rebuilt", save_bundle(other, tmp_path / "other.safetensors"), other.metadata)
+    assert new.ref == old.ref and new.sha256 != old.sha256
+    server.resolver = server2.resolver
+    server.adapters.resolver = server2.resolver
+
+    run(server.adapters.prepare(new))
+    got = server.adapters.with_adapter([new.ref], lambda: embed(engine, TEXTS, new.ref)).embeddings
+    assert not torch.allclose(got, stale, atol=1e-4)
+    engine.unload_adapter(new.ref)
+    engine.load_adapter("oracle", other)
+    assert torch.equal(got, embed(engine, TEXTS, "oracle").embeddings)
+    engine.unload_adapter("oracle")
