@@ -99,6 +99,20 @@ def effective_mix(mix: dict[Kind, float], supported: Sequence[Kind]) -> dict[Kin
     return chosen
 
 
+_PEER_WORDS = (
+    "the a one every some model server request answer token vector adapter weight layer batch quick "
+    "slow bright quiet river mountain city morning evening light music paper window garden street "
+    "reads writes runs waits finds keeps moves sends brings turns under over across near after "
+    "before while because and but often never always again here there today tomorrow"
+).split()
+
+
+def peer_sentences(n: int = 200, seed: int = 20261203) -> list[str]:
+    """`n` fixed sentences of 5-20 words (seeded): the texts bench_peer sends every server."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choices(_PEER_WORDS, k=rng.randint(5, 20))) for _ in range(n)]
+
+
 def request_body(kind: Kind, model: str, texts: list[str]) -> dict[str, Any]:
     """The JSON body of one request; completions are greedy so answers are reproducible."""
     if kind == "completions":

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -51,8 +51,11 @@ class AdapterLease:
     """What the multiplexer caches per adapter: closing it unloads the adapter from the engine.
 
     `serve.multiplexed` calls a cached object's `__del__` when it evicts it (its documented
-    unload hook), and Python calls it again at garbage collection; `close` acts once, and
-    hands the engine unload to the worker thread, never running it on the caller's.
+    unload hook), and Python's garbage collector calls it too, at any allocation in any
+    thread, possibly while that code holds a lock (seen: inside a ThreadPoolExecutor's
+    submit, whose lock the scheduler's own submit then waited on for ever). So `__del__`
+    only queues the ref (a deque append takes no lock); the owner retires queued refs at
+    its next safe point. `close` (the local LRU, safe callers) retires at once. Both act once.
     """
 
     def __init__(self, owner: "ReplicaAdapters", ref: str) -> None:
@@ -66,8 +69,9 @@ class AdapterLease:
             self.owner.retire(self.ref)
 
     def __del__(self) -> None:
-        if hasattr(self, "closed"):  # a half-built lease has nothing to release
-            self.close()
+        if hasattr(self, "closed") and not self.closed:  # a half-built lease has nothing to release
+            self.closed = True
+            self.owner.evicted.append(self.ref)
 
 
 class ReplicaAdapters:
@@ -91,6 +95,8 @@ class ReplicaAdapters:
         self._on_change = on_change  # engine state changed (worker thread): refresh stats
         self._manifests: OrderedDict[str, AdapterManifest] = OrderedDict()
         self._leases: dict[str, AdapterLease] = {}
+        #: refs whose lease Serve evicted (or the GC collected): retired at the next safe point
+        self.evicted: deque[str] = deque()
         if in_ray:
             # a plain function, not the bound method: Serve keeps its multiplexer as an
             # attribute of the decorated callable, which a bound method cannot take
@@ -108,7 +114,9 @@ class ReplicaAdapters:
         if known is not None and known.sha256 != manifest.sha256:
             await self.drop(ref)  # same ref, other bytes: a stale copy must not serve
         self._remember(manifest)
+        self.retire_evicted()
         lease = await self._get(ref)
+        self.retire_evicted()  # Serve may have evicted another adapter to make room
         if lease.closed:  # evicted between load and use: the runner reloads on demand
             log.debug("adapter %s lease closed before use", ref)
         return ref
@@ -143,6 +151,11 @@ class ReplicaAdapters:
         while len(live) > self.max_adapters:
             self._leases.pop(live.pop(0)).close()
         return lease
+
+    def retire_evicted(self) -> None:
+        """Retire every ref `AdapterLease.__del__` queued (called where no lock is held)."""
+        while self.evicted:
+            self.retire(self.evicted.popleft())
 
     def retire(self, ref: str) -> None:
         """Unload `ref` from the engine on the worker thread, between batches (any thread)."""
@@ -197,7 +210,10 @@ class ReplicaAdapters:
     # ------------------------------------------------------------------ deletion sweep
 
     async def sweep(self) -> list[str]:
-        """Drop every held adapter version the registry no longer has; returns the refs dropped."""
+        """Drop every held adapter version the registry no longer has; returns the refs dropped.
+
+        Also retires leases evicted since the last request (this runs every poll period)."""
+        self.retire_evicted()
         by_name: dict[str, list[str]] = {}
         for ref in list(self._manifests):
             by_name.setdefault(parse_model_ref(ref)[0], []).append(ref)

@@ -112,3 +112,34 @@ def test_same_ref_with_other_bytes_never_serves_the_stale_copy(engine: Engine, t
     engine.load_adapter("oracle", other)
     assert torch.equal(got, embed(engine, TEXTS, "oracle").embeddings)
     engine.unload_adapter("oracle")
+
+
+def test_a_collected_lease_takes_no_lock_and_is_retired_at_the_next_request(engine: Engine, tmp_path: Path) -> None:
+    """The garbage collector may run a lease's __del__ inside any code, e.g. inside a
+    ThreadPoolExecutor.submit that holds the executor module's global lock (this hung the
+    suite once, in transformers' loader). __del__ must not wait on any lock; the adapter is
+    unloaded at the replica's next request instead."""
+    import concurrent.futures.thread as cf_thread
+    import threading
+
+    server = ModelServer(config_of(registry=str(tmp_path / "reg")), engine=engine)
+    gone, other = commit(server, engine, "collected", 1, tmp_path), commit(server, engine, "next", 2, tmp_path)
+
+    async def load(m: AdapterManifest) -> None:
+        await server.adapters.prepare(m)
+        await server.scheduler.call(lambda: None)
+
+    async def main() -> None:
+        await load(gone)
+        lease = server.adapters._leases[gone.ref]
+        with cf_thread._global_shutdown_lock:  # as inside another executor's submit
+            t = threading.Thread(target=lease.__del__)
+            t.start()
+            t.join(timeout=5)
+            assert not t.is_alive(), "AdapterLease.__del__ waited on a lock"
+        assert list(server.adapters.evicted) == [gone.ref] and engine.has_adapter(gone.ref)
+        await load(other)  # the next request retires what was collected
+
+    run(main())
+    assert not engine.has_adapter(gone.ref) and engine.has_adapter(other.ref)
+    engine.unload_adapter(other.ref)

