@@ -22,7 +22,6 @@ import argparse
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,30 +30,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from adapters.bundle import Task, save_bundle
 from adapters.default_model import DEFAULT_MODEL_ID, default_model_dir
 from adapters.synthetic import random_bundle
+from loadtest.run import free_port, scrape, wait_ready
 from serving.engine.model_loader import meta_spec
 
 TEXT = "the quick brown fox jumps over the lazy dog"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def totals(base: str) -> dict[str, float]:
-    """Sum over replicas of each capaserve_* counter sample."""
-    out: dict[str, float] = {}
-    for fam in text_string_to_metric_families(httpx.get(f"{base}/metrics", timeout=30).text):
-        for s in fam.samples:
-            if s.name.startswith("capaserve_"):
-                out[s.name] = out.get(s.name, 0.0) + s.value
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,16 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         env["PYTHONPATH"] = os.pathsep.join([str(args.tree.resolve()), env.get("PYTHONPATH", "")])
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"capaserve did not become ready; see {work / 'serve.log'}")
-            time.sleep(0.5)
+        try:
+            wait_ready(base, 180, proc)
+        except (RuntimeError, TimeoutError) as exc:
+            raise SystemExit(f"{exc}; see {work / 'serve.log'}") from None
         names = [f"aff-{i:02d}" for i in range(args.adapters)]
         for i, name in enumerate(names):
             bundle = random_bundle(spec, targets, seed=i, task=Task.FEATURE_EXTRACTION, std=0.05)
@@ -98,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             r.raise_for_status()
         weights = [1.0 / (k + 1) ** args.zipf for k in range(len(names))]
         picks = random.Random(0).choices(names, weights, k=args.requests)
-        before = totals(base)
+        before = scrape(base)
         with httpx.Client(timeout=60) as client, ThreadPoolExecutor(args.concurrency) as pool:
             def send(model: str) -> int:
                 return client.post(f"{base}/v1/embeddings", json={"model": model, "input": [TEXT]}).status_code
@@ -106,10 +83,9 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             codes = list(pool.map(send, picks))
             took = time.perf_counter() - t0
-        after = totals(base)
-        delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
-        loads = delta.get("capaserve_adapter_cache_misses_total", 0.0)
-        swaps = delta.get("capaserve_adapter_swaps_total", 0.0)
+        after = scrape(base)
+        delta = {k: after[k] - before[k] for k in after}
+        loads, swaps = delta["adapter_loads"], delta["swaps"]
         used = len(set(picks))
         failed = sum(c != 200 for c in codes)
         print("| adapters requested | requests | failed | req/s | loads per adapter | requests per load | swaps per request |")

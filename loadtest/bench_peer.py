@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,16 +37,11 @@ import httpx
 import psutil
 
 from adapters.default_model import DEFAULT_MODEL_ID, default_model_dir
+from loadtest.run import free_port
 from loadtest.scenario import peer_sentences
 
 HERE = Path(__file__).resolve().parent
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tree_cpu_seconds(pid: int) -> float:

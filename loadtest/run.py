@@ -74,7 +74,6 @@ TARGET_SETS: dict[str, tuple[str, ...]] = {
 
 class LoadTestConfig(BaseModel):
     """What one load-test invocation runs, against what, and where the report goes."""
-
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     # --- the server
@@ -154,7 +153,6 @@ class LoadTestConfig(BaseModel):
 
 class Case(BaseModel):
     """One configuration: which app, over how many adapters, how skewed."""
-
     model_config = ConfigDict(frozen=True)
 
     app: App
@@ -173,7 +171,6 @@ class Case(BaseModel):
 
 class CaseResult(BaseModel):
     """One Locust run of one case: Locust's numbers plus the server's swap and batch counters."""
-
     case: Case
     round: int
     duration_s: float
@@ -259,7 +256,6 @@ def make_bundles(cfg: LoadTestConfig, spec: Any, names: Sequence[str], folder: P
 
 
 def register(url: str, bundles: dict[str, bytes], admin_token: str | None) -> None:
-
     headers = {"Content-Type": "application/octet-stream"}
     if admin_token:
         headers["Authorization"] = f"Bearer {admin_token}"
@@ -270,8 +266,8 @@ def register(url: str, bundles: dict[str, bytes], admin_token: str | None) -> No
                 raise RuntimeError(f"registering {name}: HTTP {r.status_code}: {r.text[:300]}")
 
 
-def wait_ready(url: str, timeout_s: float = 180.0) -> None:
-
+def wait_ready(url: str, timeout_s: float = 180.0, proc: subprocess.Popen | None = None) -> None:
+    """Wait until `url/readyz` answers 200; fail early if `proc` (the server, if we started it) exited."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -279,13 +275,15 @@ def wait_ready(url: str, timeout_s: float = 180.0) -> None:
                 return
         except httpx.HTTPError:
             pass
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server for {url} exited with status {proc.returncode} before it was ready")
         if time.monotonic() > deadline:
             raise TimeoutError(f"{url} was not ready within {timeout_s:.0f} s")
         time.sleep(0.3)
 
 
-def _free_port() -> int:
-
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -307,7 +305,7 @@ def local_apps(cfg: LoadTestConfig) -> Iterator[dict[str, str]]:
     from serving.app import build_app
 
     registry = tempfile.mkdtemp(prefix="capaserve-loadtest-registry-")
-    port = _free_port()
+    port = free_port()
     common = dict(
         model=cfg.model, served_model_name=cfg.served_model_name, host="127.0.0.1", port=port, registry=registry,
         replicas=cfg.replicas, num_cpus=cfg.num_cpus, max_batch_size=cfg.max_batch_size,
@@ -349,7 +347,6 @@ def local_apps(cfg: LoadTestConfig) -> Iterator[dict[str, str]]:
 
 def scrape(url: str) -> dict[str, float]:
     """Sums of the counters the report needs, from the app's /metrics."""
-
     text = httpx.get(f"{url}/metrics", timeout=30).text
     want = {
         "capaserve_adapter_swaps_total": "swaps",
@@ -367,14 +364,11 @@ def scrape(url: str) -> dict[str, float]:
 
 def flush_reports(url: str, adapter: str, kind: str) -> None:
     """One small request, so the replica hands over the metric events of the run's last answers."""
-
-
     httpx.post(f"{url}{PATHS[kind]}", json=request_body(kind, adapter, ["ok"]), timeout=60)  # type: ignore[index]
 
 
 def read_stats(prefix: Path) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """Locust's Aggregated row and the per-endpoint rows of <prefix>_stats.csv."""
-
     rows = list(csv.DictReader(open(f"{prefix}_stats.csv", newline="")))
 
     def nums(row: dict[str, str]) -> dict[str, float]:
@@ -469,8 +463,6 @@ def compare_references(a: Any, b: Any, atol: float = 1e-4) -> list[str]:
 
 def run(cfg: LoadTestConfig) -> Path:
     """Run the whole plan and write the report; returns the summary.md path."""
-
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg.out.mkdir(parents=True, exist_ok=True)
     csv_dir = cfg.out / "csv"

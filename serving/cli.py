@@ -17,6 +17,7 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 COMMANDS = ("serve", "pack", "inspect", "train", "loadtest")
 
@@ -24,8 +25,10 @@ COMMANDS = ("serve", "pack", "inspect", "train", "loadtest")
 class EnvDefaultsParser(argparse.ArgumentParser):
     """An ArgumentParser whose options default to CAPASERVE_<FLAG> when that is set."""
 
-    #: Set by a subcommand that reads its CAPASERVE_* variables itself (serve: from its config model).
-    own_env: bool = False
+    def __init__(self, *args: Any, own_env: bool = False, **kwargs: Any) -> None:
+        #: True for a subcommand that reads its CAPASERVE_* variables itself (serve: from its config model)
+        self.own_env = own_env
+        super().__init__(*args, **kwargs)
 
     def _add_action(self, action: argparse.Action) -> argparse.Action:  # type: ignore[override]
         long = [s for s in action.option_strings if s.startswith("--")]

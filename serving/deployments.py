@@ -70,7 +70,7 @@ class ModelServer:
     """The model deployment's replica class (see the module docstring for its duties)."""
 
     def __init__(self, config: ServeConfig | dict[str, Any], engine: Engine | None = None) -> None:
-        self.config = config if isinstance(config, ServeConfig) else ServeConfig.model_validate(config)
+        self.config = ServeConfig.model_validate(config)  # a ServeConfig passes through as is
         torch.set_num_threads(self.config.torch_threads())
         self.engine = engine if engine is not None else Engine(self.config.engine)
         registry = self.config.registry

@@ -248,7 +248,7 @@ class Ingress:
     """Ray Serve ingress deployment: builds the FastAPI app around the model handle."""
 
     def __init__(self, model: Any, config: ServeConfig | dict[str, Any]) -> None:
-        self.config = config if isinstance(config, ServeConfig) else ServeConfig.model_validate(config)
+        self.config = ServeConfig.model_validate(config)  # a ServeConfig passes through as is
         self.ctx, self.store, self.settings = _build_context(model, self.config)
 
     def __serve_build_asgi_app__(self) -> FastAPI:

@@ -5,6 +5,7 @@ serve.multiplexed, with the same bound and the same close)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,12 +20,27 @@ from serving.errors import ModelNotFound
 from tests.engine_utils import MINILM_ID, bundle_for, embed, engine_for
 
 QV = ("attention.self.query", "attention.self.value")
+MakeServer = Callable[..., ModelServer]
 TEXTS = ["a short text", "another, somewhat longer text about adapters"]
 
 
 @pytest.fixture(scope="module")
 def engine(minilm_dir: Path) -> Engine:
     return engine_for(minilm_dir, MINILM_ID)
+
+
+@pytest.fixture()
+def make_server(engine: Engine, tmp_path: Path) -> Iterator[MakeServer]:
+    """ModelServer(config_of(registry=<fresh folder>, **settings)) on the shared engine; every
+    adapter the test left loaded is unloaded afterwards, so tests stay independent."""
+    count = iter(range(1000))
+
+    def make(**settings: object) -> ModelServer:
+        return ModelServer(config_of(registry=str(tmp_path / f"reg{next(count)}"), **settings), engine=engine)
+
+    yield make
+    for info in engine.list_adapters():
+        engine.unload_adapter(info.name)
 
 
 def commit(server: ModelServer, engine: Engine, name: str, seed: int, tmp: Path) -> AdapterManifest:
@@ -37,8 +53,10 @@ def run(coro):  # noqa: ANN001, ANN201 - a test helper
     return asyncio.run(coro)
 
 
-def test_lru_bound_unloads_the_oldest_and_a_closed_lease_reloads(engine: Engine, tmp_path: Path) -> None:
-    server = ModelServer(config_of(registry=str(tmp_path / "reg"), max_adapters_per_replica=2), engine=engine)
+def test_lru_bound_unloads_the_oldest_and_a_closed_lease_reloads(
+    engine: Engine, make_server: MakeServer, tmp_path: Path
+) -> None:
+    server = make_server(max_adapters_per_replica=2)
     manifests = [commit(server, engine, f"lru{i}", i, tmp_path) for i in range(3)]
 
     async def main() -> tuple[list[str], torch.Tensor]:
@@ -55,24 +73,22 @@ def test_lru_bound_unloads_the_oldest_and_a_closed_lease_reloads(engine: Engine,
     ref = manifests[0].ref
     again = server.adapters.with_adapter([ref], lambda: embed(engine, TEXTS, ref)).embeddings
     assert engine.has_adapter(ref) and torch.equal(first, again)
-    for m in manifests:
-        if engine.has_adapter(m.ref):
-            engine.unload_adapter(m.ref)
 
 
-def test_reload_after_engine_eviction_gives_the_same_answer(engine: Engine, tmp_path: Path) -> None:
-    server = ModelServer(config_of(registry=str(tmp_path / "reg")), engine=engine)
+def test_reload_after_engine_eviction_gives_the_same_answer(
+    engine: Engine, make_server: MakeServer, tmp_path: Path
+) -> None:
+    server = make_server()
     m = commit(server, engine, "evicted", 7, tmp_path)
     run(server.adapters.prepare(m))
     before = embed(engine, TEXTS, m.ref).embeddings
     engine.unload_adapter(m.ref)  # as the engine's byte budget would
     after = server.adapters.with_adapter([m.ref], lambda: embed(engine, TEXTS, m.ref)).embeddings
     assert torch.equal(before, after)
-    engine.unload_adapter(m.ref)
 
 
-def test_sweep_drops_deleted_versions_everywhere(engine: Engine, tmp_path: Path) -> None:
-    server = ModelServer(config_of(registry=str(tmp_path / "reg")), engine=engine)
+def test_sweep_drops_deleted_versions_everywhere(engine: Engine, make_server: MakeServer, tmp_path: Path) -> None:
+    server = make_server()
     v1 = commit(server, engine, "swept", 1, tmp_path)
     v2 = commit(server, engine, "swept", 2, tmp_path)
 
@@ -89,17 +105,18 @@ def test_sweep_drops_deleted_versions_everywhere(engine: Engine, tmp_path: Path)
     assert not engine.has_adapter(v1.ref) and engine.has_adapter(v2.ref)
     with pytest.raises(ModelNotFound):  # forgotten: not reloadable on demand
         server.adapters.reload(v1.ref)
-    engine.unload_adapter(v2.ref)
 
 
-def test_same_ref_with_other_bytes_never_serves_the_stale_copy(engine: Engine, tmp_path: Path) -> None:
+def test_same_ref_with_other_bytes_never_serves_the_stale_copy(
+    engine: Engine, make_server: MakeServer, tmp_path: Path
+) -> None:
     """A registry rebuilt behind the replica's back: same name@version, other sha256."""
-    server = ModelServer(config_of(registry=str(tmp_path / "reg")), engine=engine)
+    server = make_server()
     old = commit(server, engine, "rebuilt", 1, tmp_path)
     run(server.adapters.prepare(old))
     stale = embed(engine, TEXTS, old.ref).embeddings
     other = bundle_for(engine, QV, seed=99, task=Task.FEATURE_EXTRACTION)
-    server2 = ModelServer(config_of(registry=str(tmp_path / "reg2")), engine=engine)
+    server2 = make_server()
     new = server2.store.commit("rebuilt", save_bundle(other, tmp_path / "other.safetensors"), other.metadata)
     assert new.ref == old.ref and new.sha256 != old.sha256
     server.resolver = server2.resolver
@@ -111,10 +128,11 @@ def test_same_ref_with_other_bytes_never_serves_the_stale_copy(engine: Engine, t
     engine.unload_adapter(new.ref)
     engine.load_adapter("oracle", other)
     assert torch.equal(got, embed(engine, TEXTS, "oracle").embeddings)
-    engine.unload_adapter("oracle")
 
 
-def test_a_collected_lease_takes_no_lock_and_is_retired_at_the_next_request(engine: Engine, tmp_path: Path) -> None:
+def test_a_collected_lease_takes_no_lock_and_is_retired_at_the_next_request(
+    engine: Engine, make_server: MakeServer, tmp_path: Path
+) -> None:
     """The garbage collector may run a lease's __del__ inside any code, e.g. inside a
     ThreadPoolExecutor.submit that holds the executor module's global lock (this hung the
     suite once, in transformers' loader). __del__ must not wait on any lock; the adapter is
@@ -122,7 +140,7 @@ def test_a_collected_lease_takes_no_lock_and_is_retired_at_the_next_request(engi
     import concurrent.futures.thread as cf_thread
     import threading
 
-    server = ModelServer(config_of(registry=str(tmp_path / "reg")), engine=engine)
+    server = make_server()
     gone, other = commit(server, engine, "collected", 1, tmp_path), commit(server, engine, "next", 2, tmp_path)
 
     async def load(m: AdapterManifest) -> None:
@@ -142,4 +160,3 @@ def test_a_collected_lease_takes_no_lock_and_is_retired_at_the_next_request(engi
 
     run(main())
     assert not engine.has_adapter(gone.ref) and engine.has_adapter(other.ref)
-    engine.unload_adapter(other.ref)

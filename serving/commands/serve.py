@@ -29,8 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="Serve the base model and its CapaBoost adapters over HTTP (Ray Serve).",
         description="Serve the base model and its CapaBoost adapters over HTTP (Ray Serve).",
         epilog=PRECEDENCE,
+        own_env=True,  # every variable is read by config_from, beside the file and the flags
     )
-    p.own_env = True  # type: ignore[attr-defined]  # every variable is read by config_from, next to the file and the flags
     add_flags(p)
     p.set_defaults(func=run)
 
