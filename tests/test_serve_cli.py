@@ -48,12 +48,13 @@ def test_serve_subprocess_ready_then_sigterm_cleans_up(tmp_path: Path):
         body = {"model": "sentence-transformers/all-MiniLM-L6-v2", "input": "hi"}
         r = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json=body, timeout=30)
         assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 384
-        # the ingress replica's own port is logged and serves the same API without the proxy hop
-        while not (direct := re.search(r"direct ingress .*: (http://127\.0\.0\.1:\d+)", (tmp_path / "serve.log").read_text())):
-            assert time.monotonic() < deadline, "no direct ingress line logged"
-            time.sleep(0.2)
+        # --port is the ingress replica's own server; Serve's proxy, on the logged port, serves the same API
+        direct = re.search(r"Serve's HTTP proxy .*: (http://127\.0\.0\.1:(\d+))", (tmp_path / "serve.log").read_text())
+        assert direct and int(direct.group(2)) != port, (tmp_path / "serve.log").read_text()[-3000:]
         d = httpx.post(f"{direct.group(1)}/v1/embeddings", json=body, timeout=30)
         assert d.status_code == 200 and d.json()["data"] == r.json()["data"]
+        assert "Ingress" in _listener(port), "--port should be the ingress replica, not the proxy"
+        assert "ProxyActor" in _listener(int(direct.group(2)))
         # --registry defaults to a folder under the user's cache dir
         assert (tmp_path / "cache" / "capaserve" / "registry").is_dir()
         children = psutil.Process(proc.pid).children(recursive=True)
@@ -70,6 +71,14 @@ def test_serve_subprocess_ready_then_sigterm_cleans_up(tmp_path: Path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+def _listener(port: int) -> str:
+    """The command line of the process listening on 127.0.0.1:port."""
+    for c in psutil.net_connections("tcp"):
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid:
+            return " ".join(psutil.Process(c.pid).cmdline())
+    return ""
 
 
 def _sid(pid: int) -> int | None:
