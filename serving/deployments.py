@@ -253,10 +253,10 @@ def _generation_results(outs: list[Any]) -> list[Any]:
 
 
 def _encoder_results(rows: list[Any]) -> list[Any]:
-    """EncodedRow -> (embedding list | ClassOutput, prompt_tokens): what the ingress answers with."""
+    """EncodedRow -> (float32 embedding array | ClassOutput, prompt_tokens): what the ingress answers with."""
     return [
         (
-            r.embedding.tolist()
+            r.embedding.numpy()  # pickled as one buffer, written to JSON by orjson as is
             if r.task == "embed"
             else ClassOutput(label=r.label, probs=r.probs.tolist(), label_names=list(r.label_names or [])),
             r.prompt_tokens,

@@ -22,6 +22,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -46,12 +47,19 @@ from serving.protocol import (
     EmbeddingRequest,
     EmbeddingResponse,
     ModelList,
-    dump,
+    render,
 )
 from serving.replica_io import ReplicaCall, ReplicaInfo, ReplicaResult
 from serving.service import RequestRecord, ServingContext
 
 access_log = logging.getLogger("capaserve.access")
+
+
+def json_response(body: BaseModel) -> Response:
+    """A response model as JSON (`serving.protocol.render`: orjson, numpy vectors as they are)."""
+    return Response(render(body), media_type="application/json")
+
+
 if not access_log.handlers:
     _h = logging.StreamHandler(sys.stderr)
     _h.setFormatter(logging.Formatter("%(message)s"))
@@ -148,19 +156,19 @@ def create_api(
     @api.post("/v1/embeddings", dependencies=keyed, response_model=EmbeddingResponse)
     async def embeddings(body: EmbeddingRequest, request: Request) -> JSONResponse:
         res = await serve_embeddings.create_embeddings(ctx, body, record(request, "/v1/embeddings"))
-        return JSONResponse(dump(res))
+        return json_response(res)
 
     @api.post("/v1/classify", dependencies=keyed, response_model=ClassifyResponse)
     async def classify(body: ClassifyRequest, request: Request) -> JSONResponse:
         res = await serve_classify.classify(ctx, body, record(request, "/v1/classify"))
-        return JSONResponse(dump(res))
+        return json_response(res)
 
     @api.post("/v1/completions", dependencies=keyed, response_model=CompletionResponse, responses=sse)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         rec = record(request, "/v1/completions")
         if body.stream:
             return StreamingResponse(await serve_generate.stream_completion(ctx, body, rec), media_type="text/event-stream")
-        return JSONResponse(dump(await serve_generate.create_completion(ctx, body, rec)))
+        return json_response(await serve_generate.create_completion(ctx, body, rec))
 
     @api.post("/v1/chat/completions", dependencies=keyed, response_model=ChatCompletionResponse, responses=sse)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -168,11 +176,11 @@ def create_api(
         if body.stream:
             events = await serve_generate.stream_chat_completion(ctx, body, rec)
             return StreamingResponse(events, media_type="text/event-stream")
-        return JSONResponse(dump(await serve_generate.create_chat_completion(ctx, body, rec)))
+        return json_response(await serve_generate.create_chat_completion(ctx, body, rec))
 
     @api.get("/v1/models", dependencies=keyed, response_model=ModelList)
     async def models() -> JSONResponse:
-        return JSONResponse(dump(await serve_models.list_models(ctx, store)))
+        return json_response(await serve_models.list_models(ctx, store))
 
     @api.get("/healthz")
     async def healthz() -> dict:
