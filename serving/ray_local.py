@@ -70,13 +70,24 @@ def use_serve_env(extra: dict[str, str] | None = None) -> None:
         log.warning("ray.serve was imported before use_serve_env(): %s do not apply to this process", added)
 
 
+#: Every node capaserve starts binds to loopback: nothing of a local cluster is reachable from
+#: other hosts (a node started without it once registered on the host's other address).
+LOOPBACK_NODE_IP = "127.0.0.1"
+
+
 def init_local_ray(num_cpus: int, **kwargs: Any) -> None:
-    """`ray.init` of a new local cluster with capaserve's Serve settings in its environment."""
+    """`ray.init` of a NEW local cluster on 127.0.0.1 with capaserve's Serve settings in its environment.
+
+    `address="local"` always starts a cluster of its own: a plain `ray.init()` attaches to
+    whatever cluster `ray start` left on the host (a dead one included) and then fails on
+    `num_cpus`. Joining a cluster is only ever asked for, with RAY_ADDRESS.
+    """
     use_serve_env()  # workers inherit the environment of the raylet started here
 
     kwargs.setdefault("include_dashboard", False)
     kwargs.setdefault("logging_level", logging.WARNING)
-    ray.init(num_cpus=num_cpus, **kwargs)
+    kwargs.setdefault("_node_ip_address", LOOPBACK_NODE_IP)
+    ray.init(address="local", num_cpus=num_cpus, **kwargs)
 
 
 def direct_ingress_urls(app_name: str, host: str, timeout_s: float = 30.0) -> list[str]:
