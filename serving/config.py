@@ -190,7 +190,11 @@ class EngineConfig(_Section):
 class SchedulerConfig(_Section):
     """Batching and fairness of one replica's scheduler (see serving/scheduler.py)."""
 
-    max_batch_size: int = Field(8, ge=1, description="Most requests in one batch.")
+    max_batch_size: int = Field(
+        32,
+        ge=1,
+        description="Most requests in one batch; the ingress also joins at most this many texts into one replica call.",
+    )
     batch_wait_ms: float = Field(5.0, ge=0.0, description="Longest a batch's first request waits for it to fill.")
     max_batch_tokens: int = Field(8192, ge=1, description="Cap on padded tokens (texts x longest) per engine call.")
     call_overhead_tokens: int | None = Field(

@@ -33,6 +33,7 @@ from serving import serve_classify, serve_embeddings, serve_generate, serve_mode
 from serving.api.auth import AuthSettings
 from serving.api.errors import ErrorMappingRoute, unwrap
 from serving.api.registry import RegistrySettings, build_registry_router
+from serving.coalesce import CoalescingClient
 from serving.config import ServeConfig
 from serving.errors import error_body
 from serving.metrics import CONTENT_TYPE, ServerMetrics
@@ -248,7 +249,11 @@ def _build_context(handle: Any, config: ServeConfig) -> tuple[ServingContext, Re
     resolver = AdapterResolver(store, blob_cache_bytes=0)
     auth = AuthSettings(admin_token=server.admin_token, api_keys=server.api_keys)
     settings = RegistrySettings(max_upload_bytes=registry.max_upload_bytes, auth=auth)
-    return ServingContext(HandleClient(handle), resolver, ServerMetrics()), store, settings
+    # Two joined calls in flight per model replica: one computing, one queued behind it.
+    client = CoalescingClient(
+        HandleClient(handle), max_inflight=2 * server.replicas, max_texts=config.scheduler.max_batch_size
+    )
+    return ServingContext(client, resolver, ServerMetrics()), store, settings
 
 
 @serve.ingress()

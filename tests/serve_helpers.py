@@ -12,6 +12,24 @@ import httpx
 APP_NAME = "capaserve"
 
 
+class DirectClient:
+    """A ModelClient calling a ModelServer (the real deployment class) in this process, as the
+    Ray handle would: tests of the ingress logic run in seconds without a cluster."""
+
+    def __init__(self, server) -> None:
+        self.server = server
+
+    async def call(self, method, call):
+        return await getattr(self.server, method)(call)
+
+    async def stream(self, call):
+        async for item in self.server.generate_stream(call):
+            yield item
+
+    async def info(self):
+        return await self.server.info()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

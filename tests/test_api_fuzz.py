@@ -23,7 +23,6 @@ the cases that follow still find the adapters they name.
 
 from __future__ import annotations
 
-import time
 
 import httpx
 import pytest

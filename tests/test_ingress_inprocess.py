@@ -17,24 +17,7 @@ from serving.config_sources import config_of
 from serving.deployments import ModelServer
 from serving.ingress import _build_context, create_api
 from tests.conftest import MINILM_ID
-from tests.serve_helpers import error_of
-
-
-class DirectClient:
-    """ModelClient calling a ModelServer in this process."""
-
-    def __init__(self, server: ModelServer) -> None:
-        self.server = server
-
-    async def call(self, method, call):
-        return await getattr(self.server, method)(call)
-
-    async def stream(self, call):
-        async for item in self.server.generate_stream(call):
-            yield item
-
-    async def info(self):
-        return await self.server.info()
+from tests.serve_helpers import DirectClient, error_of
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,139 @@
+"""Coalescing at the ingress: concurrent encoder requests for one target become one replica call.
+
+Every call from the ingress to a model replica is a Ray Serve request: routing, a gRPC
+message each way, (de)serialisation and a scheduler entry on the replica. For a one-text
+embeddings request that plumbing cost more CPU than the text's share of a batched forward
+(issue 14), so the ingress joins what arrives together before it crosses to the replica.
+
+The rule keeps an idle server's latency: a call goes out at once while fewer than
+`max_inflight` calls of its lane (method and adapter version) are on their way. Beyond
+that it waits, and when one of the lane's calls returns, everything waiting (up to
+`max_texts`) goes out as one call, so the replica receives batches of the size the load
+makes, with one call computing and one queued behind it. Nothing waits on a timer.
+
+Joining changes nothing a client can see: rows of an encoder batch are independent (the
+engine's equivalence tests), a joined call carries one adapter version, and each request
+gets its own slice of the outputs and token counts. The replica's batch bookkeeping
+(`served_by`) is shared by the requests of a joined call; its metric report (counts since
+the previous report) goes with the first of them only, so nothing is counted twice. A failed
+joined call fails each of its requests with that error. Generation is never joined: its
+requests differ in sampling parameters and are streamed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict, deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from serving.replica_io import ReplicaCall, ReplicaInfo, ReplicaResult, StreamItem
+from serving.service import ModelClient
+
+#: Replica methods whose rows are independent, so their requests may share a call.
+JOINABLE = frozenset({"embed", "classify"})
+
+
+@dataclass
+class _Waiting:
+    call: ReplicaCall
+    future: asyncio.Future[ReplicaResult]
+
+
+@dataclass
+class _Lane:
+    inflight: int = 0
+    waiting: deque[_Waiting] = field(default_factory=deque)
+
+
+class CoalescingClient:
+    """A `ModelClient` that joins concurrent `embed`/`classify` calls of one lane."""
+
+    def __init__(self, inner: ModelClient, max_inflight: int = 2, max_texts: int = 32) -> None:
+        self.inner = inner
+        self.max_inflight = max(1, max_inflight)
+        self.max_texts = max(1, max_texts)
+        self._lanes: dict[tuple[str, str | None], _Lane] = defaultdict(_Lane)
+        #: replica calls sent and the requests they carried (tests and operators read these)
+        self.calls_sent = 0
+        self.requests_joined = 0
+
+    async def call(self, method: str, call: ReplicaCall) -> ReplicaResult:
+        if method not in JOINABLE or len(call.texts) >= self.max_texts:
+            self.calls_sent += 1
+            self.requests_joined += 1
+            return await self.inner.call(method, call)
+        key = (method, call.ref)
+        lane = self._lanes[key]
+        if lane.inflight < self.max_inflight and not lane.waiting:
+            return await self._send_one(key, lane, method, call)
+        waiting = _Waiting(call, asyncio.get_running_loop().create_future())
+        lane.waiting.append(waiting)
+        return await waiting.future
+
+    async def _send_one(self, key: tuple[str, str | None], lane: _Lane, method: str, call: ReplicaCall) -> ReplicaResult:
+        lane.inflight += 1
+        self.calls_sent += 1
+        self.requests_joined += 1
+        try:
+            return await self.inner.call(method, call)
+        finally:
+            self._release(key, lane, method)
+
+    def _release(self, key: tuple[str, str | None], lane: _Lane, method: str) -> None:
+        lane.inflight -= 1
+        while lane.waiting and lane.inflight < self.max_inflight:
+            group = self._take(lane)
+            lane.inflight += 1
+            asyncio.get_running_loop().create_task(self._send_group(key, lane, method, group))
+        if not lane.inflight and not lane.waiting:
+            self._lanes.pop(key, None)
+
+    def _take(self, lane: _Lane) -> list[_Waiting]:
+        """The longest run of waiting requests (oldest first) whose texts fit `max_texts`."""
+        group: list[_Waiting] = []
+        texts = 0
+        while lane.waiting and (not group or texts + len(lane.waiting[0].call.texts) <= self.max_texts):
+            w = lane.waiting.popleft()
+            if w.future.done():  # its client went away: nothing to compute
+                continue
+            group.append(w)
+            texts += len(w.call.texts)
+        return group
+
+    async def _send_group(self, key: tuple[str, str | None], lane: _Lane, method: str, group: list[_Waiting]) -> None:
+        try:
+            if not group:
+                return
+            self.calls_sent += 1
+            self.requests_joined += len(group)
+            joined = group[0].call.model_copy(update={"texts": [t for w in group for t in w.call.texts]})
+            try:
+                result = await self.inner.call(method, joined)
+            except BaseException as exc:  # noqa: BLE001 - every joined request gets the same error
+                for w in group:
+                    if not w.future.done():
+                        w.future.set_exception(exc)
+                if not isinstance(exc, Exception):
+                    raise
+                return
+            start = 0
+            for i, w in enumerate(group):
+                n = len(w.call.texts)
+                part = result.model_copy(update={
+                    "outputs": result.outputs[start:start + n],
+                    "prompt_tokens": result.prompt_tokens[start:start + n],
+                    # the report holds counts since the previous one: fold it in once
+                    "report": result.report if i == 0 else None,
+                })
+                start += n
+                if not w.future.done():
+                    w.future.set_result(part)
+        finally:
+            self._release(key, lane, method)
+
+    def stream(self, call: ReplicaCall) -> AsyncIterator[StreamItem]:
+        return self.inner.stream(call)
+
+    async def info(self) -> ReplicaInfo:
+        return await self.inner.info()
