@@ -249,9 +249,10 @@ def _build_context(handle: Any, config: ServeConfig) -> tuple[ServingContext, Re
     resolver = AdapterResolver(store, blob_cache_bytes=0)
     auth = AuthSettings(admin_token=server.admin_token, api_keys=server.api_keys)
     settings = RegistrySettings(max_upload_bytes=registry.max_upload_bytes, auth=auth)
-    # Two joined calls in flight per model replica: one computing, one queued behind it.
+    # Two joined calls in flight per engine worker of each model replica: one computing, one queued.
+    workers, _ = config.engine_plan(config.device_type())
     client = CoalescingClient(
-        HandleClient(handle), max_inflight=2 * server.replicas, max_texts=config.scheduler.max_batch_size
+        HandleClient(handle), max_inflight=2 * workers * server.replicas, max_texts=config.scheduler.max_batch_size
     )
     return ServingContext(client, resolver, ServerMetrics()), store, settings
 
