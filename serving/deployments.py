@@ -36,6 +36,7 @@ from ray.serve.exceptions import RayServeException
 
 from adapters.registry.backends import open_store
 from adapters.registry.resolver import AdapterResolver
+from serving.coalesce import JOINABLE
 from serving.config import ServeConfig
 from serving.engine.engine import Engine
 from serving.errors import InvalidRequest
@@ -119,6 +120,14 @@ class ModelServer:
         if call.adapter is None:
             raise InvalidRequest("classify needs a sequence-classification adapter; the base model has no labels")
         return await self._batch("classify", call)
+
+    async def call_many(self, method: str, calls: list[ReplicaCall]) -> list[ReplicaResult | BaseException]:
+        """Requests the ingress joined (serving/coalesce.py), one per adapter, each answered as if
+        sent alone; a failed one comes back as its exception, in its place, and fails no other."""
+        if method not in JOINABLE:
+            raise InvalidRequest(f"{method!r} requests cannot be joined")
+        run = getattr(self, method)
+        return list(await asyncio.gather(*(run(c) for c in calls), return_exceptions=True))
 
     async def generate(self, call: ReplicaCall) -> ReplicaResult:
         if call.params is None:
