@@ -97,6 +97,12 @@ class ServerConfig(_Section):
         1.0, gt=0.0, description="CPUs reserved per model replica; it also sets the replica's torch threads."
     )
     num_gpus: float = Field(0.0, ge=0.0, description="GPUs reserved per model replica.")
+    max_image_bytes: Bytes = Field(
+        16 * MiB, ge=1, description="Largest image (decoded bytes of one data URL) a request may send to an image base; 413 beyond."
+    )
+    max_image_pixels: int = Field(
+        4096 * 4096, ge=1, description="Most pixels (width x height) of one image sent to an image base; 400 beyond."
+    )
 
     @field_validator("admin_token", mode="before")
     @classmethod
