@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
-from transformers import AutoImageProcessor, AutoModel, ViTForImageClassification
+from transformers import AutoImageProcessor, AutoModel
 from transformers.image_utils import load_image
 
 from adapters.bundle import AdapterBundle, Task, save_bundle
@@ -25,36 +25,13 @@ from serving.engine.engine import Engine
 from serving.engine.qa import QAInput
 from serving.errors import InvalidRequest, UnsupportedTask
 from tests.engine_utils import bundle_for, engine_for, hand_merge, same_weights, weights_snapshot
+from tests.image_reference import IMAGES, data_url, reference_probs, vit_classifier
 from tests.serve_helpers import error_of
 
 torch.set_num_threads(1)
 
 VIT_ID = "tiny/vit"
 LABELS = {"birds": ["sparrow", "crow", "gull"], "pets": ["cat", "dog"]}
-
-
-def data_url(img: Image.Image, fmt: str, **save: object) -> str:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **save)
-    mime = "png" if fmt == "PNG" else "jpeg"
-    return f"data:image/{mime};base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def _noise(w: int, h: int, seed: int, mode: str = "RGB") -> Image.Image:
-    g = torch.Generator().manual_seed(seed)
-    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
-    arr = torch.randint(0, 256, (h, w, channels), generator=g, dtype=torch.uint8).numpy()
-    return Image.fromarray(arr[..., 0] if mode == "L" else arr, mode)
-
-
-#: PNG (RGB, RGBA, grey) and JPEG images of several sizes, none square like the model's input
-IMAGES = [
-    data_url(_noise(40, 30, 1), "PNG"),
-    data_url(_noise(64, 48, 2), "JPEG", quality=90),
-    data_url(_noise(33, 50, 3, "RGBA"), "PNG"),
-    data_url(_noise(20, 60, 4, "L"), "PNG"),
-    data_url(Image.new("RGB", (48, 48), (200, 30, 90)), "JPEG"),
-]
 
 
 def raw(url: str) -> bytes:
@@ -88,22 +65,8 @@ def processor(tiny_vit_dir: Path):
 @pytest.fixture(scope="module")
 def oracle(tiny_vit_dir: Path, bundles: dict[str, AdapterBundle], processor):
     """name -> probabilities of images (data URLs) by ViTForImageClassification with W' and the head written in."""
-    models = {}
-    for name in LABELS:
-        bundle = bundles[name]
-        model = ViTForImageClassification.from_pretrained(str(tiny_vit_dir), num_labels=len(LABELS[name])).eval()
-        hand_merge(model.vit, bundle)  # targets are named as AutoModel (ViTModel) names them
-        with torch.no_grad():
-            model.classifier.weight.copy_(bundle.head["head.out.weight"])
-            model.classifier.bias.copy_(bundle.head["head.out.bias"])
-        models[name] = model
-
-    def probs(name: str, urls: list[str]) -> torch.Tensor:
-        pixels = processor(images=[load_image(u) for u in urls], return_tensors="pt")["pixel_values"]
-        with torch.inference_mode():
-            return torch.softmax(models[name](pixel_values=pixels).logits, dim=-1)
-
-    return probs
+    models = {name: vit_classifier(tiny_vit_dir, bundles[name]) for name in LABELS}
+    return lambda name, urls: reference_probs(models[name], processor, urls)
 
 
 def hand_embedding(folder: Path, bundle: AdapterBundle | None, processor, urls: list[str]) -> torch.Tensor:
