@@ -20,13 +20,12 @@ from transformers import AutoImageProcessor, AutoModel
 from transformers.image_utils import load_image
 
 from adapters.bundle import AdapterBundle, Task, save_bundle
-from serving.config_sources import config_of
 from serving.engine.engine import Engine
 from serving.engine.qa import QAInput
 from serving.errors import InvalidRequest, UnsupportedTask
-from tests.engine_utils import bundle_for, engine_for, hand_merge, same_weights, weights_snapshot
+from tests.engine_utils import bundle_for, engine_for, engine_with, hand_merge, same_weights, weights_snapshot
 from tests.image_reference import IMAGES, data_url, reference_probs, vit_classifier
-from tests.serve_helpers import error_of
+from tests.serve_helpers import error_of, in_process_app
 
 torch.set_num_threads(1)
 
@@ -51,10 +50,7 @@ def bundles(tiny_vit_dir: Path) -> dict[str, AdapterBundle]:
 
 @pytest.fixture(scope="module")
 def vit(tiny_vit_dir: Path, bundles: dict[str, AdapterBundle]) -> Engine:
-    engine = engine_for(tiny_vit_dir, VIT_ID)
-    for name, bundle in bundles.items():
-        engine.load_adapter(name, bundle)
-    return engine
+    return engine_with(tiny_vit_dir, VIT_ID, bundles)
 
 
 @pytest.fixture(scope="module")
@@ -167,16 +163,9 @@ def test_image_routes(vit: Engine, bundles, oracle, tiny_vit_dir: Path, processo
     """/v1/classify and /v1/embeddings with data URLs through the real FastAPI app,
     CoalescingClient and ModelServer (no Ray): equal to the references, joined calls
     included; each bad image is a clear 4xx that fails only its own request."""
-    from serving.coalesce import CoalescingClient
-    from serving.deployments import ModelServer
-    from serving.ingress import _build_context, create_api
-    from tests.serve_helpers import DirectClient
-
-    args = config_of(registry=str(tmp_path / "reg"), max_image_pixels=MAX_PIXELS, max_image_bytes=MAX_BYTES)
-    server = ModelServer(args, engine=vit)
-    ctx, store, settings = _build_context(None, args)
-    client = ctx.client = CoalescingClient(DirectClient(server), max_inflight=1)
-    app = create_api(ctx, store, settings)
+    app, server, client = in_process_app(
+        vit, registry=str(tmp_path / "reg"), max_image_pixels=MAX_PIXELS, max_image_bytes=MAX_BYTES
+    )
     data = {n: save_bundle(b, tmp_path / f"{n}.safetensors").read_bytes() for n, b in bundles.items()}
     bad = _bad_images()
 
@@ -242,15 +231,8 @@ def test_image_routes(vit: Engine, bundles, oracle, tiny_vit_dir: Path, processo
 def test_registry_refuses_text_tasks_on_an_image_base(vit: Engine, minilm_dir: Path, tmp_path: Path) -> None:
     """Upload validation: a question-answering (text) bundle named for the ViT does not fit it."""
     from adapters.synthetic import random_bundle
-    from serving.deployments import ModelServer
-    from serving.ingress import _build_context, create_api
-    from tests.serve_helpers import DirectClient
 
-    args = config_of(registry=str(tmp_path / "reg"))
-    server = ModelServer(args, engine=vit)
-    ctx, store, settings = _build_context(None, args)
-    ctx.client = DirectClient(server)
-    app = create_api(ctx, store, settings)
+    app, server, _ = in_process_app(vit, registry=str(tmp_path / "reg"))
     qa = random_bundle(vit.spec, ["layers.0.attention.q_proj"], task=Task.QUESTION_ANSWERING)
     payload = save_bundle(qa, tmp_path / "qa.safetensors").read_bytes()
 

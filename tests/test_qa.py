@@ -20,9 +20,18 @@ from serving.config_sources import config_of
 from serving.engine.engine import Engine
 from serving.engine.qa import QAInput
 from serving.errors import InvalidRequest, UnsupportedTask
-from tests.engine_utils import MINILM_ID, bundle_for, classify, embed, engine_for, same_weights, weights_snapshot
+from tests.engine_utils import (
+    MINILM_ID,
+    bundle_for,
+    classify,
+    embed,
+    engine_for,
+    engine_with,
+    same_weights,
+    weights_snapshot,
+)
 from tests.qa_reference import Answer, crosses_windows, qa_model, reference_answer
-from tests.serve_helpers import error_of
+from tests.serve_helpers import error_of, in_process_app
 
 torch.set_num_threads(1)
 
@@ -61,10 +70,7 @@ def bundles(minilm_dir: Path) -> dict[str, AdapterBundle]:
 
 @pytest.fixture(scope="module")
 def minilm(minilm_dir: Path, bundles: dict[str, AdapterBundle]) -> Engine:
-    engine = engine_for(minilm_dir, MINILM_ID)
-    for name, bundle in bundles.items():
-        engine.load_adapter(name, bundle)
-    return engine
+    return engine_with(minilm_dir, MINILM_ID, bundles)
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +115,7 @@ def test_best_span_across_two_windows(minilm_dir: Path, bundles, oracles, tokeni
     several windows; among fixed questions, one's best span starts in one window and ends past
     it, so only the next window holds it whole. The server decodes every question as the
     reference does, that one included."""
-    engine = engine_for(minilm_dir, MINILM_ID, max_seq_len=64)
-    engine.load_adapter("qa-a", bundles["qa-a"])
+    engine = engine_with(minilm_dir, MINILM_ID, {"qa-a": bundles["qa-a"]}, max_seq_len=64)
     rng = random.Random(7)
     words = "the river city morning light paper window garden street bright quiet mountain".split()
     context = " ".join(rng.choice(words) for _ in range(140))
@@ -199,8 +204,7 @@ def test_qa_request_errors(minilm: Engine, minilm_dir: Path, bundles, monkeypatc
     for call, exc, message in cases:
         with pytest.raises(exc, match=message):
             call()
-    small = engine_for(minilm_dir, MINILM_ID, max_seq_len=64)
-    small.load_adapter("qa-a", bundles["qa-a"])
+    small = engine_with(minilm_dir, MINILM_ID, {"qa-a": bundles["qa-a"]}, max_seq_len=64)
     long_q = QAInput(question="which " * 40 + "one?", context=LONG)
     with pytest.raises(InvalidRequest, match="the question has 42 tokens, which leaves 19 context tokens per 64-token window; long contexts need more than the 32-token overlap"):
         qa_rows(small, [long_q], ["qa-a"])
@@ -218,16 +222,7 @@ def test_question_answering_route(minilm: Engine, bundles, oracles, tokenizer, t
     """POST /v1/question-answering through the real FastAPI app, CoalescingClient and
     ModelServer (no Ray): answers equal the reference, joined calls included; wrong tasks
     and bad bodies are clear 4xx; /v1/models shows each adapter's task."""
-    from serving.coalesce import CoalescingClient
-    from serving.deployments import ModelServer
-    from serving.ingress import _build_context, create_api
-    from tests.serve_helpers import DirectClient
-
-    args = config_of(registry=str(tmp_path / "reg"))
-    server = ModelServer(args, engine=minilm)
-    ctx, store, settings = _build_context(None, args)
-    client = ctx.client = CoalescingClient(DirectClient(server), max_inflight=1)
-    app = create_api(ctx, store, settings)
+    app, server, client = in_process_app(minilm, registry=str(tmp_path / "reg"))
     folder = tmp_path / "bundles"
     data = {n: save_bundle(b, folder / f"{n}.safetensors").read_bytes() for n, b in bundles.items()}
     asks = [("qa-a", q) for q in QUESTIONS] + [("qa-b", q) for q in QUESTIONS]
