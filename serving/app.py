@@ -36,7 +36,7 @@ def build_app(config: ServeConfig | Mapping[str, Any] | None = None) -> Applicat
     CPU, as it only parses, routes and records metrics. A mapping (as `serve run` passes
     `args`) is validated into a ServeConfig.
     """
-    config = ServeConfig.model_validate(config or {})  # a ServeConfig passes through as is
+    config = ServeConfig.model_validate(config or {}).resolved()  # replicas get the host-derived numbers
     server, queue = config.server, config.scheduler.max_queue
     model = serve.deployment(
         ModelServer,
