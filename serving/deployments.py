@@ -39,9 +39,9 @@ from adapters.registry.resolver import AdapterResolver
 from serving.coalesce import JOINABLE
 from serving.config import ServeConfig
 from serving.engine.engine import Engine
+from serving.engine.qa import QAInput
 from serving.errors import InvalidRequest
 from serving.replica_adapters import ReplicaAdapters
-from serving.engine.qa import QAInput
 from serving.replica_io import (
     ClassOutput,
     GenerationResult,

@@ -132,7 +132,7 @@ def test_image_request_errors(vit: Engine, minilm_dir: Path) -> None:
     cases = [
         (lambda: vit.encode(["a text"], [None], ["embed"]), InvalidRequest, "'tiny/vit' is an image model"),
         (lambda: vit.encode([png], ["vfe"], ["classify"]), UnsupportedTask, "'vfe' is a feature-extraction adapter, not image-classification"),
-        (lambda: vit.encode([png], [None], ["classify"]), UnsupportedTask, "needs a image-classification adapter"),
+        (lambda: vit.encode([png], [None], ["classify"]), UnsupportedTask, "classification needs an image-classification adapter, not the base model"),
         (lambda: vit.encode([QAInput(question="q", context="c")], ["birds"], ["qa"]), UnsupportedTask, "needs a text base model"),
         (lambda: vit.encode([png[:200]], ["birds"], ["classify"]), InvalidRequest, "truncated or corrupt"),
         (lambda: vit.encode([b"not an image"], ["birds"], ["classify"]), InvalidRequest, "not a PNG or JPEG image"),
