@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 from serving.replica_io import ReplicaCall, ReplicaInfo, ReplicaResult, StreamItem
 from serving.service import ModelClient
 
-#: Replica methods whose rows are independent, so their requests may share a call.
-JOINABLE = frozenset({"embed", "classify"})
+#: Replica methods whose rows are independent, so their requests may share a call (a question
+#: is decoded from its own windows only, and images are checked by the ingress before joining).
+JOINABLE = frozenset({"embed", "classify", "question_answering"})
 
 
 @dataclass
@@ -47,7 +48,7 @@ class _Lane:
 
 
 class CoalescingClient:
-    """A `ModelClient` that joins concurrent `embed`/`classify` calls of one lane."""
+    """A `ModelClient` that joins concurrent encoder calls (`JOINABLE`) of one lane."""
 
     def __init__(self, inner: ModelClient, max_inflight: int = 2, max_texts: int = 32) -> None:
         self.inner = inner
@@ -59,7 +60,7 @@ class CoalescingClient:
         self.requests_joined = 0
 
     async def call(self, method: str, call: ReplicaCall) -> ReplicaResult:
-        if method not in JOINABLE or len(call.texts) >= self.max_texts:
+        if method not in JOINABLE or len(call.inputs()) >= self.max_texts:
             self.calls_sent += 1
             self.requests_joined += 1
             return await self.inner.call(method, call)
@@ -93,12 +94,12 @@ class CoalescingClient:
         """The longest run of waiting requests (oldest first) whose texts fit `max_texts`."""
         group: list[_Waiting] = []
         texts = 0
-        while lane.waiting and (not group or texts + len(lane.waiting[0].call.texts) <= self.max_texts):
+        while lane.waiting and (not group or texts + len(lane.waiting[0].call.inputs()) <= self.max_texts):
             w = lane.waiting.popleft()
             if w.future.done():  # its client went away: nothing to compute
                 continue
             group.append(w)
-            texts += len(w.call.texts)
+            texts += len(w.call.inputs())
         return group
 
     async def _send_group(self, key: tuple[str, str | None], lane: _Lane, method: str, group: list[_Waiting]) -> None:
@@ -107,7 +108,7 @@ class CoalescingClient:
                 return
             self.calls_sent += 1
             self.requests_joined += len(group)
-            joined = group[0].call.model_copy(update={"texts": [t for w in group for t in w.call.texts]})
+            joined = group[0].call.with_inputs([x for w in group for x in w.call.inputs()])
             try:
                 result = await self.inner.call(method, joined)
             except BaseException as exc:  # noqa: BLE001 - every joined request gets the same error
@@ -119,7 +120,7 @@ class CoalescingClient:
                 return
             start = 0
             for i, w in enumerate(group):
-                n = len(w.call.texts)
+                n = len(w.call.inputs())
                 part = result.model_copy(update={
                     "outputs": result.outputs[start:start + n],
                     "prompt_tokens": result.prompt_tokens[start:start + n],

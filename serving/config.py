@@ -100,6 +100,12 @@ class ServerConfig(_Section):
         json_schema_extra={"default_doc": "the cores available to this host (affinity and cgroup quota) / replicas, at least 1"},
     )
     num_gpus: float = Field(0.0, ge=0.0, description="GPUs reserved per model replica.")
+    max_image_bytes: Bytes = Field(
+        16 * MiB, ge=1, description="Largest image (decoded bytes of one data URL) a request may send to an image base; 413 beyond."
+    )
+    max_image_pixels: int = Field(
+        4096 * 4096, ge=1, description="Most pixels (width x height) of one image sent to an image base; 400 beyond."
+    )
 
     @field_validator("admin_token", mode="before")
     @classmethod

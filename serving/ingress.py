@@ -3,7 +3,7 @@
 Routes only map service results to HTTP: a response model becomes JSON, an iterator
 becomes Server-Sent Events, an exception becomes the error body (docs/http-api.md#errors) with the status
 `serving.errors.status_for` gives it. The service logic is in one module per endpoint
-family (serve_embeddings, serve_classify, serve_generate, serve_models); the registry
+family (serve_embeddings, serve_classify, serve_qa, serve_generate, serve_models); the registry
 routes come from serving.api.registry. An ASGI middleware records the metrics of every
 request and writes one JSON access-log line per inference request.
 
@@ -29,13 +29,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from adapters.registry.resolver import AdapterResolver
 from adapters.registry.backends import open_store
 from adapters.registry.store import RegistryStore
-from serving import serve_classify, serve_embeddings, serve_generate, serve_models
+from serving import serve_classify, serve_embeddings, serve_generate, serve_models, serve_qa
 from serving.api.auth import AuthSettings
 from serving.api.errors import ErrorMappingRoute, unwrap
 from serving.api.registry import RegistrySettings, build_registry_router
 from serving.coalesce import CoalescingClient
 from serving.config import ServeConfig
 from serving.errors import error_body
+from serving.images import ImageLimits
 from serving.metrics import CONTENT_TYPE, ServerMetrics
 from serving.protocol import (
     ERROR_RESPONSES,
@@ -48,6 +49,8 @@ from serving.protocol import (
     EmbeddingRequest,
     EmbeddingResponse,
     ModelList,
+    QuestionAnsweringRequest,
+    QuestionAnsweringResponse,
     render,
 )
 from serving.replica_io import ReplicaCall, ReplicaInfo, ReplicaResult
@@ -70,7 +73,7 @@ if not access_log.handlers:
 
 UNMETERED = {"/metrics", "/healthz", "/readyz"}
 ROUTES = {
-    "/v1/embeddings", "/v1/classify", "/v1/completions", "/v1/chat/completions", "/v1/models",
+    "/v1/embeddings", "/v1/classify", "/v1/question-answering", "/v1/completions", "/v1/chat/completions", "/v1/models",
     "/v1/load_lora_adapter", "/v1/unload_lora_adapter",
 }
 
@@ -164,6 +167,11 @@ def create_api(
         res = await serve_classify.classify(ctx, body, record(request, "/v1/classify"))
         return json_response(res)
 
+    @api.post("/v1/question-answering", dependencies=keyed, response_model=QuestionAnsweringResponse)
+    async def question_answering(body: QuestionAnsweringRequest, request: Request) -> JSONResponse:
+        res = await serve_qa.answer(ctx, body, record(request, "/v1/question-answering"))
+        return json_response(res)
+
     @api.post("/v1/completions", dependencies=keyed, response_model=CompletionResponse, responses=sse)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         rec = record(request, "/v1/completions")
@@ -254,7 +262,8 @@ def _build_context(handle: Any, config: ServeConfig) -> tuple[ServingContext, Re
     client = CoalescingClient(
         HandleClient(handle), max_inflight=2 * workers * server.replicas, max_texts=config.scheduler.max_batch_size
     )
-    return ServingContext(client, resolver, ServerMetrics()), store, settings
+    limits = ImageLimits(max_bytes=server.max_image_bytes, max_pixels=server.max_image_pixels)
+    return ServingContext(client, resolver, ServerMetrics(), limits), store, settings
 
 
 @serve.ingress()
