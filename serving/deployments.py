@@ -36,11 +36,12 @@ from ray.serve.exceptions import RayServeException
 
 from adapters.registry.backends import open_store
 from adapters.registry.resolver import AdapterResolver
+from serving.coalesce import JOINABLE
 from serving.config import ServeConfig
 from serving.engine.engine import Engine
+from serving.engine.qa import QAInput
 from serving.errors import InvalidRequest
 from serving.replica_adapters import ReplicaAdapters
-from serving.engine.qa import QAInput
 from serving.replica_io import (
     ClassOutput,
     GenerationResult,
@@ -136,6 +137,14 @@ class ModelServer:
         if call.adapter is None:
             raise InvalidRequest("question answering needs a question-answering adapter; the base model has no QA head")
         return await self._batch("qa", call)
+
+    async def call_many(self, method: str, calls: list[ReplicaCall]) -> list[ReplicaResult | BaseException]:
+        """Requests the ingress joined (serving/coalesce.py), one per adapter, each answered as if
+        sent alone; a failed one comes back as its exception, in its place, and fails no other."""
+        if method not in JOINABLE:
+            raise InvalidRequest(f"{method!r} requests cannot be joined")
+        run = getattr(self, method)
+        return list(await asyncio.gather(*(run(c) for c in calls), return_exceptions=True))
 
     async def generate(self, call: ReplicaCall) -> ReplicaResult:
         if call.params is None:

@@ -238,6 +238,10 @@ class HandleClient:
     async def call(self, method: str, call: ReplicaCall) -> ReplicaResult:
         return await getattr(self._for(call), method).remote(call)
 
+    async def call_many(self, method: str, calls: list[ReplicaCall]) -> list[ReplicaResult | BaseException]:
+        """Routed by the first call's adapter (the oldest request's); the others load there if needed."""
+        return await self._for(calls[0]).call_many.remote(method, calls)
+
     async def stream(self, call: ReplicaCall):  # type: ignore[override]
         gen = self._for(call, stream=True).generate_stream.remote(call)
         try:
@@ -260,7 +264,8 @@ def _build_context(handle: Any, config: ServeConfig) -> tuple[ServingContext, Re
     # Two joined calls in flight per engine worker of each model replica: one computing, one queued.
     workers, _ = config.engine_plan(config.device_type())
     client = CoalescingClient(
-        HandleClient(handle), max_inflight=2 * workers * server.replicas, max_texts=config.scheduler.max_batch_size
+        HandleClient(handle), max_inflight=2 * workers * server.replicas, max_texts=config.scheduler.max_batch_size,
+        join_adapters=server.replicas == 1,  # one replica: no routing choice that adapters' calls must keep apart
     )
     limits = ImageLimits(max_bytes=server.max_image_bytes, max_pixels=server.max_image_pixels)
     return ServingContext(client, resolver, ServerMetrics(), limits), store, settings

@@ -22,6 +22,9 @@ class DirectClient:
     async def call(self, method, call):
         return await getattr(self.server, method)(call)
 
+    async def call_many(self, method, calls):
+        return await self.server.call_many(method, calls)
+
     async def stream(self, call):
         async for item in self.server.generate_stream(call):
             yield item
@@ -32,8 +35,9 @@ class DirectClient:
 
 def in_process_app(engine, **settings):
     """(FastAPI app, ModelServer, CoalescingClient): the real app over the real deployment class
-    in this process (no Ray), its replica calls joined as the ingress joins them, with at most
-    one in flight so that concurrent requests do get joined. `settings` are named as flags."""
+    in this process (no Ray), its replica calls joined as a one-replica deployment's ingress
+    joins them (across adapters), with at most one in flight so that concurrent requests do
+    get joined. `settings` are named as flags."""
     from serving.coalesce import CoalescingClient
     from serving.config_sources import config_of
     from serving.deployments import ModelServer
@@ -42,7 +46,7 @@ def in_process_app(engine, **settings):
     args = config_of(**settings)
     server = ModelServer(args, engine=engine)
     ctx, store, registry_settings = _build_context(None, args)
-    client = ctx.client = CoalescingClient(DirectClient(server), max_inflight=1)
+    client = ctx.client = CoalescingClient(DirectClient(server), max_inflight=1, join_adapters=True)
     return create_api(ctx, store, registry_settings), server, client
 
 

@@ -110,12 +110,29 @@ def test_mixed_batch_rows_equal_their_own_references(vit: Engine, oracle, bundle
             assert row.prompt_tokens == 17
 
 
+def test_swaps_on_the_image_base_are_exact(vit: Engine, bundles) -> None:
+    """In-place swaps over ViT's q/k/v/o and MLP weights: A -> B -> A is bit-identical and the
+    base comes back bit-exactly, the weight tensors never replaced."""
+    vit.activate(None)
+    base = weights_snapshot(vit.model)
+    ptrs = {n: p.data_ptr() for n, p in vit.model.named_parameters()}
+    vit.activate("birds")
+    after_birds = weights_snapshot(vit.model)
+    assert not same_weights(vit.model, base)
+    vit.activate("pets")
+    vit.activate("birds")
+    assert same_weights(vit.model, after_birds)
+    vit.activate(None)
+    assert same_weights(vit.model, base)
+    assert ptrs == {n: p.data_ptr() for n, p in vit.model.named_parameters()}
+
+
 def test_image_request_errors(vit: Engine, minilm_dir: Path) -> None:
     png = raw(IMAGES[0])
     cases = [
         (lambda: vit.encode(["a text"], [None], ["embed"]), InvalidRequest, "'tiny/vit' is an image model"),
         (lambda: vit.encode([png], ["vfe"], ["classify"]), UnsupportedTask, "'vfe' is a feature-extraction adapter, not image-classification"),
-        (lambda: vit.encode([png], [None], ["classify"]), UnsupportedTask, "needs a image-classification adapter"),
+        (lambda: vit.encode([png], [None], ["classify"]), UnsupportedTask, "classification needs an image-classification adapter, not the base model"),
         (lambda: vit.encode([QAInput(question="q", context="c")], ["birds"], ["qa"]), UnsupportedTask, "needs a text base model"),
         (lambda: vit.encode([png[:200]], ["birds"], ["classify"]), InvalidRequest, "truncated or corrupt"),
         (lambda: vit.encode([b"not an image"], ["birds"], ["classify"]), InvalidRequest, "not a PNG or JPEG image"),

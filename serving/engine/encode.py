@@ -120,7 +120,8 @@ class EncodeRunner:
         for kind, task in need.items():
             for name in dict.fromkeys(n for n, t in zip(names, tasks) if t == kind):
                 if name is None:
-                    raise UnsupportedTask(f"{what[kind]} needs a {task.value} adapter, not the base model")
+                    article = "an" if task.value[0] in "aeiou" else "a"
+                    raise UnsupportedTask(f"{what[kind]} needs {article} {task.value} adapter, not the base model")
                 have = self.residency.task_of(name)
                 if have is not task:
                     raise UnsupportedTask(f"adapter {name!r} is a {have.value} adapter, not {task.value}")
