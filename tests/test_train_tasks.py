@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import random
 from pathlib import Path
 
@@ -36,6 +35,8 @@ from adapters.training.data import TrainingDataError, label_ids, label_names, re
 from adapters.training.model import ClassificationHead
 from adapters.training.qa import QABatches, exact_match, f1_score, normalize_answer
 from adapters.validation import load_bundle
+from tests.train_helpers import head_only_accuracy as train_head_only
+from tests.train_helpers import one_thread, write_jsonl  # noqa: F401 - one_thread is an autouse fixture
 from tests.image_reference import reference_probs, vit_classifier
 from tests.qa_reference import qa_model, reference_answer
 
@@ -46,19 +47,6 @@ QA_STEPS, QA_LR, QA_WINDOW = 40, 3e-3, 48
 IMG_STEPS, IMG_LR, IMG_BATCH = 40, 1e-2, 16
 PALETTE = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
 VIT_ID = "tiny/vit"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 # --------------------------------------------------------------------------- question answering
@@ -215,22 +203,10 @@ def head_only_accuracy(vit_dir: Path, train_path: Path, eval_path: Path) -> floa
             h = base(pixel_values=pixels["pixel_values"]).last_hidden_state[:, 0]
         return h, torch.tensor(label_ids(ds, names))
 
-    (xt, yt), (xe, ye) = feats(tr), feats(ev)
+    train, evaluation = feats(tr), feats(ev)
     torch.manual_seed(0)
-    head = ClassificationHead(xt.shape[1], len(names), dense=False)
-    opt = torch.optim.AdamW(head.parameters(), lr=IMG_LR, weight_decay=0.0)
-    g, step = torch.Generator().manual_seed(0), 0
-    while step < IMG_STEPS:
-        for idx in torch.randperm(len(yt), generator=g).split(IMG_BATCH):
-            loss = torch.nn.functional.cross_entropy(head(xt[idx]), yt[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            step += 1
-            if step >= IMG_STEPS:
-                break
-    with torch.no_grad():
-        return float((head(xe).argmax(-1) == ye).float().mean())
+    head = ClassificationHead(train[0].shape[1], len(names), dense=False)
+    return train_head_only(head, train, evaluation, steps=IMG_STEPS, lr=IMG_LR, batch=IMG_BATCH)
 
 
 def test_image_classification_learns_beyond_head_only(trained_image, image_data, tiny_vit_dir) -> None:
