@@ -164,11 +164,15 @@ def create_api(
 
     @api.post("/v1/classify", dependencies=keyed, response_model=ClassifyResponse)
     async def classify(body: ClassifyRequest, request: Request) -> JSONResponse:
+        """Label and probabilities per input: texts with a sequence-classification adapter, or
+        images (data URLs; nothing is fetched) with an image-classification adapter."""
         res = await serve_classify.classify(ctx, body, record(request, "/v1/classify"))
         return json_response(res)
 
     @api.post("/v1/question-answering", dependencies=keyed, response_model=QuestionAnsweringResponse)
     async def question_answering(body: QuestionAnsweringRequest, request: Request) -> JSONResponse:
+        """Extractive answers of a question-answering adapter: per {question, context}, the best
+        span over the context's overlapping windows, with its score and character offsets."""
         res = await serve_qa.answer(ctx, body, record(request, "/v1/question-answering"))
         return json_response(res)
 
