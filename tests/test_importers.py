@@ -347,6 +347,7 @@ PEFT_ERRORS = [
     ("classifier-unknown-backbone", _both(_config(modules_to_save=["classifier"], task_type="SEQ_CLS"), _weights(lambda ts: ts.update({"base_model.model.classifier.weight": torch.ones(2, 384), "base_model.model.classifier.bias": torch.ones(2)}))), "on a model whose backbone prefix is not known cannot be mapped"),
     ("two-heads", _both(_config(modules_to_save=["classifier", "qa_outputs"]), _weights(lambda ts: ts.update({"base_model.model.classifier.weight": torch.ones(2, 384), "base_model.model.qa_outputs.weight": torch.ones(2, 384)}))), "more than one head: ['classifier', 'qa_outputs']"),
     ("qa-head-shape", _both(_config(modules_to_save=["qa_outputs"], task_type="QUESTION_ANS"), _weights(lambda ts: ts.update({"base_model.model.qa_outputs.weight": torch.ones(3, 384), "base_model.model.qa_outputs.bias": torch.ones(3)}))), "is not a question-answering head"),
+    ("pooler-without-head", _both(_config(modules_to_save=["pooler"]), _weights(lambda ts: ts.update({"base_model.model.bert.pooler.dense.weight": torch.ones(384, 384), "base_model.model.bert.pooler.dense.bias": torch.ones(384)}))), "saved the pooler but no head"),
     ("qa-without-head", _config(task_type="QUESTION_ANS"), "task question-answering needs its head saved through modules_to_save ('qa_outputs')"),
     ("trained-bias", _config(bias="all"), "bias='all'"),
     ("pissa", _config(init_lora_weights="pissa_niter_4"), "init_lora_weights='pissa_niter_4' changes the base weights"),

@@ -318,19 +318,21 @@ def test_image_served_by_the_engine_as_trained(trained_image, tiny_vit_dir) -> N
     assert [r.label for r in rows] == [trained_image.labels[i] for i in want.argmax(-1).tolist()]
 
 
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One real Ray Serve app on the embedded MiniLM, for TestServedOverHTTP."""
+    from tests.serve_helpers import running_app
+
+    args = {"registry": str(tmp_path_factory.mktemp("registry")), "replicas": 1, "num_cpus": 1}
+    with running_app(args, num_cpus=2) as base:
+        yield base
+
+
 @pytest.mark.ray
 class TestServedOverHTTP:
-    """One real Ray Serve app on the embedded MiniLM: a trained QA bundle uploaded, and a
-    PEFT classifier registered from its folder (vLLM's /v1/load_lora_adapter, which packs it
-    with the same importer as `capaserve pack peft`)."""
-
-    @pytest.fixture(scope="class")
-    def server(self, tmp_path_factory):
-        from tests.serve_helpers import running_app
-
-        args = {"registry": str(tmp_path_factory.mktemp("registry")), "replicas": 1, "num_cpus": 1}
-        with running_app(args, num_cpus=2) as base:
-            yield base
+    """A trained QA bundle uploaded to a real Ray Serve app, and a PEFT classifier registered
+    there from its folder (vLLM's /v1/load_lora_adapter, which packs it with the same
+    importer as `capaserve pack peft`)."""
 
     def test_trained_qa_answers_as_the_training_model(self, server, trained_qa, qa_data) -> None:
         import httpx

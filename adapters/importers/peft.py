@@ -319,6 +319,8 @@ def _split_saved(
         problems.append(f"modules_to_save saved more than one head: {sorted(heads)}")
     elif heads:
         saved["head"] = next(iter(heads.values()))
+    elif "pooler" in saved:
+        problems.append("modules_to_save saved the pooler but no head: only BERT's classifier reads it")
     return rest, saved, problems
 
 
