@@ -2,11 +2,11 @@
 a tensor file without executing code, and the final round trip through validation.
 
 Module paths. A bundle names targets as `model.named_modules()` of the transformers
-model capaserve serves: `AutoModel` for every encoder task (feature-extraction, sequence-
-and image-classification, question-answering), `AutoModelForCausalLM` for causal-lm. A checkpoint trained on a task model
-(`BertForSequenceClassification`, an adapter-transformers `BertAdapterModel`) holds the
-encoder under its `base_model_prefix` (`bert.encoder.layer.0...`), while `AutoModel` *is*
-the encoder (`encoder.layer.0...`). `PrefixMap` rewrites the leading part of each path by
+model capaserve serves: `AutoModel` for every encoder task (feature-extraction, text and
+image classification, question-answering), `AutoModelForCausalLM` for causal-lm. A
+checkpoint trained on a task model (`BertForSequenceClassification`, an
+adapter-transformers `BertAdapterModel`) holds the encoder under its `base_model_prefix`
+(`bert.encoder.layer.0...`), while `AutoModel` *is* the encoder (`encoder.layer.0...`). `PrefixMap` rewrites the leading part of each path by
 explicit `OLD=NEW` rules; its default for the encoder tasks strips the backbone prefixes
 listed in `ENCODER_BACKBONES`, and for causal-lm it changes nothing (PEFT and
 adapter-transformers wrap the causal-LM model itself, whose paths already match).
@@ -157,20 +157,17 @@ def read_base_tensors(source: str, names: list[str]) -> dict[str, torch.Tensor]:
     if index.is_file():
         weight_map: dict[str, str] = json.loads(index.read_text()).get("weight_map", {})
     elif (folder / "model.safetensors").is_file():
-        weight_map = {}
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+            weight_map = dict.fromkeys(f.keys(), "model.safetensors")
     else:
         raise ConversionError(f"base model {source!r}: no model.safetensors in {folder}")
     out: dict[str, torch.Tensor] = {}
     for name in names:
-        candidates = [name, *(f"{p}.{name}" for p in ENCODER_BACKBONES)]
-        for key in candidates:
-            file = folder / weight_map.get(key, "model.safetensors")
-            with safe_open(str(file), framework="pt") as f:
-                if key in f.keys():
-                    out[name] = f.get_tensor(key)
-                    break
-        else:
+        key = next((k for k in (name, *(f"{p}.{name}" for p in ENCODER_BACKBONES)) if k in weight_map), None)
+        if key is None:
             raise ConversionError(f"base model {source!r} has no tensor {name!r}")
+        with safe_open(str(folder / weight_map[key]), framework="pt") as f:
+            out[name] = f.get_tensor(key)
     return out
 
 

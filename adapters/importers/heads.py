@@ -74,7 +74,9 @@ def map_head(head: SavedHead, task: Task, backbone: str | None, pooler: PoolerSo
     if task is Task.QUESTION_ANSWERING:
         w, b = t.get("weight"), t.get("bias")
         if head.module != "qa_outputs" or set(t) != {"weight", "bias"} or w is None or w.ndim != 2 or w.shape[0] != 2:
-            raise ConversionError(f"{name} is not a question-answering head: expected qa_outputs weight [2, hidden] and bias [2]")
+            raise ConversionError(
+                f"{name} is not a question-answering head: expected qa_outputs weight [2, hidden] and bias [2]"
+            )
         return MappedHead({"head.qa.weight": w, "head.qa.bias": b}, None, None)  # type: ignore[dict-item]
     if task not in CLASSIFICATION_TASKS:
         raise ConversionError(f"task {task.value} has no head; {name} cannot be carried")
@@ -108,7 +110,10 @@ def _classifier(
     out_w: torch.Tensor, out_b: torch.Tensor, dense_w: torch.Tensor | None = None, dense_b: torch.Tensor | None = None
 ) -> MappedHead:
     if out_w.ndim != 2 or out_b.shape != out_w.shape[:1]:
-        raise ConversionError(f"classifier out layer: expected weight [labels, hidden] and bias [labels], got {list(out_w.shape)} and {list(out_b.shape)}")
+        raise ConversionError(
+            "classifier out layer: expected weight [labels, hidden] and bias [labels], "
+            f"got {list(out_w.shape)} and {list(out_b.shape)}"
+        )
     tensors = {"head.out.weight": out_w, "head.out.bias": out_b}
     if dense_w is not None and dense_b is not None:
         tensors = {"head.dense.weight": dense_w, "head.dense.bias": dense_b, **tensors}

@@ -97,7 +97,10 @@ def _check_answers(value: object, context: str) -> tuple[list[tuple[str, int]] |
     if len(texts) != len(starts):
         return None, f"'answers' has {len(texts)} texts but {len(starts)} starts"
     if not texts:
-        return None, "'answers' is empty: every question needs an answer in its context (unanswerable questions are not supported)"
+        return None, (
+            "'answers' is empty: every question needs an answer in its context "
+            "(unanswerable questions are not supported)"
+        )
     for text, start in zip(texts, starts):
         if not text.strip():
             return None, "an answer text is empty"

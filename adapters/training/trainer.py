@@ -173,7 +173,7 @@ def load_base(cfg: TrainConfig, device: torch.device) -> tuple[Any, Any, nn.Modu
         raise ValueError(
             f"{src!r} is an image model; it can be trained for image-classification only"
             if image_base
-            else f"image-classification needs an image model (ViT, DeiT, ... saved with its image processor); {src!r} is not"
+            else f"image-classification needs an image model (ViT, DeiT, ... with its image processor); {src!r} is not"
         )
     cls = AutoModelForCausalLM if cfg.task is Task.CAUSAL_LM else AutoModel
     model = cls.from_pretrained(src, dtype=torch.float32)
@@ -183,7 +183,9 @@ def load_base(cfg: TrainConfig, device: torch.device) -> tuple[Any, Any, nn.Modu
     if cfg.task is not Task.CAUSAL_LM and tok.pad_token is None:
         raise ValueError(f"the tokenizer of {src!r} has no pad token; cannot batch texts")
     if cfg.task is Task.QUESTION_ANSWERING and not tok.is_fast:
-        raise ValueError(f"question-answering needs a fast tokenizer (its character offsets give the answer); {src!r} has none")
+        raise ValueError(
+            f"question-answering needs a fast tokenizer (its character offsets give the answer); {src!r} has none"
+        )
     return tok, None, model.to(device)
 
 
