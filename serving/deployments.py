@@ -11,8 +11,9 @@ Duties, and nothing else:
    which also states why only Serve's public API is used). Base-model requests carry no
    multiplexed id and are load-balanced.
 3. Queue every request on the replica's `Scheduler`, which batches by adapter and runs
-   every engine call (adapter loads and unloads included) on one worker thread; with
-   `adapter_mode="adaptive"` it may run mixed-adapter batches (`run_mixed_batch`).
+   every engine call (adapter loads and unloads included) on its engine workers, never on
+   the event loop; with `adapter_mode="adaptive"` it may run mixed-adapter batches
+   (`run_mixed_batch`).
 4. Drop adapters deleted from the registry: every `registry.poll_s` the replica checks
    the versions it holds against the store and unloads the missing ones from the
    engine, the multiplexer and the blob cache. (The ingress already answers 404 for
