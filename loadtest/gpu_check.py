@@ -92,8 +92,8 @@ def check(dtype: torch.dtype, device: torch.device) -> list[tuple[str, bool, str
         # the weights: W' in the model dtype, within two units in the last place of the tensor's
         # largest entry (the two sides sum the masked products in another order)
         worst = max(
-            float((model.get_submodule(t).weight.float() - ref.get_submodule(t).weight.float()).abs().max()
-                  / ref.get_submodule(t).weight.float().abs().max())
+            float((model.get_submodule(t).weight.detach().float() - ref.get_submodule(t).weight.detach().float()).abs().max()
+                  / ref.get_submodule(t).weight.detach().float().abs().max())
             for t in targets
         )
         out.append((f"merged {name} ({mode}) target weights = hand-merged W'", worst <= 2 * ulp,
