@@ -18,12 +18,14 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 from ray import serve
+from ray.exceptions import RayActorError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters.registry.resolver import AdapterResolver
@@ -50,10 +52,11 @@ from serving.protocol import (
     ModelList,
     render,
 )
-from serving.replica_io import ReplicaCall, ReplicaInfo, ReplicaResult
+from serving.replica_io import IDEMPOTENT, ReplicaCall, ReplicaInfo, ReplicaResult
 from serving.service import RequestRecord, ServingContext
 
 access_log = logging.getLogger("capaserve.access")
+log = logging.getLogger("capaserve.ingress")
 
 
 def json_response(body: BaseModel) -> Response:
@@ -216,23 +219,48 @@ def create_api(
     return app
 
 
-class HandleClient:
-    """`ModelClient` over a Ray Serve handle: adapters go by multiplexed id, the base is load-balanced."""
+def replica_lost(exc: BaseException) -> bool:
+    """Whether a replica call failed because its replica went away (killed, crashed, its node
+    lost), not because of the request: Ray's actor errors, also when wrapped in a task error."""
+    return isinstance(exc, RayActorError) or isinstance(getattr(exc, "cause", None), RayActorError)
 
-    def __init__(self, handle: Any) -> None:
+
+class HandleClient:
+    """`ModelClient` over a Ray Serve handle: adapters go by multiplexed id, the base is load-balanced.
+
+    A call of an `IDEMPOTENT` method whose replica is lost while it runs (or before it
+    answers) is sent once more; Serve's router has dropped the dead replica by then (or
+    probes it and finds it gone), so the retry runs on another one. A request's metrics are
+    counted once either way: the lost attempt brings back no report, and the ingress counts
+    the HTTP request, not the replica calls. `on_retry(method)` is told of each retry.
+    """
+
+    def __init__(self, handle: Any, on_retry: Callable[[str], None] | None = None) -> None:
         self.handle = handle
+        self.on_retry = on_retry
 
     def _for(self, call: ReplicaCall, **options: Any) -> Any:
         if call.adapter is not None:
             options["multiplexed_model_id"] = call.adapter.ref
         return self.handle.options(**options) if options else self.handle
 
+    async def _once_more_if_lost(self, method: str, send: Callable[[], Awaitable[Any]]) -> Any:
+        try:
+            return await send()
+        except Exception as exc:  # noqa: BLE001 - re-raised unless it is a lost replica
+            if method not in IDEMPOTENT or not replica_lost(exc):
+                raise
+            log.warning("%s call lost with its replica (%s); retrying once on another", method, type(exc).__name__)
+        if self.on_retry is not None:
+            self.on_retry(method)
+        return await send()
+
     async def call(self, method: str, call: ReplicaCall) -> ReplicaResult:
-        return await getattr(self._for(call), method).remote(call)
+        return await self._once_more_if_lost(method, lambda: getattr(self._for(call), method).remote(call))
 
     async def call_many(self, method: str, calls: list[ReplicaCall]) -> list[ReplicaResult | BaseException]:
         """Routed by the first call's adapter (the oldest request's); the others load there if needed."""
-        return await self._for(calls[0]).call_many.remote(method, calls)
+        return await self._once_more_if_lost(method, lambda: self._for(calls[0]).call_many.remote(method, calls))
 
     async def stream(self, call: ReplicaCall):  # type: ignore[override]
         gen = self._for(call, stream=True).generate_stream.remote(call)
@@ -255,11 +283,12 @@ def _build_context(handle: Any, config: ServeConfig) -> tuple[ServingContext, Re
     settings = RegistrySettings(max_upload_bytes=registry.max_upload_bytes, auth=auth)
     # Two joined calls in flight per engine worker of each model replica: one computing, one queued.
     workers, _ = config.engine_plan(config.device_type())
+    metrics = ServerMetrics()
     client = CoalescingClient(
-        HandleClient(handle), max_inflight=2 * workers * server.replicas, max_texts=config.scheduler.max_batch_size,
+        HandleClient(handle, on_retry=lambda method: metrics.replica_retries.labels(method).inc()), max_inflight=2 * workers * server.replicas, max_texts=config.scheduler.max_batch_size,
         join_adapters=server.replicas == 1,  # one replica: no routing choice that adapters' calls must keep apart
     )
-    return ServingContext(client, resolver, ServerMetrics()), store, settings
+    return ServingContext(client, resolver, metrics), store, settings
 
 
 @serve.ingress()
