@@ -24,6 +24,7 @@ from ray.serve import Application
 from serving.config import ServeConfig
 from serving.deployments import ModelServer
 from serving.ingress import Ingress
+from serving.routing import router_config
 
 
 def build_app(config: ServeConfig | Mapping[str, Any] | None = None) -> Application:
@@ -46,6 +47,8 @@ def build_app(config: ServeConfig | Mapping[str, Any] | None = None) -> Applicat
         max_queued_requests=queue * server.replicas,
         ray_actor_options={"num_cpus": server.num_cpus, "num_gpus": server.num_gpus},
         health_check_period_s=5,
+        # adapter affinity bounded by load: two calls per engine worker before anything spreads
+        request_router_config=router_config(2 * config.engine_plan(config.device_type())[0], server.affinity_load_factor),
     ).bind(config)
     ingress = serve.deployment(
         Ingress,

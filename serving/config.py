@@ -100,6 +100,12 @@ class ServerConfig(_Section):
         json_schema_extra={"default_doc": "the cores available to this host (affinity and cgroup quota) / replicas, at least 1"},
     )
     num_gpus: float = Field(0.0, ge=0.0, description="GPUs reserved per model replica.")
+    affinity_load_factor: float = Field(
+        1.25,
+        ge=1.0,
+        description="An adapter's requests go to the replicas holding it while one of them carries at most this "
+        "many times the mean load (plus one request); beyond that another replica loads it too.",
+    )
 
     @field_validator("admin_token", mode="before")
     @classmethod
