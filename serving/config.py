@@ -92,6 +92,12 @@ class ServerConfig(_Section):
         description="Accept the risk of open registry writes on a non-loopback host "
         "(otherwise such a host needs an admin token).",
     )
+    drain_timeout_s: float = Field(
+        20.0,
+        ge=0.0,
+        description="On SIGTERM or Ctrl-C new requests are refused (503) at once, and those in progress get this "
+        "long to finish before Serve and Ray stop; the command exits within it plus 5 s.",
+    )
     replicas: int = Field(1, ge=1, description="Model deployment replicas; each loads the base model once.")
     num_cpus: float | None = Field(
         None,

@@ -37,6 +37,7 @@ from serving.api.errors import ErrorMappingRoute, unwrap
 from serving.api.registry import RegistrySettings, build_registry_router
 from serving.coalesce import CoalescingClient
 from serving.config import ServeConfig
+from serving.drain import DrainGate, DrainMiddleware
 from serving.errors import error_body
 from serving.metrics import CONTENT_TYPE, ServerMetrics
 from serving.protocol import (
@@ -145,8 +146,10 @@ def create_api(
     ctx: ServingContext,
     store: RegistryStore,
     settings: RegistrySettings,
+    gate: DrainGate | None = None,
 ) -> FastAPI:
-    """The FastAPI app: inference routes, registry routes, health and metrics."""
+    """The FastAPI app: inference routes, registry routes, health and metrics; with a `gate`,
+    requests in progress are counted and, once it drains, new ones refused (serving/drain.py)."""
     app = FastAPI(title="capaserve", version="0.1.0")
     api = APIRouter(route_class=ErrorMappingRoute, responses=ERROR_RESPONSES)
     sse = {200: {"description": "JSON, or Server-Sent Events when `stream` is true.", "content": {"text/event-stream": {}}}}
@@ -215,6 +218,8 @@ def create_api(
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return JSONResponse(error_body(str(exc.detail), kind, exc.status_code), status_code=exc.status_code)
 
+    if gate is not None:
+        app.add_middleware(DrainMiddleware, gate=gate)  # inside Metered: refusals are counted too
     app.add_middleware(Metered, metrics=ctx.metrics)
     return app
 
@@ -298,6 +303,12 @@ class Ingress:
     def __init__(self, model: Any, config: ServeConfig | dict[str, Any]) -> None:
         self.config = ServeConfig.model_validate(config)  # a ServeConfig passes through as is
         self.ctx, self.store, self.settings = _build_context(model, self.config)
+        self.gate = DrainGate()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return create_api(self.ctx, self.store, self.settings)
+        return create_api(self.ctx, self.store, self.settings, self.gate)
+
+    async def drain(self, timeout_s: float) -> int:
+        """Refuse new requests, wait up to `timeout_s` for those in progress; how many are left
+        (`capaserve serve` calls it before stopping Serve; serving/drain.py)."""
+        return await self.gate.drain(timeout_s)
