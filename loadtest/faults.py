@@ -87,13 +87,18 @@ class SteadyLoad:
             return list(self.sent)
 
 
-def round_robin(bodies: list[tuple[str, dict]], offset: int = 0) -> Callable[[], Iterator[tuple[str, dict]]]:
-    """A request source for SteadyLoad: each user cycles through `bodies` from its own offset."""
-    counter = itertools.count(offset)
+def round_robin(bodies: list[tuple[str, dict]]) -> Callable[[], Iterator[tuple[str, dict]]]:
+    """A request source for SteadyLoad: all users draw from one shared cycle through `bodies`,
+    so the n-th request sent is bodies[n % len] whatever the number of users."""
+    shared = itertools.cycle(bodies)
+    lock = threading.Lock()
+
+    def draw() -> tuple[str, dict]:
+        with lock:
+            return next(shared)
 
     def make() -> Iterator[tuple[str, dict]]:
-        start = next(counter) % max(1, len(bodies))
-        return itertools.islice(itertools.cycle(bodies), start, None)
+        return iter(draw, None)
 
     return make
 
