@@ -15,9 +15,6 @@ misses), the adapter cache bytes of the replicas, and the model replicas' reside
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,8 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from adapters.bundle import Task, save_bundle
 from adapters.default_model import DEFAULT_MODEL_ID, default_model_dir
 from adapters.synthetic import random_bundle
-from loadtest.faults import SteadyLoad, model_replica_pids, round_robin
-from loadtest.run import free_port, wait_ready
+from loadtest.faults import SteadyLoad, capaserve_serve, model_replica_pids, round_robin
 from serving.config import EngineConfig, parse_bytes
 from serving.engine.model_loader import meta_spec
 
@@ -114,18 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.duration, args.rounds = 10.0, 1
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     work = Path(tempfile.mkdtemp(prefix="bench-many-"))
-    cmd = [sys.executable, "-m", "serving.cli", "serve", "--port", str(port), "--registry", str(work / "registry"),
-           *args.serve_args]
-    log = open(work / "serve.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=work)
-    try:
-        try:
-            wait_ready(url, 240, proc)
-        except (RuntimeError, TimeoutError) as exc:
-            raise SystemExit(f"{exc}; see {work / 'serve.log'}") from None
+    with capaserve_serve(work, *args.serve_args) as (url, proc):
         names = register(url, args.adapters, work)
         for n in names:  # every adapter loaded once before the clock starts
             httpx.post(f"{url}/v1/embeddings", json={"model": n, "input": [TEXT]}, timeout=120).raise_for_status()
@@ -146,13 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"throughput {args.adapters} / {args.few} adapters: {ratio:.2f} (goal >= 0.8); per round: "
               + ", ".join(f"{a['rps'] / b['rps']:.2f}" for a, b in zip(results[args.adapters], results[args.few])))
         print(f"adapter cache budget per replica: {budget(args.serve_args) / MiB:.0f} MiB")
-        return 0
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    return 0
 
 
 if __name__ == "__main__":
