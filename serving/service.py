@@ -22,6 +22,7 @@ from adapters.registry.resolver import AdapterResolver
 from adapters.registry.store import AdapterNotFound
 from adapters.validation import BaseModelSpec
 from serving.errors import ModelNotFound, UnsupportedTask
+from serving.images import ImageLimits, image_bytes
 from serving.metrics import ServerMetrics
 from serving.replica_io import ReplicaCall, ReplicaInfo, ReplicaResult, ServedBy, StreamItem
 
@@ -87,10 +88,13 @@ class Target:
 class ServingContext:
     """The ingress's state shared by the endpoint families."""
 
-    def __init__(self, client: ModelClient, resolver: AdapterResolver, metrics: ServerMetrics) -> None:
+    def __init__(
+        self, client: ModelClient, resolver: AdapterResolver, metrics: ServerMetrics, image_limits: ImageLimits
+    ) -> None:
         self.client = client
         self.resolver = resolver
         self.metrics = metrics
+        self.image_limits = image_limits
         self._info: ReplicaInfo | None = None
         self._info_lock = asyncio.Lock()
 
@@ -113,6 +117,20 @@ class ServingContext:
 
     async def base_task(self) -> Task:
         return Task((await self.info()).task)
+
+    async def modality(self) -> str:
+        """text or image: what the base model (and so every adapter) takes as input."""
+        return str((await self.info()).spec.get("modality", "text"))
+
+    async def encoder_call(self, target: Target, items: list[str]) -> ReplicaCall:
+        """The replica call for embeddings or classify inputs: texts as they are; on an image
+        base every item must be an image data URL, checked here (400, or 413 for its size, off
+        the event loop) so a bad image never reaches a replica or a batch."""
+        if await self.modality() != "image":
+            return ReplicaCall(adapter=target.adapter, texts=items)
+        limits = self.image_limits
+        images = await asyncio.to_thread(lambda: [image_bytes(x, i, limits) for i, x in enumerate(items)])
+        return ReplicaCall(adapter=target.adapter, images=images)
 
     async def resolve(self, model: str, record: RequestRecord) -> Target:
         """`model` -> Target; ModelNotFound (404) when it names nothing served here."""

@@ -33,6 +33,23 @@ class DirectClient:
         return await self.server.info()
 
 
+def in_process_app(engine, **settings):
+    """(FastAPI app, ModelServer, CoalescingClient): the real app over the real deployment class
+    in this process (no Ray), its replica calls joined as a one-replica deployment's ingress
+    joins them (across adapters), with at most one in flight so that concurrent requests do
+    get joined. `settings` are named as flags."""
+    from serving.coalesce import CoalescingClient
+    from serving.config_sources import config_of
+    from serving.deployments import ModelServer
+    from serving.ingress import _build_context, create_api
+
+    args = config_of(**settings)
+    server = ModelServer(args, engine=engine)
+    ctx, store, registry_settings = _build_context(None, args)
+    client = ctx.client = CoalescingClient(DirectClient(server), max_inflight=1, join_adapters=True)
+    return create_api(ctx, store, registry_settings), server, client
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
