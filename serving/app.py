@@ -24,6 +24,10 @@ from ray.serve import Application
 from serving.config import ServeConfig
 from serving.deployments import ModelServer
 from serving.ingress import Ingress
+from serving.routing import router_config
+
+#: The ingress deployment's name (`capaserve serve` drains it by name before stopping Serve).
+INGRESS_DEPLOYMENT = "CapaserveIngress"
 
 
 def build_app(config: ServeConfig | Mapping[str, Any] | None = None) -> Application:
@@ -38,6 +42,10 @@ def build_app(config: ServeConfig | Mapping[str, Any] | None = None) -> Applicat
     """
     config = ServeConfig.model_validate(config or {}).resolved()  # replicas get the host-derived numbers
     server, queue = config.server, config.scheduler.max_queue
+    # `capaserve serve` drains the ingress itself before it stops Serve (serving/drain.py), so
+    # Serve's own stop finds nothing left and checks often; without it (`serve run`, a cluster's
+    # own stop) Serve waits up to the same drain timeout for requests in progress.
+    stopping = {"graceful_shutdown_wait_loop_s": 0.2, "graceful_shutdown_timeout_s": server.drain_timeout_s}
     model = serve.deployment(
         ModelServer,
         name="CapaserveModel",
@@ -46,12 +54,16 @@ def build_app(config: ServeConfig | Mapping[str, Any] | None = None) -> Applicat
         max_queued_requests=queue * server.replicas,
         ray_actor_options={"num_cpus": server.num_cpus, "num_gpus": server.num_gpus},
         health_check_period_s=5,
+        # adapter affinity bounded by load: two calls per engine worker before anything spreads
+        request_router_config=router_config(2 * config.engine_plan(config.device_type())[0], server.affinity_load_factor),
+        **stopping,
     ).bind(config)
     ingress = serve.deployment(
         Ingress,
-        name="CapaserveIngress",
+        name=INGRESS_DEPLOYMENT,
         num_replicas=1,
         max_ongoing_requests=max(1000, queue * server.replicas * 2),
         ray_actor_options={"num_cpus": 0},
+        **stopping,
     ).bind(model, config)
     return ingress

@@ -92,6 +92,12 @@ class ServerConfig(_Section):
         description="Accept the risk of open registry writes on a non-loopback host "
         "(otherwise such a host needs an admin token).",
     )
+    drain_timeout_s: float = Field(
+        20.0,
+        ge=0.0,
+        description="On SIGTERM or Ctrl-C new requests are refused (503) at once, and those in progress get this "
+        "long to finish before Serve and Ray stop; the command exits within it plus 5 s.",
+    )
     replicas: int = Field(1, ge=1, description="Model deployment replicas; each loads the base model once.")
     num_cpus: float | None = Field(
         None,
@@ -100,6 +106,12 @@ class ServerConfig(_Section):
         json_schema_extra={"default_doc": "the cores available to this host (affinity and cgroup quota) / replicas, at least 1"},
     )
     num_gpus: float = Field(0.0, ge=0.0, description="GPUs reserved per model replica.")
+    affinity_load_factor: float = Field(
+        1.25,
+        ge=1.0,
+        description="An adapter's requests go to the replicas holding it while one of them carries at most this "
+        "many times the mean load (plus one request); beyond that another replica loads it too.",
+    )
     max_image_bytes: Bytes = Field(
         16 * MiB, ge=1, description="Largest image (decoded bytes of one data URL) a request may send to an image base; 413 beyond."
     )
@@ -142,8 +154,13 @@ class RegistryConfig(_Section):
         description="Seconds between a replica's checks that its loaded adapters still exist (deleted ones are dropped).",
         json_schema_extra={"flag": "registry-poll-s"},
     )
-    max_adapters_per_replica: int = Field(
-        64, ge=1, description="Adapters a replica keeps loaded; requests are routed to replicas holding theirs."
+    max_adapters_per_replica: int | None = Field(
+        None,
+        ge=1,
+        description="Adapters a replica keeps loaded (Serve's multiplexer); requests are routed to replicas "
+        "holding theirs. Memory is bounded by adapter_cache_bytes either way.",
+        json_schema_extra={"default_doc": "derived from bytes: adapter_cache_bytes / the smallest an adapter can "
+                           "take on the served base, so the byte budget, not a count, decides what stays loaded"},
     )
     blob_cache_bytes: Bytes = Field(
         256 * MiB, ge=0, description="Per-process LRU of bundle bytes fetched from the registry."
