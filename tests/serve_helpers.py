@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 
 APP_NAME = "capaserve"
+#: The console script of the environment running the tests (found without PATH: a venv need not be activated).
+CAPASERVE = str(Path(sys.executable).with_name("capaserve"))
 
 
 class DirectClient:
