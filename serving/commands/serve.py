@@ -179,9 +179,10 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
-async def _drain(timeout_s: float) -> None:
+async def _drain(timeout_s: float) -> int | None:
     """Let the requests in progress finish (at most `timeout_s`) while new ones are refused,
-    with the model replicas still up (serving/drain.py); then Serve may stop."""
+    with the model replicas still up (serving/drain.py); then Serve may stop. Returns how many
+    were cut at the timeout (None: the ingress could not be asked)."""
     from ray import serve
 
     from serving.app import INGRESS_DEPLOYMENT
@@ -192,9 +193,10 @@ async def _drain(timeout_s: float) -> None:
         left = await asyncio.wait_for(handle.drain.remote(timeout_s), timeout_s + 2)
     except Exception:  # noqa: BLE001 - stopping goes on whatever the ingress says
         log.warning("could not drain the ingress; stopping anyway", exc_info=True)
-        return
+        return None
     log.info("drained in %.1f s: new requests refused, %s", time.monotonic() - start,
              f"{left} request(s) still in progress cut at the timeout" if left else "no request in progress")
+    return int(left)
 
 
 #: What stopping Serve and Ray may take after the drain (the command exits within the drain timeout
@@ -209,11 +211,16 @@ async def _stop_serve(drain_timeout_s: float | None) -> None:
     loop, and stopping Serve closes the handles made on it."""
     from ray import serve
 
-    if drain_timeout_s is not None:
-        await _drain(drain_timeout_s)
+    cut = await _drain(drain_timeout_s) if drain_timeout_s is not None else None
+    joined = bool(os.environ.get("RAY_ADDRESS"))
+    if cut and not joined:
+        # Serve's own stop would wait on the requests the drain just gave up on: a local
+        # cluster goes with Ray at once (a joined one must still lose only our app)
+        log.info("stopping Ray without waiting on Serve: %d request(s) cut", cut)
+        return
     start = time.monotonic()
     try:
-        if os.environ.get("RAY_ADDRESS"):
+        if joined:
             await asyncio.wait_for(asyncio.to_thread(serve.delete, APP_NAME), STOP_BUDGET_S - 1)  # only our app
         else:
             await asyncio.wait_for(serve.shutdown_async(), STOP_BUDGET_S - 2)
