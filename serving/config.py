@@ -97,6 +97,22 @@ class ServerConfig(_Section):
         1.0, gt=0.0, description="CPUs reserved per model replica; it also sets the replica's torch threads."
     )
     num_gpus: float = Field(0.0, ge=0.0, description="GPUs reserved per model replica.")
+    max_body_bytes: Bytes = Field(
+        16 * MiB,
+        ge=1,
+        description="Largest request body of an inference route, checked before it is read (413 beyond); "
+        "room for 2,048 inputs of 8 KiB. Adapter uploads have max-upload-bytes instead.",
+    )
+    max_inputs: int = Field(
+        2048, ge=1, description="Most inputs (texts, prompts or chat messages) in one request (400 beyond), as OpenAI."
+    )
+    max_input_chars: int | None = Field(
+        None,
+        ge=1,
+        description="Longest input in characters (400 beyond), checked before any compute; the token limit "
+        "(max-seq-len) is checked by the model replica.",
+        json_schema_extra={"default_doc": "64 characters per token of the model's longest sequence (32768 for 512)"},
+    )
 
     @field_validator("admin_token", mode="before")
     @classmethod

@@ -31,6 +31,7 @@ from adapters.registry.backends import open_store
 from adapters.registry.store import RegistryStore
 from serving import serve_classify, serve_embeddings, serve_generate, serve_models
 from serving.api.auth import AuthSettings
+from serving.api.body_limit import BodyLimit
 from serving.api.errors import ErrorMappingRoute, unwrap
 from serving.api.registry import RegistrySettings, build_registry_router
 from serving.coalesce import CoalescingClient
@@ -51,7 +52,7 @@ from serving.protocol import (
     render,
 )
 from serving.replica_io import ReplicaCall, ReplicaInfo, ReplicaResult
-from serving.service import RequestRecord, ServingContext
+from serving.service import RequestLimits, RequestRecord, ServingContext
 
 access_log = logging.getLogger("capaserve.access")
 
@@ -212,7 +213,8 @@ def create_api(
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return JSONResponse(error_body(str(exc.detail), kind, exc.status_code), status_code=exc.status_code)
 
-    app.add_middleware(Metered, metrics=ctx.metrics)
+    app.add_middleware(BodyLimit, limit=ctx.limits.max_body_bytes)
+    app.add_middleware(Metered, metrics=ctx.metrics)  # outermost: 413s are metered too
     return app
 
 
@@ -253,7 +255,7 @@ def _build_context(handle: Any, config: ServeConfig) -> tuple[ServingContext, Re
     client = CoalescingClient(
         HandleClient(handle), max_inflight=2 * server.replicas, max_texts=config.scheduler.max_batch_size
     )
-    return ServingContext(client, resolver, ServerMetrics()), store, settings
+    return ServingContext(client, resolver, ServerMetrics(), RequestLimits.of(server)), store, settings
 
 
 @serve.ingress()

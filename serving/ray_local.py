@@ -32,11 +32,19 @@ from typing import Any
 
 import ray
 
+#: gRPC's largest message (2 GiB - 1), what Serve's own gRPC servers already take.
+GRPC_MAX_MESSAGE_BYTES = 2**31 - 1
+
 SERVE_ENV: dict[str, str] = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
     "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+    # Serve keeps gRPC's 4 MiB default for the messages between its proxy and replicas and
+    # between deployments; anything larger (2,048 texts, a 16 MiB response, an adapter
+    # download through the proxy) was a bare 500. The HTTP limits (docs/http-api.md#limits)
+    # are what bound a request, so this one must not: every process receives up to gRPC's max.
+    "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(GRPC_MAX_MESSAGE_BYTES),
 }
 
 log = logging.getLogger("capaserve.ray")

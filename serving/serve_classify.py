@@ -9,6 +9,7 @@ from serving.service import RequestRecord, ServingContext
 
 
 async def classify(ctx: ServingContext, req: ClassifyRequest, record: RequestRecord) -> ClassifyResponse:
+    await ctx.check_inputs(req.texts())
     base_task = await ctx.base_task()
     target = await ctx.resolve(req.model, record)
     ctx.require(target, {Task.SEQUENCE_CLASSIFICATION}, "classify", base_ok=False, base_task=base_task)

@@ -41,7 +41,7 @@ from typing import Any
 
 from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -49,7 +49,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from adapters.bundle import AdapterBundle, Task, save_bundle
 from adapters.importers.peft import PEFT_TASKS, import_peft, read_peft_config
 from adapters.manifest import NAME_PATTERN, AdapterManifest, is_valid_name
-from adapters.registry.store import AdapterNotFound, RegistryStore
+from adapters.registry.store import AdapterNotFound, RegistryStore, verified_chunks
 from adapters.validation import BaseModelSpec, check_servable, load_bundle
 from serving.api.auth import AuthSettings
 from serving.api.errors import ErrorMappingRoute
@@ -379,14 +379,21 @@ def build_registry_router(
         "/v1/adapters/{name:path}/download", dependencies=reader, response_class=Response, responses=BUNDLE_DOWNLOAD
     )
     async def download_adapter(name: str, version: int | None = Query(None, ge=1)) -> Response:
-        """The bundle bytes of `name@version` (default: latest)."""
+        """The bundle bytes of `name@version` (default: latest), streamed in 1 MiB chunks.
+
+        Never one big body: an 80 MB bundle as one message exceeded gRPC's limit between
+        Serve's proxy and the ingress, and held the whole file in memory. The bytes are
+        hashed on the way; a blob that does not match its manifest cuts the response short
+        (the client sees fewer bytes than Content-Length) and is logged.
+        """
         _check_name(name)
         manifest = await run_in_threadpool(store.get, name, version)
-        data = await run_in_threadpool(store.read_blob, manifest.sha256)
-        return Response(
-            content=data,
+        chunks = await run_in_threadpool(store.stream_blob, manifest.sha256)
+        return StreamingResponse(
+            verified_chunks(chunks, manifest.sha256, manifest.size_bytes),
             media_type="application/octet-stream",
             headers={
+                "Content-Length": str(manifest.size_bytes),
                 "Content-Disposition": f'attachment; filename="{manifest.name}-v{manifest.version}.safetensors"',
                 "X-Content-SHA256": manifest.sha256,
                 "ETag": f'"{manifest.sha256}"',
