@@ -413,8 +413,11 @@ def test_server_killed_mid_upload_leaves_registry_consistent(spec, tmp_path):
     finally:
         kill(proc)
 
+    left = [p.name for p in spool.iterdir()]
+    assert len(left) == 1 and left[0].startswith("upload-")  # the killed upload's spool file
     proc, url = start()
     try:
+        assert list(spool.iterdir()) == []  # removed at start: no live process held it
         assert httpx.get(f"{url}/v1/adapters").json() == listing
         assert snapshot(open_store_url(str(root))) == files  # the spool is not part of the registry
         r = httpx.put(f"{url}/v1/adapters/steady", content=good, headers=AUTH)
