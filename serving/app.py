@@ -18,9 +18,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import ray
 from ray import serve
 from ray.serve import Application
 
+from serving.cluster_env import RegistryEnv, runtime_env
 from serving.config import ServeConfig
 from serving.deployments import ModelServer
 from serving.ingress import Ingress
@@ -29,29 +31,54 @@ from serving.ingress import Ingress
 def build_app(config: ServeConfig | Mapping[str, Any] | None = None) -> Application:
     """The Ray Serve application: the HTTP ingress bound to the model deployment.
 
-    The model deployment runs `server.replicas` replicas, each with `server.num_cpus` CPUs
-    and room for `scheduler.max_queue` requests in flight (its scheduler needs them queued
-    to batch them); beyond that Ray holds up to `max_queue` more per replica in the caller,
-    then answers with back-pressure, which the ingress maps to 503. The ingress reserves no
-    CPU, as it only parses, routes and records metrics. A mapping (as `serve run` passes
-    `args`) is validated into a ServeConfig.
+    The model deployment runs `server.replicas` replicas (between `min_replicas` and
+    `max_replicas` when autoscaling), each with `server.num_cpus` CPUs and its GPUs
+    (`ServerConfig.gpus_per_replica` of the cluster's GPUs), and room for
+    `scheduler.max_queue` requests in flight (its scheduler needs them queued to batch
+    them); beyond that Ray holds up to `max_queue` more per replica in the caller, then
+    answers with back-pressure, which the ingress maps to 503. Autoscaling targets 2 calls
+    in flight per replica: the ingress joins requests so that each replica has one call
+    computing and one queued (serving/coalesce.py), so more than that means requests wait
+    at the ingress. The ingress reserves no CPU, as it only parses, routes and records
+    metrics; its replicas are spread over nodes (Serve's default). Both deployments carry
+    the driver's environment that replicas need (serving/cluster_env.py). A mapping (as
+    `serve run` passes `args`) is validated into a ServeConfig.
     """
     config = ServeConfig.model_validate(config or {})  # a ServeConfig passes through as is
     server, queue = config.server, config.scheduler.max_queue
+    env = runtime_env()
+    registry_env = RegistryEnv.capture(config.registry.location)
+    scaling: dict[str, Any] = {"num_replicas": server.replicas}
+    if server.autoscaling:
+        scaling = {"autoscaling_config": {
+            "min_replicas": server.lowest_replicas(),
+            "initial_replicas": server.replicas,
+            "max_replicas": server.most_replicas(),
+            "target_ongoing_requests": 2,
+        }}
     model = serve.deployment(
         ModelServer,
         name="CapaserveModel",
-        num_replicas=server.replicas,
+        **scaling,
         max_ongoing_requests=queue,
-        max_queued_requests=queue * server.replicas,
-        ray_actor_options={"num_cpus": server.num_cpus, "num_gpus": server.num_gpus},
+        max_queued_requests=queue * server.most_replicas(),
+        ray_actor_options={
+            "num_cpus": server.num_cpus,
+            "num_gpus": server.gpus_per_replica(_cluster_gpus()),
+            "runtime_env": env,
+        },
         health_check_period_s=5,
-    ).bind(config)
+    ).bind(config, registry_env=registry_env)
     ingress = serve.deployment(
         Ingress,
         name="CapaserveIngress",
-        num_replicas=1,
-        max_ongoing_requests=max(1000, queue * server.replicas * 2),
-        ray_actor_options={"num_cpus": 0},
-    ).bind(model, config)
+        num_replicas=server.ingress_replicas,
+        max_ongoing_requests=max(1000, queue * server.most_replicas() * 2),
+        ray_actor_options={"num_cpus": 0, "runtime_env": env},
+    ).bind(model, config, registry_env=registry_env)
     return ingress
+
+
+def _cluster_gpus() -> float:
+    """GPUs of the Ray cluster this process is connected to (0 when not connected)."""
+    return float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0

@@ -14,12 +14,13 @@ not the field name (the registry section's `location` is `--registry`), and
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from adapters.default_model import DEFAULT_MODEL_ID
 from serving.mode_policy import ModePolicyConfig
@@ -92,11 +93,38 @@ class ServerConfig(_Section):
         description="Accept the risk of open registry writes on a non-loopback host "
         "(otherwise such a host needs an admin token).",
     )
-    replicas: int = Field(1, ge=1, description="Model deployment replicas; each loads the base model once.")
+    replicas: int = Field(
+        1, ge=1, description="Model deployment replicas (the initial number when autoscaling); each loads the base model once."
+    )
+    min_replicas: int | None = Field(
+        None,
+        ge=0,
+        description="Autoscaling: fewest model replicas; autoscaling is on when min-replicas or max-replicas is set.",
+        json_schema_extra={"default_doc": "1 when autoscaling"},
+    )
+    max_replicas: int | None = Field(
+        None,
+        ge=1,
+        description="Autoscaling: most model replicas; Serve adds replicas while each has more than 2 calls in flight.",
+        json_schema_extra={"default_doc": "replicas when autoscaling"},
+    )
+    ingress_replicas: int = Field(
+        1,
+        ge=1,
+        description="Ingress (HTTP) replicas, spread over nodes; Serve's proxy on a node prefers the one on its "
+        "node, so a cluster that must survive a node's loss runs one per node.",
+    )
     num_cpus: float = Field(
         1.0, gt=0.0, description="CPUs reserved per model replica; it also sets the replica's torch threads."
     )
-    num_gpus: float = Field(0.0, ge=0.0, description="GPUs reserved per model replica.")
+    num_gpus: float | None = Field(
+        None,
+        ge=0.0,
+        description="GPUs reserved per model replica.",
+        json_schema_extra={
+            "default_doc": "1 when the Ray cluster has GPUs (a share when replicas outnumber them), else 0"
+        },
+    )
     max_body_bytes: Bytes = Field(
         16 * MiB,
         ge=1,
@@ -113,6 +141,37 @@ class ServerConfig(_Section):
         "(max-seq-len) is checked by the model replica.",
         json_schema_extra={"default_doc": "64 characters per token of the model's longest sequence (32768 for 512)"},
     )
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> "ServerConfig":
+        if self.autoscaling and not self.lowest_replicas() <= self.replicas <= self.most_replicas():
+            raise ValueError(
+                f"replicas ({self.replicas}) must lie between min_replicas ({self.lowest_replicas()}) "
+                f"and max_replicas ({self.most_replicas()})"
+            )
+        return self
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.min_replicas is not None or self.max_replicas is not None
+
+    def lowest_replicas(self) -> int:
+        return self.min_replicas if self.min_replicas is not None else (1 if self.autoscaling else self.replicas)
+
+    def most_replicas(self) -> int:
+        """The most model replicas there can be (what per-replica bounds are sized for)."""
+        return self.max_replicas if self.max_replicas is not None else self.replicas
+
+    def gpus_per_replica(self, cluster_gpus: float) -> float:
+        """`num_gpus`, else 1 GPU per replica on a cluster that has GPUs: on a CUDA host the model runs
+        there by default (a replica without a GPU reserved ran on the CPU, silently). With more replicas
+        than GPUs each gets an equal share that fits on one GPU (3 replicas, 2 GPUs: 0.5 each)."""
+        if self.num_gpus is not None:
+            return self.num_gpus
+        whole = int(cluster_gpus)
+        if whole < 1:
+            return 0.0
+        return 1.0 / math.ceil(self.most_replicas() / whole)
 
     @field_validator("admin_token", mode="before")
     @classmethod

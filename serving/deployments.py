@@ -35,6 +35,7 @@ from ray.serve.exceptions import RayServeException
 
 from adapters.registry.backends import open_store
 from adapters.registry.resolver import AdapterResolver
+from serving.cluster_env import RegistryEnv
 from serving.config import ServeConfig
 from serving.engine.engine import Engine
 from serving.errors import InvalidRequest
@@ -47,6 +48,7 @@ from serving.replica_io import (
     ReplicaResult,
     StreamItem,
 )
+from serving.registry_probe import RegistryProbe
 from serving.replica_report import ReplicaReporter
 from serving.scheduler import Kind, Scheduler
 
@@ -69,9 +71,13 @@ def _estimate_tokens(text: str) -> int:
 class ModelServer:
     """The model deployment's replica class (see the module docstring for its duties)."""
 
-    def __init__(self, config: ServeConfig | dict[str, Any], engine: Engine | None = None) -> None:
+    def __init__(
+        self, config: ServeConfig | dict[str, Any], engine: Engine | None = None, registry_env: RegistryEnv | None = None
+    ) -> None:
         self.config = ServeConfig.model_validate(config)  # a ServeConfig passes through as is
         torch.set_num_threads(self.config.torch_threads())
+        if registry_env is not None:
+            registry_env.apply()  # the driver's registry credentials (serving/cluster_env.py)
         self.engine = engine if engine is not None else Engine(self.config.engine)
         registry = self.config.registry
         self.store = open_store(registry.location, endpoint_url=registry.endpoint_url)
@@ -85,6 +91,7 @@ class ModelServer:
             in_ray=self.replica != "local", on_change=self._refresh_stats,
         )
         self._sweeper: asyncio.Task | None = None
+        self.registry_probe = RegistryProbe(self.store, f"model replica {self.replica}")
 
     # ------------------------------------------------------------------ Ray hooks
 
@@ -102,6 +109,7 @@ class ModelServer:
             has_chat_template=bool(getattr(e.tokenizer, "chat_template", None)),
             max_seq_len=e.max_len,
             replica=self.replica,
+            registry_error=await self.registry_probe.error(),
         )
 
     async def loaded_adapters(self) -> list[str]:

@@ -34,6 +34,7 @@ from serving.api.auth import AuthSettings
 from serving.api.body_limit import BodyLimit
 from serving.api.errors import ErrorMappingRoute, unwrap
 from serving.api.registry import RegistrySettings, build_registry_router
+from serving.cluster_env import RegistryEnv
 from serving.coalesce import CoalescingClient
 from serving.config import ServeConfig
 from serving.errors import error_body
@@ -51,10 +52,12 @@ from serving.protocol import (
     ModelList,
     render,
 )
+from serving.registry_probe import RegistryProbe
 from serving.replica_io import ReplicaCall, ReplicaInfo, ReplicaResult
 from serving.service import RequestLimits, RequestRecord, ServingContext
 
 access_log = logging.getLogger("capaserve.access")
+ready_log = logging.getLogger("capaserve.readiness")
 
 
 def json_response(body: BaseModel) -> Response:
@@ -188,14 +191,32 @@ def create_api(
     async def healthz() -> dict:
         return {"status": "ok"}
 
+    registry_probe = RegistryProbe(store, "the ingress")
+    readiness = {"reason": ""}  # the last reason logged ("": ready, or nothing logged yet)
+
     @api.get("/readyz")
     async def readyz() -> JSONResponse:
-        """200 once a model replica answers (its engine is loaded), else 503."""
+        """200 while a model replica answers (its engine is loaded) and the registry answers both
+        that replica and this ingress; else 503. The body says which part is not ready; the
+        reason, which may name internal hosts, goes to the log only, once per change."""
+        detail = None
         try:
             info = await ctx.refresh_info(timeout=5.0)
         except Exception as exc:  # noqa: BLE001 - not ready, whatever the reason
-            message = f"model deployment not ready: {type(unwrap(exc)).__name__}"
+            message, detail = "model deployment not ready: no replica answered", type(unwrap(exc)).__name__
+        else:
+            if info.registry_error:
+                message, detail = "adapter registry unreachable from a model replica", info.registry_error
+            elif own := await registry_probe.error():
+                message, detail = "adapter registry unreachable from the ingress", own
+        if detail is not None:
+            if readiness["reason"] != f"{message}: {detail}":
+                readiness["reason"] = f"{message}: {detail}"
+                ready_log.warning("not ready: %s", readiness["reason"])
             return JSONResponse(error_body(message, "unavailable", 503), status_code=503)
+        if readiness["reason"]:
+            ready_log.info("ready again")
+            readiness["reason"] = ""
         return JSONResponse({"status": "ready", "model": info.model_id})
 
     @api.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
@@ -253,7 +274,7 @@ def _build_context(handle: Any, config: ServeConfig) -> tuple[ServingContext, Re
     settings = RegistrySettings(max_upload_bytes=registry.max_upload_bytes, auth=auth)
     # Two joined calls in flight per model replica: one computing, one queued behind it.
     client = CoalescingClient(
-        HandleClient(handle), max_inflight=2 * server.replicas, max_texts=config.scheduler.max_batch_size
+        HandleClient(handle), max_inflight=2 * server.most_replicas(), max_texts=config.scheduler.max_batch_size
     )
     return ServingContext(client, resolver, ServerMetrics(), RequestLimits.of(server)), store, settings
 
@@ -262,8 +283,10 @@ def _build_context(handle: Any, config: ServeConfig) -> tuple[ServingContext, Re
 class Ingress:
     """Ray Serve ingress deployment: builds the FastAPI app around the model handle."""
 
-    def __init__(self, model: Any, config: ServeConfig | dict[str, Any]) -> None:
+    def __init__(self, model: Any, config: ServeConfig | dict[str, Any], registry_env: RegistryEnv | None = None) -> None:
         self.config = ServeConfig.model_validate(config)  # a ServeConfig passes through as is
+        if registry_env is not None:
+            registry_env.apply()  # the driver's registry credentials (serving/cluster_env.py)
         self.ctx, self.store, self.settings = _build_context(model, self.config)
 
     def __serve_build_asgi_app__(self) -> FastAPI:

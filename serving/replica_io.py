@@ -83,4 +83,5 @@ class ReplicaInfo(BaseModel):
     has_chat_template: bool
     max_seq_len: int
     replica: str
+    registry_error: str | None = Field(None, description="Why this replica cannot reach the registry; None if it can.")
 

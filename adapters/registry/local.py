@@ -120,6 +120,11 @@ class LocalStore(RegistryStore):
 
     # -- reads -------------------------------------------------------------------------
 
+    def probe(self) -> None:
+        os.listdir(self.manifests)
+        if not os.access(self.tmp, os.W_OK):
+            raise PermissionError(f"cannot write to {self.tmp}")
+
     def version_numbers(self, name: str) -> list[int]:
         live, dead = self._scan(name)
         return sorted(live - dead)

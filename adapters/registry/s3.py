@@ -136,6 +136,9 @@ class S3Store(RegistryStore):
 
     # -- reads -------------------------------------------------------------------------
 
+    def probe(self) -> None:
+        self.client.list_objects_v2(Bucket=self.bucket, Prefix=f"{self.prefix}manifests/", MaxKeys=1)
+
     def version_numbers(self, name: str) -> list[int]:
         try:
             live, dead = self._scan_all(name).get(name, (set(), set()))

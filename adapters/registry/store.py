@@ -160,6 +160,10 @@ class RegistryStore(ABC):
         return nums
 
     @abstractmethod
+    def probe(self) -> None:
+        """Raise unless the store answers now (one cheap listing); readiness asks it."""
+
+    @abstractmethod
     def version_numbers(self, name: str) -> list[int]:
         """The live version numbers of `name`, ascending, from one listing (no manifest reads);
         resolvers call it on every request."""
