@@ -49,6 +49,7 @@ from serving.replica_io import (
     StreamItem,
 )
 from serving.registry_probe import RegistryProbe
+from serving.replica_logging import log_to_stderr
 from serving.replica_report import ReplicaReporter
 from serving.scheduler import Kind, Scheduler
 
@@ -85,6 +86,8 @@ class ModelServer:
         # the padding split depends on the device (padding is nearly free on a GPU)
         self.scheduler = Scheduler(self, self.config.scheduler, device_type=self.engine.device.type)
         self.replica = _replica_id()
+        if self.replica != "local":
+            log_to_stderr()
         self.reporter = ReplicaReporter(self.replica, self.engine.stats(), self.scheduler)
         self.adapters = ReplicaAdapters(
             self.engine, self.scheduler, self.store, self.resolver, registry.max_adapters_per_replica,

@@ -54,6 +54,7 @@ from serving.protocol import (
 )
 from serving.registry_probe import RegistryProbe
 from serving.replica_io import ReplicaCall, ReplicaInfo, ReplicaResult
+from serving.replica_logging import log_to_stderr
 from serving.service import RequestLimits, RequestRecord, ServingContext
 
 access_log = logging.getLogger("capaserve.access")
@@ -285,6 +286,7 @@ class Ingress:
 
     def __init__(self, model: Any, config: ServeConfig | dict[str, Any], registry_env: RegistryEnv | None = None) -> None:
         self.config = ServeConfig.model_validate(config)  # a ServeConfig passes through as is
+        log_to_stderr()
         if registry_env is not None:
             registry_env.apply()  # the driver's registry credentials (serving/cluster_env.py)
         self.ctx, self.store, self.settings = _build_context(model, self.config)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from serving.errors import PayloadTooLarge
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("capaserve.registry")
 
 #: Names of spool files: uploads over HTTP, and PEFT folders converted for /v1/load_lora_adapter.
 PREFIXES = ("upload-", "import-")
