@@ -17,6 +17,11 @@ an older transformers than capaserve's):
 
 or any running OpenAI-compatible embeddings server on this machine: `--peer-url
 http://127.0.0.1:7997` (its CPU is then measured from `--peer-pid`, if given).
+
+With `--adapters N` (default 50) capaserve is also driven, in the same run and with the
+same load, with each request's model drawn Zipf(`--zipf`) over N synthetic adapters
+(query/value of every layer, r=8, d=2, as the load test registers them over HTTP), and
+compared with the peer serving the base alone. `--adapters 0` skips that configuration.
 """
 
 from __future__ import annotations
@@ -117,8 +122,26 @@ def vectors(url: str, model: str, texts: list[str]) -> list[list[float]]:
     return [d["embedding"] for d in sorted(r.json()["data"], key=lambda d: d["index"])]
 
 
-def run_locust(server: Server, args: argparse.Namespace, texts_per_request: int, out: Path) -> dict[str, float]:
-    """One Locust run against `server`; its throughput, latency, failures and CPU per text."""
+def register_adapters(url: str, n: int, work: Path) -> list[str]:
+    """N synthetic adapters on the base, registered over HTTP once per registry (as the load test does)."""
+    from loadtest.run import LoadTestConfig, base_spec, make_bundles, register
+    from loadtest.scenario import adapter_names
+
+    names = adapter_names(n, prefix="peer-")
+    missing = [a for a in names if httpx.get(f"{url}/v1/adapters/{a}", timeout=30).status_code == 404]
+    if missing:
+        cfg = LoadTestConfig()
+        folder = work / "bundles"
+        folder.mkdir(exist_ok=True)
+        register(url, {a: b for a, b in make_bundles(cfg, base_spec(cfg), names, folder).items() if a in missing}, None)
+    return names
+
+
+def run_locust(
+    server: Server, args: argparse.Namespace, texts_per_request: int, out: Path, models: list[str] | None = None
+) -> dict[str, float]:
+    """One Locust run against `server` (each request for one of `models`, Zipf, if given); its
+    throughput, latency, failures and CPU per text."""
     prefix = out / f"{server.name}-t{texts_per_request}-{int(time.time())}"
     cmd = [
         sys.executable, "-m", "locust", "-f", str(HERE / "locust_peer.py"), "--headless", "--only-summary",
@@ -126,6 +149,8 @@ def run_locust(server: Server, args: argparse.Namespace, texts_per_request: int,
         "--host", server.url, "--csv", str(prefix), "--loglevel", "WARNING",
         "--model", server.model, "--texts-per-request", str(texts_per_request),
     ]
+    if models:
+        cmd += ["--models", ",".join(models), "--zipf", str(args.zipf)]
     cpu0 = tree_cpu_seconds(server.pid) if server.pid else float("nan")
     subprocess.run(cmd, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=args.duration + 120)
     cpu1 = tree_cpu_seconds(server.pid) if server.pid else float("nan")
@@ -159,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--users", type=int, default=32)
     ap.add_argument("--duration", type=float, default=20.0, help="seconds per Locust run")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--adapters", type=int, default=50, help="also drive capaserve with N adapters (0: skip)")
+    ap.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of the adapter draw")
     ap.add_argument("--out", type=Path, help="also write the Markdown table (and results.json next to it) here")
     args = ap.parse_args(argv)
 
@@ -190,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("give --infinity-venv DIR or --peer-url URL")
 
     sizes = [int(x) for x in args.texts_per_request.split(",")]
+    many = f"capaserve, {args.adapters} adapters (Zipf {args.zipf:g})"
+    rows = [capa.name, *([many] if args.adapters else []), peer.name]
     check = peer_sentences()[:16]
     results: dict[tuple[str, int], list[dict[str, float]]] = {}
     max_diff = 0.0
@@ -200,11 +229,17 @@ def main(argv: list[str] | None = None) -> int:
             server.start(work)
             try:
                 answers[server.name] = vectors(server.url, server.model, check)
+                runs: list[tuple[str, list[str] | None]] = [(server.name, None)]
+                if server is capa and args.adapters:
+                    runs.append((many, register_adapters(capa.url, args.adapters, work)))
+                    runs = runs if rnd % 2 == 0 else runs[::-1]
                 for n in sizes:
-                    run_locust(server, argparse.Namespace(users=args.users, duration=3.0), n, work)  # warm-up
-                    res = run_locust(server, args, n, work)
-                    results.setdefault((server.name, n), []).append(res)
-                    print(f"# round {rnd + 1}, {server.name}, {n} text(s)/request: {json.dumps(res)}", file=sys.stderr)
+                    for label, models in runs:
+                        run_locust(server, argparse.Namespace(users=args.users, duration=3.0, zipf=args.zipf), n, work,
+                                   models)  # warm-up (loads the adapters)
+                        res = run_locust(server, args, n, work, models)
+                        results.setdefault((label, n), []).append(res)
+                        print(f"# round {rnd + 1}, {label}, {n} text(s)/request: {json.dumps(res)}", file=sys.stderr)
             finally:
                 server.stop()
         a, b = answers[capa.name], answers[peer.name]
@@ -212,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def med(name: str, n: int, key: str) -> float:
         return statistics.median(r[key] for r in results[(name, n)])
+
+    def ratio(name: str, n: int, key: str) -> float:
+        """Median over rounds of this row / the peer, each round's pair measured side by side."""
+        return statistics.median(c[key] / p[key] for c, p in zip(results[(name, n)], results[(peer.name, n)], strict=True))
 
     lines = [
         f"{time.strftime('%Y-%m-%d')}, {psutil.cpu_count()} cores, {args.rounds} rounds (alternating order), "
@@ -221,20 +260,18 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for n in sizes:
-        for s in (capa, peer):
-            fails = sum(int(r["failures"]) for r in results[(s.name, n)])
+        for name in rows:
+            fails = sum(int(r["failures"]) for r in results[(name, n)])
             lines.append(
-                f"| {s.name} | {n} | {med(s.name, n, 'texts_per_s'):.0f} | {med(s.name, n, 'p50_ms'):.0f} | "
-                f"{med(s.name, n, 'p99_ms'):.0f} | {fails} | {med(s.name, n, 'cpu_s_per_1000_texts'):.2f} |"
+                f"| {name} | {n} | {med(name, n, 'texts_per_s'):.0f} | {med(name, n, 'p50_ms'):.0f} | "
+                f"{med(name, n, 'p99_ms'):.0f} | {fails} | {med(name, n, 'cpu_s_per_1000_texts'):.2f} |"
             )
-    lines += ["", "| texts/request | throughput capaserve / peer | p99 capaserve / peer | CPU per text capaserve / peer |",
-              "|---:|---:|---:|---:|"]
+    lines += ["", "| capaserve configuration / peer (base) | texts/request | throughput | p99 | CPU per text |",
+              "|---|---:|---:|---:|---:|"]
     for n in sizes:
-        def ratio(key: str) -> float:
-            return statistics.median(
-                c[key] / p[key] for c, p in zip(results[(capa.name, n)], results[(peer.name, n)], strict=True)
-            )
-        lines.append(f"| {n} | {ratio('texts_per_s'):.2f} | {ratio('p99_ms'):.2f} | {ratio('cpu_s_per_1000_texts'):.2f} |")
+        for name in rows[:-1]:
+            lines.append(f"| {name} | {n} | {ratio(name, n, 'texts_per_s'):.2f} | {ratio(name, n, 'p99_ms'):.2f} | "
+                         f"{ratio(name, n, 'cpu_s_per_1000_texts'):.2f} |")
     table = "\n".join(lines)
     print(table)
     if args.out:

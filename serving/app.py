@@ -37,15 +37,17 @@ def build_app(config: ServeConfig | Mapping[str, Any] | None = None) -> Applicat
     `scheduler.max_queue` requests in flight (its scheduler needs them queued to batch
     them); beyond that Ray holds up to `max_queue` more per replica in the caller, then
     answers with back-pressure, which the ingress maps to 503. Autoscaling targets 2 calls
-    in flight per replica: the ingress joins requests so that each replica has one call
-    computing and one queued (serving/coalesce.py), so more than that means requests wait
-    at the ingress. The ingress reserves no CPU, as it only parses, routes and records
+    in flight per engine worker of a replica: the ingress joins requests so that each worker
+    has one call computing and one queued (serving/coalesce.py), so more than that means
+    requests wait at the ingress. The ingress reserves no CPU, as it only parses, routes and records
     metrics; its replicas are spread over nodes (Serve's default). Both deployments carry
     the driver's environment that replicas need (serving/cluster_env.py). A mapping (as
     `serve run` passes `args`) is validated into a ServeConfig.
     """
-    config = ServeConfig.model_validate(config or {})  # a ServeConfig passes through as is
+    # replicas get the host- and cluster-derived numbers
+    config = ServeConfig.model_validate(config or {}).resolved(_cluster_gpus())
     server, queue = config.server, config.scheduler.max_queue
+    workers, _ = config.engine_plan(config.device_type())
     env = runtime_env()
     registry_env = RegistryEnv.capture(config.registry.location)
     scaling: dict[str, Any] = {"num_replicas": server.replicas}
@@ -54,7 +56,7 @@ def build_app(config: ServeConfig | Mapping[str, Any] | None = None) -> Applicat
             "min_replicas": server.lowest_replicas(),
             "initial_replicas": server.replicas,
             "max_replicas": server.most_replicas(),
-            "target_ongoing_requests": 2,
+            "target_ongoing_requests": 2 * workers,
         }}
     model = serve.deployment(
         ModelServer,
@@ -64,7 +66,7 @@ def build_app(config: ServeConfig | Mapping[str, Any] | None = None) -> Applicat
         max_queued_requests=queue * server.most_replicas(),
         ray_actor_options={
             "num_cpus": server.num_cpus,
-            "num_gpus": server.gpus_per_replica(_cluster_gpus()),
+            "num_gpus": server.num_gpus,
             "runtime_env": env,
         },
         health_check_period_s=5,

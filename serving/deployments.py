@@ -2,8 +2,9 @@
 
 Duties, and nothing else:
 
-1. Build the engine once per replica, with torch threads set from the replica's CPU
-   share (Ray sets OMP_NUM_THREADS=1 inside replicas).
+1. Build the engine once per replica; its engine workers and their torch threads follow
+   the replica's CPU share (`ServeConfig.engine_plan`; Ray sets OMP_NUM_THREADS=1 inside
+   replicas).
 2. Load adapters by multiplexed model id (`name@version`) through `@serve.multiplexed`,
    so Ray routes an adapter's requests to replicas that already hold it and unloads the
    least recently used beyond `max_adapters_per_replica` (serving/replica_adapters.py,
@@ -36,6 +37,7 @@ from ray.serve.exceptions import RayServeException
 from adapters.registry.backends import open_store
 from adapters.registry.resolver import AdapterResolver
 from serving.cluster_env import RegistryEnv
+from serving.coalesce import JOINABLE
 from serving.config import ServeConfig
 from serving.engine.engine import Engine
 from serving.errors import InvalidRequest
@@ -76,15 +78,16 @@ class ModelServer:
         self, config: ServeConfig | dict[str, Any], engine: Engine | None = None, registry_env: RegistryEnv | None = None
     ) -> None:
         self.config = ServeConfig.model_validate(config)  # a ServeConfig passes through as is
-        torch.set_num_threads(self.config.torch_threads())
         if registry_env is not None:
             registry_env.apply()  # the driver's registry credentials (serving/cluster_env.py)
         self.engine = engine if engine is not None else Engine(self.config.engine)
+        workers, threads = self.config.engine_plan(self.engine.device.type)
+        torch.set_num_threads(threads)
         registry = self.config.registry
         self.store = open_store(registry.location, endpoint_url=registry.endpoint_url)
         self.resolver = AdapterResolver(self.store, registry.blob_cache_bytes)
         # the padding split depends on the device (padding is nearly free on a GPU)
-        self.scheduler = Scheduler(self, self.config.scheduler, device_type=self.engine.device.type)
+        self.scheduler = Scheduler(self, self.config.scheduler, device_type=self.engine.device.type, workers=workers)
         self.replica = _replica_id()
         if self.replica != "local":
             log_to_stderr()
@@ -128,6 +131,14 @@ class ModelServer:
         if call.adapter is None:
             raise InvalidRequest("classify needs a sequence-classification adapter; the base model has no labels")
         return await self._batch("classify", call)
+
+    async def call_many(self, method: str, calls: list[ReplicaCall]) -> list[ReplicaResult | BaseException]:
+        """Requests the ingress joined (serving/coalesce.py), one per adapter, each answered as if
+        sent alone; a failed one comes back as its exception, in its place, and fails no other."""
+        if method not in JOINABLE:
+            raise InvalidRequest(f"{method!r} requests cannot be joined")
+        run = getattr(self, method)
+        return list(await asyncio.gather(*(run(c) for c in calls), return_exceptions=True))
 
     async def generate(self, call: ReplicaCall) -> ReplicaResult:
         if call.params is None:

@@ -254,6 +254,10 @@ class HandleClient:
     async def call(self, method: str, call: ReplicaCall) -> ReplicaResult:
         return await getattr(self._for(call), method).remote(call)
 
+    async def call_many(self, method: str, calls: list[ReplicaCall]) -> list[ReplicaResult | BaseException]:
+        """Routed by the first call's adapter (the oldest request's); the others load there if needed."""
+        return await self._for(calls[0]).call_many.remote(method, calls)
+
     async def stream(self, call: ReplicaCall):  # type: ignore[override]
         gen = self._for(call, stream=True).generate_stream.remote(call)
         try:
@@ -273,9 +277,12 @@ def _build_context(handle: Any, config: ServeConfig) -> tuple[ServingContext, Re
     resolver = AdapterResolver(store, blob_cache_bytes=0)
     auth = AuthSettings(admin_token=server.admin_token, api_keys=server.api_keys)
     settings = RegistrySettings(max_upload_bytes=registry.max_upload_bytes, auth=auth)
-    # Two joined calls in flight per model replica: one computing, one queued behind it.
+    # Two joined calls in flight per engine worker of each model replica: one computing, one queued.
+    workers, _ = config.engine_plan(config.device_type())
     client = CoalescingClient(
-        HandleClient(handle), max_inflight=2 * server.most_replicas(), max_texts=config.scheduler.max_batch_size
+        HandleClient(handle), max_inflight=2 * workers * server.most_replicas(),
+        max_texts=config.scheduler.max_batch_size,
+        join_adapters=server.most_replicas() == 1,  # one replica: no routing choice that adapters' calls must keep apart
     )
     return ServingContext(client, resolver, ServerMetrics(), RequestLimits.of(server)), store, settings
 

@@ -17,10 +17,14 @@ request of the active adapter before moving on, and batches them. Policy, per st
    costs ~9 ms + ~0.28 ms per padded token, so ~32 tokens). Padding a batch of mixed
    lengths to its longest wasted about a quarter of the forward in the load test.
    Generation batches are not split beyond the cap: each call runs its own decode loop.
-4. Execution. Engine calls run on one worker thread, never on the event loop, so the
-   replica keeps accepting requests while the model computes. A stream runs in slices
-   of `stream_slice_ms` and then goes back to the head of its adapter's queue, so a
-   long stream cannot hold the replica beyond the starvation bound.
+4. Execution. Engine calls run on `workers` engine threads, never on the event loop, so
+   the replica keeps accepting requests while the model computes. Batches run side by
+   side only when they need the weights in the same state (the same adapter merged; base
+   and mixed batches share the pristine weights): a batch for another adapter waits until
+   the running ones end, so workers never make swaps more frequent (the engine enforces
+   the same rule for every forward). A stream runs in slices of `stream_slice_ms` and then
+   goes back to the head of its adapter's queue, so a long stream cannot hold the replica
+   beyond the starvation bound.
 
 5. Mixed-adapter batches (`adapter_mode="adaptive"`, runners with `run_mixed_batch`).
    A `ModePolicy` watches the waiting requests per adapter; while it says mixed, the
@@ -127,11 +131,16 @@ class SchedulerStats(BaseModel):
 
 
 class Scheduler:
-    """Queues requests per adapter and runs them in batches on a single worker thread."""
+    """Queues requests per adapter and runs them in batches on `workers` engine threads."""
 
-    def __init__(self, runner: BatchRunner, config: SchedulerConfig | None = None, device_type: str = "cpu") -> None:
+    def __init__(
+        self, runner: BatchRunner, config: SchedulerConfig | None = None, device_type: str = "cpu", workers: int = 1
+    ) -> None:
         self.runner = runner
         self.config = config or SchedulerConfig()
+        self.workers = max(1, workers)
+        self._running = 0  # batches on the workers now
+        self._running_state: str | None = None  # the weights state they share (adapter; None: base/mixed)
         #: Padded tokens one encoder call costs on this device (see SchedulerConfig.call_overhead).
         self._call_overhead = self.config.call_overhead(device_type)
         self._queues: dict[str | None, deque[_Item]] = {}
@@ -139,7 +148,7 @@ class Scheduler:
         self._seq = itertools.count()
         self._active: str | None | object = _END  # nothing run yet
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="capaserve-engine")
+        self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="capaserve-engine")
         self._task: asyncio.Task | None = None
         self._stats = SchedulerStats()
         self._new_batch_sizes: list[int] = []
@@ -304,9 +313,9 @@ class Scheduler:
     async def _loop(self) -> None:
         while True:
             self._drop_cancelled()
-            if self._pending == 0:
+            if self._pending == 0 or self._running >= self.workers:
                 self._wakeup.clear()
-                await self._wakeup.wait()
+                await self._wakeup.wait()  # an arrival, or a batch done
                 continue
             if self._mixing and await self._mixed_step():
                 continue
@@ -324,7 +333,41 @@ class Scheduler:
                         continue  # more time to fill; re-pick in case of starvation
                 else:
                     continue
-            await self._run_guarded(self._take_batch(key))
+            if not self._can_start(self._queues[key][0].adapter):
+                await self._batch_done()
+                continue
+            self._start(self._take_batch(key))
+
+    def _can_start(self, state: str | None) -> bool:
+        """Whether a batch needing the weights in `state` may start beside the running ones."""
+        return self._running == 0 or state == self._running_state
+
+    async def _batch_done(self) -> None:
+        """Wait until a running batch ends (or a request arrives: the policy may pick again)."""
+        self._wakeup.clear()
+        await self._wakeup.wait()
+
+    def _start(self, batch: list[_Item], mixed: bool = False) -> None:
+        """Count `batch` and run it on a free worker; the loop goes on picking meanwhile."""
+        head = batch[0]
+        target = None if mixed else head.adapter  # a mixed batch runs on the base weights
+        swapped = self._active is not _END and self._active != target
+        if self._active != target:
+            self._stats.adapter_switches += int(self._active is not _END)
+            self._active = target
+        if head.gen is None:  # a stream's later slices are not new batches
+            self._stats.mixed_batches += int(mixed)
+            self._stats.batches += 1
+            self._stats.requests += len(batch)
+            self._new_batch_sizes.append(len(batch))
+        self._running += 1
+        self._running_state = target
+        task = asyncio.get_running_loop().create_task(self._run_guarded(batch, mixed, swapped))
+        task.add_done_callback(self._finished)
+
+    def _finished(self, _task: asyncio.Task) -> None:
+        self._running -= 1
+        self._wakeup.set()
 
     async def _mixed_step(self) -> bool:
         """One step in mixed mode; False when the policy says merged or the head is not mixable."""
@@ -342,7 +385,10 @@ class Scheduler:
             except asyncio.TimeoutError:
                 pass
             return True  # decide again with what arrived meanwhile
-        await self._run_guarded(self._take_mixed(head), mixed=True)
+        if not self._can_start(None):  # a mixed batch runs on the pristine weights
+            await self._batch_done()
+            return True
+        self._start(self._take_mixed(head), mixed=True)
         return True
 
     def _waiting(self) -> dict[str | None, int]:
@@ -386,10 +432,10 @@ class Scheduler:
             else:
                 del self._queues[key]
 
-    async def _run_guarded(self, batch: list[_Item], mixed: bool = False) -> None:
+    async def _run_guarded(self, batch: list[_Item], mixed: bool, swapped: bool) -> None:
         """`_run`, with any failure handed to the batch's callers: the loop never dies."""
         try:
-            await self._run(batch, mixed)
+            await self._run(batch, mixed, swapped)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
@@ -397,18 +443,8 @@ class Scheduler:
                 if not it.future.done():
                     it.future.set_exception(exc)
 
-    async def _run(self, batch: list[_Item], mixed: bool = False) -> None:
+    async def _run(self, batch: list[_Item], mixed: bool, swapped: bool) -> None:
         head = batch[0]
-        target = None if mixed else head.adapter  # a mixed batch runs on the base weights
-        swapped = self._active is not _END and self._active != target
-        if self._active != target:
-            self._stats.adapter_switches += int(self._active is not _END)
-            self._active = target
-        if head.gen is None:  # a stream's later slices are not new batches
-            self._stats.mixed_batches += int(mixed)
-            self._stats.batches += 1
-            self._stats.requests += len(batch)
-            self._new_batch_sizes.append(len(batch))
         now = time.monotonic()
         loop = asyncio.get_running_loop()
         if head.kind == "stream":

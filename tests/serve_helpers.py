@@ -27,6 +27,9 @@ class DirectClient:
     async def call(self, method, call):
         return await getattr(self.server, method)(call)
 
+    async def call_many(self, method, calls):
+        return await self.server.call_many(method, calls)
+
     async def stream(self, call):
         async for item in self.server.generate_stream(call):
             yield item

@@ -52,12 +52,16 @@ def served(engine, tmp_path):
     joiner = CoalescingClient(DirectClient(server), max_inflight=1, max_texts=8)
     ctx.client = joiner
     app = create_api(ctx, store, settings)
-    bundle = random_bundle(engine.spec, ["encoder.layer.0.attention.self.query", "encoder.layer.3.output.dense"], seed=3)
-    data = save_bundle(bundle, tmp_path / "a.safetensors").read_bytes()
+    targets = ["encoder.layer.0.attention.self.query", "encoder.layer.3.output.dense"]
+    data = {
+        name: save_bundle(random_bundle(engine.spec, targets, seed=seed), tmp_path / f"{name}.safetensors").read_bytes()
+        for name, seed in (("a", 3), ("b", 4))
+    }
 
     async def upload():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
-            assert (await c.put("/v1/adapters/a", content=data)).status_code == 201
+            for name, blob in data.items():
+                assert (await c.put(f"/v1/adapters/{name}", content=blob)).status_code == 201
 
     asyncio.run(upload())
     yield app, joiner, server, ctx
@@ -164,3 +168,48 @@ def test_reports_are_folded_in_once_and_big_calls_pass_through(served):
     assert joined[0].report is not None and all(r.report is None for r in joined[1:])
     assert all(r.served_by == joined[0].served_by for r in joined)
     assert joiner.calls_sent == 3 and len(big.outputs) == 2 * len(TEXTS)
+
+
+def test_across_adapters_one_call_carries_a_part_per_adapter(served):
+    """With join_adapters (one replica), requests of the base and two adapters share a call; each
+    part runs as if sent alone, and a part that fails (a version the replica cannot fetch) fails
+    its own requests only."""
+    app, _, server, ctx = served
+    joiner = CoalescingClient(DirectClient(server), max_inflight=1, max_texts=16, join_adapters=True)
+    manifests = {m: ctx.resolver.resolve(m) for m in ("a", "b")}
+    missing = manifests["a"].model_copy(update={"sha256": "0" * 64, "version": 99})
+    plan = [None, "a", "b", "a", None, "missing", "b", None, "missing"]
+    by_name = {None: None, **manifests, "missing": missing}
+    calls = [ReplicaCall(adapter=by_name[m], texts=[TEXTS[i % len(TEXTS)]]) for i, m in enumerate(plan)]
+
+    async def main():
+        alone = [await DirectClient(server).call("embed", c) for c in calls if c.adapter is not missing]
+        first = asyncio.create_task(joiner.call("embed", calls[0]))
+        await asyncio.sleep(0)  # in flight: the rest wait and go out together
+        rest = await asyncio.gather(*(joiner.call("embed", c) for c in calls[1:]), return_exceptions=True)
+        return alone, [await first, *rest]
+
+    alone, joined = asyncio.run(main())
+    assert joiner.calls_sent == 2 and joiner.requests_joined == len(plan)
+    ok = [r for m, r in zip(plan, joined) if m != "missing"]
+    assert all(isinstance(r, Exception) for m, r in zip(plan, joined) if m == "missing")
+    for got, ref in zip(ok, alone, strict=True):
+        assert not isinstance(got, Exception), got
+        np.testing.assert_allclose(np.asarray(got.outputs[0]), np.asarray(ref.outputs[0]), atol=1e-5)
+        assert got.prompt_tokens == ref.prompt_tokens
+    assert not joiner._lanes
+    reports = [r.report for r in joined[1:] if not isinstance(r, Exception) and r.report is not None]
+    assert len(reports) == 3  # one per part that ran (base, a, b), none twice
+
+
+def test_without_join_adapters_each_adapter_keeps_its_lane(served):
+    app, _, server, ctx = served
+    joiner = CoalescingClient(DirectClient(server), max_inflight=1, max_texts=16)
+    a, b = (ctx.resolver.resolve(m) for m in ("a", "b"))
+
+    async def main():
+        calls = [ReplicaCall(adapter=m, texts=[TEXTS[i]]) for i, m in enumerate([a, b, a, b, a, b])]
+        return await asyncio.gather(*(joiner.call("embed", c) for c in calls))
+
+    asyncio.run(main())
+    assert joiner.calls_sent == 4  # first of each lane alone, then one joined call per lane

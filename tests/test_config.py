@@ -8,6 +8,7 @@ value must stop `capaserve serve` with status 2 naming the setting as the user w
 from __future__ import annotations
 
 import ast
+import os
 import typing
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import yaml
 from pydantic import SecretStr
 
 from serving.cli import build_parser, main
-from serving.config import GiB, MiB, ServeConfig, default_registry_dir, parse_bytes
+from serving.config import GiB, MiB, ServeConfig, available_cpus, default_registry_dir, parse_bytes
 from serving.config_sources import (
     SETTINGS,
     ConfigError,
@@ -189,9 +190,22 @@ def test_serve_run_args_in_the_app_docstring_are_a_valid_config() -> None:
 
 
 def test_derived_values() -> None:
-    assert config_of(num_cpus=0.5).torch_threads() == 1
-    assert config_of(num_cpus=3).torch_threads() == 3
-    assert config_of(num_cpus=3, num_threads=1).torch_threads() == 1
+    # (engine workers, torch threads per worker): on CPU one-thread workers follow the CPU share
+    assert config_of(num_cpus=0.5).engine_plan("cpu") == (1, 1)
+    assert config_of(num_cpus=3).engine_plan("cpu") == (3, 1)
+    assert config_of(num_cpus=4, num_threads=2).engine_plan("cpu") == (2, 2)
+    assert config_of(num_cpus=4, engine_workers=1, num_threads=4).engine_plan("cpu") == (1, 4)
+    assert config_of(num_cpus=3).engine_plan("cuda") == (1, 3)
+    assert config_of(num_cpus=3, num_threads=1).engine_plan("cuda") == (1, 1)
+    # without num_cpus, the host's available cores are shared by the replicas (at least 1 each)
+    cores = available_cpus()
+    assert 1 <= cores <= (os.cpu_count() or 1)
+    assert ServeConfig().replica_cpus() == cores
+    assert config_of(replicas=2).replica_cpus() == max(1, cores // 2)
+    assert config_of(replicas=4 * cores).replica_cpus() == 1
+    assert config_of(num_cpus=0.5).replica_cpus() == 0.5
+    assert config_of(replicas=2).resolved().server.num_cpus == max(1, cores // 2)
+    assert config_of(device="cuda:1").device_type() == "cuda" and ServeConfig().device_type() == "cpu"
     s = ServeConfig().scheduler
     assert s.call_overhead("cpu") == 32 and s.call_overhead("cuda") == 2048
     assert config_of(call_overhead_tokens=0).scheduler.call_overhead("cuda") == 0

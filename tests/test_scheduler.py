@@ -219,3 +219,38 @@ def test_encoder_batches_split_by_length_where_padding_costs_more_than_a_call():
     outs = run(main())
     assert [o[0] for o in outs] == [[("a", "x" * n)] for n in lengths] + [[("a", "yy")]]
     assert sorted(len(c[2]) for c in rec.calls) == [2, 5]  # one batch, two calls: short ones, long ones
+
+
+class Intervals(Recorder):
+    """Records when each batch ran, on which worker, with which adapter."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__(delay)
+        self.spans: list[tuple[float, float, str | None]] = []
+        self._lock = threading.Lock()
+
+    def run_batch(self, kinds, adapter, texts, params) -> list[Any]:
+        t0 = time.monotonic()
+        out = super().run_batch(kinds, adapter, texts, params)
+        with self._lock:
+            self.spans.append((t0, time.monotonic(), adapter))
+        return out
+
+
+def test_workers_overlap_batches_of_one_adapter_never_of_two():
+    rec = Intervals(delay=0.05)
+
+    async def main():
+        s = Scheduler(rec, SchedulerConfig(max_batch_size=2, batch_wait_ms=0, starvation_ms=1000), workers=2)
+        same = await asyncio.gather(*(s.submit("embed", "a", [f"t{i}"]) for i in range(8)))
+        mixed = await asyncio.gather(*(s.submit("embed", a, [f"u{i}"]) for i, a in enumerate(["a", "b"] * 6)))
+        await s.close()
+        return same, mixed
+
+    same, mixed = run(main())
+    assert [r for r, _ in same] == [[("a", f"t{i}")] for i in range(8)]
+    assert [r for r, _ in mixed] == [[(a, f"u{i}")] for i, a in enumerate(["a", "b"] * 6)]
+    overlaps = [(x, y) for i, x in enumerate(rec.spans) for y in rec.spans[i + 1:] if x[0] < y[1] and y[0] < x[1]]
+    assert any(x[2] == y[2] for x, y in overlaps)  # two workers did run side by side
+    assert all(x[2] == y[2] for x, y in overlaps), "batches of different adapters overlapped"
+    assert len(rec.threads) == 2

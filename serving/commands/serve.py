@@ -117,7 +117,7 @@ def run(ns: argparse.Namespace) -> int:
 
         address = os.environ.get("RAY_ADDRESS") or None
         if address is None:
-            need = math.ceil(server.most_replicas() * server.num_cpus)
+            need = math.ceil(server.most_replicas() * config.replica_cpus())
             from serving.ray_local import init_local_ray
 
             init_local_ray(max(os.cpu_count() or 1, need))

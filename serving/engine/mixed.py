@@ -12,12 +12,14 @@ in, an in-place add out, no gather or scatter copies (any other order still work
 index_select / index_add_). Base rows get no update.
 The update is added by forward hooks, installed on the target modules for the duration of
 one forward only (`mixed_lora`), so the model object and its weights are never changed and
-the merged path needs nothing undone. Works for nn.Linear and GPT-2 Conv1D alike, since
+the merged path needs nothing undone. A hook acts only on the thread that installed it:
+other engine workers may run base or mixed forwards on the same pristine weights meanwhile. Works for nn.Linear and GPT-2 Conv1D alike, since
 the factors are in nn.Linear orientation and both produce [..., out].
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -67,8 +69,10 @@ def _plan(
     return plan
 
 
-def _hook(groups: list[_Group]):  # noqa: ANN202 - a torch forward hook
+def _hook(groups: list[_Group], owner: int):  # noqa: ANN202 - a torch forward hook
     def add_updates(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        if threading.get_ident() != owner:
+            return output  # another thread's forward on the same (pristine) weights
         # `output` is the layer's fresh result (inference mode): updating it in place is safe
         x = args[0]
         for g in groups:
@@ -93,9 +97,10 @@ def mixed_lora(
     model's target weights must be the pristine base ones (the caller activates None).
     """
     handles = []
+    owner = threading.get_ident()
     try:
         for target, groups in _plan(rows, device).items():
-            handles.append(model.get_submodule(target).register_forward_hook(_hook(groups)))
+            handles.append(model.get_submodule(target).register_forward_hook(_hook(groups, owner)))
         yield
     finally:
         for h in handles:

@@ -1,10 +1,21 @@
 """Which adapters live on this engine and which one is in the weights.
 
 `AdapterResidency` owns the adapter LRU (`AdapterCache`), the pristine weights and the
-in-place writes (`WeightBank`), the one lock no forward may run without, and the leases
+in-place writes (`WeightBank`), the gate no forward may run without, and the leases
 that keep a request's adapters from eviction. Every task runner (encode, generate,
 stream) leases through `lease` and runs its forwards inside `merged` or `unmerged`, so
 the reference count and the swap bookkeeping each live in one place.
+
+Forwards may run on several threads at once (a replica's engine workers, issue 14: on a
+CPU, N one-thread forwards side by side cost less CPU per text than one forward on N
+intra-op threads, whose workers spin between parallel regions). The gate is a
+readers-writer rule over the weights: any number of forwards that need the weights in
+the same state (the same adapter merged; or the pristine base, which base and mixed
+forwards share) run together, and a swap waits until no forward runs. A forward that
+needs another state waits for the running ones to end, and forwards of the current state
+that arrive after it wait behind it, so a swap is never starved. A mixed forward's
+per-row updates are hooks that act only on the thread that installed them
+(serving/engine/mixed.py), so concurrent base and mixed forwards do not see each other's.
 """
 
 from __future__ import annotations
@@ -36,7 +47,9 @@ Entry = PreparedAdapter | None  # None: the base model, no adapter
 class AdapterResidency:
     """Loaded adapters of one model, the active one, and every swap; thread-safe.
 
-    The RLock is held for each activate+forward pair, so no forward ever overlaps a swap.
+    One RLock guards the bookkeeping; `_gate` (a condition on it) counts the forwards
+    running on the active weights, and `_write` waits until there are none, so no forward
+    ever overlaps a swap.
     """
 
     def __init__(
@@ -48,6 +61,9 @@ class AdapterResidency:
         self.bank = WeightBank(model)
         self.cache = AdapterCache(cache_bytes, dense_bytes)
         self._lock = threading.RLock()
+        self._gate = threading.Condition(self._lock)
+        self._forwards = 0  # forwards running now, all on the active weights
+        self._waiting = 0  # forwards waiting for another state: later ones queue behind them
         self._active: Entry = None
         self._swaps = self._hits = self._misses = self._evictions = 0
         self._swap_total = self._swap_last = 0.0
@@ -203,20 +219,47 @@ class AdapterResidency:
 
     @contextmanager
     def merged(self, entry: Entry) -> Iterator[None]:
-        """The lock held and `entry` (None: the base) written into the weights: run one forward."""
-        with self._lock:
-            self._still_loaded([entry])
-            self._write(entry)
+        """`entry` (None: the base) in the weights, held there while one forward runs."""
+        with self._forward_on(entry, [entry]):
             yield
 
     @contextmanager
     def unmerged(self, entries: Sequence[Entry]) -> Iterator[None]:
-        """The lock held, the pristine base in the weights and row i's factor pair hooked in."""
-        with self._lock:
-            self._still_loaded(entries)
-            self._write(None)  # mixed mode runs with NO adapter merged
+        """The pristine base in the weights (mixed mode runs with NO adapter merged) and row
+        i's factor pair hooked in for this thread's forward."""
+        with self._forward_on(None, entries):
             with mixed_lora(self.model, [e.factors if e is not None else None for e in entries], self.device):
                 yield
+
+    @contextmanager
+    def _forward_on(self, state: Entry, entries: Sequence[Entry]) -> Iterator[None]:
+        """Enter the gate with the weights in `state`: join the forwards running on it, or
+        wait until none runs and swap; leave when the forward is done."""
+        with self._gate:
+            queued = False
+            try:
+                while True:
+                    self._still_loaded(entries)
+                    if queued or not self._waiting:  # waiters go before newcomers
+                        if self._active is state:
+                            break
+                        if self._forwards == 0:
+                            self._write(state)
+                            break
+                    if not queued:
+                        queued = True
+                        self._waiting += 1
+                    self._gate.wait()
+            finally:
+                if queued:
+                    self._waiting -= 1
+            self._forwards += 1
+        try:
+            yield
+        finally:
+            with self._gate:
+                self._forwards -= 1
+                self._gate.notify_all()
 
     def activate(self, name: str | None) -> bool:
         """Make `name` (None: the base) the weights in place; True when weights were rewritten."""
@@ -224,7 +267,15 @@ class AdapterResidency:
             return self._write(self._resolve(name, touch=True))
 
     def _write(self, entry: Entry) -> bool:
-        """Swap from the active entry to `entry`: check every target, then rewrite in place."""
+        """Swap from the active entry to `entry` once no forward runs: check every target,
+        then rewrite in place. Called with the lock held."""
+        if self._active is not entry and self._forwards:
+            self._waiting += 1  # forwards arriving meanwhile queue behind this swap
+            try:
+                while self._active is not entry and self._forwards:
+                    self._gate.wait()
+            finally:
+                self._waiting -= 1
         old = self._active
         if entry is old:
             return False
@@ -242,6 +293,7 @@ class AdapterResidency:
         self._swap_total += self._swap_last
         self._swaps += 1
         self._active = entry
+        self._gate.notify_all()  # forwards queued for this state may join now
         return True
 
     def stats(self) -> EngineStats:
