@@ -40,7 +40,7 @@ def build_app(config: ServeConfig | Mapping[str, Any] | None = None) -> Applicat
     in flight per engine worker of a replica: the ingress joins requests so that each worker
     has one call computing and one queued (serving/coalesce.py), so more than that means
     requests wait at the ingress. The ingress reserves no CPU, as it only parses, routes and records
-    metrics; its replicas are spread over nodes (Serve's default). Both deployments carry
+    metrics; with more than one, each runs on its own node. Both deployments carry
     the driver's environment that replicas need (serving/cluster_env.py). A mapping (as
     `serve run` passes `args`) is validated into a ServeConfig.
     """
@@ -75,6 +75,9 @@ def build_app(config: ServeConfig | Mapping[str, Any] | None = None) -> Applicat
         Ingress,
         name="CapaserveIngress",
         num_replicas=server.ingress_replicas,
+        # one per node: a node's proxy routes to the ingress replica on its own node, so
+        # losing a node must not take every ingress replica with it
+        **({"max_replicas_per_node": 1} if server.ingress_replicas > 1 else {}),
         max_ongoing_requests=max(1000, queue * server.most_replicas() * 2),
         ray_actor_options={"num_cpus": 0, "runtime_env": env},
     ).bind(model, config, registry_env=registry_env)

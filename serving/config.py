@@ -111,8 +111,8 @@ class ServerConfig(_Section):
     ingress_replicas: int = Field(
         1,
         ge=1,
-        description="Ingress (HTTP) replicas, spread over nodes; Serve's proxy on a node prefers the one on its "
-        "node, so a cluster that must survive a node's loss runs one per node.",
+        description="Ingress (HTTP) replicas, at most one per node; Serve's proxy on a node routes to the one on "
+        "its node, so a cluster that must survive a node's loss runs one on every node that serves clients.",
     )
     num_cpus: float | None = Field(
         None,

@@ -124,3 +124,24 @@ def test_readyz_fails_while_the_registry_is_unreachable(tmp_path, monkeypatch, c
             ray.shutdown()
             if moto is not None:
                 moto.stop()
+
+
+def test_readyz_503_while_no_model_replica_can_serve(tmp_path):
+    """The one model replica dies: /readyz is 503 until Serve's replacement has loaded the model."""
+    from tests.serve_helpers import running_app
+
+    with running_app({"registry": str(tmp_path / "registry"), "num_cpus": 1}, num_cpus=2) as base:
+        (replica,) = [p for p in psutil.Process().children(recursive=True)
+                      if "ServeReplica:capaserve:CapaserveModel" in " ".join(p.cmdline())]
+        replica.kill()  # by its pid
+        seen: list[int] = []
+        deadline = time.monotonic() + 90
+        while not (503 in seen and seen[-1] == 200):
+            assert time.monotonic() < deadline, seen
+            r = httpx.get(f"{base}/readyz", timeout=30)
+            if r.status_code == 503:
+                assert "no replica answered" in error_of(r)["message"]
+            seen.append(r.status_code)
+            time.sleep(0.3)
+        r = httpx.post(f"{base}/v1/embeddings", json={"model": MINILM_ID, "input": "back"}, timeout=30)
+        assert r.status_code == 200
