@@ -133,6 +133,8 @@ def test_two_nodes_on_loopback_survive_losing_one(engine, monkeypatch, tmp_path,
 
         for k, v in S3_ENV.items():  # only the process that builds the app has the credentials
             monkeypatch.setenv(k, v)
+        secret = f"capaserve-secret-{os.getpid()}-{time.time_ns()}"  # moto takes any secret
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
         port = free_port()
         config = config_of(host="127.0.0.1", port=port, registry=f"s3://{BUCKET}/cluster",
                            registry_endpoint_url=moto.url, replicas=2, ingress_replicas=2, num_cpus=1)
@@ -223,6 +225,9 @@ def test_two_nodes_on_loopback_survive_losing_one(engine, monkeypatch, tmp_path,
         assert gaps.max() < 2.0, gaps.max()
         assert all(s == 200 for _, s in ready), ready  # a model replica could serve throughout
         assert {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]} == {"127.0.0.1"}
+        # the credentials reached both nodes, and no log of either node (nor the driver's) holds the secret
+        leaked = [str(p) for p in own.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+        assert not leaked and not any(secret in line for line in logged), leaked
     finally:
         try:
             if ray.is_initialized():
