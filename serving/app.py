@@ -15,6 +15,7 @@ the CLI builds the same ServeConfig from flags, environment and file:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,6 +25,7 @@ from ray.serve import Application
 
 from serving.cluster_env import RegistryEnv, runtime_env
 from serving.config import ServeConfig
+from serving.config_sources import config_from
 from serving.deployments import ModelServer
 from serving.ingress import Ingress
 
@@ -42,10 +44,14 @@ def build_app(config: ServeConfig | Mapping[str, Any] | None = None) -> Applicat
     requests wait at the ingress. The ingress reserves no CPU, as it only parses, routes and records
     metrics; with more than one, each runs on its own node. Both deployments carry
     the driver's environment that replicas need (serving/cluster_env.py). A mapping (as
-    `serve run` passes `args`) is validated into a ServeConfig.
+    `serve run` and a KubeRay RayService pass `args`) becomes a ServeConfig with the
+    CAPASERVE_* variables of this process on top, as `capaserve serve` layers its settings,
+    so secrets (CAPASERVE_ADMIN_TOKEN) can come from the environment instead of the file.
     """
+    if not isinstance(config, ServeConfig):  # `serve run` args: CAPASERVE_* variables apply on top, as for the CLI
+        config = config_from({}, os.environ, base=config or {})
     # replicas get the host- and cluster-derived numbers
-    config = ServeConfig.model_validate(config or {}).resolved(_cluster_gpus())
+    config = config.resolved(_cluster_gpus())
     server, queue = config.server, config.scheduler.max_queue
     workers, _ = config.engine_plan(config.device_type())
     env = runtime_env()
