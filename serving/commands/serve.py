@@ -100,6 +100,10 @@ def run(ns: argparse.Namespace) -> int:
     if local:
         from serving.ray_local import ingress_on_port, use_serve_env
 
+        if server.ingress_replicas > 1:  # at most one per node: the others would never start
+            print("capaserve serve: error: a local cluster has one node, so one ingress replica; "
+                  "--ingress-replicas is for a joined cluster (RAY_ADDRESS)", file=sys.stderr)
+            return 2
         try:
             port = bind_check(server.host, server.port)
         except OSError as exc:
