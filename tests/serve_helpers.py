@@ -38,6 +38,20 @@ class DirectClient:
         return await self.server.info()
 
 
+def inprocess_app(engine, registry, **settings):
+    """(FastAPI app, ModelServer) without Ray: the real ingress app over a ModelServer on `engine`
+    in this process, with a fresh registry folder and `settings` named as flags."""
+    from serving.config_sources import config_of
+    from serving.deployments import ModelServer
+    from serving.ingress import _build_context, create_api
+
+    args = config_of(registry=str(registry), **settings)
+    server = ModelServer(args, engine=engine)
+    ctx, store, reg_settings = _build_context(None, args)
+    ctx.client = DirectClient(server)
+    return create_api(ctx, store, reg_settings), server
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

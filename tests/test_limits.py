@@ -15,21 +15,8 @@ import pytest
 from adapters.bundle import save_bundle
 from adapters.synthetic import random_bundle
 from serving.api.body_limit import BodyLimit
-from serving.config_sources import config_of
-from serving.deployments import ModelServer
-from serving.ingress import _build_context, create_api
 from tests.conftest import MINILM_ID
-from tests.serve_helpers import DirectClient, error_of
-
-
-class CountingClient(DirectClient):
-    """DirectClient that counts replica calls: a refused request must make none."""
-
-    calls = 0
-
-    async def call(self, method, call):
-        CountingClient.calls += 1
-        return await super().call(method, call)
+from tests.serve_helpers import error_of, inprocess_app
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +28,18 @@ def engine():
 
 
 def make_app(engine, registry, **kw):
-    args = config_of(registry=str(registry), **kw)
-    server = ModelServer(args, engine=engine)
-    ctx, store, settings = _build_context(None, args)
-    ctx.client = CountingClient(server)
-    return create_api(ctx, store, settings), server
+    """The in-process app, its model server counting the calls that reach it: a refused request makes none."""
+    app, server = inprocess_app(engine, registry, **kw)
+    server.calls = 0
+    for method in ("embed", "classify", "call_many", "generate", "generate_stream"):
+        real = getattr(server, method)
+
+        def counted(*args, _real=real, **kwargs):
+            server.calls += 1
+            return _real(*args, **kwargs)
+
+        setattr(server, method, counted)
+    return app, server
 
 
 def test_limits_refuse_before_any_replica_call(engine, tmp_path):
@@ -60,7 +54,8 @@ def test_limits_refuse_before_any_replica_call(engine, tmp_path):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://capaserve") as c:
             ok = await c.post("/v1/embeddings", json={"model": MINILM_ID, "input": ["x" * 1000] * 8})
             assert ok.status_code == 200 and len(ok.json()["data"]) == 8
-            calls = CountingClient.calls
+            calls = server.calls
+            assert calls > 0  # the counter sees what reaches the replica
 
             # Content-Length over the limit: 413 without reading the body
             big = b'{"model": "%s", "input": "%s"}' % (MINILM_ID.encode(), b"y" * (64 * 1024))
@@ -92,7 +87,7 @@ def test_limits_refuse_before_any_replica_call(engine, tmp_path):
             assert r.status_code == 400 and "at most 8" in error_of(r)["message"]
             r = await c.post("/v1/chat/completions", json={"model": MINILM_ID, "messages": [{"role": "user", "content": "m" * 1001}]})
             assert r.status_code == 400 and "messages 0 has 1001 characters" in error_of(r)["message"]
-            assert CountingClient.calls == calls, "a refused request reached the model replica"
+            assert server.calls == calls, "a refused request reached the model replica"
 
             # uploads keep their own limit
             r = await c.put("/v1/adapters/a", content=data)
