@@ -451,14 +451,14 @@ class Scheduler:
             await self._run_stream_slice(head, swapped, now, loop)
             return
         try:
-            outputs = await loop.run_in_executor(self._executor, self._run_chunks, batch, mixed)
+            outputs = await self._run_chunks(batch, mixed)
         except Exception:
             if len(batch) == 1:
                 raise
             # One bad request must not fail its batch-mates: run each alone.
             for it in batch:
                 try:
-                    out = await loop.run_in_executor(self._executor, self._run_chunks, [it])
+                    out = await self._run_chunks([it])
                     _resolve(it, out[0], BatchInfo(1, swapped, now - it.enqueued))
                 except Exception as exc:  # noqa: BLE001 - handed to the caller
                     if not it.future.done():
@@ -469,30 +469,50 @@ class Scheduler:
 
     # ------------------------------------------------------------------ worker thread
 
-    def _run_chunks(self, batch: list[_Item], mixed: bool = False) -> list[list[Any]]:
+    async def _run_chunks(self, batch: list[_Item], mixed: bool = False) -> list[list[Any]]:
         """Run a batch as length-sorted engine calls under the padded-token cap (mixed: with
-        each text's own adapter, in one unmerged call per chunk)."""
-        head = batch[0]
-        flat = [(i, j, text, length) for i, it in enumerate(batch) for j, (text, length) in enumerate(zip(it.texts, it.lengths))]
-        order = sorted(range(len(flat)), key=lambda k: flat[k][3])
+        each text's own adapter, in one unmerged call per chunk); results per item, per text.
+
+        The calls are planned on a worker (the split is a Python loop over the texts) and run
+        on every free worker at once: a batch that arrives while the other workers idle
+        spreads over them instead of running its calls one after another on one of them.
+        """
+        loop = asyncio.get_running_loop()
+        flat, chunks = await loop.run_in_executor(self._executor, self._plan_chunks, batch)
+        outs = await asyncio.gather(
+            *(loop.run_in_executor(self._executor, self._run_call, batch, flat, chunk, mixed) for chunk in chunks)
+        )
         results: list[Any] = [None] * len(flat)
-        overhead = self._call_overhead if head.kind in ENCODER else None
-        for chunk in _chunks(order, lambda k: flat[k][3], self.config.max_batch_tokens, overhead):
-            texts = [flat[k][2] for k in chunk]
-            kinds = [batch[flat[k][0]].kind for k in chunk]
-            if mixed:
-                adapters = [batch[flat[k][0]].adapter for k in chunk]
-                outs = self.runner.run_mixed_batch(kinds, adapters, texts, head.params)  # type: ignore[attr-defined]
-            else:
-                outs = self.runner.run_batch(kinds, head.adapter, texts, head.params)
-            if len(outs) != len(chunk):
-                raise RuntimeError(f"engine returned {len(outs)} results for {len(chunk)} inputs")
-            for k, out in zip(chunk, outs):
-                results[k] = out
+        for chunk, out in zip(chunks, outs):
+            for k, o in zip(chunk, out):
+                results[k] = o
         per_item: list[list[Any]] = [[None] * len(it.texts) for it in batch]
         for k, (i, j, _, _) in enumerate(flat):
             per_item[i][j] = results[k]
         return per_item
+
+    def _plan_chunks(self, batch: list[_Item]) -> tuple[list[tuple[int, int, str, int]], list[list[int]]]:
+        """(item, text index, text, length) of every text, and the engine calls as lists of its indices."""
+        flat = [(i, j, text, length) for i, it in enumerate(batch) for j, (text, length) in enumerate(zip(it.texts, it.lengths))]
+        order = sorted(range(len(flat)), key=lambda k: flat[k][3])
+        overhead = self._call_overhead if batch[0].kind in ENCODER else None
+        return flat, list(_chunks(order, lambda k: flat[k][3], self.config.max_batch_tokens, overhead))
+
+    def _run_call(
+        self, batch: list[_Item], flat: list[tuple[int, int, str, int]], chunk: list[int], mixed: bool
+    ) -> list[Any]:
+        """Worker thread: one engine call over the texts `chunk` names; one result per text."""
+        head = batch[0]
+        texts = [flat[k][2] for k in chunk]
+        kinds = [batch[flat[k][0]].kind for k in chunk]
+        if mixed:
+            adapters = [batch[flat[k][0]].adapter for k in chunk]
+            outs = self.runner.run_mixed_batch(kinds, adapters, texts, head.params)  # type: ignore[attr-defined]
+        else:
+            outs = self.runner.run_batch(kinds, head.adapter, texts, head.params)
+        if len(outs) != len(chunk):
+            raise RuntimeError(f"engine returned {len(outs)} results for {len(chunk)} inputs")
+        return outs
 
     async def _run_stream_slice(
         self, item: _Item, swapped: bool, now: float, loop: asyncio.AbstractEventLoop
