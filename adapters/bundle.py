@@ -1,5 +1,6 @@
 """The `capaboost.v1` bundle: one safetensors file holding, per target layer, the shared
-LoRA factors and the d static masks, plus optional classification head (docs/bundle-format.md).
+LoRA factors and the d static masks, plus the task's head: classification (sequence and
+image) or question answering (docs/bundle-format.md).
 
 Reading goes through `adapters.validation`, so a bundle object always holds a bundle
 that passed every format check; nothing is ever half-loaded.
@@ -25,7 +26,14 @@ FORMAT = "capaboost.v1"
 
 #: Tensor name suffixes of one target, in the order docs/bundle-format.md#tensors lists them.
 TARGET_TENSORS = ("lora_A", "lora_B", "mask_A", "mask_B")
-HEAD_TENSORS = ("head.dense.weight", "head.dense.bias", "head.out.weight", "head.out.bias")
+#: Head tensors of classification (sequence and image) bundles; `head.dense.*` is optional.
+CLASSIFICATION_HEAD = ("head.dense.weight", "head.dense.bias", "head.out.weight", "head.out.bias")
+#: Head tensors of question-answering bundles: start and end logits per token.
+QA_HEAD = ("head.qa.weight", "head.qa.bias")
+HEAD_TENSORS = CLASSIFICATION_HEAD + QA_HEAD
+
+#: What a base model takes as input: text (tokenized) or images (its image processor).
+Modality = Literal["text", "image"]
 
 
 class Task(str, Enum):
@@ -33,7 +41,21 @@ class Task(str, Enum):
 
     FEATURE_EXTRACTION = "feature-extraction"
     SEQUENCE_CLASSIFICATION = "sequence-classification"
+    QUESTION_ANSWERING = "question-answering"
+    IMAGE_CLASSIFICATION = "image-classification"
     CAUSAL_LM = "causal-lm"
+
+    @property
+    def modality(self) -> Modality | None:
+        """The input an adapter of this task needs from its base; None (feature-extraction):
+        whatever the base encodes, text or images."""
+        if self is Task.FEATURE_EXTRACTION:
+            return None
+        return "image" if self is Task.IMAGE_CLASSIFICATION else "text"
+
+
+#: Tasks whose bundles carry labels, pooling and the classification head.
+CLASSIFICATION_TASKS = frozenset({Task.SEQUENCE_CLASSIFICATION, Task.IMAGE_CLASSIFICATION})
 
 
 class BundleMetadata(BaseModel):
@@ -43,14 +65,19 @@ class BundleMetadata(BaseModel):
 
     format: Literal["capaboost.v1"] = Field(FORMAT, description="Bundle format tag; always capaboost.v1.")
     base_model: str = Field(..., min_length=1, description="Id of the base model the adapter was trained on.")
-    task: Task = Field(..., description="feature-extraction, sequence-classification or causal-lm.")
+    task: Task = Field(
+        ...,
+        description="feature-extraction, sequence-classification, question-answering, image-classification or causal-lm.",
+    )
     rank: int = Field(..., ge=1, description="r: rank of the shared LoRA factors.")
     num_copies: int = Field(..., ge=1, description="d: number of static masks, i.e. parallel masked copies.")
     alpha: float = Field(..., description="LoRA alpha; the update is scaled by alpha / r.")
     density: float = Field(..., gt=0.0, le=1.0, description="Mask density in (0, 1]; informational.")
     targets: list[str] = Field(..., min_length=1, description="Module paths as in model.named_modules().")
-    labels: list[str] | None = Field(None, description="sequence-classification only: label names.")
-    pooling: Literal["mean", "cls"] | None = Field(None, description="sequence-classification only: mean or cls.")
+    labels: list[str] | None = Field(None, description="sequence- and image-classification only: label names.")
+    pooling: Literal["mean", "cls"] | None = Field(
+        None, description="sequence- and image-classification only: mean or cls."
+    )
     description: str | None = Field(None, description="Optional free text.")
 
     @field_validator("alpha")
@@ -71,13 +98,13 @@ class BundleMetadata(BaseModel):
 
     @model_validator(mode="after")
     def _classification_keys(self) -> "BundleMetadata":
-        if self.task is Task.SEQUENCE_CLASSIFICATION:
+        if self.task in CLASSIFICATION_TASKS:
             if not self.labels:
-                raise ValueError("labels is required for task sequence-classification")
+                raise ValueError(f"labels is required for task {self.task.value}")
             if self.pooling is None:
-                raise ValueError("pooling is required for task sequence-classification")
+                raise ValueError(f"pooling is required for task {self.task.value}")
         elif self.labels is not None or self.pooling is not None:
-            raise ValueError("labels and pooling are only allowed for task sequence-classification")
+            raise ValueError("labels and pooling are only allowed for task sequence-classification or image-classification")
         return self
 
     @property

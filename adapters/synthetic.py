@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from adapters.bundle import AdapterBundle, BundleMetadata, Task, TargetFactors
+from adapters.bundle import CLASSIFICATION_TASKS, AdapterBundle, BundleMetadata, Task, TargetFactors
 from adapters.capaboost_linear import random_masks
 from adapters.validation import BaseModelSpec
 
@@ -21,12 +21,20 @@ def random_bundle(
     seed: int = 0,
     task: Task | None = None,
     labels: list[str] | None = None,
-    pooling: str = "mean",
+    pooling: str | None = None,
+    dense: bool | None = None,
     std: float = 0.05,
     dtype: torch.dtype = torch.float32,
     description: str | None = None,
 ) -> AdapterBundle:
-    """A bundle with N(0, std) factors (both A and B non-zero, so the delta is visible)."""
+    """A bundle with N(0, std) factors (both A and B non-zero, so the delta is visible).
+
+    `task` defaults to what the base serves plainly (causal-lm or feature-extraction).
+    Classification heads default to what each task's transformers model has: sequence
+    classification mean-pooled with a dense+tanh layer, image classification on the first
+    (cls) token without one, as `ViTForImageClassification`; `pooling` and `dense` override.
+    A question-answering head is `head.qa` [2, hidden].
+    """
     g = torch.Generator().manual_seed(seed)
     task = task or (Task.CAUSAL_LM if spec.task is Task.CAUSAL_LM else Task.FEATURE_EXTRACTION)
     factors: dict[str, TargetFactors] = {}
@@ -38,16 +46,21 @@ def random_bundle(
             mask_A=random_masks(num_copies, (rank, in_f), density, g),
             mask_B=random_masks(num_copies, (out_f, rank), density, g),
         )
+    h = spec.hidden_size
     head: dict[str, torch.Tensor] = {}
-    if task is Task.SEQUENCE_CLASSIFICATION:
+    image = task is Task.IMAGE_CLASSIFICATION
+    if task in CLASSIFICATION_TASKS:
         labels = labels or ["negative", "positive"]
-        h = spec.hidden_size
-        head = {
-            "head.dense.weight": torch.randn(h, h, generator=g) * (1.0 / h**0.5),
-            "head.dense.bias": torch.randn(h, generator=g) * 0.01,
-            "head.out.weight": torch.randn(len(labels), h, generator=g) * (1.0 / h**0.5),
-            "head.out.bias": torch.randn(len(labels), generator=g) * 0.01,
-        }
+        pooling = pooling or ("cls" if image else "mean")
+        if dense if dense is not None else not image:
+            head["head.dense.weight"] = torch.randn(h, h, generator=g) * (1.0 / h**0.5)
+            head["head.dense.bias"] = torch.randn(h, generator=g) * 0.01
+        head["head.out.weight"] = torch.randn(len(labels), h, generator=g) * (1.0 / h**0.5)
+        head["head.out.bias"] = torch.randn(len(labels), generator=g) * 0.01
+    elif task is Task.QUESTION_ANSWERING:
+        head["head.qa.weight"] = torch.randn(2, h, generator=g) * (1.0 / h**0.5)
+        head["head.qa.bias"] = torch.randn(2, generator=g) * 0.01
+    classifier = task in CLASSIFICATION_TASKS
     meta = BundleMetadata(
         base_model=spec.model_id,
         task=task,
@@ -56,8 +69,8 @@ def random_bundle(
         alpha=alpha,
         density=density,
         targets=list(targets),
-        labels=labels if task is Task.SEQUENCE_CLASSIFICATION else None,
-        pooling=pooling if task is Task.SEQUENCE_CLASSIFICATION else None,
+        labels=labels if classifier else None,
+        pooling=pooling if classifier else None,  # type: ignore[arg-type] - checked by BundleMetadata
         description=description,
     )
     return AdapterBundle(metadata=meta, targets=factors, head=head)

@@ -22,18 +22,33 @@ import torch
 from safetensors.torch import load as st_load
 from transformers.pytorch_utils import Conv1D
 
-from adapters.bundle import HEAD_TENSORS, TARGET_TENSORS, AdapterBundle, BundleMetadata, Task, TargetFactors
+from adapters.bundle import (
+    CLASSIFICATION_TASKS,
+    HEAD_TENSORS,
+    QA_HEAD,
+    TARGET_TENSORS,
+    AdapterBundle,
+    BundleMetadata,
+    Modality,
+    Task,
+    TargetFactors,
+)
 from adapters.errors import BundleError
 
 #: Largest header we accept; real bundles have a few KiB of header.
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 
-#: Which bundle tasks a base model of a given task can serve.
-SERVABLE_TASKS: dict[Task, set[Task]] = {
-    Task.FEATURE_EXTRACTION: {Task.FEATURE_EXTRACTION, Task.SEQUENCE_CLASSIFICATION},
-    Task.SEQUENCE_CLASSIFICATION: {Task.FEATURE_EXTRACTION, Task.SEQUENCE_CLASSIFICATION},
-    Task.CAUSAL_LM: {Task.CAUSAL_LM},
+#: Bundle tasks an encoder base (loaded with AutoModel) can serve, if its modality fits.
+ENCODER_TASKS = frozenset(
+    {Task.FEATURE_EXTRACTION, Task.SEQUENCE_CLASSIFICATION, Task.QUESTION_ANSWERING, Task.IMAGE_CLASSIFICATION}
+)
+#: Which bundle tasks a base model of a given task can serve (keyed by every task, since
+#: `capaserve pack --check-base` describes the base by the bundle's own task). Whether the
+#: base takes text or images is checked apart (`Task.modality` against the base's).
+SERVABLE_TASKS: dict[Task, frozenset[Task]] = {
+    **{t: ENCODER_TASKS for t in ENCODER_TASKS},
+    Task.CAUSAL_LM: frozenset({Task.CAUSAL_LM}),
 }
 
 
@@ -106,10 +121,12 @@ def check_layout(meta: BundleMetadata, infos: dict[str, TensorInfo]) -> list[str
     problems: list[str] = []
     r, d = meta.rank, meta.num_copies
     expected: set[str] = {f"{t}.{s}" for t in meta.targets for s in TARGET_TENSORS}
-    if meta.task is Task.SEQUENCE_CLASSIFICATION:
+    if meta.task in CLASSIFICATION_TASKS:
         expected |= {"head.out.weight", "head.out.bias"}
         if "head.dense.weight" in infos or "head.dense.bias" in infos:
             expected |= {"head.dense.weight", "head.dense.bias"}
+    elif meta.task is Task.QUESTION_ANSWERING:
+        expected |= set(QA_HEAD)
     for name in sorted(expected - infos.keys()):
         problems.append(f"missing tensor {name!r}")
     for name in sorted(infos.keys() - expected):
@@ -127,7 +144,7 @@ def check_layout(meta: BundleMetadata, infos: dict[str, TensorInfo]) -> list[str
         if out_f is not None:
             _expect(problems, f"{t}.lora_B", b, (out_f, r), "float")
             _expect(problems, f"{t}.mask_B", infos.get(f"{t}.mask_B"), (d, out_f, r), "bool")
-    if meta.task is Task.SEQUENCE_CLASSIFICATION and meta.labels:
+    if meta.task in CLASSIFICATION_TASKS and meta.labels:
         out_w = infos.get("head.out.weight")
         hidden = out_w.shape[1] if out_w is not None and len(out_w.shape) == 2 else None
         n = len(meta.labels)
@@ -138,6 +155,13 @@ def check_layout(meta: BundleMetadata, infos: dict[str, TensorInfo]) -> list[str
             _expect(problems, "head.out.bias", infos.get("head.out.bias"), (n,), "float")
             _expect(problems, "head.dense.weight", infos.get("head.dense.weight"), (hidden, hidden), "float")
             _expect(problems, "head.dense.bias", infos.get("head.dense.bias"), (hidden,), "float")
+    if meta.task is Task.QUESTION_ANSWERING:
+        qa_w = infos.get("head.qa.weight")
+        if qa_w is not None and len(qa_w.shape) != 2:
+            problems.append(f"tensor 'head.qa.weight': expected 2-D [2, hidden], got {list(qa_w.shape)}")
+        elif qa_w is not None:
+            _expect(problems, "head.qa.weight", qa_w, (2, qa_w.shape[1]), "float")
+            _expect(problems, "head.qa.bias", infos.get("head.qa.bias"), (2,), "float")
     return problems
 
 
@@ -175,16 +199,20 @@ class BaseModelSpec:
     hidden_size: int
     #: module path -> (out_features, in_features) for every Linear / Conv1D of the model
     linear_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: what the base encodes: text (a tokenizer) or images (an image processor)
+    modality: Modality = "text"
 
     @classmethod
-    def from_model(cls, model_id: str, task: Task, model: torch.nn.Module, hidden_size: int) -> "BaseModelSpec":
+    def from_model(
+        cls, model_id: str, task: Task, model: torch.nn.Module, hidden_size: int, modality: Modality = "text"
+    ) -> "BaseModelSpec":
         shapes: dict[str, tuple[int, int]] = {}
         for name, mod in model.named_modules():
             if isinstance(mod, torch.nn.Linear):
                 shapes[name] = (mod.out_features, mod.in_features)
             elif isinstance(mod, Conv1D):
                 shapes[name] = (mod.nf, mod.weight.shape[0])
-        return cls(model_id=model_id, task=task, hidden_size=hidden_size, linear_shapes=shapes)
+        return cls(model_id=model_id, task=task, hidden_size=hidden_size, linear_shapes=shapes, modality=modality)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -192,6 +220,7 @@ class BaseModelSpec:
             "task": self.task.value,
             "hidden_size": self.hidden_size,
             "linear_shapes": {k: list(v) for k, v in self.linear_shapes.items()},
+            "modality": self.modality,
         }
 
     @classmethod
@@ -201,6 +230,7 @@ class BaseModelSpec:
             task=Task(d["task"]),
             hidden_size=int(d["hidden_size"]),
             linear_shapes={k: (int(v[0]), int(v[1])) for k, v in d["linear_shapes"].items()},
+            modality="image" if d.get("modality") == "image" else "text",
         )
 
 
@@ -212,6 +242,11 @@ def check_servable(bundle: AdapterBundle, base: BaseModelSpec) -> None:
         problems.append(f"base_model {meta.base_model!r} does not match the served base {base.model_id!r}")
     if meta.task not in SERVABLE_TASKS[base.task]:
         problems.append(f"task {meta.task.value!r} cannot be served on a {base.task.value} base model")
+    elif meta.task.modality not in (None, base.modality):
+        problems.append(
+            f"task {meta.task.value!r} needs a base model that takes {meta.task.modality} input; "
+            f"{base.model_id!r} takes {base.modality}"
+        )
     for t, f in bundle.targets.items():
         shape = base.linear_shapes.get(t)
         if shape is None:
@@ -221,8 +256,9 @@ def check_servable(bundle: AdapterBundle, base: BaseModelSpec) -> None:
                 f"target {t!r}: base layer is [out={shape[0]}, in={shape[1]}], "
                 f"adapter is [out={f.out_features}, in={f.in_features}]"
             )
-    w = bundle.head.get("head.out.weight")
-    if w is not None and w.shape[1] != base.hidden_size:
-        problems.append(f"head hidden size {w.shape[1]} does not match the base hidden size {base.hidden_size}")
+    for name in ("head.out.weight", "head.qa.weight"):
+        w = bundle.head.get(name)
+        if w is not None and w.shape[1] != base.hidden_size:
+            problems.append(f"head hidden size {w.shape[1]} does not match the base hidden size {base.hidden_size}")
     if problems:
         raise BundleError(problems)

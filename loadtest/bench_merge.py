@@ -1,6 +1,7 @@
 """What merging buys, measured side by side in one run.
 
-For MiniLM and a larger random Llama (built from a config, never downloaded) it reports:
+For MiniLM, a larger random Llama and a random ViT image encoder (both built from a config,
+never downloaded) it reports:
 - adapted / base forward latency (goal <= 1.01: a merged adapter costs nothing per token);
 - unmerged CapaBoost (`wrap_targets`) / merged: the cost merging removes;
 - PEFT unmerged LoRA of rank d*r (`get_peft_model` on the same base) / merged;
@@ -88,10 +89,11 @@ def timed(fn: Callable[[], object]) -> float:
 def bench_engine(label: str, engine: Engine, bundle: AdapterBundle, batch: dict[str, torch.Tensor], reps: int) -> Result:
     model, paths = engine.model, list(bundle.metadata.targets)
     meta = bundle.metadata
+    images = engine.images
     res = Result(
         model=label,
         params_m=sum(p.numel() for p in model.parameters()) / 1e6,
-        tokens=int(batch["input_ids"].numel()),
+        tokens=int(batch["input_ids"].numel()) if images is None else len(batch["pixel_values"]) * images.tokens,
         targets=len(paths),
         rank=f"r={meta.rank}, d={meta.num_copies}",
     )
@@ -186,6 +188,24 @@ def llama_case(hidden: int, layers: int, seq: int) -> tuple[Engine, AdapterBundl
     return engine, bundle, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
+def vit_case(hidden: int, layers: int, image_size: int, patch: int, batch_size: int) -> tuple[Engine, AdapterBundle, dict[str, torch.Tensor]]:
+    """A random ViT image encoder (ViTModel, as an image base is loaded) with its image processor."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    cfg = ViTConfig(
+        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
+        intermediate_size=4 * hidden, image_size=image_size, patch_size=patch,
+    )
+    torch.manual_seed(0)
+    processor = ViTImageProcessor(size={"height": image_size, "width": image_size})
+    loaded = finish(ViTModel(cfg), None, "random/vit", Task.FEATURE_EXTRACTION, processor)
+    engine = Engine.from_loaded(loaded, EngineConfig(model="random/vit"))
+    targets = [n for n in engine.spec.linear_shapes if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))]
+    bundle = random_bundle(engine.spec, targets, seed=1)
+    pixels = torch.randn(batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    return engine, bundle, {"pixel_values": pixels}
+
+
 def table(results: list[Result]) -> str:
     ms = lambda s: f"{s * 1e3:.2f}"  # noqa: E731
     rows: list[tuple[str, Callable[[Result], str], str]] = [
@@ -227,10 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     reps = args.reps or (3 if args.quick else 60)
     hidden, layers = (128, 2) if args.quick else (args.hidden, args.layers)
     seq = 16 if args.quick else 32
+    # ViT-B/16 at 224 px (197 tokens per image); quick: hidden 64, 2 layers, 32 px in 8 px patches (17 tokens)
+    vit = (64, 2, 32, 8, 1) if args.quick else (768, 12, 224, 16, 2)
     results = []
     for label, build in [
         ("all-MiniLM-L6-v2", lambda: minilm_case(seq if args.quick else 64, 1 if args.quick else 2)),
         (f"random Llama h={hidden} L={layers}", lambda: llama_case(hidden, layers, seq)),
+        (f"random ViT h={vit[0]} L={vit[1]} {vit[2]}px", lambda: vit_case(*vit)),
     ]:
         start = time.perf_counter()
         engine, bundle, batch = build()

@@ -1,11 +1,13 @@
-"""Locust users for capaserve: embeddings, classify and completions over N adapters, Zipf-popular.
+"""Locust users for capaserve: embeddings, classify, question answering and completions over N
+adapters, Zipf-popular (classify and embeddings send images to an image base).
 
     locust -f loadtest/locustfile.py --headless -u 32 -r 32 -t 30s --host http://127.0.0.1:8000 \
         --adapters 50 --zipf-s 1.0 --mix embeddings=1,classify=1 --check-fraction 0.1
 
 Every answer is checked for status and shape; a sample (`--check-fraction`) is also
 compared with the answer the same adapter gave to a single request on a quiet server
-(embeddings and probabilities within 1e-4, labels and greedy completions exactly). A
+(embeddings, probabilities and answer scores within 1e-4; labels, answer spans and greedy
+completions exactly). A
 wrong but well-formed answer is a failure too, and is counted apart as "contaminated":
 the sign of one adapter's weights leaking into another's batch. The references come
 from `--reference-file` if it exists, else from single requests sent at test start
@@ -57,9 +59,10 @@ def _options(parser) -> None:
     g.add_argument("--zipf-s", type=float, default=1.0, env_var="LOCUST_ZIPF_S",
                    help="Zipf exponent of adapter popularity (0: uniform).")
     g.add_argument("--mix", default="auto", env_var="LOCUST_MIX",
-                   help="Endpoint weights, e.g. embeddings=1,classify=1,completions=0; auto: all the adapters support.")
+                   help="Endpoint weights, e.g. embeddings=1,classify=1,question-answering=1,completions=0; "
+                   "auto: all the adapters support.")
     g.add_argument("--texts-per-request", type=int, default=1, env_var="LOCUST_TEXTS_PER_REQUEST",
-                   help="Inputs per embeddings/classify request.")
+                   help="Inputs per embeddings, classify or question-answering request.")
     g.add_argument("--check-fraction", type=float, default=0.1, env_var="LOCUST_CHECK_FRACTION",
                    help="Share of answers compared with the single-request reference.")
     g.add_argument("--atol", type=float, default=EMBED_ATOL, env_var="LOCUST_ATOL",
@@ -110,7 +113,7 @@ class CapaserveUser(FastHttpUser):
             return
         kind, adapter, idx = picker.draw()
         compare = picker.rng.random() < _State.check_fraction
-        body = request_body(kind, adapter, [refs.texts[i] for i in idx])
+        body = request_body(kind, adapter, refs.inputs(kind, idx))
         with self.client.post(PATHS[kind], json=body, name=PATHS[kind], catch_response=True) as resp:
             summary.requests += 1
             summary.by_kind[kind] = summary.by_kind.get(kind, 0) + 1

@@ -96,6 +96,11 @@ class LoadTestConfig(BaseModel):
     )
     # --- the adapters
     targets: Literal["qv", "attn", "all"] = Field("qv", description="Layers the synthetic adapters adapt.")
+    adapter_task: Literal["auto", "sequence-classification", "question-answering", "feature-extraction"] = Field(
+        "auto",
+        description="Task of the synthetic adapters; auto: causal-lm on a causal LM, image-classification on an "
+        "image base, else sequence-classification.",
+    )
     rank: int = Field(8, ge=1, description="r of the synthetic adapters.")
     num_copies: int = Field(2, ge=1, description="d (masks per factor) of the synthetic adapters.")
     # --- the load
@@ -236,19 +241,30 @@ def target_paths(cfg: LoadTestConfig, spec: Any) -> list[str]:
     return targets
 
 
+def adapter_task(cfg: LoadTestConfig, spec: Any) -> Any:
+    """The synthetic adapters' task (`--adapter-task`; auto follows the base)."""
+    from adapters.bundle import Task  # deferred: torch
+
+    if spec.task is Task.CAUSAL_LM:
+        return Task.CAUSAL_LM
+    if spec.modality == "image":
+        return Task.IMAGE_CLASSIFICATION if cfg.adapter_task in ("auto", "sequence-classification") else Task(cfg.adapter_task)
+    return Task.SEQUENCE_CLASSIFICATION if cfg.adapter_task == "auto" else Task(cfg.adapter_task)
+
+
 def make_bundles(cfg: LoadTestConfig, spec: Any, names: Sequence[str], folder: Path) -> dict[str, bytes]:
-    """Synthetic adapters: sequence-classification on an encoder (serves embeddings and classify)."""
-    from adapters.bundle import Task, save_bundle  # deferred: torch
+    """Synthetic adapters of `adapter_task`: on an encoder, classifiers by default (they serve
+    embeddings and classify), or question-answering ones (embeddings and question answering)."""
+    from adapters.bundle import CLASSIFICATION_TASKS, save_bundle  # deferred: torch
     from adapters.synthetic import random_bundle
 
     targets = target_paths(cfg, spec)
-    causal = spec.task is Task.CAUSAL_LM
-    task = Task.CAUSAL_LM if causal else Task.SEQUENCE_CLASSIFICATION
+    task = adapter_task(cfg, spec)
     out: dict[str, bytes] = {}
     for i, name in enumerate(names):
         bundle = random_bundle(
             spec, targets, rank=cfg.rank, num_copies=cfg.num_copies, seed=cfg.seed * 100_003 + i, task=task,
-            labels=None if causal else ["negative", "neutral", "positive"], std=0.1,
+            labels=["negative", "neutral", "positive"] if task in CLASSIFICATION_TASKS else None, std=0.1,
             description=f"capaserve load test adapter {i}",
         )
         out[name] = save_bundle(bundle, folder / f"{name}.safetensors").read_bytes()
@@ -362,9 +378,9 @@ def scrape(url: str) -> dict[str, float]:
     return out
 
 
-def flush_reports(url: str, adapter: str, kind: str) -> None:
+def flush_reports(url: str, adapter: str, kind: str, item: Any) -> None:
     """One small request, so the replica hands over the metric events of the run's last answers."""
-    httpx.post(f"{url}{PATHS[kind]}", json=request_body(kind, adapter, ["ok"]), timeout=60)  # type: ignore[index]
+    httpx.post(f"{url}{PATHS[kind]}", json=request_body(kind, adapter, [item]), timeout=60)  # type: ignore[index]
 
 
 def read_stats(prefix: Path) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
@@ -422,11 +438,11 @@ def run_locust(
 
 
 def measure(cfg: LoadTestConfig, case: Case, rnd: int, url: str, csv_dir: Path, refs: Path, kind: str,
-            tick: Any = None) -> CaseResult:
+            item: Any, tick: Any = None) -> CaseResult:
 
     before = scrape(url)
     prefix, summary_path = run_locust(cfg, case, url, csv_dir, refs, rnd, tick)
-    flush_reports(url, "lt-000", kind)
+    flush_reports(url, "lt-000", kind, item)
     after = scrape(url)
     agg, per = read_stats(prefix)
     summary = RunSummary.model_validate_json(summary_path.read_text())
@@ -455,6 +471,11 @@ def compare_references(a: Any, b: Any, atol: float = 1e-4) -> list[str]:
         for field in ("labels", "completions"):
             if getattr(ra, field) != getattr(rb, field):
                 problems.append(f"{name}: {field} differ")
+        if ra.answers is not None and (rb.answers is None or any(
+            (x.answer, x.start, x.end) != (y.answer, y.start, y.end) or abs(x.score - y.score) > atol
+            for x, y in zip(ra.answers, rb.answers)
+        )):
+            problems.append(f"{name}: answers differ")
     return problems
 
 
@@ -514,14 +535,15 @@ def run(cfg: LoadTestConfig) -> Path:
                     bar.n = done + t
                     bar.refresh()
 
-                res = measure(cfg, case, rnd, urls[case.app], csv_dir, refs_path, kind, tick)
+                res = measure(cfg, case, rnd, urls[case.app], csv_dir, refs_path, kind, refs.texts[0], tick)
                 results.append(res)
                 bar.n = done + cfg.duration_s
                 bar.set_postfix_str(f"{res.rps:.1f} req/s, p99 {res.p99_ms:.0f} ms, {res.failures} failed")
         finally:
             bar.close()
     info = report.RunInfo(
-        model=spec.model_id, task=spec.task.value, targets=cfg.targets, n_targets=len(target_paths(cfg, spec)),
+        model=spec.model_id, task=f"{spec.modality} {spec.task.value} base, {adapter_task(cfg, spec).value} adapters",
+        targets=cfg.targets, n_targets=len(target_paths(cfg, spec)),
         bundle_kib=bundle_kib, cpu_count=os.cpu_count() or 0, load_before=list(load_before),
         load_after=list(os.getloadavg()), started=started, wall_s=time.time() - started,
         config=json.loads(cfg.model_dump_json()), notes=notes,
@@ -563,6 +585,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Weight dtype of started apps; sets the check tolerance (default: float32).")
     p.add_argument("--check-fraction", type=float, default=0.1, help="Answers compared with references (default: 0.1).")
     p.add_argument("--targets", choices=sorted(TARGET_SETS), default="qv", help="Layers adapted (default: qv).")
+    p.add_argument("--adapter-task", default="auto",
+                   choices=["auto", "sequence-classification", "question-answering", "feature-extraction"],
+                   help="Task of the synthetic adapters (default: auto: causal-lm on a causal LM, "
+                   "image-classification on an image base, else sequence-classification).")
     p.add_argument("--rank", type=int, default=8, help="Adapter rank r (default: 8).")
     p.add_argument("--num-copies", type=int, default=2, help="Adapter masks d (default: 2).")
     p.add_argument("--replicas", type=int, default=1, help="Model replicas per started app (default: 1).")
@@ -582,6 +608,7 @@ def config_from(ns: argparse.Namespace) -> LoadTestConfig:
         admin_token=ns.admin_token, adapters=ns.adapters, zipf=ns.zipf, goal_adapters=ns.goal_adapters,
         goal_zipf=ns.goal_zipf, users=ns.users, spawn_rate=ns.spawn_rate, duration_s=ns.duration, rounds=ns.rounds,
         ingress=ns.ingress, dtype=ns.dtype, mix=ns.mix, texts_per_request=ns.texts_per_request, check_fraction=ns.check_fraction, targets=ns.targets,
+        adapter_task=ns.adapter_task,
         rank=ns.rank, num_copies=ns.num_copies, replicas=ns.replicas, num_cpus=ns.num_cpus,
         max_batch_size=ns.max_batch_size, batch_wait_ms=ns.batch_wait_ms, baseline=not ns.no_baseline, single=not ns.no_single,
         seed=ns.seed, out=ns.out, progress=not ns.no_progress,

@@ -4,31 +4,41 @@ Why a separate module: Locust monkey-patches the process with gevent on import, 
 runner (which hosts Ray) must not import the locustfile. Everything both sides need
 lives here: the fixed input texts, adapter names, Zipf popularity, request bodies, the
 reference answers (single requests on a quiet server) and the checks of every answer.
+
+Inputs follow the base: texts for a text encoder or a causal LM, small PNG and JPEG
+images (data URLs) for an image base; question-answering adapters get fixed
+(question, context) pairs, one context long enough to take two windows.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import math
 import random
 from collections.abc import Sequence
+from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
 import httpx
 from pydantic import BaseModel, Field
 
-Kind = Literal["embeddings", "classify", "completions"]
-KINDS: tuple[Kind, ...] = ("embeddings", "classify", "completions")
+Kind = Literal["embeddings", "classify", "question-answering", "completions"]
+KINDS: tuple[Kind, ...] = ("embeddings", "classify", "question-answering", "completions")
 PATHS: dict[Kind, str] = {
     "embeddings": "/v1/embeddings",
     "classify": "/v1/classify",
+    "question-answering": "/v1/question-answering",
     "completions": "/v1/completions",
 }
 #: Which endpoints an adapter of each bundle task can serve (docs/http-api.md#routes).
 KINDS_OF_TASK: dict[str, tuple[Kind, ...]] = {
     "feature-extraction": ("embeddings",),
     "sequence-classification": ("embeddings", "classify"),
+    "question-answering": ("embeddings", "question-answering"),
+    "image-classification": ("embeddings", "classify"),
     "causal-lm": ("completions",),
 }
 EMBED_ATOL = 1e-4
@@ -60,6 +70,37 @@ TEXTS: tuple[str, ...] = (
     "cats and dogs",
     "an adapter is a small set of weights trained for one task on top of a frozen base model",
 )
+
+
+#: Fixed (question, context) pairs; the last context takes two 384-token windows.
+_LONG = " ".join(
+    f"Shipment {i} left {city} on day {i * 2} carrying {load}."
+    for i, (city, load) in enumerate([("Oslo", "timber"), ("Lima", "copper"), ("Pune", "cotton"), ("Kobe", "steel")] * 12)
+)
+QUESTIONS: tuple[dict[str, str], ...] = (
+    {"question": "What did the fox jump over?", "context": TEXTS[1]},
+    {"question": "What is merged into the base weights?", "context": TEXTS[2]},
+    {"question": "When is rain expected?", "context": TEXTS[6]},
+    {"question": "What did the central bank raise?", "context": TEXTS[12]},
+    {"question": "Who trains an adapter?", "context": TEXTS[15]},
+    {"question": "What did shipment 41 carry?", "context": _LONG},
+)
+
+
+@cache
+def images() -> tuple[str, ...]:
+    """Fixed small images as data URLs (PNG and JPEG, several sizes): an image base's inputs."""
+    from PIL import Image, ImageDraw  # deferred: only image bases need it
+
+    out = []
+    for i in range(8):
+        img = Image.new("RGB", (48 + 8 * i, 40 + 4 * i), ((37 * i) % 256, (91 * i) % 256, (53 * i + 80) % 256))
+        ImageDraw.Draw(img).ellipse((4, 4, 20 + 3 * i, 18 + 2 * i), fill=(255 - 30 * i, 20 * i, 200))
+        buf = io.BytesIO()
+        fmt = "PNG" if i % 2 == 0 else "JPEG"
+        img.save(buf, format=fmt)
+        out.append(f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode())
+    return tuple(out)
 
 
 def adapter_names(n: int, prefix: str = "lt-") -> list[str]:
@@ -113,8 +154,9 @@ def peer_sentences(n: int = 200, seed: int = 20261203) -> list[str]:
     return [" ".join(rng.choices(_PEER_WORDS, k=rng.randint(5, 20))) for _ in range(n)]
 
 
-def request_body(kind: Kind, model: str, texts: list[str]) -> dict[str, Any]:
-    """The JSON body of one request; completions are greedy so answers are reproducible."""
+def request_body(kind: Kind, model: str, texts: list[Any]) -> dict[str, Any]:
+    """The JSON body of one request; completions are greedy so answers are reproducible.
+    `texts` are the inputs: texts or image data URLs, or {question, context} pairs."""
     if kind == "completions":
         return {
             "model": model,
@@ -126,8 +168,15 @@ def request_body(kind: Kind, model: str, texts: list[str]) -> dict[str, Any]:
     return {"model": model, "input": texts[0] if len(texts) == 1 else texts}
 
 
+class Answer(BaseModel):
+    answer: str
+    score: float
+    start: int
+    end: int
+
+
 class Reference(BaseModel):
-    """One adapter's answers for every fixed text, from requests sent while the server is quiet."""
+    """One adapter's answers for every fixed input, from requests sent while the server is quiet."""
 
     adapter: str
     task: str = Field(..., description="The adapter's bundle task (from its manifest).")
@@ -135,6 +184,7 @@ class Reference(BaseModel):
     labels: list[str] | None = Field(None, description="Per text: the classify label.")
     probs: list[list[float]] | None = Field(None, description="Per text: the classify probabilities.")
     completions: list[str] | None = Field(None, description="Per text: the greedy completion text.")
+    answers: list[Answer] | None = Field(None, description="Per question: the answer.")
 
     @property
     def kinds(self) -> tuple[Kind, ...]:
@@ -144,8 +194,14 @@ class Reference(BaseModel):
 class ReferenceSet(BaseModel):
     """References of many adapters, saved as JSON so several runs (and servers) share them."""
 
-    texts: list[str] = Field(default_factory=lambda: list(TEXTS))
+    texts: list[str] = Field(default_factory=lambda: list(TEXTS), description="Texts, or an image base's images.")
+    questions: list[dict[str, str]] = Field(default_factory=lambda: list(QUESTIONS))
     adapters: dict[str, Reference] = Field(default_factory=dict)
+
+    def inputs(self, kind: Kind, idx: list[int]) -> list[Any]:
+        """The inputs a request of `kind` sends for the drawn indices."""
+        pool = self.questions if kind == "question-answering" else self.texts
+        return [pool[i] for i in idx]
 
     def save(self, path: Path) -> None:
         path.write_text(self.model_dump_json())
@@ -162,10 +218,12 @@ def _post(client: httpx.Client, kind: Kind, body: dict[str, Any]) -> dict[str, A
     return r.json()
 
 
-def compute_reference(client: httpx.Client, adapter: str, texts: Sequence[str] = TEXTS) -> Reference:
+def compute_reference(
+    client: httpx.Client, adapter: str, texts: Sequence[str] = TEXTS, questions: Sequence[dict[str, str]] = QUESTIONS
+) -> Reference:
     """Single requests, one at a time: the answers a request gets when nothing else runs.
 
-    Encoder kinds send all fixed texts in one request; completions send one prompt each.
+    Encoder kinds send all fixed inputs in one request; completions send one prompt each.
     """
     r = client.get(f"/v1/adapters/{adapter}")
     if r.status_code != 200:
@@ -178,6 +236,9 @@ def compute_reference(client: httpx.Client, adapter: str, texts: Sequence[str] =
         data = sorted(_post(client, "classify", {"model": adapter, "input": list(texts)})["data"], key=lambda d: d["index"])
         ref.labels = [d["label"] for d in data]
         ref.probs = [d["probs"] for d in data]
+    if "question-answering" in ref.kinds:
+        body = _post(client, "question-answering", {"model": adapter, "input": list(questions)})
+        ref.answers = [Answer.model_validate(d) for d in sorted(body["data"], key=lambda d: d["index"])]
     if "completions" in ref.kinds:
         ref.completions = [
             _post(client, "completions", request_body("completions", adapter, [t]))["choices"][0]["text"] for t in texts
@@ -186,11 +247,13 @@ def compute_reference(client: httpx.Client, adapter: str, texts: Sequence[str] =
 
 
 def compute_references(base_url: str, adapters: Sequence[str], timeout: float = 120.0) -> ReferenceSet:
-    """References for `adapters` from the server at `base_url` (sequential single requests)."""
-    refs = ReferenceSet()
+    """References for `adapters` from the server at `base_url` (sequential single requests);
+    an image base (its /v1/models card says so) gets images instead of texts."""
     with httpx.Client(base_url=base_url, timeout=timeout) as client:
+        base = client.get("/v1/models").json()["data"][0]
+        refs = ReferenceSet(texts=list(images())) if base.get("modality") == "image" else ReferenceSet()
         for name in adapters:
-            refs.adapters[name] = compute_reference(client, name, refs.texts)
+            refs.adapters[name] = compute_reference(client, name, refs.texts, refs.questions)
     return refs
 
 
@@ -229,6 +292,9 @@ def check_answer(
         raise CheckError(f"{kind}: expected {len(idx)} items in data, got {type(data).__name__} {str(data)[:120]}")
     if [d.get("index") for d in data] != list(range(len(idx))):
         raise CheckError(f"{kind}: indices {[d.get('index') for d in data]} are not 0..{len(idx) - 1}")
+    if kind == "question-answering":
+        _check_answers(data, ref, idx, compare, atol)
+        return
     if kind == "embeddings":
         assert ref.embeddings is not None
         dim = len(ref.embeddings[0])
@@ -258,6 +324,22 @@ def check_answer(
                 raise Contaminated(f"{ref.adapter} classify of text {i}: {d['label']} {d['probs']} != {ref.labels[i]} {ref.probs[i]}")
 
 
+def _check_answers(data: list[Any], ref: Reference, idx: list[int], compare: bool, atol: float) -> None:
+    for d in data:
+        try:
+            got = Answer.model_validate(d)
+        except ValueError:
+            raise CheckError(f"question-answering: expected answer, score, start, end, got {str(d)[:200]}") from None
+        if not 0 <= got.start <= got.end or not 0.0 <= got.score <= 1.0:
+            raise CheckError(f"question-answering: offsets or score out of range: {str(d)[:200]}")
+    if compare:
+        assert ref.answers is not None
+        for d, i in zip(data, idx):
+            want = ref.answers[i]
+            if (d["answer"], d["start"], d["end"]) != (want.answer, want.start, want.end) or abs(d["score"] - want.score) > atol:
+                raise Contaminated(f"{ref.adapter} answer to question {i}: {str(d)[:200]} != {want}")
+
+
 class Picker:
     """Draws (kind, adapter, text indices) for one request: mix, Zipf popularity, uniform texts."""
 
@@ -272,15 +354,16 @@ class Picker:
         self.mix = effective_mix(mix, supported)
         self.adapters = list(adapters)
         self.weights = zipf_weights(len(self.adapters), zipf_s)
-        self.n_texts = len(refs.texts)
-        self.texts_per_request = max(1, min(texts_per_request, self.n_texts))
+        self.n_inputs = {k: len(refs.questions if k == "question-answering" else refs.texts) for k in KINDS}
+        self.texts_per_request = max(1, texts_per_request)
         self.rng = random.Random(seed)
 
     def draw(self) -> tuple[Kind, str, list[int]]:
         kind: Kind = self.rng.choices(list(self.mix), weights=list(self.mix.values()))[0]
         adapter = self.rng.choices(self.adapters, weights=self.weights)[0]
-        per = 1 if kind == "completions" else self.texts_per_request
-        return kind, adapter, self.rng.sample(range(self.n_texts), per)
+        n = self.n_inputs[kind]
+        per = 1 if kind == "completions" else min(self.texts_per_request, n)
+        return kind, adapter, self.rng.sample(range(n), per)
 
 
 class RunSummary(BaseModel):

@@ -7,11 +7,11 @@ embeddings request that plumbing cost more CPU than the text's share of a batche
 
 The rule keeps an idle server's latency: a call goes out at once while fewer than
 `max_inflight` calls of its lane are on their way. Beyond that it waits, and when one of
-the lane's calls returns, everything waiting (up to `max_texts` texts) goes out as one
+the lane's calls returns, everything waiting (up to `max_texts` inputs) goes out as one
 call, so the replica receives batches of the size the load makes, with one call computing
 and one queued behind it per engine worker. Nothing waits on a timer.
 
-A lane is a method (`embed`, `classify`) and, while Serve has a routing choice to make, an
+A lane is a method (`embed`, `classify`, `question_answering`) and, while Serve has a routing choice to make, an
 adapter version: `serve.multiplexed` routes each adapter to the replicas holding it, so
 only requests of one adapter may share a call. With `join_adapters` (a deployment of one
 replica, where every call lands on the same replica anyway) a lane is the method alone,
@@ -39,8 +39,9 @@ from dataclasses import dataclass, field
 from serving.replica_io import ReplicaCall, ReplicaInfo, ReplicaResult, StreamItem
 from serving.service import ModelClient
 
-#: Replica methods whose rows are independent, so their requests may share a call.
-JOINABLE = frozenset({"embed", "classify"})
+#: Replica methods whose rows are independent, so their requests may share a call (a question
+#: is decoded from its own windows only, and images are checked by the ingress before joining).
+JOINABLE = frozenset({"embed", "classify", "question_answering"})
 
 
 @dataclass
@@ -59,7 +60,7 @@ LaneKey = tuple[str, str | None]
 
 
 class CoalescingClient:
-    """A `ModelClient` that joins concurrent `embed`/`classify` calls of one lane."""
+    """A `ModelClient` that joins concurrent encoder calls (`JOINABLE`) of one lane."""
 
     def __init__(self, inner: ModelClient, max_inflight: int = 2, max_texts: int = 32, join_adapters: bool = False) -> None:
         self.inner = inner
@@ -72,7 +73,7 @@ class CoalescingClient:
         self.requests_joined = 0
 
     async def call(self, method: str, call: ReplicaCall) -> ReplicaResult:
-        if method not in JOINABLE or len(call.texts) >= self.max_texts:
+        if method not in JOINABLE or len(call.inputs()) >= self.max_texts:
             self.calls_sent += 1
             self.requests_joined += 1
             return await self.inner.call(method, call)
@@ -106,12 +107,12 @@ class CoalescingClient:
         """The longest run of waiting requests (oldest first) whose texts fit `max_texts`."""
         group: list[_Waiting] = []
         texts = 0
-        while lane.waiting and (not group or texts + len(lane.waiting[0].call.texts) <= self.max_texts):
+        while lane.waiting and (not group or texts + len(lane.waiting[0].call.inputs()) <= self.max_texts):
             w = lane.waiting.popleft()
             if w.future.done():  # its client went away: nothing to compute
                 continue
             group.append(w)
-            texts += len(w.call.texts)
+            texts += len(w.call.inputs())
         return group
 
     async def _send_group(self, key: LaneKey, lane: _Lane, group: list[_Waiting]) -> None:
@@ -122,7 +123,7 @@ class CoalescingClient:
             for w in group:  # one part per adapter version, in order of first arrival
                 parts.setdefault(w.call.ref, []).append(w)
             calls = [
-                ws[0].call.model_copy(update={"texts": [t for w in ws for t in w.call.texts]}) for ws in parts.values()
+                ws[0].call.with_inputs([x for w in ws for x in w.call.inputs()]) for ws in parts.values()
             ]
             self.calls_sent += 1
             self.requests_joined += len(group)
@@ -161,7 +162,7 @@ def _split(group: list[_Waiting], result: ReplicaResult) -> None:
     """Each request's slice of its part's result; the part's report goes with the first only."""
     start = 0
     for i, w in enumerate(group):
-        n = len(w.call.texts)
+        n = len(w.call.inputs())
         part = result.model_copy(update={
             "outputs": result.outputs[start:start + n],
             "prompt_tokens": result.prompt_tokens[start:start + n],

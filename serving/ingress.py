@@ -3,7 +3,7 @@
 Routes only map service results to HTTP: a response model becomes JSON, an iterator
 becomes Server-Sent Events, an exception becomes the error body (docs/http-api.md#errors) with the status
 `serving.errors.status_for` gives it. The service logic is in one module per endpoint
-family (serve_embeddings, serve_classify, serve_generate, serve_models); the registry
+family (serve_embeddings, serve_classify, serve_qa, serve_generate, serve_models); the registry
 routes come from serving.api.registry. An ASGI middleware records the metrics of every
 request and writes one JSON access-log line per inference request.
 
@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from adapters.registry.resolver import AdapterResolver
 from adapters.registry.backends import open_store
 from adapters.registry.store import RegistryStore
-from serving import serve_classify, serve_embeddings, serve_generate, serve_models
+from serving import serve_classify, serve_embeddings, serve_generate, serve_models, serve_qa
 from serving.api.auth import AuthSettings
 from serving.api.body_limit import BodyLimit
 from serving.api.errors import ErrorMappingRoute, unwrap
@@ -38,6 +38,7 @@ from serving.cluster_env import RegistryEnv
 from serving.coalesce import CoalescingClient
 from serving.config import ServeConfig
 from serving.errors import error_body
+from serving.images import ImageLimits
 from serving.metrics import CONTENT_TYPE, ServerMetrics
 from serving.protocol import (
     ERROR_RESPONSES,
@@ -50,6 +51,8 @@ from serving.protocol import (
     EmbeddingRequest,
     EmbeddingResponse,
     ModelList,
+    QuestionAnsweringRequest,
+    QuestionAnsweringResponse,
     render,
 )
 from serving.registry_probe import RegistryProbe
@@ -75,7 +78,7 @@ if not access_log.handlers:
 
 UNMETERED = {"/metrics", "/healthz", "/readyz"}
 ROUTES = {
-    "/v1/embeddings", "/v1/classify", "/v1/completions", "/v1/chat/completions", "/v1/models",
+    "/v1/embeddings", "/v1/classify", "/v1/question-answering", "/v1/completions", "/v1/chat/completions", "/v1/models",
     "/v1/load_lora_adapter", "/v1/unload_lora_adapter",
 }
 
@@ -166,7 +169,16 @@ def create_api(
 
     @api.post("/v1/classify", dependencies=keyed, response_model=ClassifyResponse)
     async def classify(body: ClassifyRequest, request: Request) -> JSONResponse:
+        """Label and probabilities per input: texts with a sequence-classification adapter, or
+        images (data URLs; nothing is fetched) with an image-classification adapter."""
         res = await serve_classify.classify(ctx, body, record(request, "/v1/classify"))
+        return json_response(res)
+
+    @api.post("/v1/question-answering", dependencies=keyed, response_model=QuestionAnsweringResponse)
+    async def question_answering(body: QuestionAnsweringRequest, request: Request) -> JSONResponse:
+        """Extractive answers of a question-answering adapter: per {question, context}, the best
+        span over the context's overlapping windows, with its score and character offsets."""
+        res = await serve_qa.answer(ctx, body, record(request, "/v1/question-answering"))
         return json_response(res)
 
     @api.post("/v1/completions", dependencies=keyed, response_model=CompletionResponse, responses=sse)
@@ -284,7 +296,8 @@ def _build_context(handle: Any, config: ServeConfig) -> tuple[ServingContext, Re
         max_texts=config.scheduler.max_batch_size,
         join_adapters=server.most_replicas() == 1,  # one replica: no routing choice that adapters' calls must keep apart
     )
-    return ServingContext(client, resolver, ServerMetrics(), RequestLimits.of(server)), store, settings
+    images = ImageLimits(max_bytes=server.max_image_bytes, max_pixels=server.max_image_pixels)
+    return ServingContext(client, resolver, ServerMetrics(), images, RequestLimits.of(server)), store, settings
 
 
 @serve.ingress()

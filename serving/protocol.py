@@ -16,6 +16,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from serving.engine.qa import DEFAULT_MAX_ANSWER_LEN, QAInput
 from serving.engine.sampling import SamplingParams
 
 #: Largest `max_tokens` a request may ask for; the engine's context bounds it further.
@@ -111,7 +112,9 @@ def _texts(value: str | list[str], field: str) -> list[str]:
 class EmbeddingRequest(OpenAIRequest):
     """POST /v1/embeddings."""
 
-    input: str | list[str] = Field(..., description="A text or a list of texts to embed.")
+    input: str | list[str] = Field(
+        ..., description="A text or a list of texts to embed; on an image base, images as data:image/...;base64, URLs."
+    )
     model: str = Field(..., description="The base model id, an adapter name, or name@version.")
     encoding_format: Literal["float", "base64"] = Field(
         "float",
@@ -160,10 +163,14 @@ class EmbeddingResponse(OpenAIBaseModel):
 
 
 class ClassifyRequest(OpenAIRequest):
-    """POST /v1/classify: a sequence-classification adapter's label and probabilities."""
+    """POST /v1/classify: a classification adapter's label and probabilities per input."""
 
-    model: str = Field(..., description="A sequence-classification adapter name or name@version.")
-    input: str | list[str] = Field(..., description="A text or a list of texts to classify.")
+    model: str = Field(..., description="A sequence- or image-classification adapter name or name@version.")
+    input: str | list[str] = Field(
+        ...,
+        description="A text or a list of texts to classify; on an image base, images as data:image/png;base64,... "
+        "or data:image/jpeg;base64,... URLs (remote URLs are refused: the server fetches nothing).",
+    )
 
     @field_validator("input")
     @classmethod
@@ -185,6 +192,50 @@ class ClassifyResponse(OpenAIBaseModel):
     object: Literal["list"] = "list"
     model: str
     data: list[ClassifyData]
+    usage: EncoderUsage
+
+
+# ---------------------------------------------------------------------------- question answering
+
+
+class QAPair(OpenAIBaseModel):
+    question: str = Field(..., description="The question.")
+    context: str = Field(..., description="The text to take the answer from.")
+
+
+class QuestionAnsweringRequest(OpenAIRequest):
+    """POST /v1/question-answering: extractive answers of a question-answering adapter."""
+
+    model: str = Field(..., description="A question-answering adapter name or name@version.")
+    input: QAPair | list[QAPair] = Field(..., description="A {question, context} object or a list of them.")
+    max_answer_len: int = Field(
+        DEFAULT_MAX_ANSWER_LEN, ge=1, description="Longest answer in tokens (docs/bundle-format.md#question-answering)."
+    )
+
+    @field_validator("input")
+    @classmethod
+    def _non_empty(cls, v: QAPair | list[QAPair]) -> QAPair | list[QAPair]:
+        if isinstance(v, list) and not v:
+            raise ValueError("input must not be empty")
+        return v
+
+    def questions(self) -> list[QAInput]:
+        pairs = [self.input] if isinstance(self.input, QAPair) else self.input
+        return [QAInput(question=p.question, context=p.context, max_answer_len=self.max_answer_len) for p in pairs]
+
+
+class QAData(OpenAIBaseModel):
+    index: int
+    answer: str = Field(..., description="context[start:end].")
+    score: float = Field(..., description="p_start * p_end of the answer span.")
+    start: int = Field(..., description="Character offset of the answer's start in its context.")
+    end: int = Field(..., description="Character offset of the answer's end in its context.")
+
+
+class QuestionAnsweringResponse(OpenAIBaseModel):
+    object: Literal["list"] = "list"
+    model: str
+    data: list[QAData]
     usage: EncoderUsage
 
 
@@ -346,7 +397,12 @@ class ModelCard(OpenAIBaseModel):
     owned_by: str = "capaserve"
     root: str | None = Field(None, description="The pinned id name@version for adapters; the base id for the base.")
     parent: str | None = Field(None, description="The base model id for adapters; null for the base.")
-    task: str | None = Field(None, description="feature-extraction, sequence-classification or causal-lm.")
+    task: str | None = Field(
+        None,
+        description="feature-extraction, sequence-classification, question-answering, image-classification or "
+        "causal-lm; for the base, what it serves plainly (feature-extraction for an encoder).",
+    )
+    modality: str | None = Field(None, description="text or image: what the model's inputs are.")
 
 
 class ModelList(OpenAIBaseModel):

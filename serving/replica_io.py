@@ -13,15 +13,18 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from adapters.manifest import AdapterManifest
+from serving.engine.qa import QAInput
 from serving.engine.sampling import SamplingParams
 from serving.metrics import ReplicaReport
 
 
 class ReplicaCall(BaseModel):
-    """One request for the model deployment."""
+    """One request for the model deployment; its inputs are of one kind (texts, images or questions)."""
 
     adapter: AdapterManifest | None = Field(None, description="The resolved adapter; None: the base model.")
     texts: list[str] = Field(default_factory=list, description="Inputs or prompts.")
+    images: list[bytes] = Field(default_factory=list, description="An image base's inputs: PNG/JPEG bytes the ingress checked.")
+    questions: list[QAInput] = Field(default_factory=list, description="Question-answering inputs.")
     messages: list[dict[str, str]] | None = Field(None, description="Chat messages; templated on the replica.")
     params: SamplingParams | None = Field(None, description="Sampling parameters of a generation.")
 
@@ -29,11 +32,31 @@ class ReplicaCall(BaseModel):
     def ref(self) -> str | None:
         return self.adapter.ref if self.adapter is not None else None
 
+    def _input_field(self) -> str:
+        return "questions" if self.questions else "images" if self.images else "texts"
+
+    def inputs(self) -> list[Any]:
+        """The call's inputs, of whichever kind it carries: what the replica's scheduler queues."""
+        return getattr(self, self._input_field())
+
+    def with_inputs(self, inputs: list[Any]) -> "ReplicaCall":
+        """The same call with other inputs of its kind (the ingress joins calls with it)."""
+        return self.model_copy(update={self._input_field(): inputs})
+
 
 class ClassOutput(BaseModel):
     label: str
     probs: list[float]
     label_names: list[str]
+
+
+class QAOutput(BaseModel):
+    """One answer: its text, score and character offsets into the input's context."""
+
+    answer: str
+    score: float
+    start: int
+    end: int
 
 
 class ServedBy(BaseModel):
@@ -49,7 +72,8 @@ class ReplicaResult(BaseModel):
     """One answer: per-input outputs, per-input prompt tokens, and bookkeeping."""
 
     outputs: list[Any] = Field(
-        default_factory=list, description="Per input: an embedding (list of floats), a ClassOutput or a GenerationResult."
+        default_factory=list,
+        description="Per input: an embedding (float32 array), a ClassOutput, a QAOutput or a GenerationResult.",
     )
     prompt_tokens: list[int] = Field(default_factory=list)
     served_by: ServedBy

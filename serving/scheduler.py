@@ -7,8 +7,8 @@ request of the active adapter before moving on, and batches them. Policy, per st
    adapter's oldest request has waited longer than `starvation_ms`; then switch to the
    adapter whose oldest request waited longest. So no adapter waits unboundedly.
 2. Batch fill. Wait up to `batch_wait_ms` (from the arrival of the head request) for
-   up to `max_batch_size` compatible requests: embeddings and classify requests share
-   one encoder forward (each row is pooled its own way), generation requests batch with
+   up to `max_batch_size` compatible requests: embeddings, classify and question-answering
+   requests share one encoder forward (each row gets its own head), generation requests batch with
    those of the same sampling parameters, since one engine call takes one SamplingParams.
 3. Padding. A batch's texts are sorted by length and split into engine calls whose
    padded size (texts x longest) stays under `max_batch_tokens`. Encoder batches are
@@ -28,7 +28,7 @@ request of the active adapter before moving on, and batches them. Policy, per st
 
 5. Mixed-adapter batches (`adapter_mode="adaptive"`, runners with `run_mixed_batch`).
    A `ModePolicy` watches the waiting requests per adapter; while it says mixed, the
-   oldest embed/classify/generate request heads a batch filled with the oldest compatible
+   oldest encoder or generate request heads a batch filled with the oldest compatible
    requests (as in 2) whatever their adapter (base included),
    run unmerged in one engine call. Streams always run merged.
 
@@ -58,20 +58,21 @@ from serving.mode_policy import ModePolicy
 
 log = logging.getLogger("capaserve.scheduler")
 
-Kind = Literal["embed", "classify", "generate", "stream"]
+Kind = Literal["embed", "classify", "qa", "generate", "stream"]
 
 #: Kinds a mixed-adapter batch can hold (streams always run merged, one at a time).
-MIXABLE: tuple[Kind, ...] = ("embed", "classify", "generate")
+MIXABLE: tuple[Kind, ...] = ("embed", "classify", "qa", "generate")
 
-#: Kinds that share one encoder forward: a batch may hold both (each row pooled its own way).
-ENCODER: tuple[Kind, ...] = ("embed", "classify")
+#: Kinds that share one encoder forward: a batch may hold any of them (each row gets its own head).
+ENCODER: tuple[Kind, ...] = ("embed", "classify", "qa")
 
 
 class BatchRunner(Protocol):
     """What the scheduler drives; implemented over the engine by the model deployment."""
 
-    def run_batch(self, kinds: list[Kind], adapter: str | None, texts: list[str], params: Any) -> list[Any]:
-        """One engine call (text i belongs to a kinds[i] request); returns one result per text, in order."""
+    def run_batch(self, kinds: list[Kind], adapter: str | None, texts: list[Any], params: Any) -> list[Any]:
+        """One engine call (input i belongs to a kinds[i] request: a text, or an image or a
+        question for the encoder kinds); returns one result per input, in order."""
 
     def run_stream(self, adapter: str | None, prompt: str, params: Any) -> Iterator[Any]:
         """A token stream for one prompt."""
@@ -93,7 +94,7 @@ class BatchInfo:
 class _Item:
     kind: Kind
     adapter: str | None
-    texts: list[str]
+    texts: list[Any]  # texts, or images or questions for encoder kinds
     lengths: list[int]
     params: Any
     params_key: Hashable
@@ -107,7 +108,7 @@ class _Item:
     sent: int = 0
 
     def compatible(self, other: "_Item") -> bool:
-        """Whether two requests can share an engine call: embed with classify (one encoder
+        """Whether two requests can share an engine call: the encoder kinds together (one encoder
         forward), generation with generation of the same sampling parameters; never streams."""
         if self.kind in ENCODER and other.kind in ENCODER:
             return True
@@ -163,12 +164,12 @@ class Scheduler:
         self,
         kind: Kind,
         adapter: str | None,
-        texts: Sequence[str],
+        texts: Sequence[Any],
         *,
         lengths: Sequence[int] | None = None,
         params: Any = None,
     ) -> tuple[list[Any], BatchInfo]:
-        """Queue one request (its texts run together) and wait for its results."""
+        """Queue one request (its inputs run together) and wait for its results."""
         item = self._enqueue(kind, adapter, list(texts), lengths, params)
         return await item.future
 
@@ -240,7 +241,7 @@ class Scheduler:
     # ------------------------------------------------------------------ queueing
 
     def _enqueue(
-        self, kind: Kind, adapter: str | None, texts: list[str], lengths: Sequence[int] | None, params: Any
+        self, kind: Kind, adapter: str | None, texts: list[Any], lengths: Sequence[int] | None, params: Any
     ) -> _Item:
         if self._pending >= self.config.max_queue:
             raise Overloaded(f"replica queue is full ({self.config.max_queue} requests); retry later")

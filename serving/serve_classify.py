@@ -1,10 +1,14 @@
-"""POST /v1/classify: a sequence-classification adapter's label and probabilities per input."""
+"""POST /v1/classify: a classification adapter's label and probabilities per input.
+
+On a text base the inputs are texts and the adapter a sequence-classification one; on an
+image base they are images (data URLs, checked by `ServingContext.encoder_call`) and the
+adapter an image-classification one.
+"""
 
 from __future__ import annotations
 
 from adapters.bundle import Task
 from serving.protocol import ClassifyData, ClassifyRequest, ClassifyResponse, EncoderUsage
-from serving.replica_io import ReplicaCall
 from serving.service import RequestRecord, ServingContext
 
 
@@ -12,8 +16,9 @@ async def classify(ctx: ServingContext, req: ClassifyRequest, record: RequestRec
     await ctx.check_inputs(req.texts())
     base_task = await ctx.base_task()
     target = await ctx.resolve(req.model, record)
-    ctx.require(target, {Task.SEQUENCE_CLASSIFICATION}, "classify", base_ok=False, base_task=base_task)
-    result = await ctx.client.call("classify", ReplicaCall(adapter=target.adapter, texts=req.texts()))
+    task = Task.IMAGE_CLASSIFICATION if await ctx.modality() == "image" else Task.SEQUENCE_CLASSIFICATION
+    ctx.require(target, {task}, "classify", base_ok=False, base_task=base_task)
+    result = await ctx.client.call("classify", await ctx.encoder_call(target, req.texts()))
     ctx.account(record, result)
     record.prompt_tokens = sum(result.prompt_tokens)
     return ClassifyResponse(

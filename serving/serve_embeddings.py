@@ -1,5 +1,10 @@
 """POST /v1/embeddings: the base encoder or an encoder adapter, mean-pooled and normalised.
 
+On an image base the inputs are images (data URLs) and the vector is the same rule over the
+image's positions: the mean of the last hidden states of the class token and every patch,
+L2-normalised. Any encoder adapter (feature extraction, classification, question answering)
+embeds with its adapted encoder; its head is not used.
+
 OpenAI's options are honoured so its SDK works unchanged: `encoding_format="base64"` (its
 default) returns each vector's little-endian float32 bytes base64-encoded, and
 `dimensions=N` keeps the first N components and L2-normalises them again (the rule OpenAI
@@ -16,14 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from adapters.bundle import Task
+from adapters.validation import ENCODER_TASKS
 from serving.engine.pooling import l2_normalize
 from serving.errors import InvalidRequest
 from serving.protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse, EncoderUsage
-from serving.replica_io import ReplicaCall
 from serving.service import RequestRecord, ServingContext
-
-ENCODER_TASKS = {Task.FEATURE_EXTRACTION, Task.SEQUENCE_CLASSIFICATION}
 
 
 def shape_vectors(vectors: Sequence[Any], dimensions: int | None, encoding: str) -> list[np.ndarray | str]:
@@ -46,7 +48,7 @@ async def create_embeddings(ctx: ServingContext, req: EmbeddingRequest, record: 
         size = int((await ctx.info()).spec["hidden_size"])
         if req.dimensions > size:
             raise InvalidRequest(f"dimensions must be between 1 and the model's size {size}, got {req.dimensions}")
-    result = await ctx.client.call("embed", ReplicaCall(adapter=target.adapter, texts=req.texts()))
+    result = await ctx.client.call("embed", await ctx.encoder_call(target, req.texts()))
     ctx.account(record, result)
     record.prompt_tokens = sum(result.prompt_tokens)
     vectors = shape_vectors(result.outputs, req.dimensions, req.encoding_format)

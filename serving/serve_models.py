@@ -1,4 +1,5 @@
-"""GET /v1/models: the base model, then every adapter (latest version) with `parent` = base id."""
+"""GET /v1/models: the base model, then every adapter (latest version) with `parent` = base id;
+each card names its task and modality (text or image: what its inputs are)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from serving.service import ServingContext
 
 async def list_models(ctx: ServingContext, store: RegistryStore) -> ModelList:
     info = await ctx.info()
-    cards = [ModelCard(id=info.model_id, root=info.model_id, parent=None, task=info.task)]
+    modality = await ctx.modality()
+    cards = [ModelCard(id=info.model_id, root=info.model_id, parent=None, task=info.task, modality=modality)]
     for m in await asyncio.to_thread(store.list_latest):
         cards.append(
             ModelCard(
@@ -20,6 +22,7 @@ async def list_models(ctx: ServingContext, store: RegistryStore) -> ModelList:
                 root=m.ref,
                 parent=info.model_id,
                 task=m.task.value,
+                modality=modality,
             )
         )
     return ModelList(data=cards)

@@ -23,6 +23,7 @@ from adapters.registry.store import AdapterNotFound
 from adapters.validation import BaseModelSpec
 from serving.config import ServerConfig
 from serving.errors import InvalidRequest, ModelNotFound, UnsupportedTask
+from serving.images import ImageLimits, image_bytes
 from serving.metrics import ServerMetrics
 from serving.replica_io import ReplicaCall, ReplicaInfo, ReplicaResult, ServedBy, StreamItem
 
@@ -112,11 +113,17 @@ class ServingContext:
     """The ingress's state shared by the endpoint families."""
 
     def __init__(
-        self, client: ModelClient, resolver: AdapterResolver, metrics: ServerMetrics, limits: RequestLimits | None = None
+        self,
+        client: ModelClient,
+        resolver: AdapterResolver,
+        metrics: ServerMetrics,
+        image_limits: ImageLimits,
+        limits: RequestLimits | None = None,
     ) -> None:
         self.client = client
         self.resolver = resolver
         self.metrics = metrics
+        self.image_limits = image_limits
         self.limits = limits or RequestLimits.of(ServerConfig())
         self._info: ReplicaInfo | None = None
         self._info_lock = asyncio.Lock()
@@ -124,9 +131,12 @@ class ServingContext:
     async def check_inputs(self, texts: Sequence[str], what: str = "input") -> None:
         """InvalidRequest (400) for more inputs than `max_inputs` or one longer than the character
         bound: refused at the ingress, before a replica tokenizes anything (a 4 M-character text
-        took seconds to be refused by the token check and crossed to the replica first)."""
+        took seconds to be refused by the token check and crossed to the replica first). On an
+        image base the items are data URLs, bounded by the image limits (`encoder_call`) instead."""
         if len(texts) > self.limits.max_inputs:
             raise InvalidRequest(f"{what} has {len(texts)} items; at most {self.limits.max_inputs} per request")
+        if await self.modality() == "image":
+            return
         info = await self.info()
         bound = self.limits.chars_for(info.max_seq_len)
         for i, text in enumerate(texts):
@@ -155,6 +165,20 @@ class ServingContext:
 
     async def base_task(self) -> Task:
         return Task((await self.info()).task)
+
+    async def modality(self) -> str:
+        """text or image: what the base model (and so every adapter) takes as input."""
+        return str((await self.info()).spec.get("modality", "text"))
+
+    async def encoder_call(self, target: Target, items: list[str]) -> ReplicaCall:
+        """The replica call for embeddings or classify inputs: texts as they are; on an image
+        base every item must be an image data URL, checked here (400, or 413 for its size, off
+        the event loop) so a bad image never reaches a replica or a batch."""
+        if await self.modality() != "image":
+            return ReplicaCall(adapter=target.adapter, texts=items)
+        limits = self.image_limits
+        images = await asyncio.to_thread(lambda: [image_bytes(x, i, limits) for i, x in enumerate(items)])
+        return ReplicaCall(adapter=target.adapter, images=images)
 
     async def resolve(self, model: str, record: RequestRecord) -> Target:
         """`model` -> Target; ModelNotFound (404) when it names nothing served here."""

@@ -1,4 +1,4 @@
-"""Shared fixtures: the embedded MiniLM folder and tiny random causal LMs on disk."""
+"""Shared fixtures: the embedded MiniLM folder, tiny random causal LMs and a tiny ViT on disk."""
 
 from __future__ import annotations
 
@@ -45,3 +45,10 @@ def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.tiny_models import build_tiny_causal_lm
 
     return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.tiny_models import build_tiny_vit
+
+    return build_tiny_vit(tmp_path_factory.mktemp("tiny-vit"))

@@ -51,6 +51,14 @@ def engine_for(folder: Path, served: str | None = None, **kw: object) -> Engine:
     return Engine(EngineConfig(model=str(folder), served_model_name=served, num_threads=1, **kw))
 
 
+def engine_with(folder: Path, served: str, bundles: dict[str, AdapterBundle], **kw: object) -> Engine:
+    """`engine_for` with every bundle of `bundles` loaded under its name."""
+    engine = engine_for(folder, served, **kw)
+    for name, bundle in bundles.items():
+        engine.load_adapter(name, bundle)
+    return engine
+
+
 def targets_of(engine: Engine, suffixes: tuple[str, ...]) -> list[str]:
     return [n for n in engine.spec.linear_shapes if n.endswith(suffixes)]
 

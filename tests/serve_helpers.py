@@ -38,18 +38,21 @@ class DirectClient:
         return await self.server.info()
 
 
-def inprocess_app(engine, registry, **settings):
-    """(FastAPI app, ModelServer) without Ray: the real ingress app over a ModelServer on `engine`
-    in this process, with a fresh registry folder and `settings` named as flags."""
+def in_process_app(engine, **settings):
+    """(FastAPI app, ModelServer, CoalescingClient): the real app over the real deployment class
+    in this process (no Ray), its replica calls joined as a one-replica deployment's ingress
+    joins them (across adapters), with at most one in flight so that concurrent requests do
+    get joined. `settings` are named as flags."""
+    from serving.coalesce import CoalescingClient
     from serving.config_sources import config_of
     from serving.deployments import ModelServer
     from serving.ingress import _build_context, create_api
 
-    args = config_of(registry=str(registry), **settings)
+    args = config_of(**settings)
     server = ModelServer(args, engine=engine)
-    ctx, store, reg_settings = _build_context(None, args)
-    ctx.client = DirectClient(server)
-    return create_api(ctx, store, reg_settings), server
+    ctx, store, registry_settings = _build_context(None, args)
+    client = ctx.client = CoalescingClient(DirectClient(server), max_inflight=1, join_adapters=True)
+    return create_api(ctx, store, registry_settings), server, client
 
 
 def free_port() -> int:

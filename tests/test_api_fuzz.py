@@ -1,7 +1,7 @@
 """Schemathesis over the running app's own OpenAPI schema: no request gets a 5xx.
 
 One real Ray Serve app on 127.0.0.1 (MiniLM base, a temp registry, an admin token, one
-feature-extraction and one sequence-classification adapter uploaded). The schema is
+feature-extraction, one sequence-classification and one question-answering adapter uploaded). The schema is
 fetched over HTTP from /openapi.json and every operation in it is fuzzed (schemathesis
 positive and negative generation) with a bounded, derandomized
 number of examples, so a CI run is reproducible. Each response must
@@ -42,7 +42,9 @@ from tests.serve_helpers import APP_NAME, running_app
 pytestmark = pytest.mark.ray
 
 ADMIN = "fuzz-admin-token"
-ADAPTERS = {"fz-fe": Task.FEATURE_EXTRACTION, "fz-cls": Task.SEQUENCE_CLASSIFICATION}
+ADAPTERS = {
+    "fz-fe": Task.FEATURE_EXTRACTION, "fz-cls": Task.SEQUENCE_CLASSIFICATION, "fz-qa": Task.QUESTION_ANSWERING,
+}
 MODELS = [MINILM_ID, *ADAPTERS, *(f"{name}@1" for name in ADAPTERS)]
 #: Examples per operation in the fuzzing phase (positive and negative modes share them).
 MAX_EXAMPLES = 20

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 REPS = 3
-MODELS = ("all-MiniLM-L6-v2", "random Llama h=128 L=2")  # the --quick sizes
+MODELS = ("all-MiniLM-L6-v2", "random Llama h=128 L=2", "random ViT h=64 L=2 32px")  # the --quick sizes
 RATIO_ROWS = {  # table row -> (numerator, denominator) samples, digits printed
     "**merged / base**": ("merged", "base", 3),
     "CapaBoost unmerged / merged": ("capaboost_unmerged", "merged", 3),
@@ -62,6 +62,14 @@ def llama_params(vocab: int, h: int, layers: int) -> int:
     return 2 * vocab * h + layers * (4 * h * h + 3 * h * inter + 2 * h) + h
 
 
+def vit_params(h: int, layers: int, image: int, patch: int) -> int:
+    """Parameters of bench_merge's random ViTModel (4h MLP, with its pooler), from its sizes alone."""
+    tokens = (image // patch) ** 2 + 1
+    embed = 3 * patch * patch * h + h + h + tokens * h  # patch projection, class token, positions
+    layer = 4 * (h * h + h) + 2 * 2 * h + (h * 4 * h + 4 * h) + (4 * h * h + h)
+    return embed + layers * layer + 2 * h + (h * h + h)
+
+
 def test_bench_merge_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
                            minilm_dir: Path) -> None:
     """The printed and written table equals the medians of the paired per-repetition ratios
@@ -95,10 +103,14 @@ def test_bench_merge_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str], m
     assert [r.model for _, _, r in captured] == list(MODELS)
 
     bert = bert_params(json.loads((minilm_dir / "config.json").read_text()))
-    assert rows["parameters (M)"] == [f"{bert / 1e6:.1f}", f"{llama_params(4096, 128, 2) / 1e6:.1f}"]
-    assert rows["tokens per forward"] == ["16", "16"]  # quick: 16 tokens, one sequence
-    # MiniLM: 6 layers x (query, key, value, attention.output.dense); Llama: 2 x (q, k, v, o)_proj
-    assert rows["targets (rank)"] == ["24 (r=8, d=2)", "8 (r=8, d=2)"]
+    assert rows["parameters (M)"] == [
+        f"{bert / 1e6:.1f}", f"{llama_params(4096, 128, 2) / 1e6:.1f}", f"{vit_params(64, 2, 32, 8) / 1e6:.1f}"
+    ]
+    assert sum(p.numel() for p in captured[2][0].model.parameters()) == vit_params(64, 2, 32, 8)
+    # quick: 16 tokens, one sequence; one 32 px image in 8 px patches is 16 patches and a class token
+    assert rows["tokens per forward"] == ["16", "16", "17"]
+    # MiniLM: 6 layers x (query, key, value, attention.output.dense); Llama and ViT: 2 x (q, k, v, o)_proj
+    assert rows["targets (rank)"] == ["24 (r=8, d=2)", "8 (r=8, d=2)", "8 (r=8, d=2)"]
 
     for col, (engine, bundle, res) in enumerate(captured):
         for key, samples in res.times.items():

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.ray
 
 MiB = 1024 * 1024
 UPLOAD_LIMIT = 12 * MiB
-BODY_LIMIT = 16 * MiB  # the default
+BODY_LIMIT = 32 * MiB  # the default
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +150,7 @@ def _rss(port: int) -> int:
 
 def test_beyond_the_limits_json_error_at_once_and_memory_back(ports):
     """The ingress replica's own port (`capaserve serve --port` on a local cluster) reads no more
-    than the limit: its memory stays within 64 MiB of where it was after 300 MB attempts (a
+    than the limit: its memory grows by less than the limit plus 32 MiB after 300 MB attempts (a
     300 MB body read whole left 400-800 MB in the proxy and the ingress). Serve's proxy reads a
     body ahead of the app at socket speed, so a body sent without a length is buffered there
     until the 413 is back, however long that takes on a busy host (30-320 MB measured here):
@@ -166,13 +166,13 @@ def test_beyond_the_limits_json_error_at_once_and_memory_back(ports):
             status, body, seconds = _raw_post(base, "/v1/embeddings", {**json_type, "Content-Length": str(300 * MiB)}, 300 * MiB)
             assert status == 413 and body["error"]["type"] == "payload_too_large" and body["error"]["code"] == 413
             times.append(seconds)
-            # 300 MB offered without a length (chunked): refused once 16 MiB have come in
+            # 300 MB offered without a length (chunked): refused once BODY_LIMIT bytes have come in
             status, body, seconds = _raw_post(base, "/v1/embeddings", {**json_type, "Transfer-Encoding": "chunked"}, 300 * MiB)
             assert status == 413 and body["error"]["type"] == "payload_too_large", body
         assert min(times) < 0.1, (base, times)  # the best of 3: this 2-core host is shared
         if base == direct:
             grown = _rss(port) - before
-            assert grown < 64 * MiB, grown / MiB
+            assert grown < BODY_LIMIT + 32 * MiB, grown / MiB  # what was read before the 413, and no more
 
         with httpx.Client(base_url=base, timeout=30) as c:
             times = []

@@ -13,8 +13,11 @@ import pytest
 
 from adapters.bundle import save_bundle
 from adapters.synthetic import random_bundle
+from serving.config_sources import config_of
+from serving.deployments import ModelServer
+from serving.ingress import _build_context, create_api
 from tests.conftest import MINILM_ID
-from tests.serve_helpers import error_of, inprocess_app
+from tests.serve_helpers import DirectClient, error_of
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +28,12 @@ def engine():
     return Engine(EngineConfig(num_threads=1))
 
 
-make_app = inprocess_app
+def make_app(engine, registry, **kw):
+    args = config_of(registry=str(registry), **kw)
+    server = ModelServer(args, engine=engine)
+    ctx, store, settings = _build_context(None, args)
+    ctx.client = DirectClient(server)
+    return create_api(ctx, store, settings), server
 
 
 async def _client(app):

@@ -16,7 +16,7 @@ from adapters.bundle import save_bundle
 from adapters.synthetic import random_bundle
 from serving.api.body_limit import BodyLimit
 from tests.conftest import MINILM_ID
-from tests.serve_helpers import error_of, inprocess_app
+from tests.serve_helpers import error_of, in_process_app
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def engine():
 
 def make_app(engine, registry, **kw):
     """The in-process app, its model server counting the calls that reach it: a refused request makes none."""
-    app, server = inprocess_app(engine, registry, **kw)
+    app, server, _ = in_process_app(engine, registry=str(registry), **kw)
     server.calls = 0
     for method in ("embed", "classify", "call_many", "generate", "generate_stream"):
         real = getattr(server, method)

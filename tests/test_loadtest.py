@@ -125,3 +125,65 @@ def test_locust_scenario_against_a_real_server(tmp_path):
     for name in ("throughput.png", "latency.png", "swaps.png", "csv/references.json",
                  "csv/grouped-n3-s1-r0_stats.csv", "csv/grouped-n3-s1-r0_summary.json"):
         assert (tmp_path / name).stat().st_size > 0, name
+
+
+QA_REF = Reference(adapter="q", task="question-answering", embeddings=[[1.0, 0.0]],
+                   answers=[{"answer": "the dog", "score": 0.5, "start": 4, "end": 11}])
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        ({"data": [{"index": 0, "answer": "the dog", "score": 0.50004, "start": 4, "end": 11}]}, None),
+        ({"data": [{"index": 0, "answer": "dog", "score": 0.5, "start": 8, "end": 11}]}, Contaminated),
+        ({"data": [{"index": 0, "answer": "the dog", "score": 0.6, "start": 4, "end": 11}]}, Contaminated),
+        ({"data": [{"index": 0, "answer": "the dog", "start": 4, "end": 11}]}, CheckError),
+        ({"data": [{"index": 0, "answer": "x", "score": 2.0, "start": 4, "end": 11}]}, CheckError),
+        ({"data": [{"index": 0, "answer": "x", "score": 0.5, "start": 9, "end": 4}]}, CheckError),
+    ],
+)
+def test_check_question_answering(body, error):
+    assert parse_mix("question-answering=2,embeddings=1") == {"question-answering": 2.0, "embeddings": 1.0}
+    if error is None:
+        check_answer("question-answering", body, QA_REF, [0], compare=True)
+    else:
+        with pytest.raises(error):
+            check_answer("question-answering", body, QA_REF, [0], compare=True)
+
+
+def test_picker_draws_questions_and_images_are_valid():
+    from loadtest.scenario import Picker, ReferenceSet, images
+    from serving.images import ImageLimits, image_bytes
+
+    refs = ReferenceSet(texts=list(images()), adapters={"q": QA_REF})
+    picker = Picker(refs, ["q"], 1.0, {}, texts_per_request=3, seed=1)
+    assert set(picker.mix) == {"embeddings", "question-answering"}
+    kinds = {picker.draw()[0] for _ in range(40)}
+    assert kinds == {"embeddings", "question-answering"}
+    body = refs.inputs("question-answering", [0, 5])
+    assert body[0]["question"] and len(body[1]["context"]) > len(body[0]["context"])
+    for i, url in enumerate(images()):  # every load-test image passes the server's checks
+        image_bytes(url, i, ImageLimits(max_bytes=1 << 20, max_pixels=1 << 20))
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("base", ["minilm-qa", "tiny-vit"])
+def test_locust_mix_of_new_tasks(base, tmp_path, tiny_vit_dir):
+    """QA adapters on MiniLM (question answering and embeddings) and image classifiers on a
+    tiny ViT (classify and embeddings of images): no failure, no contamination."""
+    from loadtest.run import run
+
+    extra = {"adapter_task": "question-answering"} if base == "minilm-qa" else {"model": str(tiny_vit_dir)}
+    cfg = LoadTestConfig(adapters=[2], zipf=[1.0], goal_adapters=2, users=2, duration_s=3, baseline=False,
+                         single=False, check_fraction=0.5, out=tmp_path, progress=False, **extra)
+    run(cfg)
+    results = json.loads((tmp_path / "results.json").read_text())
+    (row,) = results["rows"]
+    assert row["requests"] > 0 and row["checked"] > 0
+    assert row["failures"] == 0 and row["contaminated"] == 0, row["samples"]
+    kinds = {"question-answering", "embeddings"} if base == "minilm-qa" else {"classify", "embeddings"}
+    (one,) = results["runs"]
+    assert set(one["by_endpoint"]) == {f"/v1/{k}" for k in kinds}  # both endpoints were driven
+    ref = json.loads((tmp_path / "csv" / "references.json").read_text())["adapters"]["lt-000"]
+    assert (ref["answers"] is not None) == (base == "minilm-qa") and (ref["probs"] is not None) == (base == "tiny-vit")

@@ -1,8 +1,10 @@
-"""Tiny random causal LMs saved to a folder, as transformers' own tests build them.
+"""Tiny random models saved to a folder, as transformers' own tests build them: causal LMs
+and a ViT image encoder.
 
 No weights are downloaded: the config is written by hand, the weights are random with a
 fixed seed, and the tokenizer is a byte-level BPE trained in well under a second on a
-fixed text, with a chat template string set by hand.
+fixed text, with a chat template string set by hand. The ViT is saved with its image
+processor (what `capaserve serve --model` reads to prepare pixels).
 """
 
 from __future__ import annotations
@@ -68,4 +70,21 @@ def build_tiny_causal_lm(folder: Path, arch: str = "llama", seed: int = 0) -> Pa
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_vit(folder: Path, seed: int = 0, image_size: int = 32, patch_size: int = 8) -> Path:
+    """Save a tiny random ViTModel (hidden 32, 2 layers; (image_size/patch_size)^2 + 1 tokens)
+    and a ViTImageProcessor resizing to image_size x image_size to `folder`; return it."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        image_size=image_size, patch_size=patch_size, num_channels=3,
+    )
+    torch.manual_seed(seed)
+    ViTModel(config).save_pretrained(folder)
+    ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(folder)
     return folder

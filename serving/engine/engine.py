@@ -4,7 +4,8 @@
 - `Tokens` (tokens.py): the tokenizer behind one lock, length checks, chat template;
 - `AdapterResidency` (residency.py): loaded adapters, the weights they are written into,
   the one RLock no forward runs without, and the leases that keep in-use adapters loaded;
-- `EncodeRunner` (encode.py): embeddings and classification, merged or mixed;
+- `EncodeRunner` (encode.py): embeddings, classification and question answering (qa.py),
+  merged or mixed, on text or (`ImageInputs`, images.py) image inputs;
 - `GenerateRunner` (generate.py): batched, mixed and streamed generation on a causal LM.
 No forward ever overlaps a swap, and generation takes the lock per decode step, so
 interleaved requests of different adapters stay correct. No Ray in here: the Ray Serve
@@ -19,8 +20,9 @@ import torch
 
 from adapters.bundle import AdapterBundle, Task
 from serving.config import EngineConfig
-from serving.engine.encode import AdapterMode, EncodeRunner
+from serving.engine.encode import AdapterMode, EncodeInput, EncodeRunner
 from serving.engine.generate import GenerateRunner
+from serving.engine.images import ImageInputs
 from serving.engine.model_loader import LoadedModel, load_model
 from serving.engine.outputs import (
     EncodedRow,
@@ -66,7 +68,12 @@ class Engine:
         self.residency = AdapterResidency(
             loaded.model, loaded.spec, loaded.device, config.adapter_cache_bytes, config.dense_budget_bytes
         )
-        self._encoder = EncodeRunner(loaded.model, loaded.task, self.tokens, self.residency)
+        #: an image base's pixels (its image processor); None for a text base
+        self.images = (
+            ImageInputs(loaded.processor, loaded.model, loaded.device, loaded.dtype)
+            if loaded.processor is not None else None
+        )
+        self._encoder = EncodeRunner(loaded.model, loaded.task, self.tokens, self.residency, self.images)
         self._generator = GenerateRunner(loaded.model, loaded.task, self.tokens, self.residency)
 
     # ------------------------------------------------------------------ adapters
@@ -99,14 +106,16 @@ class Engine:
     # ------------------------------------------------------------------ requests
 
     def encode(
-        self, texts: list[str], adapters: list[str | None], tasks: list[EncodeTask], *, mixed: bool = False
+        self, inputs: list[EncodeInput], adapters: list[str | None], tasks: list[EncodeTask], *, mixed: bool = False
     ) -> list[EncodedRow]:
-        """One encoder pass over rows that may mix embeddings and classification.
+        """One encoder pass over inputs that may mix embeddings, classification and question
+        answering: texts (or, for "qa", `QAInput` pairs) on a text base, PNG/JPEG bytes on an
+        image base.
 
-        Row i uses adapters[i] (None: the base) and gets tasks[i]. Merged (the default)
-        needs one adapter for all rows; mixed=True runs them unmerged, each with its own.
+        Input i uses adapters[i] (None: the base) and gets tasks[i]. Merged (the default)
+        needs one adapter for all inputs; mixed=True runs them unmerged, each with its own.
         """
-        return self._encoder.encode(texts, adapters, tasks, mixed=mixed)
+        return self._encoder.encode(inputs, adapters, tasks, mixed=mixed)
 
     @property
     def mode(self) -> AdapterMode:

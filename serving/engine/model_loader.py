@@ -1,5 +1,11 @@
-"""Load the base model once: pick device and dtype, decide encoder vs causal LM, and never
-download (`local_files_only=True`, so an id resolves only from the local HF cache)."""
+"""Load the base model once: pick device and dtype, decide encoder vs causal LM and text vs
+image input, and never download (`local_files_only=True`, so an id resolves only from the
+local HF cache).
+
+An image base is an encoder whose config is one of the vision families transformers
+classifies images with (`model_type` vit, deit, beit, dinov2, ...): it gets its folder's
+image processor (`AutoImageProcessor`) instead of a tokenizer.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
-from adapters.bundle import Task
+from adapters.bundle import Modality, Task
 from adapters.default_model import default_model_dir
 from adapters.device import resolve_device
 from adapters.validation import BaseModelSpec
@@ -24,6 +31,8 @@ CAUSAL_FAMILIES = frozenset(
         "stablelm", "granite", "smollm3",
     }
 )
+#: model_type values of image encoders: the families transformers has an image classifier for.
+IMAGE_FAMILIES = frozenset(MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -38,6 +47,8 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     max_positions: int
+    #: the image processor of an image base (its tokenizer is None); None for text bases
+    processor: Any = None
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -63,6 +74,11 @@ def detect_task(hf_config: Any) -> Task:
     if getattr(hf_config, "is_decoder", False):
         return Task.CAUSAL_LM
     return Task.FEATURE_EXTRACTION
+
+
+def detect_modality(hf_config: Any) -> Modality:
+    """image for the vision encoder families (IMAGE_FAMILIES), else text."""
+    return "image" if getattr(hf_config, "model_type", None) in IMAGE_FAMILIES else "text"
 
 
 def hidden_size_of(hf_config: Any) -> int:
@@ -91,16 +107,18 @@ def prepare_tokenizer(tokenizer: Any, task: Task) -> Any:
     return tokenizer
 
 
-def finish(model: torch.nn.Module, tokenizer: Any, model_id: str, task: Task) -> LoadedModel:
-    """Wrap an already built model (used by the loader, benchmarks and tests)."""
+def finish(model: torch.nn.Module, tokenizer: Any, model_id: str, task: Task, processor: Any = None) -> LoadedModel:
+    """Wrap an already built model (used by the loader, benchmarks and tests); an image
+    base comes with its image `processor` instead of a tokenizer."""
     model.eval()
     model.requires_grad_(False)
     p = next(model.parameters())
     cfg = model.config
-    spec = BaseModelSpec.from_model(model_id, task, model, hidden_size_of(cfg))
+    modality: Modality = "image" if processor is not None else "text"
+    spec = BaseModelSpec.from_model(model_id, task, model, hidden_size_of(cfg), modality)
     if tokenizer is not None:
         prepare_tokenizer(tokenizer, task)
-    return LoadedModel(model, tokenizer, task, spec, p.device, p.dtype, max_positions_of(cfg))
+    return LoadedModel(model, tokenizer, task, spec, p.device, p.dtype, max_positions_of(cfg), processor)
 
 
 def load_model(config: EngineConfig) -> LoadedModel:
@@ -114,6 +132,15 @@ def load_model(config: EngineConfig) -> LoadedModel:
     hf_config = AutoConfig.from_pretrained(source, **kw)
     task = detect_task(hf_config)
     model = model_class(task).from_pretrained(source, dtype=dtype, **kw).to(device)
+    if detect_modality(hf_config) == "image":
+        try:
+            processor = AutoImageProcessor.from_pretrained(source, **kw)
+        except (OSError, ValueError) as exc:
+            raise ValueError(
+                f"{source} is an image model ({hf_config.model_type}) but has no image processor "
+                f"(preprocessor_config.json) to prepare pixels with: {exc}"
+            ) from exc
+        return finish(model, None, config.served_name(), task, processor)
     tokenizer = AutoTokenizer.from_pretrained(source, **kw)
     return finish(model, tokenizer, config.served_name(), task)
 
@@ -125,4 +152,4 @@ def meta_spec(source: str, model_id: str, task: Task | None = None) -> BaseModel
     task = detect_task(hf_config) if task is None else task
     with torch.device("meta"):
         model = model_class(task).from_config(hf_config)
-    return BaseModelSpec.from_model(model_id, task, model, hidden_size_of(hf_config))
+    return BaseModelSpec.from_model(model_id, task, model, hidden_size_of(hf_config), detect_modality(hf_config))

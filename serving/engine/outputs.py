@@ -11,15 +11,16 @@ from pydantic import BaseModel, Field
 from adapters.bundle import Task
 
 FinishReason = Literal["stop", "length"]
-EncodeTask = Literal["embed", "classify"]
+EncodeTask = Literal["embed", "classify", "qa"]
 
 
 @dataclass
 class EncodedRow:
-    """One input of an encoder batch: its embedding [dim] or its classification, CPU float32.
+    """One input of an encoder batch: its embedding [dim], its classification (CPU float32),
+    or its answer (question answering: the text, its score and character offsets).
 
-    Embedding and classification rows share one forward (same adapter, or mixed), so
-    the scheduler can batch the two endpoints together.
+    Rows of every encoder task share one forward (same adapter, or mixed), so the
+    scheduler can batch the endpoints together.
     """
 
     task: EncodeTask
@@ -28,6 +29,10 @@ class EncodedRow:
     label: str | None = None
     probs: torch.Tensor | None = None
     label_names: list[str] | None = None
+    answer: str | None = None
+    score: float | None = None
+    start: int | None = None
+    end: int | None = None
 
 
 class GenerationOutput(BaseModel):
@@ -49,7 +54,7 @@ class LoadedAdapterInfo(BaseModel):
     task: Task
     mode: Literal["dense", "factors"] = Field(..., description="How its pre-merged delta is kept.")
     nbytes: int = Field(..., description="Bytes of pre-merged data it holds in the cache.")
-    labels: list[str] | None = Field(None, description="Label names of a sequence-classification adapter.")
+    labels: list[str] | None = Field(None, description="Label names of a sequence- or image-classification adapter.")
 
 
 class EngineStats(BaseModel):

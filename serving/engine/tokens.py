@@ -20,7 +20,8 @@ class Tokens:
         self.tokenizer = tokenizer
         self.max_len = max_len
         self.model_id = model_id
-        self._lock = threading.Lock()
+        #: held by every call into the tokenizer (serving.engine.qa cuts its windows under it too)
+        self.lock = threading.Lock()
 
     def texts(self, texts: list[str]) -> Any:
         """Encoder inputs, unpadded (the runner pads per chunk); each within max_len."""
@@ -28,23 +29,25 @@ class Tokens:
             raise InvalidRequest("input must be a non-empty list of strings")
         if not all(isinstance(t, str) for t in texts):
             raise InvalidRequest("every input must be a string")
-        with self._lock:
+        with self.lock:
             enc = self.tokenizer(texts, add_special_tokens=True)
         for i, ids in enumerate(enc["input_ids"]):
             if len(ids) > self.max_len:
                 raise InvalidRequest(f"input {i} has {len(ids)} tokens, more than the limit of {self.max_len}")
         return enc
 
-    def pad(self, enc: Any, rows: list[int]) -> dict[str, Any]:
-        """Rows `rows` of `texts()` output as one padded batch of CPU tensors."""
-        with self._lock:
-            return dict(self.tokenizer.pad({k: [v[i] for i in rows] for k, v in enc.items()}, return_tensors="pt"))
+    def pad(self, rows: list[dict[str, list[int]]]) -> dict[str, Any]:
+        """Token rows (one text, or one question-answering window, each) as one padded batch
+        of CPU tensors."""
+        keys = rows[0].keys()
+        with self.lock:
+            return dict(self.tokenizer.pad({k: [r[k] for r in rows] for k in keys}, return_tensors="pt"))
 
     def prompts(self, prompts: list[str], params: SamplingParams) -> list[list[int]]:
         """Prompt ids (an empty prompt becomes BOS); each prompt plus max_tokens within max_len."""
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise InvalidRequest("prompt must be a non-empty list of strings")
-        with self._lock:
+        with self.lock:
             encoded = self.tokenizer(prompts, add_special_tokens=True)["input_ids"]
         out: list[list[int]] = []
         for i, ids in enumerate(encoded):
@@ -62,7 +65,7 @@ class Tokens:
         return out
 
     def count(self, texts: list[str]) -> int:
-        with self._lock:
+        with self.lock:
             encoded = self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]
         return sum(len(ids) for ids in encoded)
 
