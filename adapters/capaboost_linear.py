@@ -51,6 +51,7 @@ class CapaBoostLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
         self.register_buffer("mask_A", random_masks(num_copies, (rank, in_features), density, g))
         self.register_buffer("mask_B", random_masks(num_copies, (out_features, rank), density, g))
+        self.to(next(base.parameters()).device)  # drawn on the CPU (seeded), kept beside the base layer
 
     @classmethod
     def from_factors(cls, base: nn.Module, f: TargetFactors, alpha: float) -> "CapaBoostLinear":

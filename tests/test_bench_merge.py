@@ -97,7 +97,7 @@ def test_bench_merge_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str], m
         torch.set_num_threads(threads)
     text = out.read_text()
     assert capsys.readouterr().out.strip() == text.strip()  # printed == written
-    assert f"1 threads, {REPS} interleaved repetitions, medians" in text.splitlines()[0]
+    assert f"CPU, 1 threads, float32, {REPS} interleaved repetitions, medians" in text.splitlines()[0]
     models, rows = parse_table(text)
     assert tuple(models) == MODELS
     assert [r.model for _, _, r in captured] == list(MODELS)

@@ -7,6 +7,7 @@ unmerged forward `x W^T + (alpha/r) * sum_i x A_i B_i` vs the same merged plain 
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import math
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers.image_utils import load_image
 from transformers.pytorch_utils import Conv1D
 
 from adapters.bundle import AdapterBundle, Task
@@ -25,6 +27,7 @@ from adapters.importers.peft import import_peft
 from adapters.importers.reference import ReferenceConfig, import_reference
 from adapters.merge import delta_weight, merge_into, stacked_factors
 from tests.conftest import MINILM_ID
+from tests.peft_models import peft_folder, qa_peft, seq_cls_peft
 
 peft = pytest.importorskip("peft")
 
@@ -48,20 +51,6 @@ def merged_copy(model: torch.nn.Module, bundle: AdapterBundle) -> torch.nn.Modul
             b, a = stacked_factors(f, bundle.metadata.scaling)
             merge_into(mod.weight, mod.weight.detach().clone(), b, a, transposed=isinstance(mod, Conv1D))
     return model
-
-
-def peft_folder(model: torch.nn.Module, config, folder: Path, seed: int = 0):
-    """get_peft_model on a copy, non-zero random lora_B, save_pretrained; returns the PEFT model."""
-    from peft import get_peft_model
-
-    pm = get_peft_model(copy.deepcopy(model), config).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    pm.save_pretrained(folder)
-    return pm
 
 
 def ids(vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -143,6 +132,136 @@ def test_peft_on_task_model_strips_backbone_prefix(minilm_dir: Path, minilm, tmp
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+# ---- PEFT task heads (modules_to_save) ------------------------------------------------------
+
+SENTENCES = ["a fine day for a walk", "the service was slow and the soup was cold, sadly", "ok"]
+
+
+def test_peft_seq_cls_packed_and_served_equals_peft(minilm_dir: Path, tmp_path: Path) -> None:
+    """SEQ_CLS on BertForSequenceClassification: `capaserve pack peft`, then the engine's
+    classify, gives PEFT's own probabilities. BERT's classifier reads the pooler, which the
+    LoRA also targets (`dense`): the bundle's head.dense is the base pooler plus its delta."""
+    import subprocess
+
+    from transformers import AutoTokenizer
+
+    from adapters.validation import load_bundle
+    from tests.engine_utils import classify, engine_with
+
+    id2label = {0: "negative", 1: "neutral", 2: "positive"}
+    pm = seq_cls_peft(minilm_dir, tmp_path / "lora", id2label)
+    out = tmp_path / "cls.safetensors"
+    proc = subprocess.run(
+        ["capaserve", "pack", "peft", str(tmp_path / "lora"), "-o", str(out), "--base-model", MINILM_ID],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    bundle = load_bundle(out)
+    m = bundle.metadata
+    assert (m.task, m.labels, m.pooling) == (Task.SEQUENCE_CLASSIFICATION, list(id2label.values()), "cls")
+    assert "pooler.dense" in m.targets and all(t.startswith(("encoder.", "pooler.")) for t in m.targets)
+    assert set(bundle.head) == {"head.dense.weight", "head.dense.bias", "head.out.weight", "head.out.bias"}
+    tok = AutoTokenizer.from_pretrained(minilm_dir)
+    with torch.no_grad():
+        want = torch.softmax(pm(**tok(SENTENCES, padding=True, return_tensors="pt")).logits, dim=-1)
+    got = classify(engine_with(minilm_dir, MINILM_ID, {"cls": bundle}), SENTENCES, "cls")
+    torch.testing.assert_close(got.probs, want, atol=1e-4, rtol=0)
+    assert got.labels == [id2label[i] for i in want.argmax(-1).tolist()]
+    assert float(want.max() - want.min()) > 0.05  # the head separates the inputs: a real check
+
+
+def test_peft_question_answering_served_equals_peft_decoded(minilm_dir: Path, tmp_path: Path) -> None:
+    """QUESTION_ANS: the engine's answers equal the documented decode over PEFT's own logits.
+
+    PEFT's model with its LoRA layers is called through `get_base_model()`: peft 0.21's
+    PeftModelForQuestionAnswering.forward takes `token_type_ids` but does not pass them on,
+    so called directly it reads every token as segment 0, unlike the transformers model."""
+    from transformers import AutoTokenizer
+
+    from serving.engine.qa import QAInput
+    from tests.engine_utils import engine_with
+    from tests.qa_reference import reference_answer
+
+    pm = qa_peft(minilm_dir, tmp_path)
+    bundle = import_peft(tmp_path, base_model=MINILM_ID)
+    assert bundle.metadata.task is Task.QUESTION_ANSWERING and set(bundle.head) == {"head.qa.weight", "head.qa.bias"}
+    engine = engine_with(minilm_dir, MINILM_ID, {"qa": bundle})
+    tok = AutoTokenizer.from_pretrained(minilm_dir)
+    context = " ".join(f"Box {i} holds {n} red marbles and sits on shelf {i % 4}." for i, n in enumerate(range(3, 60)))
+    asks = [QAInput(question="How many marbles are in box 7?", context=context),
+            QAInput(question="Where is the box?", context="The box is on the third shelf.")]
+    rows = engine.encode(asks, ["qa"] * len(asks), ["qa"] * len(asks))
+    for row, ask in zip(rows, asks):
+        want = reference_answer(pm.get_base_model(), tok, ask.question, ask.context)
+        assert (row.answer, row.start, row.end) == (want.answer, want.start, want.end)
+        assert abs(row.score - want.score) <= 1e-4
+    assert len(reference_answer(pm.get_base_model(), tok, asks[0].question, context).windows) >= 2
+
+
+def test_peft_vit_image_classifier(tiny_vit_dir: Path, tmp_path: Path) -> None:
+    """A ViT classifier saved through modules_to_save with no task_type (PEFT has no image
+    task): image-classification, `vit.` stripped, the engine's probabilities equal PEFT's."""
+    from peft import LoraConfig
+    from transformers import AutoImageProcessor, ViTForImageClassification
+
+    from tests.engine_utils import engine_with
+    from tests.image_reference import IMAGES
+
+    torch.manual_seed(0)
+    model = ViTForImageClassification.from_pretrained(tiny_vit_dir, num_labels=3).eval()
+    pm = peft_folder(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                       modules_to_save=["classifier"]), tmp_path)
+    bundle = import_peft(tmp_path, base_model="tiny/vit")
+    m = bundle.metadata
+    assert (m.task, m.pooling, m.labels) == (Task.IMAGE_CLASSIFICATION, "cls", ["LABEL_0", "LABEL_1", "LABEL_2"])
+    assert m.targets[0] == "layers.0.attention.q_proj" and set(bundle.head) == {"head.out.weight", "head.out.bias"}
+    images = [base64.b64decode(u.split(",", 1)[1]) for u in IMAGES]
+    rows = engine_with(tiny_vit_dir, "tiny/vit", {"img": bundle}).encode(images, ["img"] * 5, ["classify"] * 5)
+    processor = AutoImageProcessor.from_pretrained(tiny_vit_dir)
+    pixels = processor(images=[load_image(u) for u in IMAGES], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        want = torch.softmax(pm(pixel_values=pixels).logits, dim=-1)
+    torch.testing.assert_close(torch.stack([r.probs for r in rows]), want, atol=1e-4, rtol=0)
+
+
+def test_peft_roberta_dense_tanh_head(tmp_path: Path) -> None:
+    """RobertaForSequenceClassification's classifier (dense, tanh, out_proj on the first
+    token) is the bundle's dense head; checked by hand on the merged RobertaModel."""
+    from peft import LoraConfig
+    from transformers import AutoModel, RobertaConfig, RobertaForSequenceClassification, RobertaModel
+
+    config = RobertaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=37, max_position_embeddings=64, pad_token_id=1)
+    torch.manual_seed(0)
+    RobertaModel(config, add_pooling_layer=False).save_pretrained(tmp_path / "base")
+    task_model = RobertaForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=2).eval()
+    pm = peft_folder(task_model, LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"], task_type="SEQ_CLS"),
+                     tmp_path / "lora", seed=5)
+    bundle = import_peft(tmp_path / "lora", base_model="tiny-roberta", labels=["no", "yes"])
+    assert bundle.metadata.labels == ["no", "yes"] and bundle.metadata.pooling == "cls"
+    x = ids(99, seed=5)
+    merged = merged_copy(AutoModel.from_pretrained(tmp_path / "base").eval(), bundle)
+    h = bundle.head
+    with torch.no_grad():
+        first = merged(**x).last_hidden_state[:, 0]
+        got = torch.tanh(first @ h["head.dense.weight"].t() + h["head.dense.bias"]) @ h["head.out.weight"].t() + h["head.out.bias"]
+        want = pm(**x).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConversionError, match="3 labels given but the head has 2 outputs"):
+        import_peft(tmp_path / "lora", base_model="tiny-roberta", labels=["a", "b", "c"])
+
+
+def test_peft_bert_classifier_needs_the_base_pooler(minilm_dir: Path, tmp_path: Path) -> None:
+    seq_cls_peft(minilm_dir, tmp_path, {0: "a", 1: "b"})
+    with pytest.raises(ConversionError, match=r"BERT's classifier reads the base model's pooler .*'no/such/base'"):
+        import_peft(tmp_path, base_model=MINILM_ID, base_weights="no/such/base")
+    (tmp_path / "config.json").write_text(json.dumps({"id2label": {"0": "a"}}))
+    with pytest.raises(ConversionError, match="id2label does not name the head's 2 labels"):
+        import_peft(tmp_path, base_model=MINILM_ID)
+    fe = import_peft(tmp_path, base_model=MINILM_ID, task="feature-extraction")  # asked for: the head is left out
+    assert not fe.head and "saved head 'classifier' left out" in (fe.metadata.description or "")
+
+
 @pytest.mark.parametrize(
     ("arch", "targets", "extra"),
     [
@@ -201,6 +320,14 @@ def _weights(fn):
     return mutate
 
 
+def _both(*mutations):
+    def mutate(folder: Path) -> None:
+        for m in mutations:
+            m(folder)
+
+    return mutate
+
+
 def _pickle_only(folder: Path) -> None:
     ts = load_file(folder / "adapter_model.safetensors")
     torch.save(ts, folder / "adapter_model.bin")
@@ -215,10 +342,16 @@ PEFT_ERRORS = [
     ("not-lora", _config(peft_type="IA3"), "only LORA adapters"),
     ("dora", _config(use_dora=True), "use_dora=True is not supported"),
     ("lora-bias", _config(lora_bias=True), "lora_bias=True is not supported"),
-    ("modules-to-save", _config(modules_to_save=["classifier"]), "modules_to_save"),
+    ("other-saved-module", _both(_config(modules_to_save=["LayerNorm"]), _weights(lambda ts: ts.update({"base_model.model.encoder.layer.0.output.LayerNorm.weight": torch.ones(384)}))), "modules_to_save saved 'encoder.layer.0.output.LayerNorm' (weight [384]): a bundle carries no trained module but a task head"),
+    ("score-head", _both(_config(modules_to_save=["score"], task_type="SEQ_CLS"), _weights(lambda ts: ts.update({"base_model.model.score.weight": torch.ones(2, 384)}))), "`score` is a decoder's sequence classifier"),
+    ("classifier-unknown-backbone", _both(_config(modules_to_save=["classifier"], task_type="SEQ_CLS"), _weights(lambda ts: ts.update({"base_model.model.classifier.weight": torch.ones(2, 384), "base_model.model.classifier.bias": torch.ones(2)}))), "on a model whose backbone prefix is not known cannot be mapped"),
+    ("two-heads", _both(_config(modules_to_save=["classifier", "qa_outputs"]), _weights(lambda ts: ts.update({"base_model.model.classifier.weight": torch.ones(2, 384), "base_model.model.qa_outputs.weight": torch.ones(2, 384)}))), "more than one head: ['classifier', 'qa_outputs']"),
+    ("qa-head-shape", _both(_config(modules_to_save=["qa_outputs"], task_type="QUESTION_ANS"), _weights(lambda ts: ts.update({"base_model.model.qa_outputs.weight": torch.ones(3, 384), "base_model.model.qa_outputs.bias": torch.ones(3)}))), "is not a question-answering head"),
+    ("pooler-without-head", _both(_config(modules_to_save=["pooler"]), _weights(lambda ts: ts.update({"base_model.model.bert.pooler.dense.weight": torch.ones(384, 384), "base_model.model.bert.pooler.dense.bias": torch.ones(384)}))), "saved the pooler but no head"),
+    ("qa-without-head", _config(task_type="QUESTION_ANS"), "task question-answering needs its head saved through modules_to_save ('qa_outputs')"),
     ("trained-bias", _config(bias="all"), "bias='all'"),
     ("pissa", _config(init_lora_weights="pissa_niter_4"), "init_lora_weights='pissa_niter_4' changes the base weights"),
-    ("seq-cls", _config(task_type="SEQ_CLS"), "no capaboost classification head"),
+    ("seq-cls-without-head", _config(task_type="SEQ_CLS"), "task sequence-classification needs its head saved through modules_to_save ('classifier')"),
     ("unknown-task", _config(task_type="TOKEN_CLS"), "has no bundle task"),
     ("no-task", _config(task_type=None), "no task_type"),
     ("no-base", _config(base_model_name_or_path=None), "no base model"),

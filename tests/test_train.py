@@ -26,6 +26,8 @@ from adapters.merge import delta_weight, rank_of
 from adapters.training.config import DEFAULT_MODEL_ID, TrainConfig
 from adapters.training.data import TrainingDataError, label_ids, label_names, read_jsonl
 from adapters.training.model import ClassificationHead, match_targets
+from tests.train_helpers import head_only_accuracy as train_head_only
+from tests.train_helpers import one_thread, write_jsonl  # noqa: F401 - one_thread is an autouse fixture
 
 ANIMALS = ["cat", "dog", "horse", "lion", "tiger", "mouse", "bird", "fox", "wolf", "bear", "goat", "sheep"]
 THINGS = ["car", "table", "rock", "chair", "lamp", "box", "cup", "door", "phone", "book", "shoe", "pen"]
@@ -33,19 +35,6 @@ VERBS = ["sees", "follows", "finds", "pushes"]
 STEPS, LR, BATCH = 40, 3e-3, 16
 #: One CPU thread: the box is shared, and oversubscribed threads make each step 5x slower.
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def word_order_rows(seed: int = 0) -> tuple[list[dict], list[dict]]:
@@ -143,22 +132,10 @@ def head_only_accuracy(minilm_dir: Path, train_path: Path, eval_path: Path) -> f
         m = enc["attention_mask"].unsqueeze(-1).float()
         return (h * m).sum(1) / m.sum(1), torch.tensor(label_ids(ds, names))
 
-    (xt, yt), (xe, ye) = feats(tr), feats(ev)
+    train, evaluation = feats(tr), feats(ev)
     torch.manual_seed(0)
-    head = ClassificationHead(xt.shape[1], len(names))
-    opt = torch.optim.AdamW(head.parameters(), lr=LR, weight_decay=0.0)
-    g, step = torch.Generator().manual_seed(0), 0
-    while step < STEPS:
-        for idx in torch.randperm(len(yt), generator=g).split(BATCH):
-            loss = torch.nn.functional.cross_entropy(head(xt[idx]), yt[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            step += 1
-            if step >= STEPS:
-                break
-    with torch.no_grad():
-        return float((head(xe).argmax(-1) == ye).float().mean())
+    head = ClassificationHead(train[0].shape[1], len(names))
+    return train_head_only(head, train, evaluation, steps=STEPS, lr=LR, batch=BATCH)
 
 
 def test_classification_learns_word_order_beyond_head_only(trained_cls, cls_data, minilm_dir):

@@ -2,11 +2,11 @@
 a tensor file without executing code, and the final round trip through validation.
 
 Module paths. A bundle names targets as `model.named_modules()` of the transformers
-model capaserve serves: `AutoModel` for feature-extraction and sequence-classification,
-`AutoModelForCausalLM` for causal-lm. A checkpoint trained on a task model
-(`BertForSequenceClassification`, an adapter-transformers `BertAdapterModel`) holds the
-encoder under its `base_model_prefix` (`bert.encoder.layer.0...`), while `AutoModel` *is*
-the encoder (`encoder.layer.0...`). `PrefixMap` rewrites the leading part of each path by
+model capaserve serves: `AutoModel` for every encoder task (feature-extraction, text and
+image classification, question-answering), `AutoModelForCausalLM` for causal-lm. A
+checkpoint trained on a task model (`BertForSequenceClassification`, an
+adapter-transformers `BertAdapterModel`) holds the encoder under its `base_model_prefix`
+(`bert.encoder.layer.0...`), while `AutoModel` *is* the encoder (`encoder.layer.0...`). `PrefixMap` rewrites the leading part of each path by
 explicit `OLD=NEW` rules; its default for the encoder tasks strips the backbone prefixes
 listed in `ENCODER_BACKBONES`, and for causal-lm it changes nothing (PEFT and
 adapter-transformers wrap the causal-LM model itself, whose paths already match).
@@ -14,22 +14,26 @@ adapter-transformers wrap the causal-LM model itself, whose paths already match)
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
 from pydantic import BaseModel, ConfigDict, Field
+from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from adapters.bundle import AdapterBundle, Task
 from adapters.errors import BundleError
 from adapters.validation import load_bundle
 
-#: transformers' `base_model_prefix` of common encoder families: the attribute under which
-#: a task model (…ForSequenceClassification, adapter heads) holds what AutoModel returns.
-ENCODER_BACKBONES = ("bert", "roberta", "distilbert", "deberta", "electra", "albert", "mpnet")
+#: transformers' `base_model_prefix` of common encoder families, text and image: the
+#: attribute under which a task model (…ForSequenceClassification, …ForImageClassification,
+#: adapter heads) holds what AutoModel returns.
+ENCODER_BACKBONES = ("bert", "roberta", "distilbert", "deberta", "electra", "albert", "mpnet", "vit", "deit")
 
 #: Weight dtypes a bundle may hold; anything else floating (float64) is stored as float32.
 BUNDLE_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -134,6 +138,37 @@ def load_tensor_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     if bad:
         raise ConversionError(f"{path}: entries that are not tensors: {', '.join(bad[:10])}")
     return dict(obj)
+
+
+def read_base_tensors(source: str, names: list[str]) -> dict[str, torch.Tensor]:
+    """Named tensors of a base model's safetensors weights (one file or shards), read alone.
+
+    `source` is a model folder or an id in the local Hugging Face cache (nothing is
+    downloaded). Each name is also looked up under every backbone prefix (`bert.` ...), as a
+    checkpoint saved from a task model stores it. ConversionError if a name is missing.
+    """
+    folder = Path(source)
+    if not folder.is_dir():
+        try:
+            folder = Path(snapshot_download(source, local_files_only=True))
+        except Exception:
+            raise ConversionError(f"base model {source!r} is neither a folder nor in the local model cache") from None
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map: dict[str, str] = json.loads(index.read_text()).get("weight_map", {})
+    elif (folder / "model.safetensors").is_file():
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+            weight_map = dict.fromkeys(f.keys(), "model.safetensors")
+    else:
+        raise ConversionError(f"base model {source!r}: no model.safetensors in {folder}")
+    out: dict[str, torch.Tensor] = {}
+    for name in names:
+        key = next((k for k in (name, *(f"{p}.{name}" for p in ENCODER_BACKBONES)) if k in weight_map), None)
+        if key is None:
+            raise ConversionError(f"base model {source!r} has no tensor {name!r}")
+        with safe_open(str(folder / weight_map[key]), framework="pt") as f:
+            out[name] = f.get_tensor(key)
+    return out
 
 
 def validated(bundle: AdapterBundle) -> AdapterBundle:

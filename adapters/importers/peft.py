@@ -13,9 +13,19 @@ A LoRA is the CapaBoost case d = 1 with all-true masks. What PEFT's config chang
   [r, in] and lora_B as [out, r] and transposes only the product, which is exactly the
   bundle's orientation, so the factors are taken as they are.
 
-Anything that is not a plain additive LoRA (DoRA, LoRA bias, trained biases, modules to
-save, embedding or parameter targets, aLoRA, ...) is refused, naming the setting.
-adapter_model.bin (a pickle) is never opened.
+Task heads. `modules_to_save` is how PEFT keeps a trained head (SEQ_CLS adds
+`classifier` and `score`, QUESTION_ANS `qa_outputs`; image classifiers list `classifier`
+by hand). A saved head becomes the bundle's head as `adapters.importers.heads` maps it;
+labels come from `labels`, else from the `id2label` of a `config.json` saved beside the
+adapter (`model.config.save_pretrained(folder)`), else transformers' defaults `LABEL_i`.
+Without `task` or a known `task_type`, the head decides it: `qa_outputs` is
+question-answering, `classifier` image-classification on an image backbone (`vit.`,
+`deit.`) and sequence-classification otherwise. A head BERT's classifier needs from the
+base (its pooler) is read from the base model's weights.
+
+Anything else that is not a plain additive LoRA (DoRA, LoRA bias, trained biases, other
+saved modules, embedding or parameter targets, aLoRA, ...) is refused, naming the
+setting. adapter_model.bin (a pickle) is never opened.
 """
 
 from __future__ import annotations
@@ -31,8 +41,19 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load_file
 
-from adapters.bundle import AdapterBundle, BundleMetadata, Task, TargetFactors
-from adapters.importers.common import ConversionError, PrefixMap, bundle_dtype, natural_key, validated
+from adapters.bundle import CLASSIFICATION_TASKS, AdapterBundle, BundleMetadata, Task, TargetFactors
+from adapters.default_model import DEFAULT_MODEL_ID, default_model_dir
+from adapters.importers.common import (
+    ENCODER_BACKBONES,
+    ConversionError,
+    PrefixMap,
+    bundle_dtype,
+    natural_key,
+    read_base_tensors,
+    validated,
+)
+from adapters.importers.heads import HEAD_MODULES, IMAGE_BACKBONES, SavedHead, map_head, task_of
+from adapters.merge import delta_weight
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -43,13 +64,13 @@ PEFT_TASKS = {
     "FEATURE_EXTRACTION": Task.FEATURE_EXTRACTION,
     "CAUSAL_LM": Task.CAUSAL_LM,
     "SEQ_CLS": Task.SEQUENCE_CLASSIFICATION,
+    "QUESTION_ANS": Task.QUESTION_ANSWERING,
 }
 
 #: Config settings whose non-empty value means the adapter is more than W + s * B @ A.
 UNSUPPORTED_SETTINGS = (
     "use_dora",
     "lora_bias",
-    "modules_to_save",
     "trainable_token_indices",
     "target_parameters",
     "layer_replication",
@@ -70,6 +91,8 @@ PLAIN_INITS = {"true", "false", "gaussian", "eva", "orthogonal"}
 # `base_model.model.` is what PeftModel.save_pretrained writes; transformers' own PEFT
 # integration saves the same keys without it.
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_(?P<factor>[AB])\.weight$")
+#: Where BERT's classifier reads from: the backbone's pooler, saved or taken from the base.
+POOLER = "pooler.dense"
 
 
 class PeftLoraConfig(BaseModel):
@@ -87,6 +110,7 @@ class PeftLoraConfig(BaseModel):
     rank_pattern: dict[str, int] = Field(default_factory=dict, description="Per-module rank overrides.")
     alpha_pattern: dict[str, float] = Field(default_factory=dict, description="Per-module alpha overrides.")
     bias: str = Field("none", description="Must be none: trained biases are not part of a bundle.")
+    modules_to_save: list[str] | None = Field(None, description="Modules trained and saved whole: the task head.")
 
     def _pattern(self, patterns: dict[str, Any], module: str) -> Any | None:
         # PEFT's own rule (peft.utils.other.get_pattern_key): the first key K with
@@ -144,11 +168,18 @@ def import_peft(
     task: Task | str | None = None,
     prefix_map: PrefixMap | None = None,
     description: str | None = None,
+    labels: list[str] | None = None,
+    base_weights: str | None = None,
+    fallback_task: Task | None = None,
 ) -> AdapterBundle:
     """Read a PEFT LoRA folder into a validated d = 1 bundle; ConversionError lists all problems.
 
     `base_model` and `task` override adapter_config's `base_model_name_or_path` and
-    `task_type`; `prefix_map` overrides `PrefixMap.default(task)`.
+    `task_type`; `prefix_map` overrides `PrefixMap.default(task)`; `labels` the label names
+    of a classification head. `base_weights` (a folder or cached id) is where a head that
+    reads the base's own weights (BERT's pooler) takes them from; by default the base model.
+    `fallback_task` is taken when neither `task`, `task_type` nor a saved head tells the task.
+    An explicit `task` without a head (feature-extraction, causal-lm) leaves a saved head out.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -162,8 +193,6 @@ def import_peft(
                 f"PEFT folder. Re-save with model.save_pretrained(folder, safe_serialization=True)"
             )
         raise ConversionError(f"{folder}: no {WEIGHTS_NAME}")
-
-    task = _resolve_task(task, config)
     base = base_model or config.base_model_name_or_path
     if not base:
         raise ConversionError("no base model: adapter_config.json has no base_model_name_or_path; pass base_model")
@@ -172,11 +201,16 @@ def import_peft(
         tensors = load_file(str(weights))
     except Exception as exc:
         raise ConversionError(f"{weights}: not a valid safetensors file ({exc})") from None
-    factors, problems = _collect_factors(tensors, config)
+    tensors, saved, problems = _split_saved(tensors, config)
+    factors, more = _collect_factors(tensors, config)
+    problems += more
     if problems:
         raise ConversionError(problems)
     if not factors:
         raise ConversionError(f"{weights}: holds no lora_A / lora_B weights")
+    backbone = _backbone(factors)
+    head = saved.pop("head", None)
+    task = _resolve_task(task, config, head, backbone, fallback_task)
 
     rank = max(a.shape[0] for a, _, _ in factors.values())
     # the config's default scaling (r, lora_alpha); only pattern-matched targets are rescaled
@@ -184,7 +218,32 @@ def import_peft(
     paths = (prefix_map or PrefixMap.default(task)).map_all(sorted(factors, key=natural_key))
     targets = {paths[p]: _as_target(*factors[p], rank=rank, scaling=scaling) for p in paths}
     uniform = all(a.shape[0] == rank and s == scaling for a, _, s in factors.values())
-    note = "" if uniform else " (rank/alpha patterns folded into zero-padded factors)"
+    notes = [] if uniform else ["rank/alpha patterns folded into zero-padded factors"]
+
+    head_tensors: dict[str, torch.Tensor] = {}
+    pooling, label_names = None, None
+    if task in CLASSIFICATION_TASKS or task is Task.QUESTION_ANSWERING:
+        if head is None:
+            wanted = "qa_outputs" if task is Task.QUESTION_ANSWERING else "classifier"
+            raise ConversionError(
+                f"task {task.value} needs its head saved through modules_to_save ({wanted!r}); {weights} holds no head"
+            )
+
+        def pooler() -> tuple[torch.Tensor, torch.Tensor]:
+            pooler_target = paths.get(f"{backbone}.{POOLER}")
+            return _pooler(saved.get("pooler"), targets.get(pooler_target or ""), scaling, base_weights, base, config)
+
+        mapped = map_head(head, task, backbone, pooler)
+        head_tensors = {k: bundle_dtype(v).contiguous() for k, v in mapped.tensors.items()}
+        pooling = mapped.pooling
+        if mapped.num_labels is not None:
+            label_names, where = _labels(folder, labels, mapped.num_labels)
+            notes.append(f"head {head.module!r} of a {backbone} model, labels {where}")
+        else:
+            notes.append(f"head {head.module!r}")
+    elif head is not None:
+        notes.append(f"saved head {head.module!r} left out (task {task.value})")
+    note = f" ({'; '.join(notes)})" if notes else ""
     meta = BundleMetadata(
         base_model=base,
         task=task,
@@ -193,25 +252,141 @@ def import_peft(
         alpha=scaling * rank,
         density=1.0,
         targets=list(targets),
+        labels=label_names,
+        pooling=pooling,  # type: ignore[arg-type] - "cls" or None, checked by BundleMetadata
         description=description or f"imported from PEFT LoRA {folder.name}{note}",
     )
-    return validated(AdapterBundle(metadata=meta, targets=targets))
+    return validated(AdapterBundle(metadata=meta, targets=targets, head=head_tensors))
 
 
-def _resolve_task(task: Task | str | None, config: PeftLoraConfig) -> Task:
-    if task is None:
-        if config.task_type is None:
-            raise ConversionError("adapter_config.json has no task_type; pass the task")
-        if config.task_type not in PEFT_TASKS:
-            raise ConversionError(f"PEFT task_type {config.task_type!r} has no bundle task; pass the task")
-        task = PEFT_TASKS[config.task_type]
-    task = Task(task)
-    if task is Task.SEQUENCE_CLASSIFICATION:
+def _resolve_task(
+    task: Task | str | None,
+    config: PeftLoraConfig,
+    head: SavedHead | None,
+    backbone: str | None,
+    fallback: Task | None,
+) -> Task:
+    if task is not None:
+        return Task(task)
+    kind = config.task_type
+    if kind in PEFT_TASKS:
+        found = PEFT_TASKS[kind]
+        if found is Task.SEQUENCE_CLASSIFICATION and backbone in IMAGE_BACKBONES:
+            return Task.IMAGE_CLASSIFICATION  # SEQ_CLS on a ViT: PEFT has no image task type
+        return found
+    if kind is not None and (head is not None or fallback is None):
+        raise ConversionError(f"PEFT task_type {kind!r} has no bundle task; pass the task")
+    if head is not None:
+        return task_of(head, backbone)
+    if fallback is None:
+        raise ConversionError("adapter_config.json has no task_type; pass the task")
+    return fallback
+
+
+def _split_saved(
+    tensors: dict[str, torch.Tensor], config: PeftLoraConfig
+) -> tuple[dict[str, torch.Tensor], dict[str, SavedHead], list[str]]:
+    """(LoRA tensors, saved modules by role, problems). A tensor inside a module named in
+    modules_to_save (PEFT's rule: the module path is, or ends in `.`, the name) belongs to
+    a head (`head`: classifier, qa_outputs, score) or to BERT's pooler (`pooler`); any
+    other saved module is a problem naming it."""
+    wanted = config.modules_to_save or []
+    rest: dict[str, torch.Tensor] = {}
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        module = None if _KEY.match(key) else _saved_module(key.removeprefix("base_model.model."), wanted)
+        if module is None:
+            rest[key] = t
+        else:
+            modules.setdefault(module, {})[key.removeprefix("base_model.model.")[len(module) + 1 :]] = t
+    heads: dict[str, SavedHead] = {}
+    saved: dict[str, SavedHead] = {}
+    problems: list[str] = []
+    for module, params in sorted(modules.items()):
+        top, _, sub = module.partition(".")
+        if top in HEAD_MODULES and not sub:
+            heads[top] = SavedHead(top, params)
+        elif top in ENCODER_BACKBONES and sub in ("pooler", POOLER):
+            prefix = "" if sub == POOLER else "dense."
+            saved["pooler"] = SavedHead(POOLER, {k.removeprefix(prefix): v for k, v in params.items()})
+        else:
+            shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in sorted(params.items()))
+            problems.append(
+                f"modules_to_save saved {module!r} ({shapes}): a bundle carries no trained module but a task head "
+                f"({', '.join(HEAD_MODULES)})"
+            )
+    if len(heads) > 1:
+        problems.append(f"modules_to_save saved more than one head: {sorted(heads)}")
+    elif heads:
+        saved["head"] = next(iter(heads.values()))
+    elif "pooler" in saved:
+        problems.append("modules_to_save saved the pooler but no head: only BERT's classifier reads it")
+    return rest, saved, problems
+
+
+def _saved_module(path: str, wanted: list[str]) -> str | None:
+    """The module of tensor `path` that modules_to_save names (the shortest such), if any."""
+    parts = path.split(".")
+    for k in range(1, len(parts)):
+        module = ".".join(parts[:k])
+        if any(module == w or module.endswith("." + w) for w in wanted):
+            return module
+    return None
+
+
+def _backbone(factors: dict[str, Any]) -> str | None:
+    """The task model's backbone prefix (`bert`, `vit`, ...) shared by every LoRA path, if any."""
+    firsts = {p.split(".", 1)[0] for p in factors}
+    return firsts.pop() if len(firsts) == 1 and firsts <= set(ENCODER_BACKBONES) else None
+
+
+def _pooler(
+    saved: SavedHead | None,
+    lora: TargetFactors | None,
+    scaling: float,
+    base_weights: str | None,
+    base: str,
+    config: PeftLoraConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's pooler dense layer as the served base computes it: saved by PEFT, or the base
+    model's own weights plus this adapter's LoRA delta on it (a `dense` target hits it)."""
+    if saved is not None:
+        return saved.tensors["weight"], saved.tensors["bias"]
+    source = base_weights or next(
+        (s for s in (base, config.base_model_name_or_path) if s and Path(s).is_dir()),
+        default_model_dir() if base == DEFAULT_MODEL_ID else base,
+    )
+    try:
+        got = read_base_tensors(source, [f"{POOLER}.weight", f"{POOLER}.bias"])
+    except ConversionError as exc:
         raise ConversionError(
-            "a PEFT LoRA carries no capaboost classification head; import it as feature-extraction "
-            "(or train a head with capaserve train)"
-        )
-    return task
+            f"BERT's classifier reads the base model's pooler ({POOLER} then tanh), whose weights are not in "
+            f"the PEFT folder and could not be read: {'; '.join(exc.problems)}. Give the base model's folder "
+            "(capaserve pack peft --check-base DIR)"
+        ) from None
+    weight, bias = got[f"{POOLER}.weight"].to(torch.float32), got[f"{POOLER}.bias"].to(torch.float32)
+    if lora is not None:
+        weight = weight + delta_weight(lora, scaling)
+    return weight, bias
+
+
+def _labels(folder: Path, given: list[str] | None, n: int) -> tuple[list[str], str]:
+    """(label names, where they came from): `given`, else config.json's id2label, else LABEL_i."""
+    if given:
+        if len(given) != n:
+            raise ConversionError(f"{len(given)} labels given but the head has {n} outputs")
+        return list(given), "as given"
+    path = folder / "config.json"
+    if path.is_file():
+        try:
+            id2label = json.loads(path.read_text()).get("id2label") or {}
+            names = [str(id2label[str(i)]) for i in range(n)] if len(id2label) == n else None
+        except (json.JSONDecodeError, KeyError, AttributeError):
+            names = None
+        if names is None:
+            raise ConversionError(f"{path}: id2label does not name the head's {n} labels 0..{n - 1}; pass the labels")
+        return names, "from config.json"
+    return [f"LABEL_{i}" for i in range(n)], "LABEL_i (no config.json with id2label)"
 
 
 def _collect_factors(

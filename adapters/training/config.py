@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from adapters.bundle import Task
+from adapters.bundle import CLASSIFICATION_TASKS, Task
 from adapters.default_model import DEFAULT_MODEL_ID, default_model_dir
 
 
@@ -23,7 +23,12 @@ class TrainConfig(BaseModel):
     base_model_id: str | None = Field(
         None, description="base_model recorded in the bundle; default: the MiniLM id, else `model`."
     )
-    task: Task = Field(..., description="feature-extraction, sequence-classification or causal-lm.")
+    task: Task = Field(
+        ...,
+        description=(
+            "feature-extraction, sequence-classification, question-answering, image-classification or causal-lm."
+        ),
+    )
     data: Path = Field(..., description="Training JSONL file.")
     eval_data: Path | None = Field(None, description="Evaluation JSONL file; None evaluates on the training data.")
     output: Path = Field(..., description="Where the capaboost.v1 bundle is written (atomically).")
@@ -42,10 +47,21 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient-norm clip, for stability of short runs.")
     batch_size: int = Field(16, ge=1, description="Examples per step (and the in-batch negatives for embeddings).")
-    max_length: int = Field(128, ge=2, description="Tokens per text after truncation.")
+    max_length: int | None = Field(
+        None,
+        ge=2,
+        description=(
+            "Tokens per text after truncation (default 128); question-answering: tokens per window "
+            "(default what the server uses, min(384, the model's limit)). Unused for images."
+        ),
+    )
     seed: int = Field(0, description="Seeds masks, factor init, head init, dropout and data order.")
-    pooling: Literal["mean", "cls"] = Field(
-        "mean", description="sequence-classification: pool by attention-masked mean or first token."
+    pooling: Literal["mean", "cls"] | None = Field(
+        None,
+        description=(
+            "Classification pooling, attention-masked mean or first token; default mean for "
+            "sequence-classification, cls for image-classification (what ViTForImageClassification classifies)."
+        ),
     )
     temperature: float = Field(
         0.05, gt=0.0, description="feature-extraction: softmax temperature of the contrastive loss."
@@ -66,6 +82,15 @@ class TrainConfig(BaseModel):
         if self.epochs is not None and self.steps is not None:
             raise ValueError("give either epochs or steps, not both")
         return self
+
+    @property
+    def resolved_pooling(self) -> Literal["mean", "cls"] | None:
+        """The bundle's pooling: the flag, else the task's default; None for tasks without a classifier."""
+        if self.task not in CLASSIFICATION_TASKS:
+            return None
+        if self.pooling is not None:
+            return self.pooling
+        return "cls" if self.task is Task.IMAGE_CLASSIFICATION else "mean"
 
     @property
     def resolved_base_model_id(self) -> str:

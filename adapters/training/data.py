@@ -8,8 +8,20 @@ One JSON object per line (blank lines are skipped):
 | sequence-classification | `text` (str), `label` (str or int) |
 | causal-lm | `text` (str) |
 | feature-extraction | `anchor` (str), `positive` (str) |
+| question-answering | `question` (str), `context` (str), `answers`: `{"text": [str], "answer_start": [int]}` (SQuAD) |
+| image-classification | `image` (str: a file path), `label` (str or int) |
 
 Extra keys are allowed (datasets often carry ids); missing or mistyped ones are not.
+
+Question answering: every answer must be the context's own text at `answer_start`
+(`context[start:start + len(text)] == text`, as in SQuAD), and there must be at least one:
+the served decode always answers with a span of the context, so SQuAD 2.0's unanswerable
+questions (empty lists) cannot be learned for it and are refused. Training uses the first
+answer; evaluation scores against all of them.
+
+Images: a relative `image` path is relative to the folder of the JSONL file (so a data set
+folder can move as a whole); an absolute one is used as is. The file must exist when the
+JSONL is read; it is decoded (PNG or JPEG, as the server accepts) when its batch is built.
 """
 
 from __future__ import annotations
@@ -19,13 +31,15 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from adapters.bundle import Task
+from adapters.bundle import CLASSIFICATION_TASKS, Task
 
-#: Keys each task needs, all strings except `label`.
+#: Keys each task needs, all strings except `label` and `answers`.
 REQUIRED_KEYS: dict[Task, tuple[str, ...]] = {
     Task.SEQUENCE_CLASSIFICATION: ("text", "label"),
     Task.CAUSAL_LM: ("text",),
     Task.FEATURE_EXTRACTION: ("anchor", "positive"),
+    Task.QUESTION_ANSWERING: ("question", "context", "answers"),
+    Task.IMAGE_CLASSIFICATION: ("image", "label"),
 }
 #: Stop collecting after this many bad lines; the first ones are what a user fixes first.
 MAX_REPORTED = 20
@@ -48,6 +62,12 @@ class Example:
     label: str | int | None = None
     anchor: str | None = None
     positive: str | None = None
+    question: str | None = None
+    context: str | None = None
+    #: question-answering: (text, character start in the context) of each gold answer
+    answers: list[tuple[str, int]] | None = None
+    #: image-classification: the image file, resolved against the JSONL's folder
+    image: Path | None = None
 
 
 @dataclass
@@ -65,7 +85,32 @@ class Dataset:
         return [e.label for e in self.examples if e.label is not None]
 
 
-def _check_line(obj: object, task: Task) -> tuple[Example | None, str | None]:
+def _check_answers(value: object, context: str) -> tuple[list[tuple[str, int]] | None, str | None]:
+    """SQuAD's `answers` object checked against its context: (text, start) pairs or why not."""
+    if not isinstance(value, dict) or not {"text", "answer_start"} <= value.keys():
+        return None, "'answers' must be an object with lists 'text' and 'answer_start' (SQuAD format)"
+    texts, starts = value["text"], value["answer_start"]
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        return None, "'answers.text' must be a list of strings"
+    if not isinstance(starts, list) or not all(isinstance(a, int) and not isinstance(a, bool) for a in starts):
+        return None, "'answers.answer_start' must be a list of integers"
+    if len(texts) != len(starts):
+        return None, f"'answers' has {len(texts)} texts but {len(starts)} starts"
+    if not texts:
+        return None, (
+            "'answers' is empty: every question needs an answer in its context "
+            "(unanswerable questions are not supported)"
+        )
+    for text, start in zip(texts, starts):
+        if not text.strip():
+            return None, "an answer text is empty"
+        if context[start : start + len(text)] != text or start < 0:
+            found = context[max(start, 0) : max(start, 0) + len(text)]
+            return None, f"answer {text!r} is not the context's text at answer_start {start} (found {found!r})"
+    return list(zip(texts, starts)), None
+
+
+def _check_line(obj: object, task: Task, folder: Path) -> tuple[Example | None, str | None]:
     if not isinstance(obj, dict):
         return None, f"expected a JSON object, got {type(obj).__name__}"
     missing = [k for k in REQUIRED_KEYS[task] if k not in obj]
@@ -79,12 +124,22 @@ def _check_line(obj: object, task: Task) -> tuple[Example | None, str | None]:
                 return None, f"'label' must be a string or an integer, got {type(value).__name__} {value!r}"
             if isinstance(value, str) and not value.strip():
                 return None, "'label' must not be empty"
+        elif key == "answers":
+            continue  # needs the context: checked below
         else:
             if not isinstance(value, str):
                 return None, f"{key!r} must be a string, got {type(value).__name__}"
             if not value.strip():
                 return None, f"{key!r} must not be empty"
         setattr(ex, key, value)
+    if task is Task.QUESTION_ANSWERING:
+        ex.answers, why = _check_answers(obj["answers"], obj["context"])
+        if why is not None:
+            return None, why
+    if task is Task.IMAGE_CLASSIFICATION:
+        ex.image = folder / obj["image"]  # an absolute path replaces the folder
+        if not ex.image.is_file():
+            return None, f"image {obj['image']!r} not found (looked for {ex.image})"
     return ex, None
 
 
@@ -109,7 +164,7 @@ def read_jsonl(path: str | os.PathLike[str], task: Task) -> Dataset:
             except json.JSONDecodeError as exc:
                 problems.append(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})")
                 continue
-            ex, why = _check_line(obj, task)
+            ex, why = _check_line(obj, task, path.parent)
             if why is not None:
                 problems.append(f"{path}:{lineno}: {why}")
             else:
@@ -123,7 +178,7 @@ def read_jsonl(path: str | os.PathLike[str], task: Task) -> Dataset:
         raise TrainingDataError(problems)
     if not ds.examples:
         raise TrainingDataError(f"{path}: no examples (the file is empty or only blank lines)")
-    if task is Task.SEQUENCE_CLASSIFICATION:
+    if task in CLASSIFICATION_TASKS:
         kinds = {type(label) for label in ds.raw_labels()}
         if len(kinds) > 1:
             first = {k: next(e for e in ds.examples if type(e.label) is k) for k in kinds}
@@ -140,7 +195,7 @@ def label_names(train: Dataset) -> list[str]:
     """
     raw = sorted(set(train.raw_labels()))  # one kind only, checked by read_jsonl
     if len(raw) < 2:
-        raise TrainingDataError(f"{train.path}: sequence-classification needs at least 2 labels, found {raw!r}")
+        raise TrainingDataError(f"{train.path}: {train.task.value} needs at least 2 labels, found {raw!r}")
     return [str(x) for x in raw]
 
 

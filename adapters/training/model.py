@@ -1,12 +1,14 @@
 """The model being trained: a frozen transformers model whose target layers are wrapped
-in `CapaBoostLinear`, plus (for classification) the head of docs/bundle-format.md#task-heads. Everything the served
-model computes is computed here the same way, so the exported bundle reproduces it:
+in `CapaBoostLinear`, plus the task's head of docs/bundle-format.md#task-heads. Everything
+the served model computes is computed here the same way, so the exported bundle reproduces it:
 
-- targets are module paths of `AutoModel` (feature-extraction, sequence-classification)
-  or `AutoModelForCausalLM` (causal-lm), the classes the server loads;
-- pooling is that of docs/bundle-format.md#pooling: mean over the attention mask (or the first token), and for
-  embeddings L2-normalised;
-- the head is dense -> tanh -> out on the pooled, unnormalised state.
+- targets are module paths of `AutoModel` (every encoder task, text or image) or
+  `AutoModelForCausalLM` (causal-lm), the classes the server loads;
+- pooling is that of docs/bundle-format.md#pooling: mean over the attention mask (or the
+  first token), and for embeddings L2-normalised; an image row has no padding;
+- the classification head is dense -> tanh -> out on the pooled, unnormalised state (text),
+  or out alone (images, as ViTForImageClassification); the question-answering head is one
+  [2, hidden] layer on every token's state, giving start and end logits.
 """
 
 from __future__ import annotations
@@ -94,21 +96,33 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.
 
 
 class ClassificationHead(nn.Module):
-    """head.dense (hidden x hidden) -> tanh -> head.out (num_labels x hidden), as served."""
+    """[head.dense (hidden x hidden) -> tanh ->] head.out (num_labels x hidden), as served."""
 
-    def __init__(self, hidden: int, num_labels: int) -> None:
+    def __init__(self, hidden: int, num_labels: int, *, dense: bool = True) -> None:
         super().__init__()
-        self.dense = nn.Linear(hidden, hidden)
+        self.dense = nn.Linear(hidden, hidden) if dense else None
         self.out = nn.Linear(hidden, num_labels)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.out(torch.tanh(self.dense(pooled)))
+        return self.out(torch.tanh(self.dense(pooled)) if self.dense is not None else pooled)
+
+
+class QAHead(nn.Module):
+    """head.qa [2, hidden]: start and end logits for every token, as served."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.qa = nn.Linear(hidden, 2)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.qa(hidden.to(torch.float32))
 
 
 class AdaptedModel(nn.Module):
     """Base model + CapaBoost layers (+ head); forward returns what the server would.
 
-    - sequence-classification: logits [batch, num_labels] (softmax gives the served probs)
+    - sequence- and image-classification: logits [batch, num_labels] (softmax gives the served probs)
+    - question-answering: logits [batch, tokens, 2] (start, end) of every position
     - feature-extraction: L2-normalised mean-pooled embeddings [batch, hidden]
     - causal-lm: the transformers output (logits, and loss when labels are given)
     """
@@ -119,7 +133,7 @@ class AdaptedModel(nn.Module):
         task: Task,
         layers: dict[str, CapaBoostLinear],
         *,
-        head: ClassificationHead | None = None,
+        head: nn.Module | None = None,
         pooling: str = "mean",
     ) -> None:
         super().__init__()
@@ -138,16 +152,27 @@ class AdaptedModel(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        *,
+        token_type_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
     ):
         if self.task is Task.CAUSAL_LM:
             return self.base(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-        hidden = self.base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if pixel_values is not None:
+            hidden = self.base(pixel_values=pixel_values).last_hidden_state
+            attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+        else:
+            extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+            hidden = self.base(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
+        assert attention_mask is not None
         if self.task is Task.FEATURE_EXTRACTION:
             return nn.functional.normalize(mean_pool(hidden, attention_mask), p=2, dim=-1)
         assert self.head is not None
+        if self.task is Task.QUESTION_ANSWERING:
+            return self.head(hidden)
         return self.head(pool(hidden, attention_mask, self.pooling))
 
     def to_bundle(self, metadata: BundleMetadata) -> AdapterBundle:

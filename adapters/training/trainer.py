@@ -1,9 +1,11 @@
-"""The training loop of `capaserve train`: frozen base, CapaBoost factors (and the
-classification head) trained with AdamW, evaluated after every epoch, exported as a
-`capaboost.v1` bundle holding exactly the trained factors and masks.
+"""The training loop of `capaserve train`: frozen base, CapaBoost factors (and the task's
+head) trained with AdamW, evaluated after every epoch, exported as a `capaboost.v1` bundle
+holding exactly the trained factors and masks.
 
 Library code with no CLI in it: tests and notebooks call `train(config)` and get the
 live model back next to the bundle, so "the bundle reproduces the model" is checkable.
+What each task feeds the model is in `adapters.training.batches`; question answering's
+windows, labels and metrics in `adapters.training.qa`.
 """
 
 from __future__ import annotations
@@ -20,13 +22,16 @@ from typing import Any
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from adapters.bundle import AdapterBundle, BundleMetadata, Task, save_bundle
+from adapters.bundle import CLASSIFICATION_TASKS, AdapterBundle, BundleMetadata, Task, save_bundle
 from adapters.device import resolve_device
+from adapters.training.batches import Batches, make_batches
 from adapters.training.config import TrainConfig
 from adapters.training.data import Dataset, label_ids, label_names, read_jsonl
-from adapters.training.model import AdaptedModel, ClassificationHead, attach_capaboost, match_targets
+from adapters.training.model import AdaptedModel, ClassificationHead, QAHead, attach_capaboost, match_targets
+from adapters.training.qa import AnswerPicker, QABatches, qa_loss, squad_scores
+from serving.engine.model_loader import detect_modality, max_positions_of
 
 #: Epochs when neither epochs nor steps is given.
 DEFAULT_EPOCHS = 3
@@ -41,10 +46,19 @@ class EpochReport:
     train_loss: float
     eval_loss: float
     eval_accuracy: float | None = None
+    #: question-answering: SQuAD exact match and F1 of the served decode, in [0, 1]
+    eval_exact_match: float | None = None
+    eval_f1: float | None = None
+
+    def figures(self) -> list[str]:
+        """The eval metrics other than the loss, e.g. `accuracy 0.9500`."""
+        out = [f"accuracy {self.eval_accuracy:.4f}"] if self.eval_accuracy is not None else []
+        if self.eval_exact_match is not None and self.eval_f1 is not None:
+            out += [f"exact match {self.eval_exact_match:.4f}", f"F1 {self.eval_f1:.4f}"]
+        return out
 
     def eval_summary(self) -> str:
-        acc = f", accuracy {self.eval_accuracy:.4f}" if self.eval_accuracy is not None else ""
-        return f"eval loss {self.eval_loss:.4f}{acc}"
+        return ", ".join([f"eval loss {self.eval_loss:.4f}", *self.figures()])
 
     def summary(self) -> str:
         return f"epoch {self.epoch} (step {self.step}): train loss {self.train_loss:.4f}, {self.eval_summary()}"
@@ -57,11 +71,12 @@ class TrainResult:
     bundle: AdapterBundle
     path: Path
     model: AdaptedModel
-    tokenizer: Any
+    tokenizer: Any  # None for an image base
     labels: list[str] | None
     initial_eval: EpochReport
     history: list[EpochReport] = field(default_factory=list)
     seconds: float = 0.0
+    processor: Any = None  # the image processor of an image base
 
 
 def autocast_for(device: torch.device) -> Callable[[], contextlib.AbstractContextManager[Any]]:
@@ -74,65 +89,14 @@ def autocast_for(device: torch.device) -> Callable[[], contextlib.AbstractContex
     return contextlib.nullcontext
 
 
-# --------------------------------------------------------------------------- batches
-
-
-class Batcher:
-    """Turns examples into padded tensors for one task; knows nothing of the loop."""
-
-    def __init__(self, tokenizer: Any, task: Task, max_length: int, device: torch.device) -> None:
-        self.tok, self.task, self.max_length, self.device = tokenizer, task, max_length, device
-        if task is Task.CAUSAL_LM:
-            self.eos = tokenizer.eos_token_id
-            pad = tokenizer.pad_token_id
-            self.pad = pad if pad is not None else (self.eos if self.eos is not None else 0)
-
-    def _encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        enc = self.tok(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-        return {"input_ids": enc["input_ids"].to(self.device), "attention_mask": enc["attention_mask"].to(self.device)}
-
-    def _encode_lm(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        """Each text then EOS (so the model learns to stop), right-padded; loss on real tokens only."""
-        rows: list[list[int]] = []
-        for t in texts:
-            ids = list(self.tok(t, truncation=True, max_length=self.max_length)["input_ids"])
-            if self.eos is not None and (not ids or ids[-1] != self.eos):
-                ids = ids[: self.max_length - 1] + [self.eos]
-            rows.append(ids)
-        n = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), n), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), n), dtype=torch.long)
-        for i, r in enumerate(rows):
-            input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[i, : len(r)] = 1
-        labels = input_ids.masked_fill(mask == 0, -100)
-        return {
-            "input_ids": input_ids.to(self.device),
-            "attention_mask": mask.to(self.device),
-            "labels": labels.to(self.device),
-        }
-
-    def __call__(self, ds: Dataset, idx: list[int], targets: list[int] | None) -> dict[str, Any]:
-        ex = [ds.examples[i] for i in idx]
-        if self.task is Task.CAUSAL_LM:
-            return {"lm": self._encode_lm([e.text for e in ex])}  # type: ignore[misc]
-        if self.task is Task.FEATURE_EXTRACTION:
-            return {
-                "anchor": self._encode([e.anchor for e in ex]),  # type: ignore[misc]
-                "positive": self._encode([e.positive for e in ex]),  # type: ignore[misc]
-            }
-        assert targets is not None
-        return {
-            "text": self._encode([e.text for e in ex]),  # type: ignore[misc]
-            "labels": torch.tensor([targets[i] for i in idx], dtype=torch.long, device=self.device),
-        }
+# --------------------------------------------------------------------------- loss and eval
 
 
 def batch_loss(model: AdaptedModel, batch: dict[str, Any], temperature: float) -> tuple[torch.Tensor, int, int]:
     """(mean loss, number of items it averages over, correct predictions or 0).
 
-    Items are tokens for causal-lm (so eval loss is a per-token mean over the whole set)
-    and examples otherwise.
+    Items are tokens for causal-lm (so eval loss is a per-token mean over the whole set),
+    windows for question-answering and examples otherwise.
     """
     if model.task is Task.CAUSAL_LM:
         lm = batch["lm"]
@@ -146,7 +110,11 @@ def batch_loss(model: AdaptedModel, batch: dict[str, Any], temperature: float) -
         sim = (a.float() @ p.float().t()) / temperature
         target = torch.arange(sim.shape[0], device=sim.device)
         return nn.functional.cross_entropy(sim, target), sim.shape[0], 0
-    logits = model(**batch["text"]).float()
+    if model.task is Task.QUESTION_ANSWERING:
+        logits = model(**batch["qa"])
+        batch["logits"] = logits.detach()  # evaluation decodes the same forward's logits
+        return qa_loss(logits, batch), logits.shape[0], 0
+    logits = model(**batch["text" if "text" in batch else "image"]).float()
     labels = batch["labels"]
     correct = int((logits.argmax(-1) == labels).sum())
     return nn.functional.cross_entropy(logits, labels), labels.shape[0], correct
@@ -160,9 +128,8 @@ def _batches(n: int, size: int, order: list[int]) -> Iterator[list[int]]:
 @torch.no_grad()
 def evaluate(
     model: AdaptedModel,
+    data: Batches,
     ds: Dataset,
-    batcher: Batcher,
-    targets: list[int] | None,
     cfg: TrainConfig,
     autocast: Callable[[], contextlib.AbstractContextManager[Any]],
     *,
@@ -170,54 +137,80 @@ def evaluate(
     step: int,
     train_loss: float,
 ) -> EpochReport:
-    """Loss (and accuracy for classification) over the whole eval set, in eval mode."""
+    """Loss over the whole eval set, in eval mode, and the task's metric: accuracy for
+    classification, SQuAD exact match and F1 of the served decode for question answering."""
     was_training = model.training
     model.eval()
     total, count, correct = 0.0, 0, 0
-    for idx in _batches(len(ds), cfg.batch_size, list(range(len(ds)))):
+    picker = AnswerPicker(data) if isinstance(data, QABatches) else None
+    for idx in _batches(len(data), cfg.batch_size, list(range(len(data)))):
+        batch = data.batch(idx)
         with autocast():
-            loss, n, c = batch_loss(model, batcher(ds, idx, targets), cfg.temperature)
+            loss, n, c = batch_loss(model, batch, cfg.temperature)
         total += float(loss) * n
         count += n
         correct += c
+        if picker is not None:
+            picker.add(batch["logits"], batch)
     model.train(was_training)
-    acc = correct / len(ds) if model.task is Task.SEQUENCE_CLASSIFICATION else None
-    return EpochReport(epoch=epoch, step=step, train_loss=train_loss, eval_loss=total / max(count, 1), eval_accuracy=acc)
+    report = EpochReport(epoch=epoch, step=step, train_loss=train_loss, eval_loss=total / max(count, 1))
+    if model.task in CLASSIFICATION_TASKS:
+        report.eval_accuracy = correct / len(ds)
+    if picker is not None:
+        report.eval_exact_match, report.eval_f1 = squad_scores(picker.answers(), ds)
+    return report
 
 
 # --------------------------------------------------------------------------- the run
 
 
-def load_base(cfg: TrainConfig, device: torch.device) -> tuple[Any, nn.Module]:
-    """Tokenizer and float32 model of the class the server loads for this task."""
+def load_base(cfg: TrainConfig, device: torch.device) -> tuple[Any, Any, nn.Module]:
+    """(tokenizer, image processor, float32 model): the class the server loads for this
+    task, and what prepares its inputs (a tokenizer for text, the image processor for images)."""
     src = cfg.model_source()
-    tok = AutoTokenizer.from_pretrained(src)
+    image_base = detect_modality(AutoConfig.from_pretrained(src)) == "image"
+    if image_base != (cfg.task is Task.IMAGE_CLASSIFICATION):
+        raise ValueError(
+            f"{src!r} is an image model; it can be trained for image-classification only"
+            if image_base
+            else f"image-classification needs an image model (ViT, DeiT, ... with its image processor); {src!r} is not"
+        )
     cls = AutoModelForCausalLM if cfg.task is Task.CAUSAL_LM else AutoModel
     model = cls.from_pretrained(src, dtype=torch.float32)
+    if image_base:
+        return None, AutoImageProcessor.from_pretrained(src), model.to(device)
+    tok = AutoTokenizer.from_pretrained(src)
     if cfg.task is not Task.CAUSAL_LM and tok.pad_token is None:
         raise ValueError(f"the tokenizer of {src!r} has no pad token; cannot batch texts")
-    return tok, model.to(device)
+    if cfg.task is Task.QUESTION_ANSWERING and not tok.is_fast:
+        raise ValueError(
+            f"question-answering needs a fast tokenizer (its character offsets give the answer); {src!r} has none"
+        )
+    return tok, None, model.to(device)
 
 
 def build_model(cfg: TrainConfig, base: nn.Module, num_labels: int | None) -> AdaptedModel:
-    """Wrap the targets (masks drawn from cfg.seed) and, for classification, add the head."""
+    """Wrap the targets (masks drawn from cfg.seed) and add the task's head, seeded."""
     paths = match_targets(base, cfg.targets)
     layers = attach_capaboost(
         base, paths, rank=cfg.rank, num_copies=cfg.num_copies, alpha=cfg.alpha, density=cfg.density, seed=cfg.seed
     )
-    head = None
-    if cfg.task is Task.SEQUENCE_CLASSIFICATION:
+    hidden = int(base.config.hidden_size)
+    head: nn.Module | None = None
+    if cfg.task in CLASSIFICATION_TASKS:
         assert num_labels is not None
-        hidden = int(base.config.hidden_size)
+        head = ClassificationHead(hidden, num_labels, dense=cfg.task is Task.SEQUENCE_CLASSIFICATION)
+    elif cfg.task is Task.QUESTION_ANSWERING:
+        head = QAHead(hidden)
+    if head is not None:
         g = torch.Generator().manual_seed(cfg.seed + 1)
-        head = ClassificationHead(hidden, num_labels)
         with torch.no_grad():  # seeded init, independent of the global RNG state
             bound = 1.0 / math.sqrt(hidden)
-            for lin in (head.dense, head.out):
+            for lin in (m for m in head.modules() if isinstance(m, nn.Linear)):
                 lin.weight.copy_(torch.empty_like(lin.weight).uniform_(-bound, bound, generator=g))
                 lin.bias.zero_()
         head.to(next(base.parameters()).device)
-    return AdaptedModel(base, cfg.task, layers, head=head, pooling=cfg.pooling)
+    return AdaptedModel(base, cfg.task, layers, head=head, pooling=cfg.resolved_pooling or "mean")
 
 
 def describe(cfg: TrainConfig, train_ds: Dataset, eval_name: str, reports: list[EpochReport]) -> str:
@@ -227,10 +220,7 @@ def describe(cfg: TrainConfig, train_ds: Dataset, eval_name: str, reports: list[
         f"capaserve train: {cfg.task.value} on {train_ds.path.name} ({len(train_ds)} examples)",
         f"{reports[-1].step} steps, lr {cfg.lr:g}, batch {cfg.batch_size}, seed {cfg.seed}",
     ]
-    figs = []
-    for r in reports:
-        acc = f" accuracy {r.eval_accuracy:.4f}" if r.eval_accuracy is not None else ""
-        figs.append(f"epoch {r.epoch}: loss {r.eval_loss:.4f}{acc}")
+    figs = [" ".join([f"epoch {r.epoch}: loss {r.eval_loss:.4f}", *r.figures()]) for r in reports]
     parts.append(f"eval on {eval_name}: " + "; ".join(figs))
     return ". ".join(parts)
 
@@ -243,15 +233,20 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] | None = None) -> Trai
     train_ds = read_jsonl(cfg.data, cfg.task)
     eval_ds = read_jsonl(cfg.eval_data, cfg.task) if cfg.eval_data is not None else train_ds
     eval_name = cfg.eval_data.name if cfg.eval_data is not None else f"{train_ds.path.name} (training data)"
-    labels = label_names(train_ds) if cfg.task is Task.SEQUENCE_CLASSIFICATION else None
+    labels = label_names(train_ds) if cfg.task in CLASSIFICATION_TASKS else None
     train_targets = label_ids(train_ds, labels) if labels else None
     eval_targets = label_ids(eval_ds, labels) if labels else None
 
     device = resolve_device(cfg.device)
     autocast = autocast_for(device)
     torch.manual_seed(cfg.seed)  # dropout
-    tok, base = load_base(cfg, device)
+    tok, processor, base = load_base(cfg, device)
     model = build_model(cfg, base, len(labels) if labels else None)
+    # question-answering windows: training's from --max-length, evaluation's the server's own
+    limit = max_positions_of(base.config)
+    inputs = {"tokenizer": tok, "processor": processor, "max_length": cfg.max_length, "device": device}
+    train_data = make_batches(train_ds, window_limit=min(limit, cfg.max_length or limit), targets=train_targets, **inputs)
+    eval_data = make_batches(eval_ds, window_limit=limit, targets=eval_targets, **inputs)
     params = model.trainable_parameters()
     n_params = sum(p.numel() for p in params)
     emit(
@@ -259,12 +254,11 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] | None = None) -> Trai
         f"{' + head' if model.head is not None else ''}: {n_params:,} trainable parameters on {device}"
     )
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    batcher = Batcher(tok, cfg.task, cfg.max_length, device)
 
-    per_epoch = math.ceil(len(train_ds) / cfg.batch_size)
+    per_epoch = math.ceil(len(train_data) / cfg.batch_size)
     total_steps = cfg.steps if cfg.steps is not None else per_epoch * (cfg.epochs or DEFAULT_EPOCHS)
     shuffle = torch.Generator().manual_seed(cfg.seed)
-    initial = evaluate(model, eval_ds, batcher, eval_targets, cfg, autocast, epoch=0, step=0, train_loss=float("nan"))
+    initial = evaluate(model, eval_data, eval_ds, cfg, autocast, epoch=0, step=0, train_loss=float("nan"))
     emit(f"before training: {initial.eval_summary()}")
 
     history: list[EpochReport] = []
@@ -274,11 +268,11 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] | None = None) -> Trai
     running: float | None = None
     while step < total_steps:
         epoch += 1
-        order = torch.randperm(len(train_ds), generator=shuffle).tolist()
+        order = torch.randperm(len(train_data), generator=shuffle).tolist()
         epoch_loss, epoch_batches = 0.0, 0
-        for idx in _batches(len(train_ds), cfg.batch_size, order):
+        for idx in _batches(len(train_data), cfg.batch_size, order):
             with autocast():
-                loss, _, _ = batch_loss(model, batcher(train_ds, idx, train_targets), cfg.temperature)
+                loss, _, _ = batch_loss(model, train_data.batch(idx), cfg.temperature)
             if not torch.isfinite(loss):
                 bar.close()
                 raise FloatingPointError(f"loss became {float(loss)} at step {step + 1}; lower --lr")
@@ -296,7 +290,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] | None = None) -> Trai
             if step >= total_steps:
                 break
         report = evaluate(
-            model, eval_ds, batcher, eval_targets, cfg, autocast,
+            model, eval_data, eval_ds, cfg, autocast,
             epoch=epoch, step=step, train_loss=epoch_loss / max(epoch_batches, 1),
         )
         history.append(report)
@@ -313,14 +307,14 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] | None = None) -> Trai
         density=cfg.density,
         targets=list(model.layers()),
         labels=labels,
-        pooling=cfg.pooling if cfg.task is Task.SEQUENCE_CLASSIFICATION else None,
+        pooling=cfg.resolved_pooling,
         description=describe(cfg, train_ds, eval_name, [initial, *history]),
     )
     bundle = model.to_bundle(meta)
     path = save_bundle(bundle, cfg.output)
     result = TrainResult(
         bundle=bundle, path=path, model=model, tokenizer=tok, labels=labels,
-        history=history, initial_eval=initial, seconds=time.monotonic() - t0,
+        history=history, initial_eval=initial, seconds=time.monotonic() - t0, processor=processor,
     )
     emit(f"wrote {result.path} ({len(meta.targets)} targets, base_model {meta.base_model!r}) in {result.seconds:.1f}s")
     return result

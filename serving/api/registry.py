@@ -45,7 +45,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from adapters.bundle import AdapterBundle, Task, save_bundle
-from adapters.importers.peft import PEFT_TASKS, import_peft, read_peft_config
+from adapters.importers.peft import import_peft
 from adapters.manifest import NAME_PATTERN, AdapterManifest, is_valid_name
 from adapters.registry.store import AdapterNotFound, RegistryStore, verified_chunks
 from adapters.validation import BaseModelSpec, check_servable, load_bundle
@@ -468,12 +468,10 @@ def _local_source(lora_path: str) -> tuple[Path, str | None]:
 
 
 def _import_peft_folder(path: Path, spec: BaseModelSpec) -> AdapterBundle:
-    """A PEFT LoRA folder as a bundle for `spec`'s base; a task_type PEFT names nothing we
-    map (or none) is taken from the served base."""
-    task: Task | None = None
-    if read_peft_config(path).task_type not in PEFT_TASKS:
-        task = Task.CAUSAL_LM if spec.task is Task.CAUSAL_LM else Task.FEATURE_EXTRACTION
-    return import_peft(path, base_model=spec.model_id, task=task)
+    """A PEFT LoRA folder as a bundle for `spec`'s base. Its task is PEFT's task_type, else
+    what its saved head is (classifier, qa_outputs), else the served base's own."""
+    fallback = Task.CAUSAL_LM if spec.task is Task.CAUSAL_LM else Task.FEATURE_EXTRACTION
+    return import_peft(path, base_model=spec.model_id, fallback_task=fallback)
 
 
 __all__ = [

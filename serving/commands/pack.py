@@ -5,9 +5,10 @@
                    --base-model ID --task TASK -o bundle.safetensors
 
 `--prefix-map OLD=NEW` (repeatable) replaces the default module-path mapping (strip an
-encoder backbone prefix such as `bert.` for AutoModel tasks; none for causal-lm).
+encoder backbone prefix such as `bert.` or `vit.` for AutoModel tasks; none for causal-lm).
 `--check-base DIR_OR_ID` also checks every target against that model's modules, built
-from its config on the meta device (no weights are read). Exit status 1 on any problem.
+from its config on the meta device, and is where a PEFT head that reads the base's own
+weights (BERT's pooler) takes them from. Exit status 1 on any problem.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import argparse
 import sys
 
 from adapters.errors import BundleError
+from serving.cli import csv_list
 
-TASKS = ("feature-extraction", "sequence-classification", "causal-lm")
+TASKS = ("feature-extraction", "sequence-classification", "question-answering", "image-classification", "causal-lm")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,7 +29,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     peft = kinds.add_parser("peft", help="A PEFT LoRA folder (adapter_config.json + adapter_model.safetensors).")
     peft.add_argument("folder", help="PEFT adapter folder.")
     peft.add_argument("--base-model", help="Bundle base_model (default: adapter_config's base_model_name_or_path).")
-    peft.add_argument("--task", choices=TASKS, help="Bundle task (default: from adapter_config's task_type).")
+    peft.add_argument(
+        "--task", choices=TASKS, help="Bundle task (default: from adapter_config's task_type, else from the saved head)."
+    )
+    peft.add_argument(
+        "--labels", type=csv_list, help="Label names of a saved classifier, comma-separated (default: config.json's id2label)."
+    )
     _common(peft)
     peft.set_defaults(func=_run_peft)
 
@@ -53,7 +60,10 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="Rewrite a leading module-path part, e.g. 'bert.=' or '=model.'; repeatable, first match wins.",
     )
     p.add_argument("--description", help="Free text stored in the bundle.")
-    p.add_argument("--check-base", metavar="DIR_OR_ID", help="Also check the targets against this base model's modules.")
+    p.add_argument(
+        "--check-base", metavar="DIR_OR_ID",
+        help="Also check the targets against this base model's modules (and read a BERT classifier's pooler from it).",
+    )
 
 
 def _run_peft(args: argparse.Namespace) -> int:
@@ -66,6 +76,8 @@ def _run_peft(args: argparse.Namespace) -> int:
             task=args.task,
             prefix_map=_prefix_map(args),
             description=args.description,
+            labels=args.labels,
+            base_weights=args.check_base,
         )
 
     return _pack(args, build)

@@ -13,14 +13,9 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-TASKS = ("sequence-classification", "causal-lm", "feature-extraction")
+from serving.cli import csv_list
 
-
-def _csv(value: str) -> list[str]:
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    if not items:
-        raise argparse.ArgumentTypeError("expected a comma-separated list, e.g. query,value")
-    return items
+TASKS = ("sequence-classification", "question-answering", "image-classification", "causal-lm", "feature-extraction")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,6 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Train a CapaBoost adapter (one shared LoRA pair and d static masks per target layer) "
             "on a frozen base model. Data is JSONL: {text, label} for sequence-classification, "
+            "{question, context, answers: {text: [...], answer_start: [...]}} (SQuAD) for question-answering, "
+            "{image, label} for image-classification (image: a PNG or JPEG path, relative to the JSONL's folder), "
             "{text} for causal-lm, {anchor, positive} for feature-extraction."
         ),
     )
@@ -43,15 +40,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--copies", dest="num_copies", type=int, default=2, help="d, number of masked copies (default 2)")
     p.add_argument("--density", type=float, default=0.5, help="mask density in (0, 1] (default 0.5)")
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; scaling is alpha/r (default 16)")
-    p.add_argument("--targets", type=_csv, default=["query", "value"], help="module-name suffixes to adapt (default query,value)")
+    p.add_argument("--targets", type=csv_list, default=["query", "value"], help="module-name suffixes to adapt (default query,value)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, default=None, help="passes over the data (default 3)")
     length.add_argument("--steps", type=int, default=None, help="optimiser steps instead of epochs")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
     p.add_argument("--batch-size", type=int, default=16, help="examples per step (default 16)")
-    p.add_argument("--max-length", type=int, default=128, help="tokens per text after truncation (default 128)")
+    p.add_argument(
+        "--max-length", type=int, default=None,
+        help="tokens per text after truncation (default 128); question-answering: tokens per window "
+        "(default the server's, min(384, the model's limit))",
+    )
     p.add_argument("--seed", type=int, default=0, help="seeds masks, init, dropout and data order (default 0)")
-    p.add_argument("--pooling", choices=("mean", "cls"), default="mean", help="classification pooling (default mean)")
+    p.add_argument(
+        "--pooling", choices=("mean", "cls"), default=None,
+        help="classification pooling (default mean for text, cls for images)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)
