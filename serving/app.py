@@ -28,6 +28,10 @@ from serving.config import ServeConfig
 from serving.config_sources import config_from
 from serving.deployments import ModelServer
 from serving.ingress import Ingress
+from serving.routing import router_config
+
+#: The ingress deployment's name (`capaserve serve` drains it by name before stopping Serve).
+INGRESS_DEPLOYMENT = "CapaserveIngress"
 
 
 def build_app(config: ServeConfig | Mapping[str, Any] | None = None) -> Application:
@@ -64,6 +68,10 @@ def build_app(config: ServeConfig | Mapping[str, Any] | None = None) -> Applicat
             "max_replicas": server.most_replicas(),
             "target_ongoing_requests": 2 * workers,
         }}
+    # `capaserve serve` drains the ingress itself before it stops Serve (serving/drain.py), so
+    # Serve's own stop finds nothing left and checks often; without it (`serve run`, a cluster's
+    # own stop) Serve waits up to the same drain timeout for requests in progress.
+    stopping = {"graceful_shutdown_wait_loop_s": 0.2, "graceful_shutdown_timeout_s": server.drain_timeout_s}
     model = serve.deployment(
         ModelServer,
         name="CapaserveModel",
@@ -76,16 +84,20 @@ def build_app(config: ServeConfig | Mapping[str, Any] | None = None) -> Applicat
             "runtime_env": env,
         },
         health_check_period_s=5,
+        # adapter affinity bounded by load: two calls per engine worker before anything spreads
+        request_router_config=router_config(2 * workers, server.affinity_load_factor),
+        **stopping,
     ).bind(config, registry_env=registry_env)
     ingress = serve.deployment(
         Ingress,
-        name="CapaserveIngress",
+        name=INGRESS_DEPLOYMENT,
         num_replicas=server.ingress_replicas,
         # one per node: a node's proxy routes to the ingress replica on its own node, so
         # losing a node must not take every ingress replica with it
         **({"max_replicas_per_node": 1} if server.ingress_replicas > 1 else {}),
         max_ongoing_requests=max(1000, queue * server.most_replicas() * 2),
         ray_actor_options={"num_cpus": 0, "runtime_env": env},
+        **stopping,
     ).bind(model, config, registry_env=registry_env)
     return ingress
 

@@ -93,6 +93,12 @@ class ServerConfig(_Section):
         description="Accept the risk of open registry writes on a non-loopback host "
         "(otherwise such a host needs an admin token).",
     )
+    drain_timeout_s: float = Field(
+        20.0,
+        ge=0.0,
+        description="On SIGTERM or Ctrl-C new requests are refused (503) at once, and those in progress get this "
+        "long to finish before Serve and Ray stop; the command exits within it plus 5 s.",
+    )
     replicas: int = Field(
         1, ge=1, description="Model deployment replicas (the initial number when autoscaling); each loads the base model once."
     )
@@ -153,6 +159,12 @@ class ServerConfig(_Section):
     )
     max_image_pixels: int = Field(
         4096 * 4096, ge=1, description="Most pixels (width x height) of one image sent to an image base; 400 beyond."
+    )
+    affinity_load_factor: float = Field(
+        1.25,
+        ge=1.0,
+        description="An adapter's requests go to the replicas holding it while one of them carries at most this "
+        "many times the mean load (plus one request); beyond that another replica loads it too.",
     )
 
     @model_validator(mode="after")

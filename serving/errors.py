@@ -3,6 +3,7 @@ edge (`serving.errors.status_for`). Engine code raises these; only routes build 
 
 from __future__ import annotations
 
+from ray.exceptions import RayActorError
 from starlette.requests import ClientDisconnect
 
 from adapters.errors import BundleError
@@ -59,6 +60,9 @@ _STATUS: list[tuple[type[BaseException], int, str]] = [
     (AdapterNotLoaded, 404, "not_found_error"),
     (PayloadTooLarge, 413, "payload_too_large"),
     (Overloaded, 503, "overloaded_error"),
+    # A model replica was lost while it held the request (killed, crashed, its node gone) and
+    # the request could not be retried (serving.ingress.HandleClient): try again.
+    (RayActorError, 503, "unavailable"),
     # The client closed the connection while its body was read: nginx's 499, so logs and
     # metrics do not count it as a server error (nobody receives this answer).
     (ClientDisconnect, 499, "client_closed_request"),

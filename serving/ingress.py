@@ -18,12 +18,14 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 from ray import serve
+from ray.exceptions import RayActorError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters.registry.resolver import AdapterResolver
@@ -37,6 +39,7 @@ from serving.api.registry import RegistrySettings, build_registry_router
 from serving.cluster_env import RegistryEnv
 from serving.coalesce import CoalescingClient
 from serving.config import ServeConfig
+from serving.drain import DrainGate, DrainMiddleware
 from serving.errors import error_body
 from serving.images import ImageLimits
 from serving.metrics import CONTENT_TYPE, ServerMetrics
@@ -56,11 +59,12 @@ from serving.protocol import (
     render,
 )
 from serving.registry_probe import RegistryProbe
-from serving.replica_io import ReplicaCall, ReplicaInfo, ReplicaResult
+from serving.replica_io import IDEMPOTENT, ReplicaCall, ReplicaInfo, ReplicaResult
 from serving.replica_logging import log_to_stderr
 from serving.service import RequestLimits, RequestRecord, ServingContext
 
 access_log = logging.getLogger("capaserve.access")
+log = logging.getLogger("capaserve.ingress")
 ready_log = logging.getLogger("capaserve.readiness")
 
 
@@ -150,8 +154,10 @@ def create_api(
     ctx: ServingContext,
     store: RegistryStore,
     settings: RegistrySettings,
+    gate: DrainGate | None = None,
 ) -> FastAPI:
-    """The FastAPI app: inference routes, registry routes, health and metrics."""
+    """The FastAPI app: inference routes, registry routes, health and metrics; with a `gate`,
+    requests in progress are counted and, once it drains, new ones refused (serving/drain.py)."""
     app = FastAPI(title="capaserve", version="0.1.0")
     api = APIRouter(route_class=ErrorMappingRoute, responses=ERROR_RESPONSES)
     sse = {200: {"description": "JSON, or Server-Sent Events when `stream` is true.", "content": {"text/event-stream": {}}}}
@@ -247,28 +253,55 @@ def create_api(
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return JSONResponse(error_body(str(exc.detail), kind, exc.status_code), status_code=exc.status_code)
 
+    if gate is not None:
+        app.add_middleware(DrainMiddleware, gate=gate)  # inside Metered: refusals are counted too
     app.add_middleware(BodyLimit, limit=ctx.limits.max_body_bytes)
-    app.add_middleware(Metered, metrics=ctx.metrics)  # outermost: 413s are metered too
+    app.add_middleware(Metered, metrics=ctx.metrics)  # outermost: refusals and 413s are metered too
     return app
 
 
-class HandleClient:
-    """`ModelClient` over a Ray Serve handle: adapters go by multiplexed id, the base is load-balanced."""
+def replica_lost(exc: BaseException) -> bool:
+    """Whether a replica call failed because its replica went away (killed, crashed, its node
+    lost), not because of the request: Ray's actor errors, also when wrapped in a task error."""
+    return isinstance(exc, RayActorError) or isinstance(getattr(exc, "cause", None), RayActorError)
 
-    def __init__(self, handle: Any) -> None:
+
+class HandleClient:
+    """`ModelClient` over a Ray Serve handle: adapters go by multiplexed id, the base is load-balanced.
+
+    A call of an `IDEMPOTENT` method whose replica is lost while it runs (or before it
+    answers) is sent once more; Serve's router has dropped the dead replica by then (or
+    probes it and finds it gone), so the retry runs on another one. A request's metrics are
+    counted once either way: the lost attempt brings back no report, and the ingress counts
+    the HTTP request, not the replica calls. `on_retry(method)` is told of each retry.
+    """
+
+    def __init__(self, handle: Any, on_retry: Callable[[str], None] | None = None) -> None:
         self.handle = handle
+        self.on_retry = on_retry
 
     def _for(self, call: ReplicaCall, **options: Any) -> Any:
         if call.adapter is not None:
             options["multiplexed_model_id"] = call.adapter.ref
         return self.handle.options(**options) if options else self.handle
 
+    async def _once_more_if_lost(self, method: str, send: Callable[[], Awaitable[Any]]) -> Any:
+        try:
+            return await send()
+        except Exception as exc:  # noqa: BLE001 - re-raised unless it is a lost replica
+            if method not in IDEMPOTENT or not replica_lost(exc):
+                raise
+            log.warning("%s call lost with its replica (%s); retrying once on another", method, type(exc).__name__)
+        if self.on_retry is not None:
+            self.on_retry(method)
+        return await send()
+
     async def call(self, method: str, call: ReplicaCall) -> ReplicaResult:
-        return await getattr(self._for(call), method).remote(call)
+        return await self._once_more_if_lost(method, lambda: getattr(self._for(call), method).remote(call))
 
     async def call_many(self, method: str, calls: list[ReplicaCall]) -> list[ReplicaResult | BaseException]:
         """Routed by the first call's adapter (the oldest request's); the others load there if needed."""
-        return await self._for(calls[0]).call_many.remote(method, calls)
+        return await self._once_more_if_lost(method, lambda: self._for(calls[0]).call_many.remote(method, calls))
 
     async def stream(self, call: ReplicaCall):  # type: ignore[override]
         gen = self._for(call, stream=True).generate_stream.remote(call)
@@ -279,7 +312,7 @@ class HandleClient:
             gen.cancel()  # no-op once finished; stops the replica's stream if the client left
 
     async def info(self) -> ReplicaInfo:
-        return await self.handle.info.remote()
+        return await self._once_more_if_lost("info", lambda: self.handle.info.remote())
 
 
 def _build_context(handle: Any, config: ServeConfig) -> tuple[ServingContext, RegistryStore, RegistrySettings]:
@@ -291,13 +324,15 @@ def _build_context(handle: Any, config: ServeConfig) -> tuple[ServingContext, Re
     settings = RegistrySettings(max_upload_bytes=registry.max_upload_bytes, auth=auth)
     # Two joined calls in flight per engine worker of each model replica: one computing, one queued.
     workers, _ = config.engine_plan(config.device_type())
+    metrics = ServerMetrics()
     client = CoalescingClient(
-        HandleClient(handle), max_inflight=2 * workers * server.most_replicas(),
+        HandleClient(handle, on_retry=lambda method: metrics.replica_retries.labels(method).inc()),
+        max_inflight=2 * workers * server.most_replicas(),
         max_texts=config.scheduler.max_batch_size,
         join_adapters=server.most_replicas() == 1,  # one replica: no routing choice that adapters' calls must keep apart
     )
     images = ImageLimits(max_bytes=server.max_image_bytes, max_pixels=server.max_image_pixels)
-    return ServingContext(client, resolver, ServerMetrics(), images, RequestLimits.of(server)), store, settings
+    return ServingContext(client, resolver, metrics, images, RequestLimits.of(server)), store, settings
 
 
 @serve.ingress()
@@ -310,6 +345,12 @@ class Ingress:
         if registry_env is not None:
             registry_env.apply()  # the driver's registry credentials (serving/cluster_env.py)
         self.ctx, self.store, self.settings = _build_context(model, self.config)
+        self.gate = DrainGate()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return create_api(self.ctx, self.store, self.settings)
+        return create_api(self.ctx, self.store, self.settings, self.gate)
+
+    async def drain(self, timeout_s: float) -> int:
+        """Refuse new requests, wait up to `timeout_s` for those in progress; how many are left
+        (`capaserve serve` calls it before stopping Serve; serving/drain.py)."""
+        return await self.gate.drain(timeout_s)

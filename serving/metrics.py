@@ -118,6 +118,18 @@ class ServerMetrics:
             ("replica", "mode"),
             registry=r,
         )
+        self.replica_requests = Counter(
+            "capaserve_replica_requests_total",
+            "Requests answered by each model replica (how the router spreads the load).",
+            ("replica",),
+            registry=r,
+        )
+        self.replica_retries = Counter(
+            "capaserve_replica_retries_total",
+            "Replica calls sent once more because their replica was lost while they ran (idempotent methods only).",
+            ("method",),
+            registry=r,
+        )
         self.mode_switches = Counter(
             "capaserve_adapter_mode_switches_total",
             "Times a replica's scheduler switched between merged and mixed-adapter batches.",

@@ -9,11 +9,13 @@ stream, which stops the generation between two tokens.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 
 from adapters.bundle import Task
-from serving.errors import InvalidRequest, UnsupportedTask
+from serving.api.errors import unwrap
+from serving.errors import InvalidRequest, UnsupportedTask, error_body, status_for
 from serving.protocol import (
     ChatCompletionChoice,
     ChatCompletionRequest,
@@ -34,6 +36,7 @@ from serving.replica_io import ReplicaCall, StreamItem
 from serving.service import RequestRecord, ServingContext, Target
 
 DONE = "data: [DONE]\n\n"
+log = logging.getLogger("capaserve.api")
 
 
 def sse(body: object) -> str:
@@ -122,6 +125,32 @@ async def _items(first: StreamItem, rest: AsyncIterator[StreamItem]) -> AsyncIte
             return
 
 
+def sse_error(exc: BaseException) -> str:
+    """The error body (docs/http-api.md#errors) as one SSE event: how a stream that already
+    answered 200 reports a failure (the OpenAI SDK raises APIError on it)."""
+    exc = unwrap(exc)
+    status, kind = status_for(exc)
+    if status >= 500:
+        log.error("stream failed after it started", exc_info=exc)
+        message = "the stream was cut short by a server error; the text sent so far is incomplete"
+    else:
+        message = str(exc)
+    return f"data: {json.dumps(error_body(message, kind, status))}\n\n"
+
+
+async def _ending_in_error_event(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """`events`, but a failure once the stream has started (the replica failed, or was lost
+    with its node) ends it with an error event and [DONE] instead of a cut connection."""
+    try:
+        async for event in events:
+            yield event
+    except Exception as exc:  # noqa: BLE001 - the client's connection must end cleanly
+        yield sse_error(exc)
+        yield DONE
+    finally:
+        await events.aclose()  # type: ignore[attr-defined]
+
+
 async def stream_completion(ctx: ServingContext, req: CompletionRequest, record: RequestRecord) -> AsyncIterator[str]:
     target = await _target(ctx, req.model, record, "text completion", req.prompts())
     prompts = req.prompts()
@@ -145,7 +174,7 @@ async def stream_completion(ctx: ServingContext, req: CompletionRequest, record:
         finally:
             await rest.aclose()  # type: ignore[attr-defined]
 
-    return events()
+    return _ending_in_error_event(events())
 
 
 async def stream_chat_completion(
@@ -181,4 +210,4 @@ async def stream_chat_completion(
         finally:
             await rest.aclose()  # type: ignore[attr-defined]
 
-    return events()
+    return _ending_in_error_event(events())

@@ -212,6 +212,7 @@ class ServingContext:
 
     def account(self, record: RequestRecord, result: ReplicaResult | StreamItem) -> None:
         """Fold a replica answer's bookkeeping into the record and the metrics."""
-        if result.served_by is not None:
+        if result.served_by is not None:  # once per request (a stream's first item)
             record.served_by = result.served_by
+            self.metrics.replica_requests.labels(result.served_by.replica).inc()
         self.metrics.apply(result.report)

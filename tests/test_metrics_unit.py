@@ -38,6 +38,8 @@ FAMILIES = {
     "capaserve_batch_size_requests": "histogram",
     "capaserve_adapter_mode": "gauge",
     "capaserve_adapter_mode_switches": "counter",
+    "capaserve_replica_requests": "counter",
+    "capaserve_replica_retries": "counter",
 }
 REPLICA_SERIES = (
     "capaserve_adapter_swaps_total",
@@ -84,7 +86,7 @@ def only(all_samples: dict[Key, float], prefix: str) -> dict[Key, float]:
 
 
 def test_fresh_registry_declares_every_family_and_exports_only_unlabelled_histograms() -> None:
-    """A new ServerMetrics exports HELP/TYPE for all 16 families, no *_created series, no
+    """A new ServerMetrics exports HELP/TYPE for all 18 families, no *_created series, no
     labelled series (none observed yet) and the two unlabelled histograms at zero."""
     m = ServerMetrics()
     fams = {f.name: f.type for f in text_string_to_metric_families(m.render().decode())}

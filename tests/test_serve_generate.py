@@ -1,15 +1,21 @@
 """Completions and chat on a tiny random Llama through real Ray Serve: whole, streamed
-(SSE ending in [DONE]) and abandoned mid-stream."""
+(SSE ending in [DONE]), abandoned mid-stream, and cut by a killed replica (the last test:
+it waits for the replacement replica)."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
+import time
 
 import httpx
 import pytest
 
 from adapters.bundle import save_bundle
 from adapters.synthetic import random_bundle
+from loadtest.faults import model_replica_pids
 from tests.serve_helpers import error_of, running_app
 
 pytestmark = pytest.mark.ray
@@ -171,3 +177,42 @@ def test_generation_errors(base_url, name, path, body, status):
     r = httpx.post(f"{base_url}{path}", json=body, timeout=60)
     assert r.status_code == status, r.text
     error_of(r)
+
+
+def test_streams_cut_by_a_killed_replica_end_with_an_error_event(base_url):
+    """kill -9 of the model replica while streams run: a stream that already answered 200
+    ends with an error event and [DONE], never with a cut connection (docs/http-api.md)."""
+    body = {"model": "chatty", "messages": MESSAGES, "max_tokens": 200, "temperature": 1.0, "seed": 1, "stream": True}
+    started = threading.Barrier(9, timeout=60)
+    ends: list[list[str] | BaseException] = []
+
+    def stream() -> None:
+        try:
+            with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=60) as resp:
+                assert resp.status_code == 200
+                lines = (line[len("data: "):] for line in resp.iter_lines() if line.startswith("data: "))
+                events = [next(lines)]
+                started.wait()
+                events += list(lines)
+            ends.append(events)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertions below
+            ends.append(exc)
+
+    threads = [threading.Thread(target=stream) for _ in range(8)]
+    for t in threads:
+        t.start()
+    started.wait()  # eight streams have sent their first event (one engine runs them in turn)
+    (replica,) = model_replica_pids(os.getpid())
+    os.kill(replica, signal.SIGKILL)
+    for t in threads:
+        t.join(timeout=90)
+    assert len(ends) == 8 and not [e for e in ends if isinstance(e, BaseException)], ends
+    assert all(events[-1] == "[DONE]" for events in ends)  # every stream was ended, none cut
+    cut = [json.loads(events[-2]) for events in ends if "error" in json.loads(events[-2])]
+    assert cut, "no stream was still running when the replica was killed"
+    for err in cut:
+        assert set(err["error"]) == {"message", "type", "code"} and err["error"]["code"] >= 500
+    deadline = time.monotonic() + 120  # the replacement replica is up before the module moves on
+    while httpx.get(f"{base_url}/readyz", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline, "no replacement replica"
+        time.sleep(0.5)

@@ -1,0 +1,134 @@
+"""Steady load and the faults it is measured through: shared by the fault scripts and tests.
+
+- `SteadyLoad`: a closed loop of client threads on 127.0.0.1 that records every request
+  (when it was sent, when it ended, its status or the client error), for as long as it
+  runs (bounded by the caller).
+- `model_replica_pids(root)`: the model replicas (Ray Serve replica processes) started
+  under process `root` (the `capaserve serve` the script started, or the test process
+  that started Ray): killing by pid touches nothing another Ray on the host runs.
+- `replica_counts(url)`: requests answered per model replica, from /metrics.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import httpx
+import psutil
+from prometheus_client.parser import text_string_to_metric_families
+
+MODEL_REPLICA_TITLE = "ServeReplica:capaserve:CapaserveModel"
+
+
+@dataclass(frozen=True)
+class Sent:
+    """One request of the load: its route, when it was sent and ended (monotonic seconds), and how."""
+
+    path: str
+    start: float
+    end: float
+    status: int | None  # None: no HTTP answer (connection refused, reset or cut)
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200
+
+
+@dataclass
+class SteadyLoad:
+    """`users` threads, each sending `next(requests)` (path, JSON body) back to back until stopped."""
+
+    url: str
+    requests: Callable[[], Iterator[tuple[str, dict]]]
+    users: int = 8
+    timeout_s: float = 60.0
+    sent: list[Sent] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+
+    def __enter__(self) -> "SteadyLoad":
+        for i in range(self.users):
+            t = threading.Thread(target=self._user, args=(self.requests(),), name=f"load-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=self.timeout_s + 5)
+
+    def _user(self, requests: Iterator[tuple[str, dict]]) -> None:
+        with httpx.Client(timeout=self.timeout_s) as client:
+            while not self._stop.is_set():
+                path, body = next(requests)
+                start = time.monotonic()
+                try:
+                    r = client.post(f"{self.url}{path}", json=body)
+                    status, error = r.status_code, "" if r.status_code == 200 else r.text[:300]
+                except httpx.HTTPError as exc:
+                    status, error = None, f"{type(exc).__name__}: {exc}"
+                with self._lock:
+                    self.sent.append(Sent(path, start, time.monotonic(), status, error))
+
+    def snapshot(self) -> list[Sent]:
+        with self._lock:
+            return list(self.sent)
+
+
+def round_robin(bodies: list[tuple[str, dict]], offset: int = 0) -> Callable[[], Iterator[tuple[str, dict]]]:
+    """A request source for SteadyLoad: each user cycles through `bodies` from its own offset."""
+    counter = itertools.count(offset)
+
+    def make() -> Iterator[tuple[str, dict]]:
+        start = next(counter) % max(1, len(bodies))
+        return itertools.islice(itertools.cycle(bodies), start, None)
+
+    return make
+
+
+def longest_gap(sent: list[Sent], start: float, end: float) -> float:
+    """The longest time within [start, end] in which no request got a 200."""
+    ends = sorted(s.end for s in sent if s.ok and start <= s.end <= end)
+    points = [start, *ends, end]
+    return max(b - a for a, b in zip(points, points[1:]))
+
+
+def model_replica_pids(root: int) -> list[int]:
+    """Pids of the capaserve model replicas among `root`'s descendants, oldest first."""
+    procs = []
+    for p in psutil.Process(root).children(recursive=True):
+        try:
+            if MODEL_REPLICA_TITLE in " ".join(p.cmdline()):
+                procs.append((p.create_time(), p.pid))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return [pid for _, pid in sorted(procs)]
+
+
+def replica_counts(url: str) -> dict[str, float]:
+    """capaserve_replica_requests_total by replica id."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return {
+        s.labels["replica"]: s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == "capaserve_replica_requests_total"
+    }
+
+
+def counter_total(url: str, name: str) -> float:
+    """The sum of a counter's samples (all labels) from /metrics; `name` with its _total."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name)
