@@ -7,7 +7,8 @@ Starts `capaserve serve` (a subprocess, on 127.0.0.1) with two model replicas, u
 - loads per adapter: adapter loads (cache misses, all replicas) / distinct adapters
   requested. 1.00 means every adapter was loaded on one replica only and its requests
   were routed there; 2.00 means both replicas loaded every adapter.
-- requests per load and swaps per request: how often a request paid a load or a swap.
+- requests per load and swaps per request: how often a request paid a load or a swap;
+- requests per replica (`capaserve_replica_requests_total`): how the router spread them.
 
 Another capaserve checkout is measured with `--tree DIR` (the server runs with DIR first on
 its PYTHONPATH; this script's own imports stay on the installed tree), so a change to
@@ -21,8 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +33,8 @@ import httpx
 from adapters.bundle import Task, save_bundle
 from adapters.default_model import DEFAULT_MODEL_ID, default_model_dir
 from adapters.synthetic import random_bundle
-from loadtest.run import free_port, scrape, wait_ready
+from loadtest.faults import capaserve_serve, replica_counts
+from loadtest.run import scrape
 from serving.engine.model_loader import meta_spec
 
 TEXT = "the quick brown fox jumps over the lazy dog"
@@ -46,27 +46,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=400)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--zipf", type=float, default=1.0)
-    ap.add_argument("--max-adapters-per-replica", type=int, default=64)
+    ap.add_argument("--max-adapters-per-replica", type=int, help="a count bound (default: derived from bytes)")
     ap.add_argument("--tree", type=Path, help="serve this capaserve checkout instead of the installed one")
     args = ap.parse_args(argv)
 
     spec = meta_spec(default_model_dir(), DEFAULT_MODEL_ID)
     targets = [n for n in spec.linear_shapes if n.endswith(("attention.self.query", "attention.self.value"))]
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
     work = Path(tempfile.mkdtemp(prefix="bench-affinity-"))
-    cmd = [sys.executable, "-m", "serving.cli", "serve", "--port", str(port), "--registry", str(work / "registry"),
-           "--replicas", "2", "--num-cpus", "1", "--max-adapters-per-replica", str(args.max_adapters_per_replica)]
-    log = open(work / "serve.log", "w")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    flags = ["--replicas", "2", "--num-cpus", "1"]
+    if args.max_adapters_per_replica is not None:
+        flags += ["--max-adapters-per-replica", str(args.max_adapters_per_replica)]
+    env = {}
     if args.tree is not None:
-        env["PYTHONPATH"] = os.pathsep.join([str(args.tree.resolve()), env.get("PYTHONPATH", "")])
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work)
-    try:
-        try:
-            wait_ready(base, 180, proc)
-        except (RuntimeError, TimeoutError) as exc:
-            raise SystemExit(f"{exc}; see {work / 'serve.log'}") from None
+        env["PYTHONPATH"] = os.pathsep.join([str(args.tree.resolve()), os.environ.get("PYTHONPATH", "")])
+    with capaserve_serve(work, *flags, env=env) as (base, _):
         names = [f"aff-{i:02d}" for i in range(args.adapters)]
         for i, name in enumerate(names):
             bundle = random_bundle(spec, targets, seed=i, task=Task.FEATURE_EXTRACTION, std=0.05)
@@ -75,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             r.raise_for_status()
         weights = [1.0 / (k + 1) ** args.zipf for k in range(len(names))]
         picks = random.Random(0).choices(names, weights, k=args.requests)
-        before = scrape(base)
+        before, counts0 = scrape(base), replica_counts(base)
         with httpx.Client(timeout=60) as client, ThreadPoolExecutor(args.concurrency) as pool:
             def send(model: str) -> int:
                 return client.post(f"{base}/v1/embeddings", json={"model": model, "input": [TEXT]}).status_code
@@ -92,13 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         print("|---:|---:|---:|---:|---:|---:|---:|")
         print(f"| {used} | {len(picks)} | {failed} | {len(picks) / took:.0f} | {loads / used:.2f} | "
               f"{len(picks) / max(loads, 1):.1f} | {swaps / len(picks):.3f} |")
+        shares = {r: n - counts0.get(r, 0.0) for r, n in replica_counts(base).items()}
+        print("requests per replica: " + ", ".join(f"{r} {n:.0f}" for r, n in sorted(shares.items())))
         return 1 if failed else 0
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 if __name__ == "__main__":

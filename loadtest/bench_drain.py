@@ -22,7 +22,6 @@ says how it ended: 200 when the drain timeout lets it finish; with a shorter
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import subprocess
 import sys
@@ -37,8 +36,7 @@ import httpx
 
 from adapters.default_model import DEFAULT_MODEL_ID
 from loadtest.bench_failover import make_adapters
-from loadtest.faults import Sent, SteadyLoad, round_robin
-from loadtest.run import free_port, wait_ready
+from loadtest.faults import Sent, SteadyLoad, capaserve_serve, round_robin
 
 SMALL = ["the quick brown fox jumps over the lazy dog", "hello world"]
 LARGE = [f"sentence number {i} about serving many adapters from one base model on ray serve" for i in range(128)]
@@ -119,22 +117,6 @@ def row(r: DrainResult) -> str:
     return f"| {r.in_progress} | {r.lost} | {a['200']} | {a['503']} | {a['refused']} | {a['cut']} | {r.exit_s:.1f} |"
 
 
-def start_server(work: Path, drain_timeout_s: float, *extra: str) -> tuple[str, subprocess.Popen]:
-    """`capaserve serve` on a free loopback port with a fresh registry; (URL, process) once ready."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "serving.cli", "serve", "--port", str(port), "--registry", str(work / "registry"),
-           "--drain-timeout-s", str(drain_timeout_s), *extra]
-    log = open(work / "serve.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=work)
-    try:
-        wait_ready(url, 240, proc)
-    except (RuntimeError, TimeoutError) as exc:
-        proc.kill()
-        raise SystemExit(f"{exc}; see {work / 'serve.log'}") from None
-    return url, proc
-
-
 def drain_bodies(url: str, work: Path) -> list[tuple[str, dict]]:
     """Registers one adapter; small and large embeddings requests on the base and on it."""
     (name, body), = make_adapters(work, embed=1, classify=0).items()
@@ -165,14 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.users, args.warmup = 4, 4.0
     work = Path(tempfile.mkdtemp(prefix="bench-drain-"))
-    url, proc = start_server(work, args.drain_timeout)
-    try:
+    with capaserve_serve(work, "--drain-timeout-s", str(args.drain_timeout)) as (url, proc):
         bodies = drain_bodies(url, work)
         long_body = long_request(args.long_texts) if args.long_texts else None
         result = run_drain(url, proc, bodies, args.users, args.warmup, args.drain_timeout + 5, long_body)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     print(HEADER)
     print(row(result))
     if result.long is not None:
@@ -185,7 +163,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"server log: {work / 'serve.log'}")
     ok = not result.lost and not result.after["cut"] and result.exit_s <= args.drain_timeout + 5
     return 0 if ok else 1
-
 
 if __name__ == "__main__":
     sys.exit(main())

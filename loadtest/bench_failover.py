@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,8 +37,15 @@ import httpx
 from adapters.bundle import Task, save_bundle
 from adapters.default_model import DEFAULT_MODEL_ID, default_model_dir
 from adapters.synthetic import random_bundle
-from loadtest.faults import SteadyLoad, counter_total, longest_gap, model_replica_pids, replica_counts, round_robin
-from loadtest.run import free_port, wait_ready
+from loadtest.faults import (
+    SteadyLoad,
+    capaserve_serve,
+    counter_total,
+    longest_gap,
+    model_replica_pids,
+    replica_counts,
+    round_robin,
+)
 from serving.engine.model_loader import meta_spec
 
 TEXTS = ["the quick brown fox jumps over the lazy dog", "hello world", "a somewhat longer sentence about adapters"]
@@ -164,18 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.users, args.embed_adapters, args.classify_adapters, args.warmup, args.window = 4, 2, 1, 5.0, 5.0
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     work = Path(tempfile.mkdtemp(prefix="bench-failover-"))
-    cmd = [sys.executable, "-m", "serving.cli", "serve", "--port", str(port), "--registry", str(work / "registry"),
-           "--replicas", "2", "--num-cpus", "1", *args.serve_args]
-    log = open(work / "serve.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=work)
-    try:
-        try:
-            wait_ready(url, 240, proc)
-        except (RuntimeError, TimeoutError) as exc:
-            raise SystemExit(f"{exc}; see {work / 'serve.log'}") from None
+    with capaserve_serve(work, "--replicas", "2", "--num-cpus", "1", *args.serve_args) as (url, proc):
         adapters = make_adapters(work, args.embed_adapters, args.classify_adapters)
         for name, body in adapters.items():
             httpx.put(f"{url}/v1/adapters/{name}", content=body, timeout=60).raise_for_status()
@@ -183,19 +179,12 @@ def main(argv: list[str] | None = None) -> int:
         for path, body in bodies:  # every adapter loaded somewhere before the clock starts
             httpx.post(f"{url}{path}", json=body, timeout=120).raise_for_status()
         result = run_failover(url, proc.pid, bodies, args.users, args.warmup, args.after, args.window)
-        print(HEADER)
-        print(row(result))
-        print(f"requests per replica over the run: {result.replicas}")
-        if result.errors:
-            print(f"failures: {result.errors}")
-        return 1 if result.failed else 0
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
+    print(HEADER)
+    print(row(result))
+    print(f"requests per replica over the run: {result.replicas}")
+    if result.errors:
+        print(f"failures: {result.errors}")
+    return 1 if result.failed else 0
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,19 +7,29 @@
   under process `root` (the `capaserve serve` the script started, or the test process
   that started Ray): killing by pid touches nothing another Ray on the host runs.
 - `replica_counts(url)`: requests answered per model replica, from /metrics.
+- `capaserve_serve(work, *flags)`: `capaserve serve` as a subprocess on a free loopback port,
+  its log in `work/serve.log`, stopped with SIGTERM on exit if it still runs.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
+
+from loadtest.run import free_port, wait_ready
 
 MODEL_REPLICA_TITLE = "ServeReplica:capaserve:CapaserveModel"
 
@@ -87,13 +97,18 @@ class SteadyLoad:
             return list(self.sent)
 
 
-def round_robin(bodies: list[tuple[str, dict]], offset: int = 0) -> Callable[[], Iterator[tuple[str, dict]]]:
-    """A request source for SteadyLoad: each user cycles through `bodies` from its own offset."""
-    counter = itertools.count(offset)
+def round_robin(bodies: list[tuple[str, dict]]) -> Callable[[], Iterator[tuple[str, dict]]]:
+    """A request source for SteadyLoad: all users draw from one shared cycle through `bodies`,
+    so the n-th request sent is bodies[n % len] whatever the number of users."""
+    shared = itertools.cycle(bodies)
+    lock = threading.Lock()
+
+    def draw() -> tuple[str, dict]:
+        with lock:
+            return next(shared)
 
     def make() -> Iterator[tuple[str, dict]]:
-        start = next(counter) % max(1, len(bodies))
-        return itertools.islice(itertools.cycle(bodies), start, None)
+        return iter(draw, None)
 
     return make
 
@@ -132,3 +147,31 @@ def counter_total(url: str, name: str) -> float:
     """The sum of a counter's samples (all labels) from /metrics; `name` with its _total."""
     text = httpx.get(f"{url}/metrics", timeout=30).text
     return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name)
+
+
+@contextmanager
+def capaserve_serve(work: Path, *flags: str, env: dict[str, str] | None = None,
+                    ready_s: float = 240.0) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`capaserve serve --port <free> --registry work/registry *flags` (a subprocess, on
+    127.0.0.1, log in work/serve.log); yields (URL, process) once /readyz answers, and stops
+    it with SIGTERM (SIGKILL after 90 s) on exit unless it already ended."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "serving.cli", "serve", "--port", str(port), "--registry", str(work / "registry"), *flags]
+    with open(work / "serve.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=work,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+        try:
+            try:
+                wait_ready(url, ready_s, proc)
+            except (RuntimeError, TimeoutError) as exc:
+                raise SystemExit(f"{exc}; see {work / 'serve.log'}") from None
+            yield url, proc
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=90)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()

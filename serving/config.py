@@ -233,8 +233,13 @@ class RegistryConfig(_Section):
         description="Seconds between a replica's checks that its loaded adapters still exist (deleted ones are dropped).",
         json_schema_extra={"flag": "registry-poll-s"},
     )
-    max_adapters_per_replica: int = Field(
-        64, ge=1, description="Adapters a replica keeps loaded; requests are routed to replicas holding theirs."
+    max_adapters_per_replica: int | None = Field(
+        None,
+        ge=1,
+        description="Adapters a replica keeps loaded (Serve's multiplexer); requests are routed to replicas "
+        "holding theirs. Memory is bounded by adapter_cache_bytes either way.",
+        json_schema_extra={"default_doc": "derived from bytes: adapter_cache_bytes / the smallest an adapter can "
+                           "take on the served base, so the byte budget, not a count, decides what stays loaded"},
     )
     blob_cache_bytes: Bytes = Field(
         256 * MiB, ge=0, description="Per-process LRU of bundle bytes fetched from the registry."

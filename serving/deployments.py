@@ -8,7 +8,10 @@ Duties, and nothing else:
 2. Load adapters by multiplexed model id (`name@version`) through `@serve.multiplexed`,
    so Ray routes an adapter's requests to replicas that already hold it and unloads the
    least recently used beyond `max_adapters_per_replica` (serving/replica_adapters.py,
-   which also states why only Serve's public API is used). Base-model requests carry no
+   which also states why only Serve's public API is used). By default that count is
+   derived from bytes so that it never binds before the engine's byte budget does
+   (`adapter_cache.count_bound`): with a fixed 64, a round-robin over 300 small adapters
+   reloaded a bundle for 989 of every 1,000 requests though all fit the budget. Base-model requests carry no
    multiplexed id and are load-balanced.
 3. Queue every request on the replica's `Scheduler`, which batches by adapter and runs
    every engine call (adapter loads and unloads included) on its engine workers, never on
@@ -40,6 +43,7 @@ from adapters.registry.resolver import AdapterResolver
 from serving.cluster_env import RegistryEnv
 from serving.coalesce import JOINABLE
 from serving.config import ServeConfig
+from serving.engine.adapter_cache import count_bound
 from serving.engine.engine import Engine
 from serving.engine.qa import QAInput
 from serving.errors import InvalidRequest
@@ -105,8 +109,12 @@ class ModelServer:
         if self.replica != "local":
             log_to_stderr()
         self.reporter = ReplicaReporter(self.replica, self.engine.stats(), self.scheduler)
+        # a count bound that can never bind before the byte budget (adapter_cache.count_bound)
+        max_adapters = registry.max_adapters_per_replica or count_bound(
+            self.config.engine.adapter_cache_bytes, self.engine.spec.linear_shapes.values()
+        )
         self.adapters = ReplicaAdapters(
-            self.engine, self.scheduler, self.store, self.resolver, registry.max_adapters_per_replica,
+            self.engine, self.scheduler, self.store, self.resolver, max_adapters,
             in_ray=self.replica != "local", on_change=self._refresh_stats,
         )
         self._sweeper: asyncio.Task | None = None

@@ -13,6 +13,7 @@ import torch
 
 from adapters.bundle import Task, save_bundle
 from adapters.manifest import AdapterManifest
+from adapters.synthetic import random_bundle
 from serving.config_sources import config_of
 from serving.deployments import ModelServer
 from serving.engine.engine import Engine
@@ -160,3 +161,40 @@ def test_a_collected_lease_takes_no_lock_and_is_retired_at_the_next_request(
 
     run(main())
     assert not engine.has_adapter(gone.ref) and engine.has_adapter(other.ref)
+
+
+def test_the_count_bound_is_the_byte_budget_over_the_smallest_adapter(minilm_dir: Path, make_server: MakeServer) -> None:
+    """Without max_adapters_per_replica the multiplexer's bound is derived from bytes: the
+    budget over what the smallest possible adapter (rank 1, one copy, on the smallest layer)
+    really takes in an engine that keeps it in factor form, so the count never binds first."""
+    server = make_server()
+    factors_only = engine_for(minilm_dir, MINILM_ID, dense_budget_bytes=0)
+    layer = min(factors_only.spec.linear_shapes, key=lambda n: sum(factors_only.spec.linear_shapes[n]))
+    tiny = random_bundle(factors_only.spec, [layer], rank=1, num_copies=1, density=1.0, seed=0,
+                         task=Task.FEATURE_EXTRACTION)
+    smallest = factors_only.load_adapter("tiny", tiny).nbytes
+    assert server.adapters.max_adapters == server.config.engine.adapter_cache_bytes // smallest
+    assert server.adapters.max_adapters > 64  # the fixed bound it replaces
+
+
+def test_a_round_robin_over_more_adapters_than_the_old_bound_loads_each_once(
+    engine: Engine, make_server: MakeServer, tmp_path: Path
+) -> None:
+    """70 adapters (more than the old fixed bound of 64), twice round-robin: 70 loads, not 140."""
+    server = make_server()
+    one_layer = ("layer.0.attention.self.query",)
+    manifests = []
+    for i in range(70):
+        b = bundle_for(engine, one_layer, seed=i, task=Task.FEATURE_EXTRACTION)
+        manifests.append(server.store.commit(f"rr{i}", save_bundle(b, tmp_path / f"rr{i}.safetensors"), b.metadata))
+    misses = engine.stats().cache_misses
+
+    async def main() -> None:
+        for _ in range(2):
+            for m in manifests:
+                await server.adapters.prepare(m)
+        await server.scheduler.call(lambda: None)  # queued unloads (if any) have run
+
+    run(main())
+    assert engine.stats().cache_misses - misses == 70
+    assert all(engine.has_adapter(m.ref) for m in manifests)

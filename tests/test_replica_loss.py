@@ -60,7 +60,9 @@ def test_kill_9_of_a_replica_loses_no_request_and_its_replacement_takes_a_share(
 ) -> None:
     url, bodies = served
     assert len(model_replica_pids(os.getpid())) == 2
-    result = run_failover(url, os.getpid(), bodies, users=6, warmup_s=4.0, after_s=75.0, window_s=6.0)
+    # 30 texts a request: each call computes for a while, so the killed replica surely holds some
+    heavy = [(path, {**body, "input": body["input"] * 10}) for path, body in bodies]
+    result = run_failover(url, os.getpid(), heavy, users=6, warmup_s=4.0, after_s=75.0, window_s=6.0)
     assert result.failed == 0, result.errors
     assert result.before > 0 and result.after > 0
     assert result.retries >= 1  # the killed replica held calls, and they were answered by the other

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.bench_drain import drain_bodies, long_request, run_drain, start_server
+from loadtest.bench_drain import drain_bodies, long_request, run_drain
+from loadtest.faults import capaserve_serve
 
 pytestmark = pytest.mark.ray
 
@@ -24,13 +25,9 @@ def _only_at_close(result) -> None:  # noqa: ANN001 - a DrainResult
 
 
 def test_sigterm_under_load_loses_nothing_in_progress(tmp_path: Path) -> None:
-    url, proc = start_server(tmp_path, 20.0, "--num-cpus", "1")
-    try:
+    with capaserve_serve(tmp_path, "--drain-timeout-s", "20", "--num-cpus", "1") as (url, proc):
         bodies = drain_bodies(url, tmp_path)
         result = run_drain(url, proc, bodies, users=6, warmup_s=4.0, exit_limit_s=25.0, long_body=long_request(1024))
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 0
     assert result.lost == 0, result.errors
     assert result.in_progress >= 1
@@ -40,13 +37,9 @@ def test_sigterm_under_load_loses_nothing_in_progress(tmp_path: Path) -> None:
 
 
 def test_the_exit_is_bounded_by_the_drain_timeout(tmp_path: Path) -> None:
-    url, proc = start_server(tmp_path, 1.0, "--num-cpus", "1")
-    try:
+    with capaserve_serve(tmp_path, "--drain-timeout-s", "1", "--num-cpus", "1") as (url, proc):
         bodies = drain_bodies(url, tmp_path)
         result = run_drain(url, proc, bodies, users=4, warmup_s=3.0, exit_limit_s=6.0, long_body=long_request(1024))
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 0
     log = (tmp_path / "serve.log").read_text()
     assert "still in progress cut at the timeout" in log, log[-3000:]  # the long request outlived the drain

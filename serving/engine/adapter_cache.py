@@ -68,6 +68,18 @@ def planned_bytes(bundle: AdapterBundle) -> tuple[int, int, int]:
     return dense, factors, head
 
 
+def smallest_adapter_bytes(linear_shapes: Iterable[tuple[int, int]]) -> int:
+    """The least any adapter can take in the cache on a base with these [out, in] linear layers:
+    the factor form of rank 1 with one copy on the smallest layer, (out + in) float32s."""
+    return min((o + i) * F32 for o, i in linear_shapes)
+
+
+def count_bound(capacity: int, linear_shapes: Iterable[tuple[int, int]]) -> int:
+    """How many adapters a cache of `capacity` bytes could ever hold at once on this base: a
+    count bound from this never binds before the byte budget does."""
+    return max(1, capacity // smallest_adapter_bytes(linear_shapes))
+
+
 def prepare(name: str, bundle: AdapterBundle, bank: WeightBank, device: torch.device, mode: Mode) -> PreparedAdapter:
     """Pre-merge every target with `adapters.merge` (the one source of the delta math)."""
     scaling = bundle.metadata.scaling
