@@ -9,14 +9,10 @@ mode from flapping on a queue near the boundary:
 
 - enter mixed when >= `enter_min_adapters` distinct adapters wait and the most-waited-for
   one holds < `enter_top_share` of the waiting requests;
-- leave mixed when the top one holds > `leave_top_share` (> enter_top_share) of at least
-  `enter_min_adapters` waiting requests: a backlog of mostly one adapter;
+- leave mixed when the top one holds > `leave_top_share` (> enter_top_share), or fewer
+  than two distinct adapters wait;
 - never switch again within `min_dwell_ms` of the previous switch;
-- an empty queue keeps the current mode (nothing to decide on), and so does a queue too
-  short to show a backlog. Engine workers drain the queue as it fills, so under many
-  adapters it often holds one or two requests; leaving mixed on "one adapter waits" then
-  ran a stream of one-text merged batches (a fixed forward cost each, and a swap) between
-  mixed ones: 57 of 271 engine calls with 50 Zipf adapters at one text per request.
+- an empty queue keeps the current mode (nothing to decide on).
 """
 
 from __future__ import annotations
@@ -71,7 +67,7 @@ class ModePolicy:
         if self.mode == "merged":
             if len(counts) >= self.config.enter_min_adapters and top < self.config.enter_top_share:
                 self._switch("mixed", now)
-        elif top > self.config.leave_top_share and total >= self.config.enter_min_adapters:
+        elif top > self.config.leave_top_share or len(counts) < 2:
             self._switch("merged", now)
         return self.mode
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx
 
 APP_NAME = "capaserve"
+#: The console script of the environment running the tests (found without PATH: a venv need not be activated).
+CAPASERVE = str(Path(sys.executable).with_name("capaserve"))
 
 
 class DirectClient:
@@ -104,8 +106,7 @@ def error_of(resp: httpx.Response) -> dict:
 def serve_process(log_path, *args: str, env: dict[str, str]) -> Iterator[subprocess.Popen]:
     """`capaserve serve ARGS` as a subprocess in its own session, output to `log_path`; its
     whole process group is SIGKILLed on exit if it is still running."""
-    exe = Path(sys.executable).with_name("capaserve")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "serving.cli"]
+    cmd = [CAPASERVE] if Path(CAPASERVE).exists() else [sys.executable, "-m", "serving.cli"]
     with open(log_path, "w") as log:
         proc = subprocess.Popen([*cmd, "serve", *args], env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from adapters.capaboost_linear import random_masks
 from adapters.validation import load_bundle
 from serving.cli import main
 from tests.conftest import MINILM_ID
+from tests.serve_helpers import CAPASERVE
 
 R, D = 4, 2
 QUERY = "encoder.layer.0.attention.self.query"
@@ -32,8 +32,7 @@ def in_process(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[i
 
 
 def capaserve(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    exe = shutil.which("capaserve")
-    cmd = [exe] if exe else [sys.executable, "-m", "serving.cli"]
+    cmd = [CAPASERVE]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, env=env, timeout=120)
 

@@ -28,6 +28,7 @@ from adapters.importers.reference import ReferenceConfig, import_reference
 from adapters.merge import delta_weight, merge_into, stacked_factors
 from tests.conftest import MINILM_ID
 from tests.peft_models import peft_folder, qa_peft, seq_cls_peft
+from tests.serve_helpers import CAPASERVE
 
 peft = pytest.importorskip("peft")
 
@@ -152,7 +153,7 @@ def test_peft_seq_cls_packed_and_served_equals_peft(minilm_dir: Path, tmp_path: 
     pm = seq_cls_peft(minilm_dir, tmp_path / "lora", id2label)
     out = tmp_path / "cls.safetensors"
     proc = subprocess.run(
-        ["capaserve", "pack", "peft", str(tmp_path / "lora"), "-o", str(out), "--base-model", MINILM_ID],
+        [CAPASERVE, "pack", "peft", str(tmp_path / "lora"), "-o", str(out), "--base-model", MINILM_ID],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr

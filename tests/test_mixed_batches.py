@@ -137,9 +137,7 @@ HYSTERESIS = [
     ({}, 0.9, "merged"),  # empty queue: keep the mode
     ({"a": 2, "b": 2, "c": 2}, 1.0, "mixed"),  # enter
     ({"a": 6, "b": 3}, 1.2, "mixed"),  # 2 distinct, top 0.67 <= Y: stays mixed (hysteresis)
-    ({"b": 1}, 1.3, "mixed"),  # one request: too short a queue to show a backlog, keep the mode
-    ({"b": 2}, 1.35, "mixed"),  # still shorter than K requests
-    ({"b": 3}, 1.4, "merged"),  # a backlog of one adapter: leave
+    ({"b": 3}, 1.4, "merged"),  # one adapter left: leave
 ]
 
 

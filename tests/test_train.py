@@ -26,6 +26,7 @@ from adapters.merge import delta_weight, rank_of
 from adapters.training.config import DEFAULT_MODEL_ID, TrainConfig
 from adapters.training.data import TrainingDataError, label_ids, label_names, read_jsonl
 from adapters.training.model import ClassificationHead, match_targets
+from tests.serve_helpers import CAPASERVE
 from tests.train_helpers import head_only_accuracy as train_head_only
 from tests.train_helpers import one_thread, write_jsonl  # noqa: F401 - one_thread is an autouse fixture
 
@@ -185,7 +186,7 @@ def test_delta_rank_exceeds_r_and_inspect_reports_it(trained_cls):
     print(f"\nrank(delta_W) per target (r={r}): {sorted(ranks.values())}")
     assert max(ranks.values()) > r and all(v <= 2 * r for v in ranks.values())
 
-    proc = subprocess.run(["capaserve", "inspect", "--json", str(trained_cls.path)],
+    proc = subprocess.run([CAPASERVE, "inspect", "--json", str(trained_cls.path)],
                           capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=120)
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
@@ -336,7 +337,7 @@ def test_cli_trains_a_bundle(tmp_path):
     data = write_jsonl(tmp_path / "tiny.jsonl", [{"text": f"the {a} sleeps", "label": i % 2} for i, a in enumerate(ANIMALS[:8])])
     out = tmp_path / "cli.safetensors"
     proc = subprocess.run(
-        ["capaserve", "train", "--task", "sequence-classification", "--data", str(data), "--steps", "2",
+        [CAPASERVE, "train", "--task", "sequence-classification", "--data", str(data), "--steps", "2",
          "--batch-size", "4", "--max-length", "12", "--rank", "4", "--copies", "2", "--targets", "query,value",
          "--no-progress", "-o", str(out)],
         capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=300,
@@ -352,7 +353,7 @@ def test_cli_reports_bad_data_with_line_numbers(tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"text": "a", "label": 1}\n{"text": "b"}\nnot json\n')
     proc = subprocess.run(
-        ["capaserve", "train", "--task", "sequence-classification", "--data", str(data), "-o", str(tmp_path / "x.safetensors")],
+        [CAPASERVE, "train", "--task", "sequence-classification", "--data", str(data), "-o", str(tmp_path / "x.safetensors")],
         capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=120,
     )
     assert proc.returncode == 2
