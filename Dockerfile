@@ -1,5 +1,9 @@
 # capaserve for a CUDA host:
-#   docker build -t capaserve . && docker run --gpus all -p 8000:8000 -e CAPASERVE_ADMIN_TOKEN=<secret> capaserve
+#   docker build -t capaserve . && docker run --gpus all --shm-size=2g -p 8000:8000 -e CAPASERVE_ADMIN_TOKEN=<secret> capaserve
+# With GPUs visible each model replica reserves one (--num-gpus, default 1 per replica when Ray
+# sees GPUs), so the model runs on the GPU; without --gpus it runs on the CPU.
+# On Kubernetes: `capaserve rayservice --image <this image> ...` prints a KubeRay RayService
+# that runs this image on every pod (docs/kubernetes.md).
 # The container listens on 0.0.0.0, so `capaserve serve` refuses to start without an admin token
 # (or CAPASERVE_ALLOW_UNAUTHENTICATED_WRITES=1, which lets anyone upload adapters).
 # Every other setting is a CAPASERVE_* variable too, or one YAML file for all of them:
@@ -40,12 +44,15 @@ ENV XDG_CACHE_HOME=/home/capaserve/.cache \
     CAPASERVE_HOST=0.0.0.0 \
     CAPASERVE_PORT=8000
 # Serve's throughput mode with gRPC between deployments and direct ingress (serving/ray_local.py);
-# set here too for a container that joins a cluster, where capaserve does not start Ray itself.
-# Direct ingress: each ingress replica also serves the API on its own port (30000 up); a load
-# balancer given those targets skips the proxy hop. Port 8000 (the proxy) serves everything.
+# set here too for a container that joins a cluster (or is a KubeRay pod), where capaserve does not
+# start Ray itself. Direct ingress: each ingress replica also serves the API on its own port (30000
+# up); a load balancer given those targets skips the proxy hop. Port 8000 (the proxy) serves
+# everything. gRPC's message size: Serve keeps gRPC's 4 MiB default, which made any bigger message
+# between the proxy and a replica (2,048 inputs, an adapter download) a bare 500.
 ENV RAY_SERVE_THROUGHPUT_OPTIMIZED=1 \
     RAY_SERVE_USE_GRPC_BY_DEFAULT=1 \
-    RAY_SERVE_ENABLE_DIRECT_INGRESS=1
+    RAY_SERVE_ENABLE_DIRECT_INGRESS=1 \
+    RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH=2147483647
 VOLUME ["/home/capaserve/.cache/capaserve"]
 EXPOSE 8000 30000
 

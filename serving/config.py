@@ -14,12 +14,13 @@ not the field name (the registry section's `location` is `--registry`), and
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from adapters.default_model import DEFAULT_MODEL_ID
 from serving.mode_policy import ModePolicyConfig
@@ -98,26 +99,104 @@ class ServerConfig(_Section):
         description="On SIGTERM or Ctrl-C new requests are refused (503) at once, and those in progress get this "
         "long to finish before Serve and Ray stop; the command exits within it plus 5 s.",
     )
-    replicas: int = Field(1, ge=1, description="Model deployment replicas; each loads the base model once.")
+    replicas: int = Field(
+        1, ge=1, description="Model deployment replicas (the initial number when autoscaling); each loads the base model once."
+    )
+    min_replicas: int | None = Field(
+        None,
+        ge=0,
+        description="Autoscaling: fewest model replicas; autoscaling is on when min-replicas or max-replicas is set.",
+        json_schema_extra={"default_doc": "1 when autoscaling"},
+    )
+    max_replicas: int | None = Field(
+        None,
+        ge=1,
+        description="Autoscaling: most model replicas; Serve adds replicas while each has more than 2 calls in flight.",
+        json_schema_extra={"default_doc": "replicas when autoscaling"},
+    )
+    ingress_replicas: int = Field(
+        1,
+        ge=1,
+        description="Ingress (HTTP) replicas, at most one per node; Serve's proxy on a node routes to the one on "
+        "its node, so a cluster that must survive a node's loss runs one on every node that serves clients.",
+    )
     num_cpus: float | None = Field(
         None,
         gt=0.0,
         description="CPUs reserved per model replica; on a CPU they also set its engine workers.",
-        json_schema_extra={"default_doc": "the cores available to this host (affinity and cgroup quota) / replicas, at least 1"},
+        json_schema_extra={
+            "default_doc": "the cores available to this host (affinity and cgroup quota) / the most replicas, at least 1"
+        },
     )
-    num_gpus: float = Field(0.0, ge=0.0, description="GPUs reserved per model replica.")
-    affinity_load_factor: float = Field(
-        1.25,
-        ge=1.0,
-        description="An adapter's requests go to the replicas holding it while one of them carries at most this "
-        "many times the mean load (plus one request); beyond that another replica loads it too.",
+    num_gpus: float | None = Field(
+        None,
+        ge=0.0,
+        description="GPUs reserved per model replica.",
+        json_schema_extra={
+            "default_doc": "1 when the Ray cluster has GPUs (a share when replicas outnumber them), else 0"
+        },
     )
+    max_body_bytes: Bytes = Field(
+        32 * MiB,
+        ge=1,
+        description="Largest request body of an inference route, checked before it is read (413 beyond); "
+        "room for 2,048 inputs of 16 KiB, or an image of max-image-bytes as a base64 data URL. "
+        "Adapter uploads have max-upload-bytes instead.",
+    )
+    max_inputs: int = Field(
+        2048, ge=1, description="Most inputs (texts, prompts or chat messages) in one request (400 beyond), as OpenAI."
+    )
+    max_input_chars: int | None = Field(
+        None,
+        ge=1,
+        description="Longest input in characters (400 beyond), checked before any compute; the token limit "
+        "(max-seq-len) is checked by the model replica.",
+        json_schema_extra={"default_doc": "64 characters per token of the model's longest sequence (32768 for 512)"},
+    )
+
     max_image_bytes: Bytes = Field(
         16 * MiB, ge=1, description="Largest image (decoded bytes of one data URL) a request may send to an image base; 413 beyond."
     )
     max_image_pixels: int = Field(
         4096 * 4096, ge=1, description="Most pixels (width x height) of one image sent to an image base; 400 beyond."
     )
+    affinity_load_factor: float = Field(
+        1.25,
+        ge=1.0,
+        description="An adapter's requests go to the replicas holding it while one of them carries at most this "
+        "many times the mean load (plus one request); beyond that another replica loads it too.",
+    )
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> "ServerConfig":
+        if self.autoscaling and not self.lowest_replicas() <= self.replicas <= self.most_replicas():
+            raise ValueError(
+                f"replicas ({self.replicas}) must lie between min_replicas ({self.lowest_replicas()}) "
+                f"and max_replicas ({self.most_replicas()})"
+            )
+        return self
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.min_replicas is not None or self.max_replicas is not None
+
+    def lowest_replicas(self) -> int:
+        return self.min_replicas if self.min_replicas is not None else (1 if self.autoscaling else self.replicas)
+
+    def most_replicas(self) -> int:
+        """The most model replicas there can be (what per-replica bounds are sized for)."""
+        return self.max_replicas if self.max_replicas is not None else self.replicas
+
+    def gpus_per_replica(self, cluster_gpus: float) -> float:
+        """`num_gpus`, else 1 GPU per replica on a cluster that has GPUs: on a CUDA host the model runs
+        there by default (a replica without a GPU reserved ran on the CPU, silently). With more replicas
+        than GPUs each gets an equal share that fits on one GPU (3 replicas, 2 GPUs: 0.5 each)."""
+        if self.num_gpus is not None:
+            return self.num_gpus
+        whole = int(cluster_gpus)
+        if whole < 1:
+            return 0.0
+        return 1.0 / math.ceil(self.most_replicas() / whole)
 
     @field_validator("admin_token", mode="before")
     @classmethod
@@ -275,21 +354,25 @@ class ServeConfig(BaseModel):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig, description="Batching and fairness.")
 
     def replica_cpus(self) -> float:
-        """CPUs of one model replica: `num_cpus`, else this host's available cores shared by the replicas."""
+        """CPUs of one model replica: `num_cpus`, else this host's available cores shared by the replicas
+        (the most there can be, when autoscaling)."""
         if self.server.num_cpus is not None:
             return self.server.num_cpus
-        return float(max(1, available_cpus() // self.server.replicas))
+        return float(max(1, available_cpus() // self.server.most_replicas()))
 
-    def resolved(self) -> "ServeConfig":
-        """This config with host-derived defaults fixed (build_app: every replica sees the same numbers)."""
-        server = self.server.model_copy(update={"num_cpus": self.replica_cpus()})
+    def resolved(self, cluster_gpus: float = 0.0) -> "ServeConfig":
+        """This config with host- and cluster-derived defaults fixed (build_app: every replica sees the
+        same numbers): CPUs per replica, and GPUs per replica from the cluster's `cluster_gpus`."""
+        server = self.server.model_copy(
+            update={"num_cpus": self.replica_cpus(), "num_gpus": self.server.gpus_per_replica(cluster_gpus)}
+        )
         return self.model_copy(update={"server": server})
 
     def device_type(self) -> str:
         """Where the replicas compute, as far as the config says: `engine.device`, else cuda when GPUs are reserved."""
         if self.engine.device:
             return self.engine.device.split(":")[0]
-        return "cuda" if self.server.num_gpus > 0 else "cpu"
+        return "cuda" if (self.server.num_gpus or 0) > 0 else "cpu"
 
     def engine_plan(self, device_type: str) -> tuple[int, int]:
         """(engine workers, torch threads per worker) of a replica.

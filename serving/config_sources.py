@@ -10,6 +10,7 @@ row without further code. Precedence, per setting: flag > environment > file > d
 from __future__ import annotations
 
 import argparse
+import copy
 import difflib
 import os
 import sys
@@ -204,14 +205,22 @@ def _put(tree: dict[str, Any], path: tuple[str, ...], value: Any, origin: str) -
 
 
 def config_from(
-    flags: Mapping[str, Any], environ: Mapping[str, str] = os.environ, config_file: str | None = None
+    flags: Mapping[str, Any],
+    environ: Mapping[str, str] = os.environ,
+    config_file: str | None = None,
+    base: Mapping[str, Any] | None = None,
 ) -> ServeConfig:
     """The ServeConfig of the given flags (by `Setting.dest`), environment and YAML file.
 
-    `config_file` None falls back to `$CAPASERVE_CONFIG`. Any problem is a ConfigError.
+    `config_file` None falls back to `$CAPASERVE_CONFIG`. `base`, a nested mapping such as
+    `serve run` passes to `build_app` as `args`, takes the file's place. Any problem is a
+    ConfigError.
     """
-    config_file = config_file or environ.get(CONFIG_ENV) or None
-    tree: dict[str, Any] = load_file(config_file) if config_file else {}
+    if base is not None:
+        tree: dict[str, Any] = copy.deepcopy(dict(base))
+    else:
+        config_file = config_file or environ.get(CONFIG_ENV) or None
+        tree = load_file(config_file) if config_file else {}
     origin: dict[tuple[str, ...], str] = {}
     for s in SETTINGS:
         if environ.get(s.env):

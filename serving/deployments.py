@@ -40,6 +40,7 @@ from ray.serve.exceptions import RayServeException
 
 from adapters.registry.backends import open_store
 from adapters.registry.resolver import AdapterResolver
+from serving.cluster_env import RegistryEnv
 from serving.coalesce import JOINABLE
 from serving.config import ServeConfig
 from serving.engine.adapter_cache import count_bound
@@ -56,6 +57,8 @@ from serving.replica_io import (
     ReplicaResult,
     StreamItem,
 )
+from serving.registry_probe import RegistryProbe
+from serving.replica_logging import log_to_stderr
 from serving.replica_report import ReplicaReporter
 from serving.scheduler import ENCODER, Kind, Scheduler
 
@@ -88,8 +91,12 @@ def _estimate_input(item: Any, image_tokens: int) -> int:
 class ModelServer:
     """The model deployment's replica class (see the module docstring for its duties)."""
 
-    def __init__(self, config: ServeConfig | dict[str, Any], engine: Engine | None = None) -> None:
+    def __init__(
+        self, config: ServeConfig | dict[str, Any], engine: Engine | None = None, registry_env: RegistryEnv | None = None
+    ) -> None:
         self.config = ServeConfig.model_validate(config)  # a ServeConfig passes through as is
+        if registry_env is not None:
+            registry_env.apply()  # the driver's registry credentials (serving/cluster_env.py)
         self.engine = engine if engine is not None else Engine(self.config.engine)
         workers, threads = self.config.engine_plan(self.engine.device.type)
         torch.set_num_threads(threads)
@@ -99,6 +106,8 @@ class ModelServer:
         # the padding split depends on the device (padding is nearly free on a GPU)
         self.scheduler = Scheduler(self, self.config.scheduler, device_type=self.engine.device.type, workers=workers)
         self.replica = _replica_id()
+        if self.replica != "local":
+            log_to_stderr()
         self.reporter = ReplicaReporter(self.replica, self.engine.stats(), self.scheduler)
         # a count bound that can never bind before the byte budget (adapter_cache.count_bound)
         max_adapters = registry.max_adapters_per_replica or count_bound(
@@ -109,6 +118,7 @@ class ModelServer:
             in_ray=self.replica != "local", on_change=self._refresh_stats,
         )
         self._sweeper: asyncio.Task | None = None
+        self.registry_probe = RegistryProbe(self.store, f"model replica {self.replica}")
 
     # ------------------------------------------------------------------ Ray hooks
 
@@ -126,6 +136,7 @@ class ModelServer:
             has_chat_template=bool(getattr(e.tokenizer, "chat_template", None)),
             max_seq_len=e.max_len,
             replica=self.replica,
+            registry_error=await self.registry_probe.error(),
         )
 
     async def loaded_adapters(self) -> list[str]:

@@ -33,8 +33,10 @@ from adapters.registry.backends import open_store
 from adapters.registry.store import RegistryStore
 from serving import serve_classify, serve_embeddings, serve_generate, serve_models, serve_qa
 from serving.api.auth import AuthSettings
+from serving.api.body_limit import BodyLimit
 from serving.api.errors import ErrorMappingRoute, unwrap
 from serving.api.registry import RegistrySettings, build_registry_router
+from serving.cluster_env import RegistryEnv
 from serving.coalesce import CoalescingClient
 from serving.config import ServeConfig
 from serving.drain import DrainGate, DrainMiddleware
@@ -56,11 +58,14 @@ from serving.protocol import (
     QuestionAnsweringResponse,
     render,
 )
+from serving.registry_probe import RegistryProbe
 from serving.replica_io import IDEMPOTENT, ReplicaCall, ReplicaInfo, ReplicaResult
-from serving.service import RequestRecord, ServingContext
+from serving.replica_logging import log_to_stderr
+from serving.service import RequestLimits, RequestRecord, ServingContext
 
 access_log = logging.getLogger("capaserve.access")
 log = logging.getLogger("capaserve.ingress")
+ready_log = logging.getLogger("capaserve.readiness")
 
 
 def json_response(body: BaseModel) -> Response:
@@ -205,14 +210,32 @@ def create_api(
     async def healthz() -> dict:
         return {"status": "ok"}
 
+    registry_probe = RegistryProbe(store, "the ingress")
+    readiness = {"reason": ""}  # the last reason logged ("": ready, or nothing logged yet)
+
     @api.get("/readyz")
     async def readyz() -> JSONResponse:
-        """200 once a model replica answers (its engine is loaded), else 503."""
+        """200 while a model replica answers (its engine is loaded) and the registry answers both
+        that replica and this ingress; else 503. The body says which part is not ready; the
+        reason, which may name internal hosts, goes to the log only, once per change."""
+        detail = None
         try:
             info = await ctx.refresh_info(timeout=5.0)
         except Exception as exc:  # noqa: BLE001 - not ready, whatever the reason
-            message = f"model deployment not ready: {type(unwrap(exc)).__name__}"
+            message, detail = "model deployment not ready: no replica answered", type(unwrap(exc)).__name__
+        else:
+            if info.registry_error:
+                message, detail = "adapter registry unreachable from a model replica", info.registry_error
+            elif own := await registry_probe.error():
+                message, detail = "adapter registry unreachable from the ingress", own
+        if detail is not None:
+            if readiness["reason"] != f"{message}: {detail}":
+                readiness["reason"] = f"{message}: {detail}"
+                ready_log.warning("not ready: %s", readiness["reason"])
             return JSONResponse(error_body(message, "unavailable", 503), status_code=503)
+        if readiness["reason"]:
+            ready_log.info("ready again")
+            readiness["reason"] = ""
         return JSONResponse({"status": "ready", "model": info.model_id})
 
     @api.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
@@ -232,7 +255,8 @@ def create_api(
 
     if gate is not None:
         app.add_middleware(DrainMiddleware, gate=gate)  # inside Metered: refusals are counted too
-    app.add_middleware(Metered, metrics=ctx.metrics)
+    app.add_middleware(BodyLimit, limit=ctx.limits.max_body_bytes)
+    app.add_middleware(Metered, metrics=ctx.metrics)  # outermost: refusals and 413s are metered too
     return app
 
 
@@ -288,7 +312,7 @@ class HandleClient:
             gen.cancel()  # no-op once finished; stops the replica's stream if the client left
 
     async def info(self) -> ReplicaInfo:
-        return await self.handle.info.remote()
+        return await self._once_more_if_lost("info", lambda: self.handle.info.remote())
 
 
 def _build_context(handle: Any, config: ServeConfig) -> tuple[ServingContext, RegistryStore, RegistrySettings]:
@@ -303,19 +327,23 @@ def _build_context(handle: Any, config: ServeConfig) -> tuple[ServingContext, Re
     metrics = ServerMetrics()
     client = CoalescingClient(
         HandleClient(handle, on_retry=lambda method: metrics.replica_retries.labels(method).inc()),
-        max_inflight=2 * workers * server.replicas, max_texts=config.scheduler.max_batch_size,
-        join_adapters=server.replicas == 1,  # one replica: no routing choice that adapters' calls must keep apart
+        max_inflight=2 * workers * server.most_replicas(),
+        max_texts=config.scheduler.max_batch_size,
+        join_adapters=server.most_replicas() == 1,  # one replica: no routing choice that adapters' calls must keep apart
     )
-    limits = ImageLimits(max_bytes=server.max_image_bytes, max_pixels=server.max_image_pixels)
-    return ServingContext(client, resolver, metrics, limits), store, settings
+    images = ImageLimits(max_bytes=server.max_image_bytes, max_pixels=server.max_image_pixels)
+    return ServingContext(client, resolver, metrics, images, RequestLimits.of(server)), store, settings
 
 
 @serve.ingress()
 class Ingress:
     """Ray Serve ingress deployment: builds the FastAPI app around the model handle."""
 
-    def __init__(self, model: Any, config: ServeConfig | dict[str, Any]) -> None:
+    def __init__(self, model: Any, config: ServeConfig | dict[str, Any], registry_env: RegistryEnv | None = None) -> None:
         self.config = ServeConfig.model_validate(config)  # a ServeConfig passes through as is
+        log_to_stderr()
+        if registry_env is not None:
+            registry_env.apply()  # the driver's registry credentials (serving/cluster_env.py)
         self.ctx, self.store, self.settings = _build_context(model, self.config)
         self.gate = DrainGate()
 

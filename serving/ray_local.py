@@ -20,6 +20,13 @@ in the driver carries the driver's choice of transport, so `use_serve_env()` mus
 before the first `import ray.serve` (the CLI does it first thing; tests in conftest).
 Variables already set win, so a user can opt out (RAY_SERVE_THROUGHPUT_OPTIMIZED=0).
 A joined cluster (RAY_ADDRESS) keeps its own settings: set the same variables on its nodes.
+
+A local cluster is bound to loopback. `ray.init(_node_ip_address="127.0.0.1")` alone does
+not do it: Ray turns a loopback address into the host's outward one (measured: the node
+registered as 192.0.2.2). Ray's one switch for a node address of 127.0.0.1 is the variable
+it reads for single-host platforms, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (`LOCAL_ENV`), which
+Ray reads when it is imported: `use_serve_env()` sets it before the first `import ray`, and
+`init_local_ray` refuses a cluster whose node is on another address.
 """
 
 from __future__ import annotations
@@ -30,13 +37,19 @@ import sys
 import time
 from typing import Any
 
-import ray
+#: gRPC's largest message (2 GiB - 1), what Serve's own gRPC servers already take.
+GRPC_MAX_MESSAGE_BYTES = 2**31 - 1
 
 SERVE_ENV: dict[str, str] = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
     "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+    # Serve keeps gRPC's 4 MiB default for the messages between its proxy and replicas and
+    # between deployments; anything larger (2,048 texts, a 16 MiB response, an adapter
+    # download through the proxy) was a bare 500. The HTTP limits (docs/http-api.md#limits)
+    # are what bound a request, so this one must not: every process receives up to gRPC's max.
+    "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(GRPC_MAX_MESSAGE_BYTES),
 }
 
 log = logging.getLogger("capaserve.ray")
@@ -59,15 +72,20 @@ def ingress_on_port(port: int) -> dict[str, str]:
     }
 
 
+#: A local cluster's nodes on 127.0.0.1 (see the module doc); read by Ray when it is imported.
+LOCAL_ENV: dict[str, str] = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
 def use_serve_env(extra: dict[str, str] | None = None) -> None:
-    """Put capaserve's Serve settings (and `extra`) into this process's environment (and its children's)."""
-    imported = "ray.serve" in sys.modules
-    wanted = {**SERVE_ENV, **(extra or {})}
+    """Put a local cluster's settings (Serve's, loopback's and `extra`) into this process's
+    environment and its children's."""
+    imported = [m for m in ("ray", "ray.serve") if m in sys.modules]
+    wanted = {**SERVE_ENV, **LOCAL_ENV, **(extra or {})}
     added = [key for key in wanted if key not in os.environ]
     for key in added:
         os.environ[key] = wanted[key]
     if imported and added:
-        log.warning("ray.serve was imported before use_serve_env(): %s do not apply to this process", added)
+        log.warning("%s imported before use_serve_env(): %s may not apply to this process", imported, added)
 
 
 #: Every node capaserve starts binds to loopback: nothing of a local cluster is reachable from
@@ -83,11 +101,19 @@ def init_local_ray(num_cpus: int, **kwargs: Any) -> None:
     `num_cpus`. Joining a cluster is only ever asked for, with RAY_ADDRESS.
     """
     use_serve_env()  # workers inherit the environment of the raylet started here
+    import ray  # deferred: Ray reads LOCAL_ENV when it is first imported
 
     kwargs.setdefault("include_dashboard", False)
     kwargs.setdefault("logging_level", logging.WARNING)
     kwargs.setdefault("_node_ip_address", LOOPBACK_NODE_IP)
     ray.init(address="local", num_cpus=num_cpus, **kwargs)
+    addresses = {n["NodeManagerAddress"] for n in ray.nodes()}
+    if addresses != {LOOPBACK_NODE_IP}:
+        ray.shutdown()
+        raise RuntimeError(
+            f"the local Ray node registered on {sorted(addresses)}, not {LOOPBACK_NODE_IP}: ray was imported "
+            "before serving.ray_local.use_serve_env() set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0"
+        )
 
 
 def direct_ingress_urls(app_name: str, host: str, timeout_s: float = 30.0) -> list[str]:

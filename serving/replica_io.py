@@ -20,9 +20,10 @@ from serving.metrics import ReplicaReport
 #: Replica methods that may run twice: they read their inputs and the weights and change
 #: nothing a client sees, so a call lost with its replica is sent once more to another one
 #: (serving.ingress.HandleClient). Every encoder method belongs here (`question_answering`
-#: is the method of POST /v1/question-answering). Generation is not: a started stream cannot
-#: be replayed to its client, and a whole completion may run for minutes.
-IDEMPOTENT = frozenset({"embed", "classify", "question_answering"})
+#: is the method of POST /v1/question-answering), and `info`, which readiness asks: a replica
+#: lost under it must not make `/readyz` fail while another can serve. Generation is not: a
+#: started stream cannot be replayed to its client, and a whole completion may run for minutes.
+IDEMPOTENT = frozenset({"embed", "classify", "question_answering", "info"})
 
 
 class ReplicaCall(BaseModel):
@@ -114,4 +115,5 @@ class ReplicaInfo(BaseModel):
     has_chat_template: bool
     max_seq_len: int
     replica: str
+    registry_error: str | None = Field(None, description="Why this replica cannot reach the registry; None if it can.")
 

@@ -13,6 +13,7 @@ from serving.service import RequestRecord, ServingContext
 
 
 async def classify(ctx: ServingContext, req: ClassifyRequest, record: RequestRecord) -> ClassifyResponse:
+    await ctx.check_inputs(req.texts())
     base_task = await ctx.base_task()
     target = await ctx.resolve(req.model, record)
     task = Task.IMAGE_CLASSIFICATION if await ctx.modality() == "image" else Task.SEQUENCE_CLASSIFICATION

@@ -40,6 +40,7 @@ def shape_vectors(vectors: Sequence[Any], dimensions: int | None, encoding: str)
 
 
 async def create_embeddings(ctx: ServingContext, req: EmbeddingRequest, record: RequestRecord) -> EmbeddingResponse:
+    await ctx.check_inputs(req.texts())
     base_task = await ctx.base_task()
     target = await ctx.resolve(req.model, record)
     ctx.require(target, ENCODER_TASKS, "embeddings", base_ok=base_task in ENCODER_TASKS, base_task=base_task)

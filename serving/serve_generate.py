@@ -44,7 +44,8 @@ def sse(body: object) -> str:
     return f"data: {data}\n\n"
 
 
-async def _target(ctx: ServingContext, model: str, record: RequestRecord, what: str) -> Target:
+async def _target(ctx: ServingContext, model: str, record: RequestRecord, what: str, inputs: list[str]) -> Target:
+    await ctx.check_inputs(inputs, "messages" if what.startswith("chat") else "prompt")
     base_task = await ctx.base_task()
     target = await ctx.resolve(model, record)
     ctx.require(target, {Task.CAUSAL_LM}, what, base_ok=base_task is Task.CAUSAL_LM, base_task=base_task)
@@ -56,7 +57,7 @@ def _usage(prompt: int, completion: int) -> UsageInfo:
 
 
 async def create_completion(ctx: ServingContext, req: CompletionRequest, record: RequestRecord) -> CompletionResponse:
-    target = await _target(ctx, req.model, record, "text completion")
+    target = await _target(ctx, req.model, record, "text completion", req.prompts())
     call = ReplicaCall(adapter=target.adapter, texts=req.prompts(), params=req.to_sampling_params())
     result = await ctx.client.call("generate", call)
     ctx.account(record, result)
@@ -72,7 +73,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, record:
 async def create_chat_completion(
     ctx: ServingContext, req: ChatCompletionRequest, record: RequestRecord
 ) -> ChatCompletionResponse:
-    target = await _target(ctx, req.model, record, "chat completion")
+    target = await _target(ctx, req.model, record, "chat completion", [m["content"] for m in req.chat_messages()])
     await _require_template(ctx, req.model)
     call = ReplicaCall(adapter=target.adapter, messages=req.chat_messages(), params=req.to_sampling_params())
     result = await ctx.client.call("generate", call)
@@ -151,7 +152,7 @@ async def _ending_in_error_event(events: AsyncIterator[str]) -> AsyncIterator[st
 
 
 async def stream_completion(ctx: ServingContext, req: CompletionRequest, record: RequestRecord) -> AsyncIterator[str]:
-    target = await _target(ctx, req.model, record, "text completion")
+    target = await _target(ctx, req.model, record, "text completion", req.prompts())
     prompts = req.prompts()
     if len(prompts) != 1:
         raise InvalidRequest("stream: true takes a single prompt")
@@ -179,7 +180,7 @@ async def stream_completion(ctx: ServingContext, req: CompletionRequest, record:
 async def stream_chat_completion(
     ctx: ServingContext, req: ChatCompletionRequest, record: RequestRecord
 ) -> AsyncIterator[str]:
-    target = await _target(ctx, req.model, record, "chat completion")
+    target = await _target(ctx, req.model, record, "chat completion", [m["content"] for m in req.chat_messages()])
     await _require_template(ctx, req.model)
     call = ReplicaCall(adapter=target.adapter, messages=req.chat_messages(), params=req.to_sampling_params())
     first, rest = await _open(ctx, call, record)

@@ -14,6 +14,7 @@ from serving.service import RequestRecord, ServingContext
 
 
 async def answer(ctx: ServingContext, req: QuestionAnsweringRequest, record: RequestRecord) -> QuestionAnsweringResponse:
+    await ctx.check_inputs([q.question for q in req.questions()], "question")  # contexts: the replica's window bound
     base_task = await ctx.base_task()
     target = await ctx.resolve(req.model, record)
     ctx.require(target, {Task.QUESTION_ANSWERING}, "question answering", base_ok=False, base_task=base_task)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -21,7 +21,8 @@ from adapters.manifest import AdapterManifest
 from adapters.registry.resolver import AdapterResolver
 from adapters.registry.store import AdapterNotFound
 from adapters.validation import BaseModelSpec
-from serving.errors import ModelNotFound, UnsupportedTask
+from serving.config import ServerConfig
+from serving.errors import InvalidRequest, ModelNotFound, UnsupportedTask
 from serving.images import ImageLimits, image_bytes
 from serving.metrics import ServerMetrics
 from serving.replica_io import ReplicaCall, ReplicaInfo, ReplicaResult, ServedBy, StreamItem
@@ -85,18 +86,65 @@ class Target:
         return self.adapter.task if self.adapter is not None else None
 
 
+#: The default bound on an input's characters, per token of the model's longest sequence: more
+#: than any tokenizer makes of real text (WordPiece turns a word over 100 characters into one
+#: unknown token; BPE tokens seldom exceed 20), so the bound only stops what cannot fit anyway.
+CHARS_PER_TOKEN = 64
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one inference request may hold (docs/http-api.md#limits), checked before any compute."""
+
+    max_body_bytes: int
+    max_inputs: int
+    #: None: CHARS_PER_TOKEN x the model's longest sequence
+    max_input_chars: int | None
+
+    @classmethod
+    def of(cls, server: ServerConfig) -> "RequestLimits":
+        return cls(server.max_body_bytes, server.max_inputs, server.max_input_chars)
+
+    def chars_for(self, max_seq_len: int) -> int:
+        return self.max_input_chars or CHARS_PER_TOKEN * max_seq_len
+
+
 class ServingContext:
     """The ingress's state shared by the endpoint families."""
 
     def __init__(
-        self, client: ModelClient, resolver: AdapterResolver, metrics: ServerMetrics, image_limits: ImageLimits
+        self,
+        client: ModelClient,
+        resolver: AdapterResolver,
+        metrics: ServerMetrics,
+        image_limits: ImageLimits,
+        limits: RequestLimits | None = None,
     ) -> None:
         self.client = client
         self.resolver = resolver
         self.metrics = metrics
         self.image_limits = image_limits
+        self.limits = limits or RequestLimits.of(ServerConfig())
         self._info: ReplicaInfo | None = None
         self._info_lock = asyncio.Lock()
+
+    async def check_inputs(self, texts: Sequence[str], what: str = "input") -> None:
+        """InvalidRequest (400) for more inputs than `max_inputs` or one longer than the character
+        bound: refused at the ingress, before a replica tokenizes anything (a 4 M-character text
+        took seconds to be refused by the token check and crossed to the replica first). On an
+        image base the items are data URLs, bounded by the image limits (`encoder_call`) instead."""
+        if len(texts) > self.limits.max_inputs:
+            raise InvalidRequest(f"{what} has {len(texts)} items; at most {self.limits.max_inputs} per request")
+        if await self.modality() == "image":
+            return
+        info = await self.info()
+        bound = self.limits.chars_for(info.max_seq_len)
+        for i, text in enumerate(texts):
+            if len(text) > bound:
+                raise InvalidRequest(
+                    f"{what} {i} has {len(text)} characters; at most {bound} per input "
+                    f"(the model takes at most {info.max_seq_len} tokens)"
+                )
 
     async def info(self, timeout: float | None = None) -> ReplicaInfo:
         """The base model's info, fetched once from a model replica."""

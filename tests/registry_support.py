@@ -55,8 +55,8 @@ def kill(proc: subprocess.Popen) -> None:
 class MotoServer:
     """`python -m moto.server` on 127.0.0.1, as a subprocess ended by its pid."""
 
-    def __init__(self) -> None:
-        self.port = free_port()
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
             stdout=subprocess.DEVNULL,

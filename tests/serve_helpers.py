@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -97,3 +100,33 @@ def error_of(resp: httpx.Response) -> dict:
     assert set(err) == {"message", "type", "code"} and err["code"] == resp.status_code, body
     assert isinstance(err["message"], str) and err["message"]
     return err
+
+
+@contextmanager
+def serve_process(log_path, *args: str, env: dict[str, str]) -> Iterator[subprocess.Popen]:
+    """`capaserve serve ARGS` as a subprocess in its own session, output to `log_path`; its
+    whole process group is SIGKILLed on exit if it is still running."""
+    cmd = [CAPASERVE] if Path(CAPASERVE).exists() else [sys.executable, "-m", "serving.cli"]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([*cmd, "serve", *args], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def wait_ready(base: str, proc: subprocess.Popen, log_path, timeout_s: float = 180) -> None:
+    """Until `base`/readyz answers 200; fails early, with the log's tail, if `proc` exits."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None, Path(log_path).read_text()[-3000:]
+        try:
+            if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "never ready: " + Path(log_path).read_text()[-3000:]
+        time.sleep(0.5)

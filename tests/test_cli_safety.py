@@ -44,3 +44,10 @@ def test_loadtest_without_its_extra_names_the_extra():
     code = "import sys; sys.modules['httpx'] = None; from serving.cli import main; main(['loadtest', '--users', '2'])"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode != 0 and "pip install 'capaserve[loadtest]'" in run.stderr, run.stderr
+
+
+def test_serve_refuses_more_ingress_replicas_than_a_local_cluster_has_nodes():
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-m", "serving.cli", "serve", "--ingress-replicas", "2"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2 and "one ingress replica" in proc.stderr and "Ray" not in proc.stderr

@@ -67,7 +67,7 @@ def sample(s: Setting) -> tuple[str, typing.Any]:
         x = default * 1.1 if default else 0.5
         return f"{x:g}", float(f"{x:g}")
     if s.info.annotation in (int, int | None):
-        n = 2 if default is None else default + 2
+        n = 1 if default is None else default + 2  # 1: valid for min_replicas beside the default replicas
         return str(n), n
     return "/tmp/some-value", "/tmp/some-value"
 
@@ -219,3 +219,25 @@ def test_derived_values() -> None:
 )
 def test_byte_sizes(text: str, n: int) -> None:
     assert parse_bytes(text) == n
+
+
+def test_gpus_per_replica_default_follows_the_cluster() -> None:
+    """On a CUDA host each model replica reserves a GPU unless told otherwise (issue 15)."""
+    assert config_of().server.gpus_per_replica(0) == 0.0
+    assert config_of().server.gpus_per_replica(1) == 1.0
+    assert config_of(replicas=2).server.gpus_per_replica(8) == 1.0
+    assert config_of(replicas=3).server.gpus_per_replica(2) == 0.5  # 4 halves for 3 replicas, each on one GPU
+    assert config_of(replicas=2, max_replicas=4).server.gpus_per_replica(1) == 0.25  # sized for the most replicas
+    assert config_of(num_gpus=0).server.gpus_per_replica(8) == 0.0  # given: as given
+    assert config_of(num_gpus=0.5).server.gpus_per_replica(0) == 0.5
+
+
+def test_autoscaling_bounds() -> None:
+    s = config_of().server
+    assert not s.autoscaling and (s.lowest_replicas(), s.most_replicas()) == (1, 1)
+    s = config_of(replicas=2, max_replicas=5).server
+    assert s.autoscaling and (s.lowest_replicas(), s.replicas, s.most_replicas()) == (1, 2, 5)
+    s = config_of(min_replicas=0, replicas=1).server
+    assert s.autoscaling and (s.lowest_replicas(), s.most_replicas()) == (0, 1)
+    with pytest.raises(ConfigError, match="between min_replicas"):
+        config_of(replicas=4, max_replicas=3)

@@ -413,8 +413,11 @@ def test_server_killed_mid_upload_leaves_registry_consistent(spec, tmp_path):
     finally:
         kill(proc)
 
+    left = [p.name for p in spool.iterdir()]
+    assert len(left) == 1 and left[0].startswith("upload-")  # the killed upload's spool file
     proc, url = start()
     try:
+        assert list(spool.iterdir()) == []  # removed at start: no live process held it
         assert httpx.get(f"{url}/v1/adapters").json() == listing
         assert snapshot(open_store_url(str(root))) == files  # the spool is not part of the registry
         r = httpx.put(f"{url}/v1/adapters/steady", content=good, headers=AUTH)
@@ -453,3 +456,27 @@ def test_unreadable_lora_paths_and_non_utf8_bodies_are_400(spec, tmp_path):
             assert c.get("/v1/adapters").json()["data"] == []
     finally:
         server.stop()
+
+
+def test_download_streams_and_a_tampered_blob_never_completes(registry, spec, tmp_path):
+    """Downloads stream in chunks (an 80 MB bundle as one message was a 500 through Serve's
+    proxy); the digest is checked on the way, and a blob changed in storage ends the response
+    short of its Content-Length instead of handing out other weights."""
+    client, store, _, _ = registry
+    bundle = random_bundle(spec, TARGETS, rank=256, seed=21)
+    path = save_bundle(bundle, tmp_path / "streamed.safetensors")
+    data = path.read_bytes()
+    assert len(data) > 2 * 1024 * 1024  # several chunks (over this module's upload limit: committed directly)
+    m = store.commit("streamed", path, bundle.metadata).model_dump()
+    with client.stream("GET", "/v1/adapters/streamed/download") as r:
+        assert r.status_code == 200 and int(r.headers["content-length"]) == len(data)
+        parts = list(r.iter_raw())
+    assert b"".join(parts) == data
+    tampered = data[:-1] + bytes([data[-1] ^ 1])
+    if hasattr(store, "blobs"):
+        (store.blobs / m["sha256"]).write_bytes(tampered)
+    else:
+        store.client.put_object(Bucket=store.bucket, Key=store._blob_key(m["sha256"]), Body=tampered)
+    with pytest.raises(httpx.RemoteProtocolError):
+        client.get("/v1/adapters/streamed/download")
+    client.delete("/v1/adapters/streamed", headers=AUTH)

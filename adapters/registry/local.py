@@ -27,6 +27,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 from adapters.bundle import BundleMetadata
 from adapters.manifest import AdapterManifest, is_valid_name
@@ -36,6 +37,12 @@ from adapters.registry.store import (
     RegistryStore,
     build_manifest,
 )
+
+
+def _file_chunks(f: BinaryIO) -> Iterator[bytes]:
+    with f:
+        while chunk := f.read(CHUNK_BYTES):
+            yield chunk
 
 
 def _fsync_dir(path: Path) -> None:
@@ -113,6 +120,11 @@ class LocalStore(RegistryStore):
 
     # -- reads -------------------------------------------------------------------------
 
+    def probe(self) -> None:
+        os.listdir(self.manifests)
+        if not os.access(self.tmp, os.W_OK):
+            raise PermissionError(f"cannot write to {self.tmp}")
+
     def version_numbers(self, name: str) -> list[int]:
         live, dead = self._scan(name)
         return sorted(live - dead)
@@ -150,11 +162,12 @@ class LocalStore(RegistryStore):
                 pass
         return out
 
-    def _read_blob(self, sha256: str) -> bytes | None:
+    def _open_blob(self, sha256: str) -> Iterator[bytes] | None:
         try:
-            return (self.blobs / sha256).read_bytes()
+            f = open(self.blobs / sha256, "rb")  # noqa: SIM115 - closed by the generator
         except FileNotFoundError:
             return None
+        return _file_chunks(f)
 
     # -- writes ------------------------------------------------------------------------
 

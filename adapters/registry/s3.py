@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ from botocore.exceptions import ClientError
 
 from adapters.bundle import BundleMetadata
 from adapters.manifest import AdapterManifest, is_valid_name
-from adapters.registry.store import AdapterNotFound, RegistryStore, build_manifest, file_digest
+from adapters.registry.store import CHUNK_BYTES, AdapterNotFound, RegistryStore, build_manifest, file_digest
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,14 @@ log = logging.getLogger(__name__)
 MAX_CLAIM_ATTEMPTS = 256
 _CONFLICT_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
+
+
+def _body_chunks(body: Any) -> Iterator[bytes]:
+    """A botocore StreamingBody in chunks; the connection goes back to the pool when done or closed."""
+    try:
+        yield from body.iter_chunks(CHUNK_BYTES)
+    finally:
+        body.close()
 
 
 def _code(exc: Exception) -> str:
@@ -127,6 +136,9 @@ class S3Store(RegistryStore):
 
     # -- reads -------------------------------------------------------------------------
 
+    def probe(self) -> None:
+        self.client.list_objects_v2(Bucket=self.bucket, Prefix=f"{self.prefix}manifests/", MaxKeys=1)
+
     def version_numbers(self, name: str) -> list[int]:
         try:
             live, dead = self._scan_all(name).get(name, (set(), set()))
@@ -168,13 +180,14 @@ class S3Store(RegistryStore):
                 pass
         return out
 
-    def _read_blob(self, sha256: str) -> bytes | None:
+    def _open_blob(self, sha256: str) -> Iterator[bytes] | None:
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._blob_key(sha256))["Body"].read()
+            body = self.client.get_object(Bucket=self.bucket, Key=self._blob_key(sha256))["Body"]
         except self._ClientError as exc:
             if _code(exc) in _MISSING_CODES:
                 return None
             raise
+        return _body_chunks(body)
 
     def _exists(self, key: str) -> dict[str, Any] | None:
         try:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -51,6 +52,25 @@ def file_digest(path: Path) -> tuple[str, int]:
             h.update(chunk)
             size += len(chunk)
     return h.hexdigest(), size
+
+
+def verified_chunks(chunks: Iterator[bytes], sha256: str, size: int) -> Iterator[bytes]:
+    """`chunks` passed through while hashed, the last one held back until the whole matches the
+    manifest: a blob that does not raises RegistryCorrupt instead, so a response under way ends
+    short of its Content-Length and no client mistakes it for the adapter."""
+    h = hashlib.sha256()
+    seen = 0
+    held: bytes | None = None
+    for chunk in chunks:
+        h.update(chunk)
+        seen += len(chunk)
+        if held is not None:
+            yield held
+        held = chunk
+    if seen != size or h.hexdigest() != sha256:
+        raise RegistryCorrupt(f"stored blob {sha256} does not match its manifest ({seen} bytes, expected {size})")
+    if held is not None:
+        yield held
 
 
 def build_manifest(name: str, version: int, sha256: str, size: int, metadata: BundleMetadata) -> AdapterManifest:
@@ -100,18 +120,26 @@ class RegistryStore(ABC):
         """The latest version of every name, sorted by name."""
 
     def read_blob(self, sha256: str) -> bytes:
-        """The bundle bytes with this digest; AdapterNotFound if it is absent or not a digest
-        (a malformed one never reaches the backend: it could name a path or key outside blobs/)."""
+        """The bundle bytes with this digest; AdapterNotFound if it is absent or not a digest."""
+        return b"".join(self.stream_blob(sha256))
+
+    def stream_blob(self, sha256: str) -> Iterator[bytes]:
+        """The bundle bytes with this digest in chunks of up to CHUNK_BYTES, never whole in memory.
+
+        AdapterNotFound, raised here before the first chunk, if the blob is absent or the digest
+        is malformed (a malformed one never reaches the backend: it could name a path or key
+        outside blobs/). Closing the iterator early releases the file or connection.
+        """
         if not SHA256_RE.fullmatch(sha256):
             raise AdapterNotFound(f"blob {sha256!r} not found")
-        data = self._read_blob(sha256)
-        if data is None:
+        chunks = self._open_blob(sha256)
+        if chunks is None:
             raise AdapterNotFound(f"blob {sha256} not found")
-        return data
+        return chunks
 
     @abstractmethod
-    def _read_blob(self, sha256: str) -> bytes | None:
-        """The blob's bytes, None if there is none; `sha256` is a well-formed digest."""
+    def _open_blob(self, sha256: str) -> Iterator[bytes] | None:
+        """The blob's bytes in chunks, opened now (None if there is none); `sha256` is well-formed."""
 
     @abstractmethod
     def delete(self, name: str, version: int | None = None) -> list[AdapterManifest]:
@@ -130,6 +158,10 @@ class RegistryStore(ABC):
         if not nums:
             raise AdapterNotFound(f"adapter {name!r} not found")
         return nums
+
+    @abstractmethod
+    def probe(self) -> None:
+        """Raise unless the store answers now (one cheap listing); readiness asks it."""
 
     @abstractmethod
     def version_numbers(self, name: str) -> list[int]:

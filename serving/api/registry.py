@@ -31,17 +31,15 @@ since a download hands out trained weights.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
-import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -49,10 +47,11 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from adapters.bundle import AdapterBundle, Task, save_bundle
 from adapters.importers.peft import import_peft
 from adapters.manifest import NAME_PATTERN, AdapterManifest, is_valid_name
-from adapters.registry.store import AdapterNotFound, RegistryStore
+from adapters.registry.store import AdapterNotFound, RegistryStore, verified_chunks
 from adapters.validation import BaseModelSpec, check_servable, load_bundle
 from serving.api.auth import AuthSettings
 from serving.api.errors import ErrorMappingRoute
+from serving.api.spool import Spool, sweep_stale
 from serving.errors import InvalidRequest, PayloadTooLarge
 from serving.protocol import ERROR_RESPONSES
 
@@ -75,7 +74,9 @@ class RegistrySettings(BaseModel):
 
     max_upload_bytes: int = Field(256 * MiB, ge=1, description="Largest bundle accepted, in bytes (413 beyond).")
     tmp_dir: Path | None = Field(
-        None, description="Where uploads are spooled while validated; None: the system temp folder."
+        None,
+        description="Where uploads are spooled while validated; None: capaserve's folder in the system temp "
+        "folder (serving/api/spool.py). Leftovers of a killed server are removed when the router is built.",
     )
     max_concurrent_validations: int = Field(
         2, ge=1, description="Uploads validated at once; each holds its bundle in memory while checked."
@@ -158,33 +159,6 @@ BUNDLE_DOWNLOAD = {200: {"description": "The bundle bytes.", "content": {"applic
 # -- upload spooling -------------------------------------------------------------------
 
 
-class _Spool:
-    """A temp file that hashes and counts what is written, refusing more than `limit` bytes."""
-
-    def __init__(self, tmp_dir: Path | None, limit: int) -> None:
-        fd, path = tempfile.mkstemp(prefix="capaserve-upload-", suffix=".safetensors", dir=tmp_dir)
-        self.path = Path(path)
-        self.file = os.fdopen(fd, "wb")
-        self.limit = limit
-        self.size = 0
-        self.hash = hashlib.sha256()
-
-    def write(self, data: bytes) -> None:
-        self.size += len(data)
-        if self.size > self.limit:
-            raise PayloadTooLarge(f"upload exceeds the limit of {self.limit} bytes")
-        self.hash.update(data)
-        self.file.write(data)
-
-    def close(self) -> None:
-        if not self.file.closed:
-            self.file.close()
-
-    def discard(self) -> None:
-        self.close()
-        self.path.unlink(missing_ok=True)
-
-
 def _check_content_length(request: Request, limit: int) -> None:
     raw = request.headers.get("content-length")
     if raw is None:
@@ -197,9 +171,9 @@ def _check_content_length(request: Request, limit: int) -> None:
         raise PayloadTooLarge(f"upload of {length} bytes exceeds the limit of {limit} bytes")
 
 
-async def _spool_raw(request: Request, settings: RegistrySettings) -> _Spool:
+async def _spool_raw(request: Request, settings: RegistrySettings) -> Spool:
     _check_content_length(request, settings.max_upload_bytes)
-    spool = _Spool(settings.tmp_dir, settings.max_upload_bytes)
+    spool = Spool(settings.tmp_dir, settings.max_upload_bytes)
     try:
         async for chunk in request.stream():
             spool.write(chunk)
@@ -210,7 +184,7 @@ async def _spool_raw(request: Request, settings: RegistrySettings) -> _Spool:
     return spool
 
 
-async def _spool_multipart(request: Request, settings: RegistrySettings) -> tuple[_Spool, dict[str, str]]:
+async def _spool_multipart(request: Request, settings: RegistrySettings) -> tuple[Spool, dict[str, str]]:
     """Stream a multipart body: the `file` part into a spool, small text fields into a dict."""
     ctype, params = parse_options_header(request.headers.get("content-type", ""))
     boundary = params.get(b"boundary")
@@ -218,7 +192,7 @@ async def _spool_multipart(request: Request, settings: RegistrySettings) -> tupl
         raise InvalidRequest("POST /v1/adapters takes multipart/form-data with fields 'file' and 'name'")
     _check_content_length(request, settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES)
 
-    spool = _Spool(settings.tmp_dir, settings.max_upload_bytes)
+    spool = Spool(settings.tmp_dir, settings.max_upload_bytes)
     fields: dict[str, str] = {}
     state: dict[str, Any] = {"headers": {}, "field": b"", "value": b"", "part": None, "buf": bytearray()}
     seen_file = False
@@ -311,6 +285,7 @@ def build_registry_router(
     on_change: Callable[[str], Awaitable[None]] | None = None,
 ) -> APIRouter:
     """The registry routes over `store`; see the module docstring for the contract."""
+    sweep_stale(settings.tmp_dir)  # spool files of uploads a killed server left behind
     router = APIRouter(route_class=ErrorMappingRoute, tags=["adapters"], responses=ERROR_RESPONSES)
     admin = [Depends(settings.auth.require_admin)]
     reader = [Depends(settings.auth.require_api_key)]
@@ -379,14 +354,21 @@ def build_registry_router(
         "/v1/adapters/{name:path}/download", dependencies=reader, response_class=Response, responses=BUNDLE_DOWNLOAD
     )
     async def download_adapter(name: str, version: int | None = Query(None, ge=1)) -> Response:
-        """The bundle bytes of `name@version` (default: latest)."""
+        """The bundle bytes of `name@version` (default: latest), streamed in 1 MiB chunks.
+
+        Never one big body: an 80 MB bundle as one message exceeded gRPC's limit between
+        Serve's proxy and the ingress, and held the whole file in memory. The bytes are
+        hashed on the way; a blob that does not match its manifest cuts the response short
+        (the client sees fewer bytes than Content-Length) and is logged.
+        """
         _check_name(name)
         manifest = await run_in_threadpool(store.get, name, version)
-        data = await run_in_threadpool(store.read_blob, manifest.sha256)
-        return Response(
-            content=data,
+        chunks = await run_in_threadpool(store.stream_blob, manifest.sha256)
+        return StreamingResponse(
+            verified_chunks(chunks, manifest.sha256, manifest.size_bytes),
             media_type="application/octet-stream",
             headers={
+                "Content-Length": str(manifest.size_bytes),
                 "Content-Disposition": f'attachment; filename="{manifest.name}-v{manifest.version}.safetensors"',
                 "X-Content-SHA256": manifest.sha256,
                 "ETag": f'"{manifest.sha256}"',
@@ -442,13 +424,12 @@ def build_registry_router(
         return response
 
     async def _commit_bundle(name: str, bundle: AdapterBundle) -> JSONResponse:
-        fd, tmp = tempfile.mkstemp(prefix="capaserve-import-", suffix=".safetensors", dir=settings.tmp_dir)
-        os.close(fd)
+        spool = Spool(settings.tmp_dir, settings.max_upload_bytes, prefix="import-")
         try:
-            await run_in_threadpool(save_bundle, bundle, tmp)
-            return await commit_file(name, Path(tmp), None, None)
+            await run_in_threadpool(save_bundle, bundle, spool.path)  # same file: the lock stays
+            return await commit_file(name, spool.path, None, None)
         finally:
-            Path(tmp).unlink(missing_ok=True)
+            spool.discard()
 
     @router.post("/v1/unload_lora_adapter", response_model=UnloadLoraAdapterResponse, dependencies=admin)
     async def unload_lora_adapter(body: UnloadLoraAdapterRequest = Body(...)) -> UnloadLoraAdapterResponse:

@@ -104,6 +104,10 @@ def run(ns: argparse.Namespace) -> int:
     if local:
         from serving.ray_local import ingress_on_port, use_serve_env
 
+        if server.ingress_replicas > 1:  # at most one per node: the others would never start
+            print("capaserve serve: error: a local cluster has one node, so one ingress replica; "
+                  "--ingress-replicas is for a joined cluster (RAY_ADDRESS)", file=sys.stderr)
+            return 2
         try:
             port = bind_check(server.host, server.port)
         except OSError as exc:
@@ -121,7 +125,7 @@ def run(ns: argparse.Namespace) -> int:
 
         address = os.environ.get("RAY_ADDRESS") or None
         if address is None:
-            need = math.ceil(server.replicas * config.replica_cpus())
+            need = math.ceil(server.most_replicas() * config.replica_cpus())
             from serving.ray_local import init_local_ray
 
             init_local_ray(max(os.cpu_count() or 1, need))
