@@ -72,8 +72,16 @@ def ingress_on_port(port: int) -> dict[str, str]:
     }
 
 
-#: A local cluster's nodes on 127.0.0.1 (see the module doc); read by Ray when it is imported.
-LOCAL_ENV: dict[str, str] = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+#: A local cluster's settings: nodes on 127.0.0.1 (see the module doc; read by Ray when it is
+#: imported), and no export of Ray's own metrics, which nothing of a local cluster reads (no
+#: dashboard; capaserve's /metrics is its own registry) while every process collected and
+#: shipped them: with Serve's metric cache flushed each second rather than each 100 ms, the
+#: idle cluster's polling went from 11.8% to 10.2% of a core (issue 14).
+LOCAL_ENV: dict[str, str] = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_enable_metrics_collection": "0",
+    "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
+}
 
 
 def use_serve_env(extra: dict[str, str] | None = None) -> None:

@@ -45,7 +45,8 @@ def _upload(base: str, name: str, path: Path) -> None:
 
 class TestQuestionAnswering:
     @pytest.fixture(scope="class")
-    def setup(self, tmp_path_factory, minilm_dir: Path):
+    @classmethod
+    def setup(cls, tmp_path_factory, minilm_dir: Path):
         spec = meta_spec(str(minilm_dir), MINILM_ID)
         targets = [n for n in spec.linear_shapes if n.endswith(("attention.self.query", "attention.self.value"))]
         bundles = {
@@ -87,12 +88,13 @@ class TestImageClassification:
     VIT = "tiny/vit"
 
     @pytest.fixture(scope="class")
-    def setup(self, tmp_path_factory, tiny_vit_dir: Path):
-        spec = meta_spec(str(tiny_vit_dir), self.VIT)
+    @classmethod
+    def setup(cls, tmp_path_factory, tiny_vit_dir: Path):
+        spec = meta_spec(str(tiny_vit_dir), cls.VIT)
         targets = [n for n in spec.linear_shapes if n.endswith(("attention.q_proj", "attention.v_proj"))]
         bundle = random_bundle(spec, targets, seed=51, std=0.2, task=Task.IMAGE_CLASSIFICATION, labels=["a", "b", "c"])
         path = save_bundle(bundle, tmp_path_factory.mktemp("img-bundles") / "shapes.safetensors")
-        args = _app_args(tmp_path_factory, model=str(tiny_vit_dir), served_model_name=self.VIT)
+        args = _app_args(tmp_path_factory, model=str(tiny_vit_dir), served_model_name=cls.VIT)
         with running_app(args, num_cpus=2) as base:
             _upload(base, "shapes", path)
             yield base, vit_classifier(tiny_vit_dir, bundle)

@@ -15,6 +15,7 @@ Adapter uploads are exempt: they stream to disk under their own, larger limit
 
 from __future__ import annotations
 
+import traceback
 from typing import Any
 
 from fastapi.responses import JSONResponse
@@ -56,7 +57,7 @@ class BodyLimit:
             await _refuse(scope, send, f"request body of {length} bytes exceeds the limit of {self.limit} bytes")
             return
         received = 0
-        exceeded = False
+        exceeded: PayloadTooLarge | None = None
         started = False
 
         async def counting_receive() -> dict:
@@ -65,8 +66,8 @@ class BodyLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
-                    exceeded = True
-                    raise PayloadTooLarge(f"request body exceeds the limit of {self.limit} bytes")
+                    exceeded = PayloadTooLarge(f"request body exceeds the limit of {self.limit} bytes")
+                    raise exceeded
             return message
 
         async def guarded_send(message: dict) -> None:
@@ -81,7 +82,13 @@ class BodyLimit:
         except PayloadTooLarge:
             if started:
                 raise
-        if exceeded and not started:
+        finally:
+            if exceeded is not None:
+                # The frames the error went through hold the body read so far (up to the limit) in
+                # reference cycles that only the cyclic GC frees, which may not run for many requests:
+                # three refusals kept ~93 MiB. Clearing the finished frames frees it now.
+                traceback.clear_frames(exceeded.__traceback__)
+        if exceeded is not None and not started:
             await _refuse(scope, send, f"request body exceeds the limit of {self.limit} bytes")
 
 
