@@ -13,9 +13,9 @@ request of the active adapter before moving on, and batches them. Policy, per st
 3. Padding. A batch's texts are sorted by length and split into engine calls whose
    padded size (texts x longest) stays under `max_batch_tokens`. Encoder batches are
    split further where that is cheaper: cuts are chosen to minimise the sum over calls
-   of `call_overhead_tokens` + texts x longest (measured on MiniLM, 1 CPU thread: a call
-   costs ~9 ms + ~0.28 ms per padded token, so ~32 tokens). Padding a batch of mixed
-   lengths to its longest wasted about a quarter of the forward in the load test.
+   of `call_overhead_tokens` + texts x longest (on a CPU 128 tokens: a call's fixed cost is
+   mostly reading the weights, see `SchedulerConfig.call_overhead`). Padding a batch of
+   mixed lengths to its longest wasted about a quarter of the forward in the load test.
    Generation batches are not split beyond the cap: each call runs its own decode loop.
 4. Execution. Engine calls run on `workers` engine threads, never on the event loop, so
    the replica keeps accepting requests while the model computes. Batches run side by
