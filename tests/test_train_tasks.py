@@ -318,6 +318,28 @@ def test_image_served_by_the_engine_as_trained(trained_image, tiny_vit_dir) -> N
     assert [r.label for r in rows] == [trained_image.labels[i] for i in want.argmax(-1).tolist()]
 
 
+@pytest.mark.ray
+def test_trained_image_adapter_answers_over_http_as_trained(trained_image, tiny_vit_dir, tmp_path_factory) -> None:
+    """The trained bundle uploaded to a real Ray Serve app on the ViT base: /v1/classify on the
+    PNG data URLs a client sends gives the training model's probabilities and labels."""
+    import httpx
+
+    from tests.serve_helpers import running_app
+
+    args = {"registry": str(tmp_path_factory.mktemp("registry")), "replicas": 1, "num_cpus": 1,
+            "model": str(tiny_vit_dir), "served_model_name": VIT_ID}
+    with running_app(args, num_cpus=2) as base:
+        r = httpx.put(f"{base}/v1/adapters/tone", content=trained_image.path.read_bytes(), timeout=60)
+        assert r.status_code == 201 and r.json()["task"] == "image-classification", r.text
+        body = {"model": "tone", "input": [png_url(i) for i in PROBE_IMAGES]}
+        r = httpx.post(f"{base}/v1/classify", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+    want = training_image_probs(trained_image, PROBE_IMAGES)
+    got = torch.tensor([d["probs"] for d in r.json()["data"]])
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    assert [d["label"] for d in r.json()["data"]] == [trained_image.labels[i] for i in want.argmax(-1).tolist()]
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """One real Ray Serve app on the embedded MiniLM, for TestServedOverHTTP."""
