@@ -25,7 +25,10 @@ pytestmark = pytest.mark.ray
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[tuple[str, dict]]]:
     folder = tmp_path_factory.mktemp("adapters")
-    args = {"registry": str(folder / "registry"), "replicas": 2, "num_cpus": 1}
+    # max_batch_size 32: the ingress joins at most 32 texts per replica call, so each 30-text
+    # request of the kill test is a call of its own and both replicas hold calls at the kill
+    # (with the default 64, two requests shared a call and the killed replica was once idle).
+    args = {"registry": str(folder / "registry"), "replicas": 2, "num_cpus": 1, "max_batch_size": 32}
     with running_app(args, num_cpus=2) as url:
         adapters = make_adapters(Path(folder), embed=2, classify=1)
         for name, body in adapters.items():
