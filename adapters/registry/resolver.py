@@ -12,7 +12,6 @@ weights nobody uploaded.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from collections import OrderedDict
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 
 from adapters.bundle import AdapterBundle
 from adapters.manifest import AdapterManifest, is_valid_name, parse_model_ref
-from adapters.registry.store import AdapterNotFound, RegistryCorrupt, RegistryStore
+from adapters.registry.store import AdapterNotFound, RegistryStore, verified_chunks
 from adapters.validation import load_bundle
 
 #: Manifests are tiny, but a registry may hold many; bound the cache anyway.
@@ -112,12 +111,8 @@ class AdapterResolver:
                 self._hits += 1
                 return data
             self._misses += 1
-        data = self.store.read_blob(sha)
-        if len(data) != manifest.size_bytes or hashlib.sha256(data).hexdigest() != sha:
-            raise RegistryCorrupt(
-                f"blob of {manifest.ref} does not match its manifest "
-                f"(expected sha256 {sha}, {manifest.size_bytes} bytes; got {len(data)} bytes)"
-            )
+        chunks = verified_chunks(self.store.stream_blob(sha), sha, manifest.size_bytes, f"blob of {manifest.ref}")
+        data = b"".join(chunks)
         self._remember(sha, data)
         return data
 

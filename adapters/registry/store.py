@@ -54,10 +54,10 @@ def file_digest(path: Path) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
-def verified_chunks(chunks: Iterator[bytes], sha256: str, size: int) -> Iterator[bytes]:
+def verified_chunks(chunks: Iterator[bytes], sha256: str, size: int, what: str = "stored blob") -> Iterator[bytes]:
     """`chunks` passed through while hashed, the last one held back until the whole matches the
-    manifest: a blob that does not raises RegistryCorrupt instead, so a response under way ends
-    short of its Content-Length and no client mistakes it for the adapter."""
+    manifest: a blob that does not raises RegistryCorrupt (naming `what`) instead, so a response
+    under way ends short of its Content-Length and no client mistakes it for the adapter."""
     h = hashlib.sha256()
     seen = 0
     held: bytes | None = None
@@ -68,7 +68,7 @@ def verified_chunks(chunks: Iterator[bytes], sha256: str, size: int) -> Iterator
             yield held
         held = chunk
     if seen != size or h.hexdigest() != sha256:
-        raise RegistryCorrupt(f"stored blob {sha256} does not match its manifest ({seen} bytes, expected {size})")
+        raise RegistryCorrupt(f"{what} {sha256} does not match its manifest ({seen} bytes, expected {size})")
     if held is not None:
         yield held
 
