@@ -17,10 +17,9 @@ still answer while draining.
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
-from serving.errors import error_body
+from serving.api.errors import send_closing_error
 
 PASS_THROUGH = {"/healthz", "/metrics"}
 
@@ -67,7 +66,7 @@ class DrainMiddleware:
             await self.app(scope, receive, send)
             return
         if self.gate.draining:
-            await _refuse(send)
+            await _refuse(scope, send)
             return
         self.gate.enter()
         try:
@@ -76,16 +75,6 @@ class DrainMiddleware:
             self.gate.leave()
 
 
-async def _refuse(send: Any) -> None:
-    body = json.dumps(error_body("the server is shutting down; retry on another server", "unavailable", 503)).encode()
-    await send({
-        "type": "http.response.start",
-        "status": 503,
-        "headers": [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close"),
-            (b"retry-after", b"1"),
-        ],
-    })
-    await send({"type": "http.response.body", "body": body})
+async def _refuse(scope: dict, send: Any) -> None:
+    message = "the server is shutting down; retry on another server"
+    await send_closing_error(scope, send, message, "unavailable", 503, {"retry-after": "1"})

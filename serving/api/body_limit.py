@@ -18,9 +18,8 @@ from __future__ import annotations
 import traceback
 from typing import Any
 
-from fastapi.responses import JSONResponse
-
-from serving.errors import PayloadTooLarge, error_body
+from serving.api.errors import send_closing_error
+from serving.errors import PayloadTooLarge
 
 #: (method, path prefix) of the routes that take bundle bytes under the upload limit instead.
 UPLOAD_ROUTES = (("PUT", "/v1/adapters/"), ("POST", "/v1/adapters"))
@@ -93,11 +92,4 @@ class BodyLimit:
 
 
 async def _refuse(scope: dict, send: Any, message: str) -> None:
-    response = JSONResponse(error_body(message, "payload_too_large", 413), status_code=413)
-    # The rest of the body is never read: the connection cannot be reused for another request.
-    response.headers["connection"] = "close"
-    await response(scope, _no_receive, send)
-
-
-async def _no_receive() -> dict:
-    return {"type": "http.disconnect"}
+    await send_closing_error(scope, send, message, "payload_too_large", 413)

@@ -56,6 +56,19 @@ def error_response(exc: BaseException) -> JSONResponse:
     return JSONResponse(error_body(message, kind, status), status_code=status, headers=headers)
 
 
+async def send_closing_error(scope: dict, send: Any, message: str, kind: str, status: int,
+                             headers: dict[str, str] | None = None) -> None:
+    """The error body sent by an ASGI middleware before any route runs, with `Connection: close`:
+    the rest of the request's body is never read, so the connection cannot carry another request."""
+    headers = {"connection": "close", **(headers or {})}
+    response = JSONResponse(error_body(message, kind, status), status_code=status, headers=headers)
+    await response(scope, _no_receive, send)
+
+
+async def _no_receive() -> dict:
+    return {"type": "http.disconnect"}
+
+
 class ErrorMappingRoute(APIRoute):
     """Route class whose handler (dependencies included) answers every error with the error body."""
 
