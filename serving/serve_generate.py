@@ -56,9 +56,21 @@ def _usage(prompt: int, completion: int) -> UsageInfo:
     return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
+async def _completion_call(ctx: ServingContext, req: CompletionRequest, record: RequestRecord) -> ReplicaCall:
+    prompts = req.prompts()
+    target = await _target(ctx, req.model, record, "text completion", prompts)
+    return ReplicaCall(adapter=target.adapter, texts=prompts, params=req.to_sampling_params())
+
+
+async def _chat_call(ctx: ServingContext, req: ChatCompletionRequest, record: RequestRecord) -> ReplicaCall:
+    messages = req.chat_messages()
+    target = await _target(ctx, req.model, record, "chat completion", [m["content"] for m in messages])
+    await _require_template(ctx, req.model)
+    return ReplicaCall(adapter=target.adapter, messages=messages, params=req.to_sampling_params())
+
+
 async def create_completion(ctx: ServingContext, req: CompletionRequest, record: RequestRecord) -> CompletionResponse:
-    target = await _target(ctx, req.model, record, "text completion", req.prompts())
-    call = ReplicaCall(adapter=target.adapter, texts=req.prompts(), params=req.to_sampling_params())
+    call = await _completion_call(ctx, req, record)
     result = await ctx.client.call("generate", call)
     ctx.account(record, result)
     record.prompt_tokens = sum(o.prompt_tokens for o in result.outputs)
@@ -73,9 +85,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, record:
 async def create_chat_completion(
     ctx: ServingContext, req: ChatCompletionRequest, record: RequestRecord
 ) -> ChatCompletionResponse:
-    target = await _target(ctx, req.model, record, "chat completion", [m["content"] for m in req.chat_messages()])
-    await _require_template(ctx, req.model)
-    call = ReplicaCall(adapter=target.adapter, messages=req.chat_messages(), params=req.to_sampling_params())
+    call = await _chat_call(ctx, req, record)
     result = await ctx.client.call("generate", call)
     ctx.account(record, result)
     out = result.outputs[0]
@@ -152,11 +162,9 @@ async def _ending_in_error_event(events: AsyncIterator[str]) -> AsyncIterator[st
 
 
 async def stream_completion(ctx: ServingContext, req: CompletionRequest, record: RequestRecord) -> AsyncIterator[str]:
-    target = await _target(ctx, req.model, record, "text completion", req.prompts())
-    prompts = req.prompts()
-    if len(prompts) != 1:
+    call = await _completion_call(ctx, req, record)
+    if len(call.texts) != 1:
         raise InvalidRequest("stream: true takes a single prompt")
-    call = ReplicaCall(adapter=target.adapter, texts=prompts, params=req.to_sampling_params())
     first, rest = await _open(ctx, call, record)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -180,9 +188,7 @@ async def stream_completion(ctx: ServingContext, req: CompletionRequest, record:
 async def stream_chat_completion(
     ctx: ServingContext, req: ChatCompletionRequest, record: RequestRecord
 ) -> AsyncIterator[str]:
-    target = await _target(ctx, req.model, record, "chat completion", [m["content"] for m in req.chat_messages()])
-    await _require_template(ctx, req.model)
-    call = ReplicaCall(adapter=target.adapter, messages=req.chat_messages(), params=req.to_sampling_params())
+    call = await _chat_call(ctx, req, record)
     first, rest = await _open(ctx, call, record)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
