@@ -40,8 +40,8 @@ from adapters.synthetic import random_bundle
 from loadtest.faults import (
     SteadyLoad,
     capaserve_serve,
-    counter_total,
     longest_gap,
+    metric_sum,
     model_replica_pids,
     replica_counts,
     round_robin,
@@ -95,7 +95,7 @@ def run_failover(url: str, root_pid: int, bodies: list[tuple[str, dict]], users:
     victims = model_replica_pids(root_pid)
     if len(victims) < 2:
         raise RuntimeError(f"expected two model replicas under pid {root_pid}, found {victims}")
-    retries0 = counter_total(url, "capaserve_replica_retries_total")
+    retries0 = metric_sum(url, "capaserve_replica_retries_total")
     with SteadyLoad(url, round_robin(bodies), users=users) as load:
         time.sleep(warmup_s)
         known = set(replica_counts(url))
@@ -134,7 +134,7 @@ def run_failover(url: str, root_pid: int, bodies: list[tuple[str, dict]], users:
         after=len(after),
         failed=len(failed),
         errors=sorted({s.error or str(s.status) for s in failed})[:5],
-        retries=counter_total(url, "capaserve_replica_retries_total") - retries0,
+        retries=metric_sum(url, "capaserve_replica_retries_total") - retries0,
         longest_gap_s=longest_gap(sent, t_kill, end),
         first_answer_s=None if first is None else first - t_kill,
         share_first=None if first is None else share(first, first + window_s),

@@ -24,12 +24,11 @@ from statistics import median
 
 import httpx
 import psutil
-from prometheus_client.parser import text_string_to_metric_families
 
 from adapters.bundle import Task, save_bundle
 from adapters.default_model import DEFAULT_MODEL_ID, default_model_dir
 from adapters.synthetic import random_bundle
-from loadtest.faults import SteadyLoad, capaserve_serve, model_replica_pids, round_robin
+from loadtest.faults import SteadyLoad, capaserve_serve, metric_sum, model_replica_pids, round_robin
 from serving.config import EngineConfig, parse_bytes
 from serving.engine.model_loader import meta_spec
 
@@ -37,11 +36,6 @@ TEXT = "the quick brown fox jumps over the lazy dog"
 #: whose CPU per request the table shows: process command-line markers
 CPU_OF = {"model": "ServeReplica:capaserve:CapaserveModel", "ingress": "ServeReplica:capaserve:CapaserveIngress"}
 MiB = 1024**2
-
-
-def metric_sum(url: str, name: str) -> float:
-    text = httpx.get(f"{url}/metrics", timeout=30).text
-    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name)
 
 
 def register(url: str, count: int, folder: Path) -> list[str]:

@@ -143,8 +143,8 @@ def replica_counts(url: str) -> dict[str, float]:
     }
 
 
-def counter_total(url: str, name: str) -> float:
-    """The sum of a counter's samples (all labels) from /metrics; `name` with its _total."""
+def metric_sum(url: str, name: str) -> float:
+    """The sum of a metric's samples (all labels) from /metrics; a counter's `name` with its _total."""
     text = httpx.get(f"{url}/metrics", timeout=30).text
     return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name)
 

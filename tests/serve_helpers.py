@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+
+from loadtest.run import free_port
+from loadtest.run import wait_ready as server_ready
 
 APP_NAME = "capaserve"
 #: The console script of the environment running the tests (found without PATH: a venv need not be activated).
@@ -55,12 +57,6 @@ def in_process_app(engine, **settings):
     ctx, store, registry_settings = _build_context(None, args)
     client = ctx.client = CoalescingClient(DirectClient(server), max_inflight=1, join_adapters=True)
     return create_api(ctx, store, registry_settings), server, client
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
@@ -119,14 +115,9 @@ def serve_process(log_path, *args: str, env: dict[str, str]) -> Iterator[subproc
 
 
 def wait_ready(base: str, proc: subprocess.Popen, log_path, timeout_s: float = 180) -> None:
-    """Until `base`/readyz answers 200; fails early, with the log's tail, if `proc` exits."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        assert proc.poll() is None, Path(log_path).read_text()[-3000:]
-        try:
-            if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "never ready: " + Path(log_path).read_text()[-3000:]
-        time.sleep(0.5)
+    """Until `base`/readyz answers 200 (loadtest.run.wait_ready); fails early, with the log's
+    tail, if `proc` exits."""
+    try:
+        server_ready(base, timeout_s, proc)
+    except (RuntimeError, TimeoutError) as exc:
+        raise AssertionError(f"{exc}: {Path(log_path).read_text()[-3000:]}") from None
