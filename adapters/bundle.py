@@ -255,6 +255,18 @@ class AdapterBundle:
         out.check_encodable()
         return out
 
+    def compact(self, mask_seed: int | None = None) -> "AdapterBundle":
+        """The smallest encoding that holds these masks exactly: seed when they are the
+        generator's for `mask_seed` (all-true masks at density 1, a plain LoRA's, are every
+        seed's: 0 is used), else packed."""
+        if mask_seed is None and self.metadata.density == 1.0:
+            mask_seed = 0
+        if mask_seed is not None:
+            pairs = {n: (f.mask_A, f.mask_B) for n, f in self.targets.items()}
+            if not masks.seed_mismatches(pairs, mask_seed, self.metadata.density):
+                return self.with_encoding("seed", mask_seed)
+        return self.with_encoding("packed")
+
 
 def save_bundle(bundle: AdapterBundle, path: str | os.PathLike[str]) -> Path:
     """Write a bundle atomically (temp file in the same folder, then rename)."""
