@@ -23,7 +23,7 @@ import torch
 
 from adapters.bundle import AdapterBundle, Task, save_bundle
 from adapters.synthetic import random_bundle
-from adapters.validation import BaseModelSpec
+from adapters.validation import BaseModelSpec, load_bundle
 from tests.conftest import MINILM_ID
 from tests.registry_support import (
     ADMIN_TOKEN,
@@ -347,6 +347,8 @@ def test_vllm_load_and_unload_lora_adapter(registry, spec, minilm_model, minilm_
     assert r.status_code == 200, r.text
     m = r.json()
     assert m["version"] == 2 and m["num_copies"] == 1 and m["base_model"] == MINILM_ID and len(m["targets"]) == 12
+    stored = load_bundle(client.get("/v1/adapters/vl/download").content)  # as `capaserve pack` stores it
+    assert stored.metadata.encoding == "seed" and all(bool(f.mask_A.all()) for f in stored.targets.values())
 
     bad = [
         ({"lora_name": "vl", "lora_path": str(tmp_path / "nowhere")}, AUTH, 400, "neither"),
