@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator, Mapping
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 
 from adapters.errors import BundleError
+
+if TYPE_CHECKING:  # adapters.bundle imports this module
+    from adapters.bundle import AdapterBundle
 
 MaskEncoding = Literal["dense", "packed", "seed"]
 ENCODINGS: tuple[MaskEncoding, ...] = ("dense", "packed", "seed")
@@ -127,7 +130,7 @@ def encode_target_masks(encoding: MaskEncoding, target: str, masks: Mapping[Matr
     return {f"{target}.mask_{m}": pack(t) if encoding == "packed" else t.to(torch.bool) for m, t in masks.items()}
 
 
-def packed_target_masks(bundle) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:  # noqa: ANN001 - AdapterBundle (import cycle)
+def packed_target_masks(bundle: "AdapterBundle") -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
     """(target, packed mask_A, packed mask_B) of every target: the 1-bit form a compact cache keeps."""
     for name, f in bundle.targets.items():
         yield name, pack(f.mask_A), pack(f.mask_B)

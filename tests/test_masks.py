@@ -270,3 +270,12 @@ def test_engine_serves_every_encoding_equal_to_a_hand_merge(minilm_dir, spec, tm
         want = hand_merged_embeddings(minilm_dir, path, texts)
         assert torch.allclose(got, want, atol=2e-5), enc
         assert not torch.allclose(got, base, atol=1e-3), enc  # the adapter visibly changes outputs
+
+
+def test_packed_target_masks_are_the_files_packed_bits(spec, tmp_path) -> None:
+    path = save_bundle(encoded(spec, "packed"), tmp_path / "p.safetensors")
+    tensors, _ = file_parts(path)
+    got = {t: (a, b) for t, a, b in masks.packed_target_masks(load_bundle(path))}
+    assert list(got) == [Q, V, FFN]
+    for t, (a, b) in got.items():
+        assert torch.equal(a, tensors[f"{t}.mask_A"]) and torch.equal(b, tensors[f"{t}.mask_B"])
