@@ -1,8 +1,10 @@
 """Bundle validation in two stages, each reporting every problem at once.
 
 1. Format (`load_bundle`): the safetensors header is parsed by hand, so names, shapes,
-   dtypes and metadata are checked before a single tensor byte is read; only then are
-   tensors loaded and checked for NaN/Inf. Safetensors is a flat JSON header plus raw
+   dtypes and metadata (the mask encoding's sizes and dtypes, and `mask_seed` included) are
+   checked before a single tensor byte is read; only then are tensors loaded, checked for
+   NaN/Inf and packed masks for pad bits, and the masks decoded to bool by
+   `adapters.masks`. Safetensors is a flat JSON header plus raw
    bytes, so no code is ever executed: pickles are rejected as "not a safetensors file".
 2. Servability (`check_servable`): the bundle against one base model (its id, task,
    target modules and their shapes). Kept separate because the registry validates
