@@ -3,7 +3,9 @@ LoRA factors and the d static masks, plus the task's head: classification (seque
 image) or question answering (docs/bundle-format.md).
 
 Reading goes through `adapters.validation`, so a bundle object always holds a bundle
-that passed every format check; nothing is ever half-loaded.
+that passed every format check; nothing is ever half-loaded. In memory the masks are
+always bool tensors, whatever the file's `mask_encoding`; `adapters.masks` converts
+between the two when a bundle is read or written.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import torch
 from safetensors.torch import save_file
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from adapters import masks
 from adapters.errors import BundleError
+from adapters.masks import SEED_LIMIT, MaskEncoding
 
 FORMAT = "capaboost.v1"
 
@@ -72,13 +76,21 @@ class BundleMetadata(BaseModel):
     rank: int = Field(..., ge=1, description="r: rank of the shared LoRA factors.")
     num_copies: int = Field(..., ge=1, description="d: number of static masks, i.e. parallel masked copies.")
     alpha: float = Field(..., description="LoRA alpha; the update is scaled by alpha / r.")
-    density: float = Field(..., gt=0.0, le=1.0, description="Mask density in (0, 1]; informational.")
+    density: float = Field(
+        ..., gt=0.0, le=1.0, description="Mask density in (0, 1]; informational, except for mask_encoding seed."
+    )
     targets: list[str] = Field(..., min_length=1, description="Module paths as in model.named_modules().")
     labels: list[str] | None = Field(None, description="sequence- and image-classification only: label names.")
     pooling: Literal["mean", "cls"] | None = Field(
         None, description="sequence- and image-classification only: mean or cls."
     )
     description: str | None = Field(None, description="Optional free text.")
+    mask_encoding: MaskEncoding | None = Field(
+        None, description="How the masks are stored: dense (the default when absent), packed or seed."
+    )
+    mask_seed: int | None = Field(
+        None, ge=0, lt=SEED_LIMIT, description="mask_encoding seed only: the generator's seed, in [0, 2^64)."
+    )
 
     @field_validator("alpha")
     @classmethod
@@ -105,7 +117,16 @@ class BundleMetadata(BaseModel):
                 raise ValueError(f"pooling is required for task {self.task.value}")
         elif self.labels is not None or self.pooling is not None:
             raise ValueError("labels and pooling are only allowed for task sequence-classification or image-classification")
+        if self.mask_encoding == "seed" and self.mask_seed is None:
+            raise ValueError("mask_encoding seed needs mask_seed")
+        if self.mask_encoding != "seed" and self.mask_seed is not None:
+            raise ValueError("mask_seed is only allowed with mask_encoding seed")
         return self
+
+    @property
+    def encoding(self) -> MaskEncoding:
+        """How the masks are stored; dense when the header does not say."""
+        return self.mask_encoding or "dense"
 
     @property
     def scaling(self) -> float:
@@ -145,6 +166,12 @@ class BundleMetadata(BaseModel):
         for key in ("rank", "num_copies"):
             if key in raw and not str(raw[key]).strip().lstrip("-").isdigit():
                 problems.append(f"metadata {key!r} must be an integer, got {raw[key]!r}")
+        seed = raw.get("mask_seed")
+        # the generator hashes the seed's text: only the canonical decimal spelling is one seed
+        if seed is not None and not (seed.isascii() and seed.isdigit() and (seed == "0" or seed[0] != "0")):
+            problems.append(f"metadata 'mask_seed' must be a decimal integer in [0, 2^64) without sign or leading zeros, got {seed[:80]!r}")
+        elif seed is not None and int(seed) >= SEED_LIMIT:
+            problems.append(f"metadata 'mask_seed' must be below 2^64, got {seed[:80]!r}")
         if not problems:
             try:
                 return cls.model_validate(raw)
@@ -193,20 +220,57 @@ class AdapterBundle:
     head: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Flat name -> tensor mapping, as stored in the safetensors file."""
+        """Flat name -> tensor mapping, as stored in the safetensors file: the masks in the
+        metadata's encoding (none for seed; `save_bundle` checks they are the generator's)."""
         flat: dict[str, torch.Tensor] = {}
         for name, f in self.targets.items():
-            for suffix in TARGET_TENSORS:
-                flat[f"{name}.{suffix}"] = getattr(f, suffix)
+            flat[f"{name}.lora_A"] = f.lora_A
+            flat[f"{name}.lora_B"] = f.lora_B
+            flat.update(masks.encode_target_masks(self.metadata.encoding, name, {"A": f.mask_A, "B": f.mask_B}))
         flat.update(self.head)
         return flat
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
+    def mask_shapes(self) -> list[tuple[int, ...]]:
+        """The bool shapes of every mask, [d, r, in] and [d, out, r] per target."""
+        return [tuple(t.shape) for f in self.targets.values() for t in (f.mask_A, f.mask_B)]
+
+    def check_encodable(self) -> None:
+        """BundleError unless the metadata's encoding can hold these masks: a seed bundle
+        stores no masks, so they must be exactly the generator's."""
+        meta = self.metadata
+        if meta.encoding == "seed":
+            assert meta.mask_seed is not None  # BundleMetadata requires it for seed
+            masks.check_seed_masks(
+                {n: (f.mask_A, f.mask_B) for n, f in self.targets.items()}, meta.mask_seed, meta.density
+            )
+
+    def with_encoding(self, encoding: MaskEncoding, mask_seed: int | None = None) -> "AdapterBundle":
+        """The same adapter stored as `encoding` (mask_seed for seed only); BundleError if a
+        seed bundle would not reproduce these masks."""
+        header = {**self.metadata.model_dump(exclude_none=True), "mask_encoding": encoding, "mask_seed": mask_seed}
+        out = AdapterBundle(metadata=BundleMetadata(**header), targets=self.targets, head=self.head)
+        out.check_encodable()
+        return out
+
+    def compact(self, mask_seed: int | None = None) -> "AdapterBundle":
+        """The smallest encoding that holds these masks exactly: seed when they are the
+        generator's for `mask_seed` (all-true masks at density 1, a plain LoRA's, are every
+        seed's: 0 is used), else packed."""
+        if mask_seed is None and self.metadata.density == 1.0:
+            mask_seed = 0
+        if mask_seed is not None:
+            pairs = {n: (f.mask_A, f.mask_B) for n, f in self.targets.items()}
+            if not masks.seed_mismatches(pairs, mask_seed, self.metadata.density):
+                return self.with_encoding("seed", mask_seed)
+        return self.with_encoding("packed")
+
 
 def save_bundle(bundle: AdapterBundle, path: str | os.PathLike[str]) -> Path:
     """Write a bundle atomically (temp file in the same folder, then rename)."""
+    bundle.check_encodable()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in bundle.tensors().items()}

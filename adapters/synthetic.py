@@ -7,6 +7,7 @@ import torch
 
 from adapters.bundle import CLASSIFICATION_TASKS, AdapterBundle, BundleMetadata, Task, TargetFactors
 from adapters.capaboost_linear import random_masks
+from adapters.masks import MaskEncoding, mask_shape, seed_mask
 from adapters.validation import BaseModelSpec
 
 
@@ -26,6 +27,8 @@ def random_bundle(
     std: float = 0.05,
     dtype: torch.dtype = torch.float32,
     description: str | None = None,
+    mask_encoding: MaskEncoding | None = None,
+    mask_seed: int | None = None,
 ) -> AdapterBundle:
     """A bundle with N(0, std) factors (both A and B non-zero, so the delta is visible).
 
@@ -34,18 +37,24 @@ def random_bundle(
     classification mean-pooled with a dense+tanh layer, image classification on the first
     (cls) token without one, as `ViTForImageClassification`; `pooling` and `dense` override.
     A question-answering head is `head.qa` [2, hidden].
+    `mask_encoding` seed draws the masks from the generator of `mask_seed` (default `seed`).
     """
     g = torch.Generator().manual_seed(seed)
     task = task or (Task.CAUSAL_LM if spec.task is Task.CAUSAL_LM else Task.FEATURE_EXTRACTION)
+    if mask_encoding == "seed" and mask_seed is None:
+        mask_seed = seed
     factors: dict[str, TargetFactors] = {}
     for t in targets:
         out_f, in_f = spec.linear_shapes[t]
-        factors[t] = TargetFactors(
-            lora_A=(torch.randn(rank, in_f, generator=g) * std).to(dtype),
-            lora_B=(torch.randn(out_f, rank, generator=g) * std).to(dtype),
-            mask_A=random_masks(num_copies, (rank, in_f), density, g),
-            mask_B=random_masks(num_copies, (out_f, rank), density, g),
-        )
+        a = (torch.randn(rank, in_f, generator=g) * std).to(dtype)
+        b = (torch.randn(out_f, rank, generator=g) * std).to(dtype)
+        if mask_encoding == "seed":
+            assert mask_seed is not None
+            m_a, m_b = (seed_mask(mask_seed, t, m, mask_shape(m, num_copies, rank, in_f, out_f), density) for m in ("A", "B"))
+        else:
+            m_a = random_masks(num_copies, (rank, in_f), density, g)
+            m_b = random_masks(num_copies, (out_f, rank), density, g)
+        factors[t] = TargetFactors(lora_A=a, lora_B=b, mask_A=m_a, mask_B=m_b)
     h = spec.hidden_size
     head: dict[str, torch.Tensor] = {}
     image = task is Task.IMAGE_CLASSIFICATION
@@ -72,5 +81,7 @@ def random_bundle(
         labels=labels if classifier else None,
         pooling=pooling if classifier else None,  # type: ignore[arg-type] - checked by BundleMetadata
         description=description,
+        mask_encoding=mask_encoding,
+        mask_seed=mask_seed if mask_encoding == "seed" else None,
     )
     return AdapterBundle(metadata=meta, targets=factors, head=head)

@@ -1,8 +1,10 @@
 """Bundle validation in two stages, each reporting every problem at once.
 
 1. Format (`load_bundle`): the safetensors header is parsed by hand, so names, shapes,
-   dtypes and metadata are checked before a single tensor byte is read; only then are
-   tensors loaded and checked for NaN/Inf. Safetensors is a flat JSON header plus raw
+   dtypes and metadata (the mask encoding's sizes and dtypes, and `mask_seed` included) are
+   checked before a single tensor byte is read; only then are tensors loaded, checked for
+   NaN/Inf and packed masks for pad bits, and the masks decoded to bool by
+   `adapters.masks`. Safetensors is a flat JSON header plus raw
    bytes, so no code is ever executed: pickles are rejected as "not a safetensors file".
 2. Servability (`check_servable`): the bundle against one base model (its id, task,
    target modules and their shapes). Kept separate because the registry validates
@@ -33,6 +35,7 @@ from adapters.bundle import (
     Task,
     TargetFactors,
 )
+from adapters import masks
 from adapters.errors import BundleError
 
 #: Largest header we accept; real bundles have a few KiB of header.
@@ -114,13 +117,27 @@ def _expect(problems: list[str], name: str, info: TensorInfo | None, shape: tupl
         problems.append(f"tensor {name!r}: expected a float16, bfloat16 or float32 weight, got dtype {info.dtype}")
     if kind == "bool" and info.dtype != "BOOL":
         problems.append(f"tensor {name!r}: expected a bool mask, got dtype {info.dtype}")
+    if kind == "packed" and info.dtype != "U8":
+        problems.append(f"tensor {name!r}: expected a packed mask (uint8, mask_encoding packed), got dtype {info.dtype}")
+
+
+def _expect_mask(
+    problems: list[str], meta: BundleMetadata, name: str, info: TensorInfo | None, shape: tuple[int, ...]
+) -> None:
+    """A mask tensor as the metadata's encoding stores it: bool `shape`, or uint8 [ceil(n / 8)]."""
+    if meta.encoding == "packed":
+        _expect(problems, name, info, (masks.packed_size(shape),), "packed")
+    elif meta.encoding == "dense":
+        _expect(problems, name, info, shape, "bool")
 
 
 def check_layout(meta: BundleMetadata, infos: dict[str, TensorInfo]) -> list[str]:
     """Names, shapes and dtypes against the metadata; every problem, expected vs received."""
     problems: list[str] = []
     r, d = meta.rank, meta.num_copies
-    expected: set[str] = {f"{t}.{s}" for t in meta.targets for s in TARGET_TENSORS}
+    # a seed bundle stores no masks: its metadata generates them
+    suffixes = TARGET_TENSORS if meta.encoding != "seed" else ("lora_A", "lora_B")
+    expected: set[str] = {f"{t}.{s}" for t in meta.targets for s in suffixes}
     if meta.task in CLASSIFICATION_TASKS:
         expected |= {"head.out.weight", "head.out.bias"}
         if "head.dense.weight" in infos or "head.dense.bias" in infos:
@@ -130,7 +147,8 @@ def check_layout(meta: BundleMetadata, infos: dict[str, TensorInfo]) -> list[str
     for name in sorted(expected - infos.keys()):
         problems.append(f"missing tensor {name!r}")
     for name in sorted(infos.keys() - expected):
-        problems.append(f"unexpected tensor {name!r}")
+        seed_mask = meta.encoding == "seed" and name.rpartition(".")[0] in meta.targets and name.endswith((".mask_A", ".mask_B"))
+        problems.append(f"unexpected tensor {name!r}" + (" (mask_encoding seed stores no mask tensors)" if seed_mask else ""))
     for t in meta.targets:
         a, b = infos.get(f"{t}.lora_A"), infos.get(f"{t}.lora_B")
         if a is not None and len(a.shape) != 2 or b is not None and len(b.shape) != 2:
@@ -140,10 +158,10 @@ def check_layout(meta: BundleMetadata, infos: dict[str, TensorInfo]) -> list[str
         out_f = b.shape[0] if b is not None else None
         if in_f is not None:
             _expect(problems, f"{t}.lora_A", a, (r, in_f), "float")
-            _expect(problems, f"{t}.mask_A", infos.get(f"{t}.mask_A"), (d, r, in_f), "bool")
+            _expect_mask(problems, meta, f"{t}.mask_A", infos.get(f"{t}.mask_A"), (d, r, in_f))
         if out_f is not None:
             _expect(problems, f"{t}.lora_B", b, (out_f, r), "float")
-            _expect(problems, f"{t}.mask_B", infos.get(f"{t}.mask_B"), (d, out_f, r), "bool")
+            _expect_mask(problems, meta, f"{t}.mask_B", infos.get(f"{t}.mask_B"), (d, out_f, r))
     if meta.task in CLASSIFICATION_TASKS and meta.labels:
         out_w = infos.get("head.out.weight")
         hidden = out_w.shape[1] if out_w is not None and len(out_w.shape) == 2 else None
@@ -181,13 +199,30 @@ def load_bundle(source: str | os.PathLike[str] | bytes) -> AdapterBundle:
     for name, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             problems.append(f"tensor {name!r} holds NaN or Inf")
+    if meta.encoding == "packed":
+        for t in meta.targets:
+            for m, shape in _mask_shapes(meta, tensors, t).items():
+                if not masks.pad_bits_clear(tensors[f"{t}.mask_{m}"], int(torch.Size(shape).numel())):
+                    problems.append(f"tensor '{t}.mask_{m}': the pad bits after the last mask element must be 0")
     if problems:
         raise BundleError(problems)
-    targets = {
-        t: TargetFactors(**{s: tensors[f"{t}.{s}"] for s in TARGET_TENSORS}) for t in meta.targets
-    }
+    targets: dict[str, TargetFactors] = {}
+    for t in meta.targets:
+        decoded = masks.target_masks(
+            meta.encoding, t, _mask_shapes(meta, tensors, t), tensors, mask_seed=meta.mask_seed, density=meta.density
+        )
+        targets[t] = TargetFactors(
+            lora_A=tensors[f"{t}.lora_A"], lora_B=tensors[f"{t}.lora_B"], mask_A=decoded["A"], mask_B=decoded["B"]
+        )
     head = {k: tensors[k] for k in HEAD_TENSORS if k in tensors}
     return AdapterBundle(metadata=meta, targets=targets, head=head)
+
+
+def _mask_shapes(meta: BundleMetadata, tensors: dict[str, torch.Tensor], target: str) -> dict[masks.Matrix, tuple[int, ...]]:
+    """The bool shapes of one target's masks, from its (checked) factors."""
+    r, i = tensors[f"{target}.lora_A"].shape
+    o = tensors[f"{target}.lora_B"].shape[0]
+    return {m: masks.mask_shape(m, meta.num_copies, r, i, o) for m in ("A", "B")}
 
 
 @dataclass(frozen=True)

@@ -137,3 +137,59 @@ def test_errors_exit_1_with_every_problem(peft_dir: Path, tmp_path: Path, capsys
     assert rc == 1 and "not a valid safetensors file" in err
     rc, _, err = in_process(capsys, "inspect", tmp_path / "missing.safetensors")
     assert rc == 1 and "no such file" in err
+
+
+def _reference_from_seed(path: Path, mask_seed: int) -> Path:
+    """A reference checkpoint whose masks are the bundle format's seed generator's (density 0.5)."""
+    from adapters.masks import seed_mask
+
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(384, R, generator=g), torch.randn(R, 384, generator=g)
+    # the reference layout is [in, r] / [r, out]: the transposes of the bundle's [d, r, in] / [d, out, r]
+    ma = seed_mask(mask_seed, QUERY, "A", (D, R, 384), 0.5).transpose(1, 2)
+    mb = seed_mask(mask_seed, QUERY, "B", (D, 384, R), 0.5).transpose(1, 2)
+    tensors = {}
+    for i in range(D):
+        tensors[f"bert.{QUERY}.loras.capa.lora_A.{i}.weight"] = a * ma[i]
+        tensors[f"bert.{QUERY}.loras.capa.lora_B.{i}.weight"] = b * mb[i]
+    torch.save(tensors, path)
+    return path
+
+
+def test_pack_picks_the_smallest_exact_mask_encoding(reference_ckpt: Path, peft_dir: Path, tmp_path: Path, capsys) -> None:
+    ref = ["pack", "reference", reference_ckpt, "--alpha", "8", "--rank", R, "--base-model", MINILM_ID,
+           "--task", "feature-extraction"]
+    rc, out, err = in_process(capsys, *ref, "-o", tmp_path / "ref.safetensors")
+    assert rc == 0 and "masks packed" in out, err
+    dense = load_bundle(tmp_path / "ref.safetensors")
+    rc, out, err = in_process(capsys, *ref, "--mask-encoding", "dense", "-o", tmp_path / "ref-dense.safetensors")
+    assert rc == 0 and "masks dense" in out, err
+    for t, f in load_bundle(tmp_path / "ref-dense.safetensors").targets.items():
+        assert torch.equal(f.mask_A, dense.targets[t].mask_A) and torch.equal(f.mask_B, dense.targets[t].mask_B)
+    assert (tmp_path / "ref.safetensors").stat().st_size < (tmp_path / "ref-dense.safetensors").stat().st_size
+
+    # torch-drawn masks cannot be a seed bundle: a clear error, nothing written
+    rc, _, err = in_process(capsys, *ref, "--mask-encoding", "seed", "-o", tmp_path / "no.safetensors")
+    assert rc == 1 and "--mask-encoding seed needs --mask-seed" in err
+    rc, _, err = in_process(capsys, *ref, "--mask-encoding", "seed", "--mask-seed", "7", "-o", tmp_path / "no.safetensors")
+    assert rc == 1 and "needs the masks that mask_seed 7 and density" in err and "differ" in err
+    assert not (tmp_path / "no.safetensors").exists()
+
+    # masks that are the generator's for a known seed become a seed bundle
+    seeded = _reference_from_seed(tmp_path / "seeded.bin", 99)
+    rc, out, err = in_process(capsys, "pack", "reference", seeded, "--alpha", "8", "--rank", R, "--density", "0.5",
+                              "--base-model", MINILM_ID, "--task", "feature-extraction", "--mask-seed", "99",
+                              "-o", tmp_path / "seeded.safetensors")
+    assert rc == 0 and "masks seed (mask_seed 99)" in out, err
+    assert load_bundle(tmp_path / "seeded.safetensors").metadata.mask_seed == 99
+
+    # a PEFT LoRA's all-true masks are any seed's at density 1
+    rc, out, err = in_process(capsys, "pack", "peft", peft_dir, "-o", tmp_path / "lora.safetensors")
+    assert rc == 0 and "masks seed (mask_seed 0)" in out, err
+    rc, stdout, _ = in_process(capsys, "inspect", tmp_path / "lora.safetensors", "--json")
+    info = json.loads(stdout)
+    assert info["mask_encoding"] == "seed" and info["mask_bytes"] == 0
+    assert info["dense_mask_bytes"] == info["mask_bytes_saved"] == R * 384 * 2
+    rc, table, _ = in_process(capsys, "inspect", tmp_path / "ref.safetensors")
+    n = D * R * (384 + 384) + D * R * (384 + 1536)
+    assert f"masks        packed: {n // 8} bytes, {n - n // 8} saved vs {n} as bool masks" in table

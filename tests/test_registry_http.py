@@ -23,7 +23,7 @@ import torch
 
 from adapters.bundle import AdapterBundle, Task, save_bundle
 from adapters.synthetic import random_bundle
-from adapters.validation import BaseModelSpec
+from adapters.validation import BaseModelSpec, load_bundle
 from tests.conftest import MINILM_ID
 from tests.registry_support import (
     ADMIN_TOKEN,
@@ -152,6 +152,31 @@ def _bad_metadata(spec: BaseModelSpec, tmp: Path) -> bytes:
     return raw_safetensors(tensors, header)
 
 
+def _encoded(spec: BaseModelSpec, encoding: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    b = random_bundle(spec, TARGETS, rank=4, seed=6, mask_encoding="seed" if encoding == "seed" else None)
+    b = b if encoding == "seed" else b.with_encoding(encoding)  # type: ignore[arg-type]
+    return b.metadata.to_header(), b.tensors()
+
+
+def _short_packed_mask(spec: BaseModelSpec, tmp: Path) -> bytes:
+    header, tensors = _encoded(spec, "packed")
+    tensors[f"{TARGETS[0]}.mask_A"] = tensors[f"{TARGETS[0]}.mask_A"][:-1]
+    tensors[f"{TARGETS[1]}.mask_B"] = tensors[f"{TARGETS[1]}.mask_B"].to(torch.int16)
+    return raw_safetensors(tensors, header)
+
+
+def _seed_with_masks(spec: BaseModelSpec, tmp: Path) -> bytes:
+    header, tensors = _encoded(spec, "packed")
+    header.update(mask_encoding="seed", mask_seed="18446744073709551616")  # 2^64
+    return raw_safetensors(tensors, header)
+
+
+def _unknown_encoding(spec: BaseModelSpec, tmp: Path) -> bytes:
+    header, tensors = _encoded(spec, "dense")
+    header["mask_encoding"] = "bits"
+    return raw_safetensors(tensors, header)
+
+
 def _other_spec(spec: BaseModelSpec, **changes: Any) -> BaseModelSpec:
     return dataclasses.replace(spec, **changes)
 
@@ -186,6 +211,11 @@ BAD_UPLOADS: list[tuple[str, str, Callable[[BaseModelSpec, Path], bytes], dict[s
     ("missing-tensor", "bad", _drop_tensor, {}, 400, "invalid_adapter", "missing tensor"),
     ("extra-tensor", "bad", _extra_tensor, {}, 400, "invalid_adapter", "unexpected tensor"),
     ("bad-metadata", "bad", _bad_metadata, {}, 400, "invalid_adapter", "must be an integer"),
+    ("packed-mask-sizes", "bad", _short_packed_mask, {}, 400, "invalid_adapter",
+     f"tensor '{TARGETS[0]}.mask_A': expected shape [384], got [383]; tensor '{TARGETS[1]}.mask_B': "
+     "expected a packed mask (uint8, mask_encoding packed), got dtype I16"),
+    ("seed-out-of-range", "bad", _seed_with_masks, {}, 400, "invalid_adapter", "'mask_seed' must be below 2^64"),
+    ("unknown-mask-encoding", "bad", _unknown_encoding, {}, 400, "invalid_adapter", "mask_encoding"),
     ("name-traversal", "..%2F..%2Fetc", _good, {}, 400, "invalid_request_error", "invalid adapter name"),
     ("name-too-long", "a" * 129, _good, {}, 400, "invalid_request_error", "invalid adapter name"),
     ("name-non-ascii", "n%C3%A4me", _good, {}, 400, "invalid_request_error", "invalid adapter name"),
@@ -317,6 +347,8 @@ def test_vllm_load_and_unload_lora_adapter(registry, spec, minilm_model, minilm_
     assert r.status_code == 200, r.text
     m = r.json()
     assert m["version"] == 2 and m["num_copies"] == 1 and m["base_model"] == MINILM_ID and len(m["targets"]) == 12
+    stored = load_bundle(client.get("/v1/adapters/vl/download").content)  # as `capaserve pack` stores it
+    assert stored.metadata.encoding == "seed" and all(bool(f.mask_A.all()) for f in stored.targets.values())
 
     bad = [
         ({"lora_name": "vl", "lora_path": str(tmp_path / "nowhere")}, AUTH, 400, "neither"),

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from adapters.bundle import Task
 from adapters.validation import load_bundle
@@ -73,7 +74,7 @@ def trained_cls(cls_data, tmp_path_factory):
         task=Task.SEQUENCE_CLASSIFICATION, data=train_path, eval_data=eval_path,
         output=tmp_path_factory.mktemp("cls-out") / "order.safetensors",
         rank=8, num_copies=2, density=0.5, alpha=16, targets=["query", "value"],
-        steps=STEPS, lr=LR, batch_size=BATCH, max_length=16, seed=0, progress=False,
+        steps=STEPS, lr=LR, batch_size=BATCH, max_length=16, seed=0, mask_seed=0, progress=False,
     )
     return train(cfg, log=lambda s: None)
 
@@ -158,6 +159,10 @@ def test_bundle_metadata_records_the_run(trained_cls):
     assert meta.labels == ["animal-first", "thing-first"] and meta.pooling == "mean"
     assert meta.targets == [f"encoder.layer.{i}.attention.self.{p}" for i in range(6) for p in ("query", "value")]
     assert "eval on eval.jsonl" in meta.description and "accuracy" in meta.description
+    # stored as a seed bundle: the masks are the format's generator's, no mask bytes in the file
+    assert meta.encoding == "seed" and meta.mask_seed == 0 and "mask_seed 0" in meta.description
+    with safe_open(str(trained_cls.path), "pt") as f:
+        assert not [k for k in f.keys() if ".mask_" in k]
 
 
 # --------------------------------------------------------------------------- the bundle reproduces the model
@@ -347,6 +352,8 @@ def test_cli_trains_a_bundle(tmp_path):
     assert meta.base_model == DEFAULT_MODEL_ID and meta.labels == ["0", "1"] and meta.rank == 4
     assert "eval on tiny.jsonl (training data)" in meta.description
     assert "wrote" in proc.stderr
+    # a random mask_seed, recorded in the bundle and the log
+    assert meta.encoding == "seed" and meta.mask_seed is not None and f"mask_seed {meta.mask_seed}" in proc.stderr
 
 
 def test_cli_reports_bad_data_with_line_numbers(tmp_path):

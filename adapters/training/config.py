@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from adapters.bundle import CLASSIFICATION_TASKS, Task
 from adapters.default_model import DEFAULT_MODEL_ID, default_model_dir
+from adapters.masks import SEED_LIMIT, MaskEncoding
 
 
 class TrainConfig(BaseModel):
@@ -55,7 +56,14 @@ class TrainConfig(BaseModel):
             "(default what the server uses, min(384, the model's limit)). Unused for images."
         ),
     )
-    seed: int = Field(0, description="Seeds masks, factor init, head init, dropout and data order.")
+    seed: int = Field(0, description="Seeds factor init, head init, dropout and data order.")
+    mask_seed: int | None = Field(
+        None, ge=0, lt=SEED_LIMIT,
+        description="Seed of the masks' generator (docs/bundle-format.md#mask-encodings); None picks a random one, recorded in the bundle.",
+    )
+    mask_encoding: MaskEncoding = Field(
+        "seed", description="How the bundle stores the masks: seed (no mask bytes), packed (1 bit each) or dense (bool)."
+    )
     pooling: Literal["mean", "cls"] | None = Field(
         None,
         description=(

@@ -19,6 +19,7 @@ from transformers.pytorch_utils import Conv1D
 
 from adapters.bundle import AdapterBundle, BundleMetadata, Task, TargetFactors
 from adapters.capaboost_linear import CapaBoostLinear
+from adapters.masks import mask_shape, seed_mask
 
 
 def _is_linear(mod: nn.Module) -> bool:
@@ -60,11 +61,13 @@ def attach_capaboost(
     alpha: float,
     density: float,
     seed: int,
+    mask_seed: int | None = None,
 ) -> dict[str, CapaBoostLinear]:
     """Freeze `model` and replace each target by a CapaBoostLinear, in place.
 
-    One generator seeded with `seed` draws every A init and every mask, target by target
-    in model order, so the same seed and targets give the same masks on any machine.
+    One generator seeded with `seed` draws every A init (and the masks, target by target
+    in model order); with `mask_seed` the masks are instead the bundle format's seed
+    generator's, so a `seed` bundle of the trained model reproduces them exactly.
     """
     for p in model.parameters():
         p.requires_grad_(False)
@@ -75,6 +78,10 @@ def attach_capaboost(
         parent = model.get_submodule(parent_path) if parent_path else model
         base = getattr(parent, child)
         m = CapaBoostLinear(base, rank, num_copies, alpha, density, generator=g)
+        if mask_seed is not None:
+            in_f, out_f = m.lora_A.shape[1], m.lora_B.shape[0]
+            m.mask_A.copy_(seed_mask(mask_seed, path, "A", mask_shape("A", num_copies, rank, in_f, out_f), density))
+            m.mask_B.copy_(seed_mask(mask_seed, path, "B", mask_shape("B", num_copies, rank, in_f, out_f), density))
         w = base.weight
         m.to(device=w.device)
         setattr(parent, child, m)

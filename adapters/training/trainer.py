@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import secrets
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -189,11 +190,12 @@ def load_base(cfg: TrainConfig, device: torch.device) -> tuple[Any, Any, nn.Modu
     return tok, None, model.to(device)
 
 
-def build_model(cfg: TrainConfig, base: nn.Module, num_labels: int | None) -> AdaptedModel:
-    """Wrap the targets (masks drawn from cfg.seed) and add the task's head, seeded."""
+def build_model(cfg: TrainConfig, base: nn.Module, num_labels: int | None, mask_seed: int) -> AdaptedModel:
+    """Wrap the targets (masks from the seed generator of `mask_seed`) and add the task's head, seeded."""
     paths = match_targets(base, cfg.targets)
     layers = attach_capaboost(
-        base, paths, rank=cfg.rank, num_copies=cfg.num_copies, alpha=cfg.alpha, density=cfg.density, seed=cfg.seed
+        base, paths, rank=cfg.rank, num_copies=cfg.num_copies, alpha=cfg.alpha, density=cfg.density, seed=cfg.seed,
+        mask_seed=mask_seed,
     )
     hidden = int(base.config.hidden_size)
     head: nn.Module | None = None
@@ -213,12 +215,12 @@ def build_model(cfg: TrainConfig, base: nn.Module, num_labels: int | None) -> Ad
     return AdaptedModel(base, cfg.task, layers, head=head, pooling=cfg.resolved_pooling or "mean")
 
 
-def describe(cfg: TrainConfig, train_ds: Dataset, eval_name: str, reports: list[EpochReport]) -> str:
+def describe(cfg: TrainConfig, train_ds: Dataset, eval_name: str, reports: list[EpochReport], mask_seed: int) -> str:
     """The bundle's `description`: how it was trained and the eval figures (epoch 0 is
     before training), one line."""
     parts = [
         f"capaserve train: {cfg.task.value} on {train_ds.path.name} ({len(train_ds)} examples)",
-        f"{reports[-1].step} steps, lr {cfg.lr:g}, batch {cfg.batch_size}, seed {cfg.seed}",
+        f"{reports[-1].step} steps, lr {cfg.lr:g}, batch {cfg.batch_size}, seed {cfg.seed}, mask_seed {mask_seed}",
     ]
     figs = [" ".join([f"epoch {r.epoch}: loss {r.eval_loss:.4f}", *r.figures()]) for r in reports]
     parts.append(f"eval on {eval_name}: " + "; ".join(figs))
@@ -241,7 +243,9 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] | None = None) -> Trai
     autocast = autocast_for(device)
     torch.manual_seed(cfg.seed)  # dropout
     tok, processor, base = load_base(cfg, device)
-    model = build_model(cfg, base, len(labels) if labels else None)
+    # the masks always come from the format's generator: any encoding can then store them
+    mask_seed = cfg.mask_seed if cfg.mask_seed is not None else secrets.randbits(64)
+    model = build_model(cfg, base, len(labels) if labels else None, mask_seed)
     # question-answering windows: training's from --max-length, evaluation's the server's own
     limit = max_positions_of(base.config)
     inputs = {"tokenizer": tok, "processor": processor, "max_length": cfg.max_length, "device": device}
@@ -251,7 +255,8 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] | None = None) -> Trai
     n_params = sum(p.numel() for p in params)
     emit(
         f"training {len(model.layers())} target layers (r={cfg.rank}, d={cfg.num_copies}, density {cfg.density})"
-        f"{' + head' if model.head is not None else ''}: {n_params:,} trainable parameters on {device}"
+        f"{' + head' if model.head is not None else ''}: {n_params:,} trainable parameters on {device}, "
+        f"mask_seed {mask_seed}"
     )
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
@@ -308,9 +313,9 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] | None = None) -> Trai
         targets=list(model.layers()),
         labels=labels,
         pooling=cfg.resolved_pooling,
-        description=describe(cfg, train_ds, eval_name, [initial, *history]),
+        description=describe(cfg, train_ds, eval_name, [initial, *history], mask_seed),
     )
-    bundle = model.to_bundle(meta)
+    bundle = model.to_bundle(meta).with_encoding(cfg.mask_encoding, mask_seed if cfg.mask_encoding == "seed" else None)
     path = save_bundle(bundle, cfg.output)
     result = TrainResult(
         bundle=bundle, path=path, model=model, tokenizer=tok, labels=labels,

@@ -469,9 +469,10 @@ def _local_source(lora_path: str) -> tuple[Path, str | None]:
 
 def _import_peft_folder(path: Path, spec: BaseModelSpec) -> AdapterBundle:
     """A PEFT LoRA folder as a bundle for `spec`'s base. Its task is PEFT's task_type, else
-    what its saved head is (classifier, qa_outputs), else the served base's own."""
+    what its saved head is (classifier, qa_outputs), else the served base's own. Stored as
+    `capaserve pack` stores it: a seed bundle (a LoRA's all-true masks take no bytes)."""
     fallback = Task.CAUSAL_LM if spec.task is Task.CAUSAL_LM else Task.FEATURE_EXTRACTION
-    return import_peft(path, base_model=spec.model_id, fallback_task=fallback)
+    return import_peft(path, base_model=spec.model_id, fallback_task=fallback).compact()
 
 
 __all__ = [

@@ -2,8 +2,9 @@
 
 Besides metadata and size, it prints per target the shapes and the numerical rank of
 delta_W (`adapters.merge.rank_of`): a plain LoRA stays at or below r, and the rank above r
-is the extra capacity the d masked copies of CapaBoost buy (at most d*r). An invalid
-bundle prints every problem and exits with status 1.
+is the extra capacity the d masked copies of CapaBoost buy (at most d*r). It shows how the
+masks are stored (dense, packed or seed) and the bytes that saves against bool masks. An
+invalid bundle prints every problem and exits with status 1.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def describe(path: str) -> dict[str, Any]:
     """Everything inspect reports, as plain data; raises BundleError for an invalid bundle."""
     # deferred: only this subcommand pays for torch (`capaserve --help` stays fast)
+    from adapters.masks import mask_bytes
     from adapters.merge import rank_of
     from adapters.validation import load_bundle
 
@@ -47,8 +49,14 @@ def describe(path: str) -> dict[str, Any]:
                 "max_rank": min(meta.num_copies * meta.rank, f.out_features, f.in_features),
             }
         )
+    shapes = bundle.mask_shapes()
+    stored, dense = mask_bytes(meta.encoding, shapes), mask_bytes("dense", shapes)
     return {
         "path": str(path),
+        "mask_encoding": meta.encoding,
+        "mask_bytes": stored,
+        "dense_mask_bytes": dense,
+        "mask_bytes_saved": dense - stored,
         "size_bytes": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),
         "tensor_bytes": bundle.nbytes(),
@@ -84,6 +92,11 @@ def _print_table(info: dict[str, Any]) -> None:
         if key in m:
             print(f"  {key:<12} {m[key]}")
     print(f"  {'scaling':<12} {info['scaling']:g}")
+    seed = f", mask_seed {m['mask_seed']}" if "mask_seed" in m else ""
+    print(
+        f"  {'masks':<12} {info['mask_encoding']}{seed}: {info['mask_bytes']} bytes, "
+        f"{info['mask_bytes_saved']} saved vs {info['dense_mask_bytes']} as bool masks"
+    )
     if m.get("description"):
         print(f"  {'description':<12} {m['description']}")
     targets = info["targets"]

@@ -6,6 +6,10 @@
 
 `--prefix-map OLD=NEW` (repeatable) replaces the default module-path mapping (strip an
 encoder backbone prefix such as `bert.` or `vit.` for AutoModel tasks; none for causal-lm).
+Masks are stored as compactly as they can be exactly (docs/bundle-format.md#mask-encodings):
+`seed` when they are the generator's (a PEFT LoRA's all-true masks always are; a checkpoint's
+when `--mask-seed` names the seed that generated them), else `packed`; `--mask-encoding`
+forces one and fails if `seed` cannot reproduce the masks.
 `--check-base DIR_OR_ID` also checks every target against that model's modules, built
 from its config on the meta device, and is where a PEFT head that reads the base's own
 weights (BERT's pooler) takes them from. Exit status 1 on any problem.
@@ -61,6 +65,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--description", help="Free text stored in the bundle.")
     p.add_argument(
+        "--mask-encoding", choices=("dense", "packed", "seed"),
+        help="How to store the masks (default: seed when they are the generator's, else packed).",
+    )
+    p.add_argument(
+        "--mask-seed", type=int, metavar="N",
+        help="The seed of capaserve's mask generator that made the checkpoint's masks, in [0, 2^64).",
+    )
+    p.add_argument(
         "--check-base", metavar="DIR_OR_ID",
         help="Also check the targets against this base model's modules (and read a BERT classifier's pooler from it).",
     )
@@ -112,13 +124,31 @@ def _prefix_map(args: argparse.Namespace):
     return PrefixMap.parse(specs)
 
 
+def _encode(bundle, encoding: str | None, mask_seed: int | None):
+    """The bundle in the asked encoding, or the most compact exact one; BundleError if impossible."""
+    if mask_seed is not None and not 0 <= mask_seed < 2**64:
+        raise BundleError(f"--mask-seed must be in [0, 2^64), got {mask_seed}")
+    if encoding is None:
+        return bundle.compact(mask_seed)
+    if encoding == "seed":
+        if mask_seed is None and bundle.metadata.density != 1.0:
+            raise BundleError(
+                "--mask-encoding seed needs --mask-seed: the seed whose generator made these masks "
+                "(masks drawn any other way can only be stored as packed or dense)"
+            )
+        return bundle.with_encoding("seed", 0 if mask_seed is None else mask_seed)
+    if mask_seed is not None:
+        raise BundleError(f"--mask-seed only applies to --mask-encoding seed, not {encoding}")
+    return bundle.with_encoding(encoding)
+
+
 def _pack(args: argparse.Namespace, build) -> int:
     from adapters.bundle import save_bundle  # deferred: torch
     from adapters.validation import check_servable
     from serving.engine.model_loader import meta_spec
 
     try:
-        bundle = build()
+        bundle = _encode(build(), args.mask_encoding, args.mask_seed)
         if args.check_base:
             check_servable(bundle, meta_spec(args.check_base, bundle.metadata.base_model, bundle.metadata.task))
     except BundleError as exc:
@@ -131,6 +161,7 @@ def _pack(args: argparse.Namespace, build) -> int:
     print(
         f"wrote {path} ({path.stat().st_size} bytes): {len(m.targets)} targets, rank {m.rank}, "
         f"{m.num_copies} cop{'y' if m.num_copies == 1 else 'ies'}, alpha {m.alpha:g}, "
-        f"task {m.task.value}, base {m.base_model}"
+        f"task {m.task.value}, base {m.base_model}, masks {m.encoding}"
+        + (f" (mask_seed {m.mask_seed})" if m.mask_seed is not None else "")
     )
     return 0

@@ -51,7 +51,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="tokens per text after truncation (default 128); question-answering: tokens per window "
         "(default the server's, min(384, the model's limit))",
     )
-    p.add_argument("--seed", type=int, default=0, help="seeds masks, init, dropout and data order (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seeds init, dropout and data order (default 0)")
+    p.add_argument(
+        "--mask-seed", type=int, default=None,
+        help="seed of the masks' generator, in [0, 2^64) (default: a random one, recorded in the bundle)",
+    )
+    p.add_argument(
+        "--mask-encoding", choices=("seed", "packed", "dense"), default="seed",
+        help="how the bundle stores the masks: seed (no mask bytes), packed (1 bit each) or dense (bool); default seed",
+    )
     p.add_argument(
         "--pooling", choices=("mean", "cls"), default=None,
         help="classification pooling (default mean for text, cls for images)",
