@@ -226,7 +226,7 @@ def schedule(cases: list[Case], rounds: int) -> list[tuple[int, Case]]:
 
 def base_spec(cfg: LoadTestConfig) -> Any:
     """The base's BaseModelSpec (names and shapes of its Linear layers), built on the meta device."""
-    from serving.engine.model_loader import meta_spec, model_source  # deferred: torch
+    from adapters.tasks.model_loader import meta_spec, model_source  # deferred: torch
 
     econf = EngineConfig(model=cfg.model, served_model_name=cfg.served_model_name)
     return meta_spec(model_source(econf), econf.served_name())

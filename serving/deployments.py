@@ -45,8 +45,8 @@ from serving.coalesce import JOINABLE
 from serving.config import ServeConfig
 from serving.engine.adapter_cache import count_bound
 from serving.engine.engine import Engine
-from serving.engine.qa import QAInput
-from serving.errors import InvalidRequest
+from adapters.tasks.qa import QAInput
+from adapters.tasks.errors import InvalidRequest
 from serving.replica_adapters import ReplicaAdapters
 from serving.replica_io import (
     ClassOutput,

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from serving.engine.qa import DEFAULT_MAX_ANSWER_LEN, QAInput
+from adapters.tasks.qa import DEFAULT_MAX_ANSWER_LEN, QAInput
 from serving.engine.sampling import SamplingParams
 
 #: Largest `max_tokens` a request may ask for; the engine's context bounds it further.

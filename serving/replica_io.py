@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from adapters.manifest import AdapterManifest
-from serving.engine.qa import QAInput
+from adapters.tasks.qa import QAInput
 from serving.engine.sampling import SamplingParams
 from serving.metrics import ReplicaReport
 

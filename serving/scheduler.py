@@ -53,7 +53,7 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, Field
 
 from serving.config import SchedulerConfig
-from serving.errors import Overloaded
+from adapters.tasks.errors import Overloaded
 from serving.mode_policy import ModePolicy
 
 log = logging.getLogger("capaserve.scheduler")

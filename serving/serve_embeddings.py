@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from adapters.tasks.errors import InvalidRequest
 from adapters.validation import ENCODER_TASKS
 from serving.engine.pooling import l2_normalize
-from serving.errors import InvalidRequest
 from serving.protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse, EncoderUsage
 from serving.service import RequestRecord, ServingContext
 

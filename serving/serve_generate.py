@@ -14,8 +14,9 @@ import time
 from collections.abc import AsyncIterator
 
 from adapters.bundle import Task
+from adapters.tasks.errors import InvalidRequest, UnsupportedTask
 from serving.api.errors import unwrap
-from serving.errors import InvalidRequest, UnsupportedTask, error_body, status_for
+from serving.api.errors import error_body, status_for
 from serving.protocol import (
     ChatCompletionChoice,
     ChatCompletionRequest,

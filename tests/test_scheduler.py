@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from serving.errors import Overloaded
+from adapters.tasks.errors import Overloaded
 from serving.scheduler import Scheduler, SchedulerConfig
 
 

@@ -114,8 +114,8 @@ def _prefix_map(args: argparse.Namespace):
 
 def _pack(args: argparse.Namespace, build) -> int:
     from adapters.bundle import save_bundle  # deferred: torch
+    from adapters.tasks.model_loader import meta_spec
     from adapters.validation import check_servable
-    from serving.engine.model_loader import meta_spec
 
     try:
         bundle = build()

@@ -4,7 +4,7 @@ question answering.
 Every encoder task shares each forward (same adapter, or mixed), so the scheduler can
 batch the endpoints together and endpoints never split a batch. An input becomes one
 model row (a text, or an image on an image base) or, for question answering, one row per
-window of its context (serving.engine.qa); rows are run in chunks and each input's
+window of its context (adapters.tasks.qa); rows are run in chunks and each input's
 answer is assembled from its own rows only.
 """
 
@@ -17,15 +17,15 @@ from typing import Any, Literal
 import torch
 
 from adapters.bundle import Task
+from adapters.tasks.errors import InvalidRequest, UnsupportedTask
+from adapters.tasks.pixels import ImageInputs, check_images
+from adapters.tasks.qa import QAInput, QAWindow, QAWindows, Span, best_span
+from adapters.tasks.tokens import Tokens
 from serving.engine.adapter_cache import PreparedAdapter
-from serving.engine.images import ImageInputs, check_images
 from serving.engine.mixed import adapter_order
 from serving.engine.outputs import EncodedRow, EncodeTask
 from serving.engine.pooling import classification_head, l2_normalize, mean_pool, pool
-from serving.engine.qa import QAInput, QAWindow, QAWindows, Span, best_span
 from serving.engine.residency import AdapterResidency, Entry
-from serving.engine.tokens import Tokens
-from serving.errors import InvalidRequest, UnsupportedTask
 
 #: Model rows per encoder forward; the lock is released between chunks.
 ENCODE_CHUNK = 64

@@ -19,11 +19,12 @@ from collections.abc import Iterator
 import torch
 
 from adapters.bundle import AdapterBundle, Task
+from adapters.tasks.model_loader import LoadedModel, load_model
+from adapters.tasks.pixels import ImageInputs
+from adapters.tasks.tokens import Tokens
 from serving.config import EngineConfig
 from serving.engine.encode import AdapterMode, EncodeInput, EncodeRunner
 from serving.engine.generate import GenerateRunner
-from serving.engine.images import ImageInputs
-from serving.engine.model_loader import LoadedModel, load_model
 from serving.engine.outputs import (
     EncodedRow,
     EncodeTask,
@@ -34,7 +35,6 @@ from serving.engine.outputs import (
 )
 from serving.engine.residency import AdapterResidency
 from serving.engine.sampling import SamplingParams
-from serving.engine.tokens import Tokens
 
 
 class Engine:
