@@ -36,12 +36,13 @@ from collections import defaultdict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from adapters.tasks.kinds import ENCODER_KINDS
 from serving.replica_io import ReplicaCall, ReplicaInfo, ReplicaResult, StreamItem
 from serving.service import ModelClient
 
 #: Replica methods whose rows are independent, so their requests may share a call (a question
 #: is decoded from its own windows only, and images are checked by the ingress before joining).
-JOINABLE = frozenset({"embed", "classify", "question_answering"})
+JOINABLE = frozenset(kind.method for kind in ENCODER_KINDS)
 
 
 @dataclass
