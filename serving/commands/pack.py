@@ -17,7 +17,7 @@ import argparse
 import sys
 
 from adapters.errors import BundleError
-from serving.cli import csv_list
+from serving.config_sources import csv_list
 
 TASKS = ("feature-extraction", "sequence-classification", "question-answering", "image-classification", "causal-lm")
 
