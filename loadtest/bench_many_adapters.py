@@ -9,7 +9,7 @@ misses), the adapter cache bytes of the replicas, and the model replicas' reside
 
     python loadtest/bench_many_adapters.py [--quick] [--adapters 300] [--few 5] [-- SERVE_FLAGS]
 
-`-- --max-adapters-per-replica 64` serves with the count bound of before issue 15.
+`-- --max-adapters-per-replica 64` serves with a count bound of 64 adapters per replica instead.
 """
 
 from __future__ import annotations

@@ -387,9 +387,8 @@ class ServeConfig(BaseModel):
         """(engine workers, torch threads per worker) of a replica.
 
         On a CPU, N one-thread forwards side by side cost less CPU per text than one forward
-        on N intra-op threads, whose OpenMP workers spin between parallel regions (MiniLM,
-        batch 32, 2 cores: 2.43 vs 8.9 ms of CPU per text with other load on the host,
-        2.3 vs 2.9 without), so workers follow the CPU share and each runs one thread. A
+        on N intra-op threads, whose OpenMP workers spin between parallel regions
+        (loadtest/results/overheads.md), so workers follow the CPU share and each runs one thread. A
         GPU computes one batch at a time anyway: one worker, the CPU share as its threads.
         Ray sets OMP_NUM_THREADS=1 in replicas, so these are set explicitly.
         """
