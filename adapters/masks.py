@@ -19,15 +19,20 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
 
 from adapters.errors import BundleError
 
-if TYPE_CHECKING:  # adapters.bundle imports this module
-    from adapters.bundle import AdapterBundle
+
+class MaskedTarget(Protocol):
+    """What `packed_target_masks` reads of a target (adapters.bundle.TargetFactors, which imports this module)."""
+
+    mask_A: torch.Tensor
+    mask_B: torch.Tensor
+
 
 MaskEncoding = Literal["dense", "packed", "seed"]
 ENCODINGS: tuple[MaskEncoding, ...] = ("dense", "packed", "seed")
@@ -130,9 +135,9 @@ def encode_target_masks(encoding: MaskEncoding, target: str, masks: Mapping[Matr
     return {f"{target}.mask_{m}": pack(t) if encoding == "packed" else t.to(torch.bool) for m, t in masks.items()}
 
 
-def packed_target_masks(bundle: "AdapterBundle") -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
-    """(target, packed mask_A, packed mask_B) of every target: the 1-bit form a compact cache keeps."""
-    for name, f in bundle.targets.items():
+def packed_target_masks(targets: Mapping[str, MaskedTarget]) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(target, packed mask_A, packed mask_B) of every target (a bundle's `targets`): the 1-bit form a compact cache keeps."""
+    for name, f in targets.items():
         yield name, pack(f.mask_A), pack(f.mask_B)
 
 

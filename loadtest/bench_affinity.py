@@ -33,9 +33,9 @@ import httpx
 from adapters.bundle import Task, save_bundle
 from adapters.default_model import DEFAULT_MODEL_ID, default_model_dir
 from adapters.synthetic import random_bundle
+from adapters.tasks.model_loader import meta_spec
 from loadtest.faults import capaserve_serve, replica_counts
 from loadtest.run import scrape
-from serving.engine.model_loader import meta_spec
 
 TEXT = "the quick brown fox jumps over the lazy dog"
 

@@ -46,7 +46,7 @@ from loadtest.faults import (
     replica_counts,
     round_robin,
 )
-from serving.engine.model_loader import meta_spec
+from adapters.tasks.model_loader import meta_spec
 
 TEXTS = ["the quick brown fox jumps over the lazy dog", "hello world", "a somewhat longer sentence about adapters"]
 LABELS = ["neg", "pos"]

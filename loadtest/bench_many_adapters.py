@@ -9,7 +9,7 @@ misses), the adapter cache bytes of the replicas, and the model replicas' reside
 
     python loadtest/bench_many_adapters.py [--quick] [--adapters 300] [--few 5] [-- SERVE_FLAGS]
 
-`-- --max-adapters-per-replica 64` serves with the count bound of before issue 15.
+`-- --max-adapters-per-replica 64` serves with a count bound of 64 adapters per replica instead.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ import psutil
 from adapters.bundle import Task, save_bundle
 from adapters.default_model import DEFAULT_MODEL_ID, default_model_dir
 from adapters.synthetic import random_bundle
+from adapters.tasks.model_loader import meta_spec
 from loadtest.faults import SteadyLoad, capaserve_serve, metric_sum, model_replica_pids, round_robin
 from serving.config import EngineConfig, parse_bytes
-from serving.engine.model_loader import meta_spec
 
 TEXT = "the quick brown fox jumps over the lazy dog"
 #: whose CPU per request the table shows: process command-line markers

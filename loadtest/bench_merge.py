@@ -36,9 +36,9 @@ import torch
 from adapters.bundle import AdapterBundle, Task
 from adapters.capaboost_linear import wrap_targets
 from adapters.synthetic import random_bundle
+from adapters.tasks.model_loader import finish
 from serving.config import EngineConfig
 from serving.engine.engine import Engine
-from serving.engine.model_loader import finish
 
 
 @dataclass

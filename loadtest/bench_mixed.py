@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from adapters.synthetic import random_bundle
+from adapters.tasks.kinds import RequestKind
 from serving.config import EngineConfig
 from serving.config_sources import config_of
 from serving.engine.engine import Engine
@@ -83,7 +84,7 @@ async def closed_loop(server, requests: list[tuple[str, str]], clients: int) -> 
     async def client() -> None:
         for adapter, text in todo:
             t0 = time.perf_counter()
-            await server.scheduler.submit("embed", adapter, [text], lengths=[len(text) // 4 + 2])
+            await server.scheduler.submit(RequestKind.EMBED, adapter, [text], lengths=[len(text) // 4 + 2])
             latencies.append(time.perf_counter() - t0)
 
     start = time.perf_counter()

@@ -29,9 +29,9 @@ import torch
 
 from adapters.bundle import AdapterBundle, Task
 from adapters.synthetic import random_bundle
+from adapters.tasks.model_loader import finish
 from serving.config import EngineConfig
 from serving.engine.engine import Engine
-from serving.engine.model_loader import finish
 
 TARGETS = ("attention.self.query", "attention.self.value", "intermediate.dense")
 #: Largest |difference| allowed against the hand-merged model, per dtype (inputs differ by rounding only).

@@ -52,7 +52,7 @@ from tqdm import tqdm
 from loadtest import report
 from loadtest.scenario import ATOL_BY_DTYPE, PATHS, RunSummary, adapter_names, compute_references, request_body
 from serving.config import EngineConfig
-from serving.config_sources import config_of
+from serving.config_sources import ConfigError, add_model_flags, config_of, model_from_namespace
 
 HERE = Path(__file__).resolve().parent
 LOCUSTFILE = HERE / "locustfile.py"
@@ -77,8 +77,12 @@ class LoadTestConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     # --- the server
-    model: str | None = Field(None, description="Base model folder or cached id; None: the embedded MiniLM.")
-    served_model_name: str | None = Field(None, description="Base model id clients send; default: the model id.")
+    model: str | None = Field(
+        None, description="Base model folder or cached id.", json_schema_extra={"default_doc": "the embedded MiniLM"}
+    )
+    served_model_name: str | None = Field(
+        None, description="Base model id clients send.", json_schema_extra={"default_doc": "the model id"}
+    )
     url: str | None = Field(None, description="Target this running server (loopback) instead of starting one.")
     baseline_url: str | None = Field(None, description="With --url: a grouping-off server to compare against.")
     admin_token: str | None = Field(None, description="Bearer token for registry writes on a --url server.")
@@ -109,8 +113,12 @@ class LoadTestConfig(BaseModel):
     goal_adapters: int = Field(50, ge=1, description="N of the goal comparison.")
     goal_zipf: float = Field(1.0, ge=0, description="Zipf s of the goal comparison (and of the baseline sweep).")
     users: int = Field(32, ge=1, description="Concurrent closed-loop Locust users.")
-    spawn_rate: float | None = Field(None, gt=0, description="Users started per second; default: all in one second.")
-    duration_s: float = Field(25.0, gt=0, description="Seconds of load per configuration and round.")
+    spawn_rate: float | None = Field(
+        None, gt=0, description="Users started per second.", json_schema_extra={"default_doc": "all in one second"}
+    )
+    duration_s: float = Field(
+        25.0, gt=0, description="Seconds of load per configuration and round.", json_schema_extra={"flag": "duration"}
+    )
     rounds: int = Field(1, ge=1, description="Repetitions of the whole plan (alternating order); medians reported.")
     mix: str = Field("auto", description="Endpoint weights, e.g. embeddings=1,classify=1; auto: all supported.")
     texts_per_request: int = Field(1, ge=1, description="Inputs per embeddings/classify request.")
@@ -119,7 +127,7 @@ class LoadTestConfig(BaseModel):
     single: bool = Field(True, description="Also run the single-adapter configuration (N=1).")
     seed: int = Field(0, description="Seed of adapters and request draws.")
     # --- the report
-    out: Path = Field(HERE / "results", description="Report folder.")
+    out: Path = Field(HERE / "results", description="Report folder.", json_schema_extra={"default_doc": "loadtest/results"})
     progress: bool = Field(True, description="Show a progress bar.")
 
     @field_validator("url", "baseline_url")
@@ -226,7 +234,7 @@ def schedule(cases: list[Case], rounds: int) -> list[tuple[int, Case]]:
 
 def base_spec(cfg: LoadTestConfig) -> Any:
     """The base's BaseModelSpec (names and shapes of its Linear layers), built on the meta device."""
-    from serving.engine.model_loader import meta_spec, model_source  # deferred: torch
+    from adapters.tasks.model_loader import meta_spec, model_source  # deferred: torch
 
     econf = EngineConfig(model=cfg.model, served_model_name=cfg.served_model_name)
     return meta_spec(model_source(econf), econf.served_name())
@@ -554,74 +562,17 @@ def run(cfg: LoadTestConfig) -> Path:
 # ---------------------------------------------------------------------------- command line
 
 
-def _ints(s: str) -> list[int]:
-    return [int(x) for x in s.split(",") if x.strip()]
-
-
-def _floats(s: str) -> list[float]:
-    return [float(x) for x in s.split(",") if x.strip()]
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The load test's flags (shared by this script and `capaserve loadtest`)."""
-    p.add_argument("--model", default=None, help="Base model folder or cached id (default: the embedded MiniLM).")
-    p.add_argument("--served-model-name", default=None, help="Base model id clients send.")
-    p.add_argument("--url", default=None, help="Target this running server (loopback) instead of starting apps.")
-    p.add_argument("--baseline-url", default=None, help="With --url: a grouping-off server to compare against.")
-    p.add_argument("--admin-token", default=None, help="Bearer token for registry writes on a --url server.")
-    p.add_argument("--adapters", type=_ints, default=[1, 10, 50], help="Sweep of N adapters (default: 1,10,50).")
-    p.add_argument("--zipf", type=_floats, default=[0.5, 1.0, 1.5], help="Sweep of Zipf s (default: 0.5,1.0,1.5).")
-    p.add_argument("--goal-adapters", type=int, default=50, help="N of the goal comparison (default: 50).")
-    p.add_argument("--goal-zipf", type=float, default=1.0, help="Zipf s of the goal comparison (default: 1.0).")
-    p.add_argument("--users", type=int, default=32, help="Concurrent Locust users (default: 32).")
-    p.add_argument("--spawn-rate", type=float, default=None, help="Users started per second (default: all at once).")
-    p.add_argument("--duration", type=float, default=25.0, help="Seconds per configuration and round (default: 25).")
-    p.add_argument("--rounds", type=int, default=1, help="Repetitions of the plan, alternating order (default: 1).")
-    p.add_argument("--mix", default="auto", help="Endpoint weights, e.g. embeddings=1,classify=1 (default: auto).")
-    p.add_argument("--texts-per-request", type=int, default=1, help="Inputs per encoder request (default: 1).")
-    p.add_argument("--ingress", choices=["direct", "proxy"], default="direct",
-                   help="Started apps: send to the ingress replica's own port or through Serve's proxy (default: direct).")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="Weight dtype of started apps; sets the check tolerance (default: float32).")
-    p.add_argument("--check-fraction", type=float, default=0.1, help="Answers compared with references (default: 0.1).")
-    p.add_argument("--targets", choices=sorted(TARGET_SETS), default="qv", help="Layers adapted (default: qv).")
-    p.add_argument("--adapter-task", default="auto",
-                   choices=["auto", "sequence-classification", "question-answering", "feature-extraction"],
-                   help="Task of the synthetic adapters (default: auto: causal-lm on a causal LM, "
-                   "image-classification on an image base, else sequence-classification).")
-    p.add_argument("--rank", type=int, default=8, help="Adapter rank r (default: 8).")
-    p.add_argument("--num-copies", type=int, default=2, help="Adapter masks d (default: 2).")
-    p.add_argument("--replicas", type=int, default=1, help="Model replicas per started app (default: 1).")
-    p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per model replica (default: 1).")
-    p.add_argument("--max-batch-size", type=int, default=16, help="Scheduler batch cap (default: 16).")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="Scheduler batch-fill wait (default: 5).")
-    p.add_argument("--no-baseline", action="store_true", help="Skip the swap-per-request baseline app.")
-    p.add_argument("--no-single", action="store_true", help="Skip the single-adapter configuration (N=1).")
-    p.add_argument("--seed", type=int, default=0, help="Seed of adapters and request draws (default: 0).")
-    p.add_argument("--out", type=Path, default=HERE / "results", help="Report folder.")
-    p.add_argument("--no-progress", action="store_true", help="No progress bar.")
-
-
-def config_from(ns: argparse.Namespace) -> LoadTestConfig:
-    return LoadTestConfig(
-        model=ns.model, served_model_name=ns.served_model_name, url=ns.url, baseline_url=ns.baseline_url,
-        admin_token=ns.admin_token, adapters=ns.adapters, zipf=ns.zipf, goal_adapters=ns.goal_adapters,
-        goal_zipf=ns.goal_zipf, users=ns.users, spawn_rate=ns.spawn_rate, duration_s=ns.duration, rounds=ns.rounds,
-        ingress=ns.ingress, dtype=ns.dtype, mix=ns.mix, texts_per_request=ns.texts_per_request, check_fraction=ns.check_fraction, targets=ns.targets,
-        adapter_task=ns.adapter_task,
-        rank=ns.rank, num_copies=ns.num_copies, replicas=ns.replicas, num_cpus=ns.num_cpus,
-        max_batch_size=ns.max_batch_size, batch_wait_ms=ns.batch_wait_ms, baseline=not ns.no_baseline, single=not ns.no_single,
-        seed=ns.seed, out=ns.out, progress=not ns.no_progress,
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_arguments(p)
+    add_model_flags(p, LoadTestConfig)
     ns = p.parse_args(argv)
+    try:
+        cfg = model_from_namespace(LoadTestConfig, ns)
+    except ConfigError as exc:
+        p.error(str(exc))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    summary = run(config_from(ns))
+    summary = run(cfg)
     print(summary.read_text())
     print(f"report: {summary.parent}")
     return 0

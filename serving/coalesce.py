@@ -2,8 +2,8 @@
 
 Every call from the ingress to a model replica is a Ray Serve request: routing, a gRPC
 message each way, (de)serialisation and a scheduler entry on the replica. For a one-text
-embeddings request that plumbing cost more CPU than the text's share of a batched forward
-(issue 14), so the ingress joins what arrives together before it crosses to the replica.
+embeddings request that plumbing costs more CPU than the text's share of a batched forward,
+so the ingress joins what arrives together before it crosses to the replica.
 
 The rule keeps an idle server's latency: a call goes out at once while fewer than
 `max_inflight` calls of its lane are on their way. Beyond that it waits, and when one of
@@ -36,12 +36,13 @@ from collections import defaultdict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from adapters.tasks.kinds import ENCODER_KINDS
 from serving.replica_io import ReplicaCall, ReplicaInfo, ReplicaResult, StreamItem
 from serving.service import ModelClient
 
 #: Replica methods whose rows are independent, so their requests may share a call (a question
 #: is decoded from its own windows only, and images are checked by the ingress before joining).
-JOINABLE = frozenset({"embed", "classify", "question_answering"})
+JOINABLE = frozenset(kind.method for kind in ENCODER_KINDS)
 
 
 @dataclass

@@ -297,8 +297,8 @@ class SchedulerConfig(_Section):
     """Batching and fairness of one replica's scheduler (see serving/scheduler.py)."""
 
     # 64, not 32: the ingress then joins twice the texts per replica call, so fewer Ray calls
-    # and longer length-sorted batches; under bench_peer's load (8 texts per request, 2 cores)
-    # 12-15% more texts/s at ~13% less CPU per text, and 128 gained nothing more.
+    # and longer length-sorted batches; under bench_peer's load that gives more texts/s at less
+    # CPU per text, and 128 gains nothing more (README.md#benchmarks has the figures).
     max_batch_size: int = Field(
         64,
         ge=1,
@@ -343,10 +343,10 @@ class SchedulerConfig(_Section):
         """`call_overhead_tokens`, or the measured value for the device: on a GPU padding is nearly free, calls are not.
 
         On a CPU a call's fixed cost is mostly reading the weights (~42 MB of MiniLM's matmul
-        weights per forward, whatever the batch): ~45 padded tokens' worth on one idle thread,
-        more while two engine workers share the memory bus. Under `bench_peer`'s load (8 texts
-        per request, 2 cores) 128 gave 10% more texts/s at 7% less CPU per text than 32; 512
-        was worse again (too much padding)."""
+        weights per forward, whatever the batch): tens of padded tokens' worth on one idle
+        thread, more while two engine workers share the memory bus. Under `bench_peer`'s load
+        128 gives more texts/s at less CPU per text than 32, and 512 is worse again (too much
+        padding); README.md#benchmarks has the figures."""
         if self.call_overhead_tokens is not None:
             return self.call_overhead_tokens
         return 128 if device_type == "cpu" else 2048
@@ -387,9 +387,8 @@ class ServeConfig(BaseModel):
         """(engine workers, torch threads per worker) of a replica.
 
         On a CPU, N one-thread forwards side by side cost less CPU per text than one forward
-        on N intra-op threads, whose OpenMP workers spin between parallel regions (MiniLM,
-        batch 32, 2 cores: 2.43 vs 8.9 ms of CPU per text with other load on the host,
-        2.3 vs 2.9 without), so workers follow the CPU share and each runs one thread. A
+        on N intra-op threads, whose OpenMP workers spin between parallel regions
+        (loadtest/results/overheads.md), so workers follow the CPU share and each runs one thread. A
         GPU computes one batch at a time anyway: one worker, the CPU share as its threads.
         Ray sets OMP_NUM_THREADS=1 in replicas, so these are set explicitly.
         """

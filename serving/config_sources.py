@@ -4,6 +4,11 @@ All three, the `--help` text and the flag table of docs/cli.md are generated fro
 model, so a setting added to serving/config.py gets its flag, variable, file key and docs
 row without further code. Precedence, per setting: flag > environment > file > default.
 
+The flags of `capaserve train` and `capaserve loadtest` come from their flat models
+(`TrainConfig`, `LoadTestConfig`) through the same `Setting` (`add_model_flags`,
+`model_from_namespace`): one flag per field, the model's defaults and descriptions in
+`--help`, and an unset flag left to the model's default.
+
     python -m serving.config_sources docs/cli.md    # rewrite the generated table in place
 """
 
@@ -15,8 +20,9 @@ import difflib
 import os
 import sys
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -59,6 +65,8 @@ class Setting:
 
     path: tuple[str, ...]  # ("server", "port"): the section first, then the field (nested models in between)
     info: FieldInfo
+    #: leading parts of `path` the flag leaves out: 1 for ServeConfig's section, 0 for a flat model
+    section_depth: int = 1
 
     @property
     def key(self) -> str:
@@ -73,7 +81,13 @@ class Setting:
     @property
     def flag(self) -> str:
         """`--field-name` (a nested model's name leads: `--mode-policy-min-dwell-ms`), unless the field names one."""
-        return "--" + str(self._extra.get("flag") or "-".join(self.path[1:]).replace("_", "-"))
+        return "--" + str(self._extra.get("flag") or "-".join(self.path[self.section_depth:]).replace("_", "-"))
+
+    @property
+    def short(self) -> str | None:
+        """A one-letter alias (`-o`) where the field names one."""
+        value = self._extra.get("short")
+        return None if value is None else str(value)
 
     @property
     def env(self) -> str:
@@ -108,6 +122,8 @@ class Setting:
         value = self.info.get_default(call_default_factory=True)
         if value is None:
             return "none"
+        if isinstance(value, list) and value:
+            return code(",".join(str(v) for v in value))
         if isinstance(value, bool):
             return "on" if value else "off"
         if self.is_bytes:
@@ -122,12 +138,53 @@ class Setting:
         if get_origin(plain) is Literal:
             return "{" + ",".join(map(str, get_args(plain))) + "}"
         if get_origin(plain) is list:
-            return "K1,K2"
-        return {int: "INT", float: "NUM", SecretStr: "TOKEN"}.get(plain, "TEXT")
+            return "N1,N2" if get_args(plain) and get_args(plain)[0] in (int, float) else "K1,K2"
+        return {int: "INT", float: "NUM", SecretStr: "TOKEN", Path: "PATH"}.get(plain, "TEXT")
 
     def help(self) -> str:
         text = f"{self.description} (default: {self.default_text()}) [env: {self.env}; file: {self.key}]"
         return text.replace("%", "%%")
+
+    def flat_help(self) -> str:
+        """The help of a flat model's flag (the command line parser adds its variable)."""
+        given = "required" if self.info.is_required() else f"default: {self.default_text()}"
+        return f"{self.description} ({given})".replace("%", "%%")
+
+    def choices(self) -> list[str] | None:
+        """The values a Literal or enum field takes, as typed on the command line."""
+        plain = _plain(self.info.annotation)
+        if get_origin(plain) is Literal:
+            return [str(a) for a in get_args(plain)]
+        if isinstance(plain, type) and issubclass(plain, Enum):
+            return [str(m.value) for m in plain]
+        return None
+
+    def arg_type(self) -> Callable[[str], Any] | None:
+        """What argparse converts a flat model's flag with: numbers and paths as such, a list
+        field from comma-separated items (`--targets query,value`); None keeps the string."""
+        plain = _plain(self.info.annotation)
+        if get_origin(plain) is list:
+            item = (get_args(plain) or (str,))[0]
+            return _comma_list(item if item in (int, float) else str)
+        return {int: int, float: float, Path: Path}.get(plain)
+
+
+def csv_list(value: str) -> list[str]:
+    """An argparse `type` for a comma-separated list flag (`--targets query,value`)."""
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list, e.g. a,b")
+    return items
+
+
+def _comma_list(item: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    def parse(value: str) -> list[Any]:
+        try:
+            return [item(p) for p in csv_list(value)]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {getattr(item, '__name__', 'text')} values, got {value!r}") from None
+
+    return parse
 
 
 def _settings(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[Setting]:
@@ -170,6 +227,54 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
             groups[section].add_argument(s.flag, action=argparse.BooleanOptionalAction, **kw)
         else:
             groups[section].add_argument(s.flag, metavar=s.metavar(), **kw)
+
+
+# ---------------------------------------------------------------------------- flat models
+
+
+def model_settings(model: type[BaseModel]) -> tuple[Setting, ...]:
+    """Every field of a flat command model (`capaserve train`, `capaserve loadtest`), in order."""
+    settings = tuple(Setting((name,), info, section_depth=0) for name, info in model.model_fields.items())
+    flags = [s.flag for s in settings]
+    if len(set(flags)) != len(flags):
+        raise RuntimeError(f"two {model.__name__} fields share a flag: {sorted(f for f in flags if flags.count(f) > 1)}")
+    return settings
+
+
+def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
+    """One flag per field of `model`: a bool is --x/--no-x, a Literal or enum takes its values,
+    a list takes comma-separated items, a field without default is required. An unset flag
+    stays absent from the namespace, so the model's own default applies."""
+    for s in model_settings(model):
+        names = [s.flag] if s.short is None else [s.short, s.flag]
+        kw: dict[str, Any] = {"dest": s.dest, "default": argparse.SUPPRESS, "help": s.flat_help()}
+        if s.is_bool:
+            parser.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
+            continue
+        if s.info.is_required():
+            kw["required"] = True
+        choices, convert = s.choices(), s.arg_type()
+        if choices is not None:
+            kw["choices"] = choices
+        if convert is not None:
+            kw["type"] = convert
+        parser.add_argument(*names, metavar=None if choices else s.metavar(), **kw)
+
+
+def model_from_namespace(model: type[BaseModel], ns: argparse.Namespace) -> Any:
+    """The `model` of parsed `add_model_flags` flags; a ConfigError names each bad flag."""
+    settings = model_settings(model)
+    values = {s.path[0]: getattr(ns, s.dest) for s in settings if hasattr(ns, s.dest)}
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        by_name = {s.path[0]: s for s in settings}
+        problems = []
+        for err in exc.errors():
+            setting = by_name.get(str(err["loc"][0])) if err["loc"] else None
+            label = setting.flag if setting is not None else "arguments"
+            problems.append(f"{label}: {err['msg']}")
+        raise ConfigError("; ".join(problems)) from None
 
 
 # ---------------------------------------------------------------------------- layering

@@ -45,8 +45,9 @@ from serving.coalesce import JOINABLE
 from serving.config import ServeConfig
 from serving.engine.adapter_cache import count_bound
 from serving.engine.engine import Engine
-from serving.engine.qa import QAInput
-from serving.errors import InvalidRequest
+from adapters.tasks.kinds import ENCODER_KINDS, RequestKind
+from adapters.tasks.qa import QAInput
+from adapters.tasks.errors import InvalidRequest
 from serving.replica_adapters import ReplicaAdapters
 from serving.replica_io import (
     ClassOutput,
@@ -60,7 +61,7 @@ from serving.replica_io import (
 from serving.registry_probe import RegistryProbe
 from serving.replica_logging import log_to_stderr
 from serving.replica_report import ReplicaReporter
-from serving.scheduler import ENCODER, Kind, Scheduler
+from serving.scheduler import Scheduler
 
 log = logging.getLogger("capaserve.replica")
 
@@ -196,7 +197,7 @@ class ModelServer:
         finally:
             await agen.aclose()
 
-    async def _batch(self, kind: Kind, call: ReplicaCall) -> ReplicaResult:
+    async def _batch(self, kind: RequestKind, call: ReplicaCall) -> ReplicaResult:
         ref = await self._prepare(call)
         inputs = call.inputs()
         if not inputs:
@@ -219,7 +220,7 @@ class ModelServer:
 
     # ------------------------------------------------------------------ BatchRunner (worker thread)
 
-    def run_batch(self, kinds: list[Kind], adapter: str | None, texts: list[Any], params: Any) -> list[Any]:
+    def run_batch(self, kinds: list[RequestKind], adapter: str | None, texts: list[Any], params: Any) -> list[Any]:
         """BatchRunner: one engine call (input i is a kinds[i] request); (output, prompt_tokens) per input."""
         e = self.engine
         if _generation(kinds):
@@ -227,7 +228,7 @@ class ModelServer:
         return _encoder_results(self.adapters.with_adapter([adapter], lambda: e.encode(texts, [adapter] * len(texts), kinds)))
 
     def run_mixed_batch(
-        self, kinds: list[Kind], adapters: list[str | None], texts: list[Any], params: Any = None
+        self, kinds: list[RequestKind], adapters: list[str | None], texts: list[Any], params: Any = None
     ) -> list[Any]:
         """BatchRunner, adaptive mode: one unmerged engine call, text i with adapters[i]."""
         e = self.engine
@@ -281,11 +282,11 @@ class ModelServer:
             sched.shutdown()
 
 
-def _generation(kinds: list[Kind]) -> bool:
+def _generation(kinds: list[RequestKind]) -> bool:
     """Whether a batch is generation (all rows) or encoder work (embed/classify/qa rows, mixable)."""
     if all(k == "generate" for k in kinds):
         return True
-    if any(k not in ENCODER for k in kinds):
+    if any(k not in ENCODER_KINDS for k in kinds):
         raise InvalidRequest(f"a batch holds generate rows only, or encoder rows only; got {sorted(set(kinds))}")
     return False
 

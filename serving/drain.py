@@ -1,4 +1,4 @@
-"""Graceful stop of the ingress: refuse new requests, finish the ones in progress (issue 15).
+"""Graceful stop of the ingress: refuse new requests, finish the ones in progress.
 
 `capaserve serve` on SIGTERM (or Ctrl-C) first calls `Ingress.drain(timeout)`: from then on
 the ingress answers every new request with 503 `unavailable`, `Connection: close` and

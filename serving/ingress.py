@@ -2,7 +2,7 @@
 
 Routes only map service results to HTTP: a response model becomes JSON, an iterator
 becomes Server-Sent Events, an exception becomes the error body (docs/http-api.md#errors) with the status
-`serving.errors.status_for` gives it. The service logic is in one module per endpoint
+`serving.api.errors.status_for` gives it. The service logic is in one module per endpoint
 family (serve_embeddings, serve_classify, serve_qa, serve_generate, serve_models); the registry
 routes come from serving.api.registry. An ASGI middleware records the metrics of every
 request and writes one JSON access-log line per inference request.
@@ -28,20 +28,20 @@ from ray import serve
 from ray.exceptions import RayActorError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapters.registry.resolver import AdapterResolver
 from adapters.registry.backends import open_store
+from adapters.registry.resolver import AdapterResolver
 from adapters.registry.store import RegistryStore
+from adapters.tasks.images import ImageLimits
 from serving import serve_classify, serve_embeddings, serve_generate, serve_models, serve_qa
 from serving.api.auth import AuthSettings
 from serving.api.body_limit import BodyLimit
 from serving.api.errors import ErrorMappingRoute, unwrap
+from serving.api.errors import error_body
 from serving.api.registry import RegistrySettings, build_registry_router
 from serving.cluster_env import RegistryEnv
 from serving.coalesce import CoalescingClient
 from serving.config import ServeConfig
 from serving.drain import DrainGate, DrainMiddleware
-from serving.errors import error_body
-from serving.images import ImageLimits
 from serving.metrics import CONTENT_TYPE, ServerMetrics
 from serving.protocol import (
     ERROR_RESPONSES,
@@ -121,7 +121,7 @@ class Metered:
             await self.app(scope, receive, send_wrapper)
         except asyncio.CancelledError:
             # The client went away and Serve cancelled its request (a disconnect seen by a route
-            # is mapped to 499 by serving.errors.status_for): not a server error.
+            # is mapped to 499 by serving.api.errors.status_for): not a server error.
             status["code"] = 499
             raise
         finally:

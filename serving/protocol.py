@@ -16,7 +16,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from serving.engine.qa import DEFAULT_MAX_ANSWER_LEN, QAInput
+from adapters.tasks.qa import DEFAULT_MAX_ANSWER_LEN, QAInput
 from serving.engine.sampling import SamplingParams
 
 #: Largest `max_tokens` a request may ask for; the engine's context bounds it further.
@@ -421,8 +421,8 @@ def render(body: BaseModel) -> bytes:
 
     What `body.model_dump(mode="json")` gives for the bodies here (None fields kept: OpenAI
     clients expect them), but numpy vectors are written as they are: an embedding is not
-    turned into 384 Python floats to be validated and dumped one by one, which cost 4.4 ms
-    per 8-vector response, more than the model's share of the request (issue 14). float32
+    turned into 384 Python floats to be validated and dumped one by one, which costs more
+    than the model's share of the request (loadtest/results/overheads.md). float32
     values are written in their shortest form, which reads back to the same float32.
     """
     return orjson.dumps(body, default=_fields, option=orjson.OPT_SERIALIZE_NUMPY)

@@ -2,14 +2,14 @@
 
 Serve's defaults favour isolation over overhead: user code on a second event loop, each
 replica call as a Ray actor task, a log flush per request. On a small CPU host that
-overhead is most of a request (measured: proxy + ingress + model-replica plumbing cost
-more CPU than a batched MiniLM forward), so a local cluster runs Serve's
+overhead is most of a request (proxy + ingress + model-replica plumbing cost more CPU
+than a batched MiniLM forward: loadtest/results/overheads.md), so a local cluster runs Serve's
 throughput-optimized mode (user code and router on the main loop, buffered request logs,
 GC frozen after start) with gRPC for every hop, proxy included.
 
 That mode also turns on direct ingress, kept here: every ingress replica runs its own HTTP
 server (a port from 30000 up, same host as the proxy), so a client or load balancer that
-targets it skips the proxy hop, ~4 ms of CPU per request on this 2-vCPU host. The proxy
+targets it skips the proxy hop and its CPU per request. The proxy
 still serves `--port` and balances over the ingress replicas; `direct_ingress_urls` lists
 the direct ones. Serve holds a stopping ingress replica open at least
 RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S (30 s) so a load balancer can deregister
@@ -22,8 +22,8 @@ Variables already set win, so a user can opt out (RAY_SERVE_THROUGHPUT_OPTIMIZED
 A joined cluster (RAY_ADDRESS) keeps its own settings: set the same variables on its nodes.
 
 A local cluster is bound to loopback. `ray.init(_node_ip_address="127.0.0.1")` alone does
-not do it: Ray turns a loopback address into the host's outward one (measured: the node
-registered as 192.0.2.2). Ray's one switch for a node address of 127.0.0.1 is the variable
+not do it: Ray turns a loopback address into the host's outward one (the node registers
+under the host's outward address). Ray's one switch for a node address of 127.0.0.1 is the variable
 it reads for single-host platforms, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (`LOCAL_ENV`), which
 Ray reads when it is imported: `use_serve_env()` sets it before the first `import ray`, and
 `init_local_ray` refuses a cluster whose node is on another address.
@@ -59,8 +59,8 @@ def ingress_on_port(port: int) -> dict[str, str]:
     """Serve settings that give the app's (one) ingress replica `port` for its own HTTP server.
 
     `capaserve serve` on a local cluster uses this so the URL a user hits is the ingress
-    replica itself, not Serve's proxy in front of it: the proxy hop costs ~6 ms of CPU per
-    request here, more than a batched MiniLM forward per text. The range above `port` is
+    replica itself, not Serve's proxy in front of it: the proxy hop costs more CPU per
+    request than a batched MiniLM forward per text. The range above `port` is
     where a replacement replica lands while the old one drains; with no load balancer to
     deregister it, a released port needs no quarantine, so a restarted ingress replica
     gets `port` back.
@@ -75,8 +75,8 @@ def ingress_on_port(port: int) -> dict[str, str]:
 #: A local cluster's settings: nodes on 127.0.0.1 (see the module doc; read by Ray when it is
 #: imported), and no export of Ray's own metrics, which nothing of a local cluster reads (no
 #: dashboard; capaserve's /metrics is its own registry) while every process collected and
-#: shipped them: with Serve's metric cache flushed each second rather than each 100 ms, the
-#: idle cluster's polling went from 11.8% to 10.2% of a core (issue 14).
+#: shipped them; Serve's metric cache is flushed each second rather than each 100 ms, which
+#: lowers an idle cluster's polling (README.md#benchmarks has the figure).
 LOCAL_ENV: dict[str, str] = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_enable_metrics_collection": "0",

@@ -36,7 +36,7 @@ from adapters.manifest import AdapterManifest, parse_model_ref
 from adapters.registry.resolver import AdapterResolver
 from adapters.registry.store import RegistryStore
 from serving.engine.engine import Engine
-from serving.errors import AdapterNotLoaded, ModelNotFound
+from adapters.tasks.errors import AdapterNotLoaded, ModelNotFound
 from serving.scheduler import Scheduler
 
 log = logging.getLogger("capaserve.replica")

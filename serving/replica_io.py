@@ -13,7 +13,8 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from adapters.manifest import AdapterManifest
-from serving.engine.qa import QAInput
+from adapters.tasks.kinds import ENCODER_KINDS
+from adapters.tasks.qa import QAInput
 from serving.engine.sampling import SamplingParams
 from serving.metrics import ReplicaReport
 
@@ -23,7 +24,7 @@ from serving.metrics import ReplicaReport
 #: is the method of POST /v1/question-answering), and `info`, which readiness asks: a replica
 #: lost under it must not make `/readyz` fail while another can serve. Generation is not: a
 #: started stream cannot be replayed to its client, and a whole completion may run for minutes.
-IDEMPOTENT = frozenset({"embed", "classify", "question_answering", "info"})
+IDEMPOTENT = frozenset({*(kind.method for kind in ENCODER_KINDS), "info"})
 
 
 class ReplicaCall(BaseModel):

@@ -48,29 +48,25 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 from pydantic import BaseModel, Field
 
 from serving.config import SchedulerConfig
-from serving.errors import Overloaded
+from adapters.tasks.errors import Overloaded
+from adapters.tasks.kinds import ENCODER_KINDS, RequestKind
 from serving.mode_policy import ModePolicy
 
 log = logging.getLogger("capaserve.scheduler")
 
-Kind = Literal["embed", "classify", "qa", "generate", "stream"]
-
 #: Kinds a mixed-adapter batch can hold (streams always run merged, one at a time).
-MIXABLE: tuple[Kind, ...] = ("embed", "classify", "qa", "generate")
-
-#: Kinds that share one encoder forward: a batch may hold any of them (each row gets its own head).
-ENCODER: tuple[Kind, ...] = ("embed", "classify", "qa")
+MIXABLE: tuple[RequestKind, ...] = (*ENCODER_KINDS, RequestKind.GENERATE)
 
 
 class BatchRunner(Protocol):
     """What the scheduler drives; implemented over the engine by the model deployment."""
 
-    def run_batch(self, kinds: list[Kind], adapter: str | None, texts: list[Any], params: Any) -> list[Any]:
+    def run_batch(self, kinds: list[RequestKind], adapter: str | None, texts: list[Any], params: Any) -> list[Any]:
         """One engine call (input i belongs to a kinds[i] request: a text, or an image or a
         question for the encoder kinds); returns one result per input, in order."""
 
@@ -92,7 +88,7 @@ class BatchInfo:
 
 @dataclass
 class _Item:
-    kind: Kind
+    kind: RequestKind
     adapter: str | None
     texts: list[Any]  # texts, or images or questions for encoder kinds
     lengths: list[int]
@@ -110,9 +106,9 @@ class _Item:
     def compatible(self, other: "_Item") -> bool:
         """Whether two requests can share an engine call: the encoder kinds together (one encoder
         forward), generation with generation of the same sampling parameters; never streams."""
-        if self.kind in ENCODER and other.kind in ENCODER:
+        if self.kind in ENCODER_KINDS and other.kind in ENCODER_KINDS:
             return True
-        return self.kind == other.kind and self.kind != "stream" and self.params_key == other.params_key
+        return self.kind == other.kind and self.kind != RequestKind.STREAM and self.params_key == other.params_key
 
 
 _END = object()
@@ -162,7 +158,7 @@ class Scheduler:
 
     async def submit(
         self,
-        kind: Kind,
+        kind: RequestKind,
         adapter: str | None,
         texts: Sequence[Any],
         *,
@@ -181,7 +177,7 @@ class Scheduler:
         Closing the iterator early (client gone) cancels the generation between tokens,
         or drops it from the queue if it has not started.
         """
-        item = self._enqueue("stream", adapter, [prompt], [length] if length else None, params)
+        item = self._enqueue(RequestKind.STREAM, adapter, [prompt], [length] if length else None, params)
         item.deltas = asyncio.Queue()
         try:
             info: BatchInfo = await item.future  # set when the worker starts it
@@ -241,7 +237,7 @@ class Scheduler:
     # ------------------------------------------------------------------ queueing
 
     def _enqueue(
-        self, kind: Kind, adapter: str | None, texts: list[Any], lengths: Sequence[int] | None, params: Any
+        self, kind: RequestKind, adapter: str | None, texts: list[Any], lengths: Sequence[int] | None, params: Any
     ) -> _Item:
         if self._pending >= self.config.max_queue:
             raise Overloaded(f"replica queue is full ({self.config.max_queue} requests); retry later")
@@ -282,7 +278,7 @@ class Scheduler:
         queue = self._queues[key]
         head = queue.popleft()
         batch = [head]
-        if self.config.grouping and head.kind != "stream":
+        if self.config.grouping and head.kind != RequestKind.STREAM:
             tokens = sum(head.lengths)
             rest: deque[_Item] = deque()
             while queue:
@@ -303,7 +299,7 @@ class Scheduler:
         """(whether the head's batch could still grow, seconds left to wait for it)."""
         queue = self._queues[key]
         head = queue[0]
-        if not self.config.grouping or head.kind == "stream":
+        if not self.config.grouping or head.kind == RequestKind.STREAM:
             return False, 0.0
         n = sum(1 for it in queue if head.compatible(it) or it is head)
         left = head.enqueued + self.config.batch_wait_ms / 1000.0 - time.monotonic()
@@ -448,7 +444,7 @@ class Scheduler:
         head = batch[0]
         now = time.monotonic()
         loop = asyncio.get_running_loop()
-        if head.kind == "stream":
+        if head.kind == RequestKind.STREAM:
             await self._run_stream_slice(head, swapped, now, loop)
             return
         try:
@@ -496,7 +492,7 @@ class Scheduler:
         """(item, text index, text, length) of every text, and the engine calls as lists of its indices."""
         flat = [(i, j, text, length) for i, it in enumerate(batch) for j, (text, length) in enumerate(zip(it.texts, it.lengths))]
         order = sorted(range(len(flat)), key=lambda k: flat[k][3])
-        overhead = self._call_overhead if batch[0].kind in ENCODER else None
+        overhead = self._call_overhead if batch[0].kind in ENCODER_KINDS else None
         return flat, list(_chunks(order, lambda k: flat[k][3], self.config.max_batch_tokens, overhead))
 
     def _run_call(

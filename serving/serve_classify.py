@@ -8,6 +8,7 @@ adapter an image-classification one.
 from __future__ import annotations
 
 from adapters.bundle import Task
+from adapters.tasks.kinds import RequestKind
 from serving.protocol import ClassifyData, ClassifyRequest, ClassifyResponse, EncoderUsage
 from serving.service import RequestRecord, ServingContext
 
@@ -18,7 +19,7 @@ async def classify(ctx: ServingContext, req: ClassifyRequest, record: RequestRec
     target = await ctx.resolve(req.model, record)
     task = Task.IMAGE_CLASSIFICATION if await ctx.modality() == "image" else Task.SEQUENCE_CLASSIFICATION
     ctx.require(target, {task}, "classify", base_ok=False, base_task=base_task)
-    result = await ctx.client.call("classify", await ctx.encoder_call(target, req.texts()))
+    result = await ctx.client.call(RequestKind.CLASSIFY.method, await ctx.encoder_call(target, req.texts()))
     ctx.account(record, result)
     record.prompt_tokens = sum(result.prompt_tokens)
     return ClassifyResponse(

@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from adapters.tasks.errors import InvalidRequest
+from adapters.tasks.kinds import RequestKind
 from adapters.validation import ENCODER_TASKS
 from serving.engine.pooling import l2_normalize
-from serving.errors import InvalidRequest
 from serving.protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse, EncoderUsage
 from serving.service import RequestRecord, ServingContext
 
@@ -48,7 +49,7 @@ async def create_embeddings(ctx: ServingContext, req: EmbeddingRequest, record: 
         size = int((await ctx.info()).spec["hidden_size"])
         if req.dimensions > size:
             raise InvalidRequest(f"dimensions must be between 1 and the model's size {size}, got {req.dimensions}")
-    result = await ctx.client.call("embed", await ctx.encoder_call(target, req.texts()))
+    result = await ctx.client.call(RequestKind.EMBED.method, await ctx.encoder_call(target, req.texts()))
     ctx.account(record, result)
     record.prompt_tokens = sum(result.prompt_tokens)
     vectors = shape_vectors(result.outputs, req.dimensions, req.encoding_format)

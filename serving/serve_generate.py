@@ -14,8 +14,9 @@ import time
 from collections.abc import AsyncIterator
 
 from adapters.bundle import Task
-from serving.api.errors import unwrap
-from serving.errors import InvalidRequest, UnsupportedTask, error_body, status_for
+from adapters.tasks.errors import InvalidRequest, UnsupportedTask
+from adapters.tasks.kinds import RequestKind
+from serving.api.errors import error_body, status_for, unwrap
 from serving.protocol import (
     ChatCompletionChoice,
     ChatCompletionRequest,
@@ -71,7 +72,7 @@ async def _chat_call(ctx: ServingContext, req: ChatCompletionRequest, record: Re
 
 async def create_completion(ctx: ServingContext, req: CompletionRequest, record: RequestRecord) -> CompletionResponse:
     call = await _completion_call(ctx, req, record)
-    result = await ctx.client.call("generate", call)
+    result = await ctx.client.call(RequestKind.GENERATE.method, call)
     ctx.account(record, result)
     record.prompt_tokens = sum(o.prompt_tokens for o in result.outputs)
     record.completion_tokens = sum(o.completion_tokens for o in result.outputs)
@@ -86,7 +87,7 @@ async def create_chat_completion(
     ctx: ServingContext, req: ChatCompletionRequest, record: RequestRecord
 ) -> ChatCompletionResponse:
     call = await _chat_call(ctx, req, record)
-    result = await ctx.client.call("generate", call)
+    result = await ctx.client.call(RequestKind.GENERATE.method, call)
     ctx.account(record, result)
     out = result.outputs[0]
     record.prompt_tokens, record.completion_tokens = out.prompt_tokens, out.completion_tokens

@@ -8,6 +8,7 @@ character offsets into that context and `answer` is `context[start:end]`.
 from __future__ import annotations
 
 from adapters.bundle import Task
+from adapters.tasks.kinds import RequestKind
 from serving.protocol import EncoderUsage, QAData, QuestionAnsweringRequest, QuestionAnsweringResponse
 from serving.replica_io import ReplicaCall
 from serving.service import RequestRecord, ServingContext
@@ -18,7 +19,7 @@ async def answer(ctx: ServingContext, req: QuestionAnsweringRequest, record: Req
     base_task = await ctx.base_task()
     target = await ctx.resolve(req.model, record)
     ctx.require(target, {Task.QUESTION_ANSWERING}, "question answering", base_ok=False, base_task=base_task)
-    result = await ctx.client.call("question_answering", ReplicaCall(adapter=target.adapter, questions=req.questions()))
+    result = await ctx.client.call(RequestKind.QA.method, ReplicaCall(adapter=target.adapter, questions=req.questions()))
     ctx.account(record, result)
     record.prompt_tokens = sum(result.prompt_tokens)
     return QuestionAnsweringResponse(

@@ -20,10 +20,10 @@ from adapters.bundle import Task
 from adapters.manifest import AdapterManifest
 from adapters.registry.resolver import AdapterResolver
 from adapters.registry.store import AdapterNotFound
+from adapters.tasks.errors import InvalidRequest, ModelNotFound, UnsupportedTask
+from adapters.tasks.images import ImageLimits, image_bytes
 from adapters.validation import BaseModelSpec
 from serving.config import ServerConfig
-from serving.errors import InvalidRequest, ModelNotFound, UnsupportedTask
-from serving.images import ImageLimits, image_bytes
 from serving.metrics import ServerMetrics
 from serving.replica_io import ReplicaCall, ReplicaInfo, ReplicaResult, ServedBy, StreamItem
 

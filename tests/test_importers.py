@@ -179,7 +179,7 @@ def test_peft_question_answering_served_equals_peft_decoded(minilm_dir: Path, tm
     so called directly it reads every token as segment 0, unlike the transformers model."""
     from transformers import AutoTokenizer
 
-    from serving.engine.qa import QAInput
+    from adapters.tasks.qa import QAInput
     from tests.engine_utils import engine_with
     from tests.qa_reference import reference_answer
 

@@ -152,8 +152,8 @@ def test_check_question_answering(body, error):
 
 
 def test_picker_draws_questions_and_images_are_valid():
+    from adapters.tasks.images import ImageLimits, image_bytes
     from loadtest.scenario import Picker, ReferenceSet, images
-    from serving.images import ImageLimits, image_bytes
 
     refs = ReferenceSet(texts=list(images()), adapters={"q": QA_REF})
     picker = Picker(refs, ["q"], 1.0, {}, texts_per_request=3, seed=1)

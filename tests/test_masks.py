@@ -21,7 +21,7 @@ from adapters.bundle import AdapterBundle, Task, save_bundle
 from adapters.errors import BundleError
 from adapters.synthetic import random_bundle
 from adapters.validation import BaseModelSpec, load_bundle
-from serving.engine.model_loader import meta_spec
+from adapters.tasks.model_loader import meta_spec
 from tests.engine_utils import MINILM_ID, embed, engine_for, plain_model
 
 M64 = (1 << 64) - 1
@@ -275,7 +275,7 @@ def test_engine_serves_every_encoding_equal_to_a_hand_merge(minilm_dir, spec, tm
 def test_packed_target_masks_are_the_files_packed_bits(spec, tmp_path) -> None:
     path = save_bundle(encoded(spec, "packed"), tmp_path / "p.safetensors")
     tensors, _ = file_parts(path)
-    got = {t: (a, b) for t, a, b in masks.packed_target_masks(load_bundle(path))}
+    got = {t: (a, b) for t, a, b in masks.packed_target_masks(load_bundle(path).targets)}
     assert list(got) == [Q, V, FFN]
     for t, (a, b) in got.items():
         assert torch.equal(a, tensors[f"{t}.mask_A"]) and torch.equal(b, tensors[f"{t}.mask_B"])

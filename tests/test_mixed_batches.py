@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from adapters.bundle import Task
-from serving.engine.engine import Engine
+from adapters.tasks.errors import InvalidRequest, UnsupportedTask
 from serving.config_sources import config_of
-from serving.errors import InvalidRequest, UnsupportedTask
+from serving.engine.engine import Engine
 from tests.engine_utils import (
     MINILM_ID,
     bundle_for,

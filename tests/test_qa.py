@@ -16,10 +16,10 @@ import torch
 from transformers import AutoTokenizer
 
 from adapters.bundle import AdapterBundle, Task, save_bundle
+from adapters.tasks.errors import InvalidRequest, UnsupportedTask
+from adapters.tasks.qa import QAInput
 from serving.config_sources import config_of
 from serving.engine.engine import Engine
-from serving.engine.qa import QAInput
-from serving.errors import InvalidRequest, UnsupportedTask
 from tests.engine_utils import (
     MINILM_ID,
     bundle_for,
@@ -208,7 +208,7 @@ def test_qa_request_errors(minilm: Engine, minilm_dir: Path, bundles, monkeypatc
     long_q = QAInput(question="which " * 40 + "one?", context=LONG)
     with pytest.raises(InvalidRequest, match="the question has 42 tokens, which leaves 19 context tokens per 64-token window; long contexts need more than the 32-token overlap"):
         qa_rows(small, [long_q], ["qa-a"])
-    import serving.engine.qa as qa_mod
+    import adapters.tasks.qa as qa_mod
 
     monkeypatch.setattr(qa_mod, "MAX_WINDOWS", 2)
     with pytest.raises(InvalidRequest, match="the context has 912 tokens and would take 4 windows of 384 tokens; the limit is 2"):

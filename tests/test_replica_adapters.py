@@ -14,10 +14,10 @@ import torch
 from adapters.bundle import Task, save_bundle
 from adapters.manifest import AdapterManifest
 from adapters.synthetic import random_bundle
+from adapters.tasks.errors import ModelNotFound
 from serving.config_sources import config_of
 from serving.deployments import ModelServer
 from serving.engine.engine import Engine
-from serving.errors import ModelNotFound
 from tests.engine_utils import MINILM_ID, bundle_for, embed, engine_for
 
 QV = ("attention.self.query", "attention.self.value")

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from serving.errors import Overloaded
+from adapters.tasks.errors import Overloaded
 from serving.scheduler import Scheduler, SchedulerConfig
 
 
@@ -89,16 +89,12 @@ def test_starvation_bound_switches_adapter():
 
         async def late():
             await asyncio.sleep(0.02)
-            t0 = time.monotonic()
             await s.submit("embed", "cold", ["c"])
-            return time.monotonic() - t0
 
-        _, _, waited = await asyncio.gather(flood(), flood2(), late())
+        await asyncio.gather(flood(), flood2(), late())
         await s.close()
-        return waited
 
-    waited = run(main())
-    assert waited < 0.2
+    run(main())
     done_at = [c[1] for c in rec.calls].index("cold")
     assert done_at < 70
 

@@ -14,7 +14,7 @@ from safetensors.torch import save
 
 from adapters.bundle import Task, save_bundle
 from adapters.synthetic import random_bundle
-from serving.engine.model_loader import meta_spec
+from adapters.tasks.model_loader import meta_spec
 from tests.conftest import MINILM_ID
 from tests.serve_helpers import error_of, running_app
 from tests.test_masks import file_parts, hand_merged_embeddings

@@ -17,7 +17,7 @@ from transformers import AutoImageProcessor, AutoTokenizer
 
 from adapters.bundle import Task, save_bundle
 from adapters.synthetic import random_bundle
-from serving.engine.model_loader import meta_spec
+from adapters.tasks.model_loader import meta_spec
 from tests.conftest import MINILM_ID
 from tests.image_reference import IMAGES, reference_probs, vit_classifier
 from tests.qa_reference import qa_model, reference_answer

@@ -13,8 +13,8 @@ import torch
 from adapters.bundle import Task, save_bundle
 from adapters.errors import BundleError
 from adapters.synthetic import random_bundle
+from adapters.tasks.model_loader import detect_modality, meta_spec
 from adapters.validation import BaseModelSpec, check_servable, load_bundle
-from serving.engine.model_loader import detect_modality, meta_spec
 from tests.conftest import MINILM_ID
 from tests.test_validation import poke, set_meta, set_tensor
 

@@ -23,8 +23,8 @@ from safetensors.torch import save_file
 from adapters.bundle import Task, save_bundle
 from adapters.errors import BundleError
 from adapters.synthetic import random_bundle
+from adapters.tasks.model_loader import meta_spec
 from adapters.validation import BaseModelSpec, check_servable, load_bundle
-from serving.engine.model_loader import meta_spec
 from tests.conftest import MINILM_ID
 
 Q = "encoder.layer.0.attention.self.query"

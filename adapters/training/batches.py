@@ -13,10 +13,10 @@ from typing import Any, Protocol
 import torch
 
 from adapters.bundle import Task
+from adapters.tasks.errors import InvalidRequest
+from adapters.tasks.images import decode_image
 from adapters.training.data import Dataset, TrainingDataError
 from adapters.training.qa import QABatches
-from serving.errors import InvalidRequest
-from serving.images import decode_image
 
 #: Tokens per text when --max-length is not given (every text task but question answering).
 DEFAULT_MAX_LENGTH = 128

@@ -1,5 +1,7 @@
 """`TrainConfig`: everything one `capaserve train` run needs, validated before any model
-is loaded so a bad flag fails in milliseconds, naming the flag."""
+is loaded so a bad flag fails in milliseconds, naming the flag. `capaserve train` has one
+flag per field, generated from this model (serving.config_sources.add_model_flags): the
+field's name with dashes, unless `json_schema_extra` names the flag (`copies`, `eval`)."""
 
 from __future__ import annotations
 
@@ -19,10 +21,12 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str | None = Field(
-        None, description="Base model id or folder; None means the embedded all-MiniLM-L6-v2."
+        None, description="Base model id or folder.",
+        json_schema_extra={"default_doc": "the embedded all-MiniLM-L6-v2"},
     )
     base_model_id: str | None = Field(
-        None, description="base_model recorded in the bundle; default: the MiniLM id, else `model`."
+        None, description="base_model recorded in the bundle.",
+        json_schema_extra={"default_doc": "the MiniLM id, else --model"},
     )
     task: Task = Field(
         ...,
@@ -31,10 +35,18 @@ class TrainConfig(BaseModel):
         ),
     )
     data: Path = Field(..., description="Training JSONL file.")
-    eval_data: Path | None = Field(None, description="Evaluation JSONL file; None evaluates on the training data.")
-    output: Path = Field(..., description="Where the capaboost.v1 bundle is written (atomically).")
+    eval_data: Path | None = Field(
+        None, description="Evaluation JSONL file.",
+        json_schema_extra={"flag": "eval", "default_doc": "the training data"},
+    )
+    output: Path = Field(
+        ..., description="Where the capaboost.v1 bundle is written (atomically).", json_schema_extra={"short": "-o"}
+    )
     rank: int = Field(8, ge=1, description="r: rank of the shared LoRA factors A [r, in], B [out, r].")
-    num_copies: int = Field(2, ge=1, description="d: number of static masks (masked copies sharing A, B).")
+    num_copies: int = Field(
+        2, ge=1, description="d: number of static masks (masked copies sharing A, B).",
+        json_schema_extra={"flag": "copies"},
+    )
     density: float = Field(0.5, gt=0.0, le=1.0, description="Probability that a mask entry is kept.")
     alpha: float = Field(16.0, gt=0.0, description="LoRA alpha; the update is scaled by alpha / r.")
     targets: list[str] = Field(
@@ -42,7 +54,9 @@ class TrainConfig(BaseModel):
         min_length=1,
         description="Module-name suffixes matched against the model's Linear/Conv1D layers (as PEFT).",
     )
-    epochs: int | None = Field(None, ge=1, description="Passes over the data; exclusive with steps.")
+    epochs: int | None = Field(
+        None, ge=1, description="Passes over the data; exclusive with steps.", json_schema_extra={"default_doc": "3"}
+    )
     steps: int | None = Field(None, ge=1, description="Optimiser steps (cycling the data); exclusive with epochs.")
     lr: float = Field(1e-3, gt=0.0, description="AdamW learning rate for the factors (and the head).")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
@@ -52,9 +66,10 @@ class TrainConfig(BaseModel):
         None,
         ge=2,
         description=(
-            "Tokens per text after truncation (default 128); question-answering: tokens per window "
-            "(default what the server uses, min(384, the model's limit)). Unused for images."
+            "Tokens per text after truncation; question-answering: tokens per window (the server's "
+            "default when unset). Unused for images."
         ),
+        json_schema_extra={"default_doc": "128; question-answering: min(384, the model's limit)"},
     )
     seed: int = Field(0, description="Seeds factor init, head init, dropout and data order.")
     mask_seed: int | None = Field(
@@ -67,9 +82,10 @@ class TrainConfig(BaseModel):
     pooling: Literal["mean", "cls"] | None = Field(
         None,
         description=(
-            "Classification pooling, attention-masked mean or first token; default mean for "
-            "sequence-classification, cls for image-classification (what ViTForImageClassification classifies)."
+            "Classification pooling: attention-masked mean, or the first token (what "
+            "ViTForImageClassification classifies)."
         ),
+        json_schema_extra={"default_doc": "mean for text, cls for images"},
     )
     temperature: float = Field(
         0.05, gt=0.0, description="feature-extraction: softmax temperature of the contrastive loss."

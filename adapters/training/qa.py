@@ -1,7 +1,7 @@
 """Question answering for `capaserve train`: SQuAD examples cut into the server's windows,
 each window labelled with its answer's token span, and evaluation by the served decode.
 
-Windows and decoding are not written again here: they are `serving.engine.qa`'s
+Windows and decoding are not written again here: they are `adapters.tasks.qa`'s
 (`QAWindows`, `best_span`), the code the server answers with, so the exact match and F1
 reported after each epoch are those of the answers the bundle will be served with.
 
@@ -28,10 +28,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from adapters.tasks.errors import InvalidRequest, UnsupportedTask
+from adapters.tasks.qa import DEFAULT_MAX_ANSWER_LEN, QAInput, QAWindow, QAWindows, Span, best_span
+from adapters.tasks.tokens import Tokens
 from adapters.training.data import Dataset, TrainingDataError
-from serving.engine.qa import DEFAULT_MAX_ANSWER_LEN, QAInput, QAWindow, QAWindows, Span, best_span
-from serving.engine.tokens import Tokens
-from serving.errors import InvalidRequest, UnsupportedTask
 
 
 @dataclass

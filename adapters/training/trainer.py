@@ -27,12 +27,12 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelFor
 
 from adapters.bundle import CLASSIFICATION_TASKS, AdapterBundle, BundleMetadata, Task, save_bundle
 from adapters.device import resolve_device
+from adapters.tasks.model_loader import detect_modality, max_positions_of
 from adapters.training.batches import Batches, make_batches
 from adapters.training.config import TrainConfig
 from adapters.training.data import Dataset, label_ids, label_names, read_jsonl
 from adapters.training.model import AdaptedModel, ClassificationHead, QAHead, attach_capaboost, match_targets
 from adapters.training.qa import AnswerPicker, QABatches, qa_loss, squad_scores
-from serving.engine.model_loader import detect_modality, max_positions_of
 
 #: Epochs when neither epochs nor steps is given.
 DEFAULT_EPOCHS = 3

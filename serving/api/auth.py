@@ -10,7 +10,7 @@ Secrets are held as `SecretStr` so they never show in a repr, a log line or a se
 dump, and are compared with `hmac.compare_digest` so timing reveals nothing of them.
 
 Use: `Depends(auth.require_admin)` / `Depends(auth.require_api_key)` on a route (bound
-methods are FastAPI dependencies). They raise `serving.errors.Unauthorized` / `Forbidden`,
+methods are FastAPI dependencies). They raise `adapters.tasks.errors.Unauthorized` / `Forbidden`,
 which the route class or the app's exception handler turns into the error body (docs/http-api.md#errors).
 """
 
@@ -21,7 +21,7 @@ import hmac
 from fastapi import Header
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from serving.errors import Forbidden, Unauthorized
+from adapters.tasks.errors import Forbidden, Unauthorized
 
 
 def bearer_token(authorization: str | None) -> str | None:

@@ -18,8 +18,8 @@ from __future__ import annotations
 import traceback
 from typing import Any
 
+from adapters.tasks.errors import PayloadTooLarge
 from serving.api.errors import send_closing_error
-from serving.errors import PayloadTooLarge
 
 #: (method, path prefix) of the routes that take bundle bytes under the upload limit instead.
 UPLOAD_ROUTES = (("PUT", "/v1/adapters/"), ("POST", "/v1/adapters"))

@@ -3,7 +3,7 @@
 Both the inference routes (serving.ingress) and the registry routes (serving.api.registry)
 use `ErrorMappingRoute`, so validation, auth and service errors, and errors raised inside
 a Ray call to a model replica, all answer `{"error": {message, type, code}}` with the
-status `serving.errors.status_for` gives, whatever exception handlers the app installs.
+status `status_for` gives, whatever exception handlers the app installs.
 """
 
 from __future__ import annotations
@@ -16,13 +16,58 @@ from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from ray.exceptions import RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from serving.errors import Overloaded, Unauthorized, error_body, status_for
+from adapters.errors import BundleError
+from adapters.registry.store import AdapterNotFound
+from adapters.tasks.errors import (
+    AdapterNotLoaded,
+    Forbidden,
+    InvalidRequest,
+    ModelNotFound,
+    Overloaded,
+    PayloadTooLarge,
+    Unauthorized,
+    UnsupportedTask,
+)
 
 log = logging.getLogger("capaserve.api")
+
+_STATUS: list[tuple[type[BaseException], int, str]] = [
+    (InvalidRequest, 400, "invalid_request_error"),
+    (UnsupportedTask, 400, "invalid_request_error"),
+    (BundleError, 400, "invalid_adapter"),
+    (Unauthorized, 401, "authentication_error"),
+    (Forbidden, 403, "permission_error"),
+    (ModelNotFound, 404, "not_found_error"),
+    (AdapterNotFound, 404, "not_found_error"),
+    (AdapterNotLoaded, 404, "not_found_error"),
+    (PayloadTooLarge, 413, "payload_too_large"),
+    (Overloaded, 503, "overloaded_error"),
+    # A model replica was lost while it held the request (killed, crashed, its node gone) and
+    # the request could not be retried (serving.ingress.HandleClient): try again.
+    (RayActorError, 503, "unavailable"),
+    # The client closed the connection while its body was read: nginx's 499, so logs and
+    # metrics do not count it as a server error (nobody receives this answer).
+    (ClientDisconnect, 499, "client_closed_request"),
+]
+
+
+def status_for(exc: BaseException) -> tuple[int, str]:
+    """(HTTP status, error type) for a known exception; (500, 'internal_error') otherwise."""
+    for cls, status, kind in _STATUS:
+        if isinstance(exc, cls):
+            return status, kind
+    return 500, "internal_error"
+
+
+def error_body(message: str, kind: str, code: int) -> dict:
+    """The error body of docs/http-api.md#errors: {"error": {"message", "type", "code"}}."""
+    return {"error": {"message": message, "type": kind, "code": code}}
+
 
 
 def unwrap(exc: BaseException) -> BaseException:

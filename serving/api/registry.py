@@ -48,11 +48,11 @@ from adapters.bundle import AdapterBundle, Task, save_bundle
 from adapters.importers.peft import import_peft
 from adapters.manifest import NAME_PATTERN, AdapterManifest, is_valid_name
 from adapters.registry.store import AdapterNotFound, RegistryStore, verified_chunks
+from adapters.tasks.errors import InvalidRequest, PayloadTooLarge
 from adapters.validation import BaseModelSpec, check_servable, load_bundle
 from serving.api.auth import AuthSettings
 from serving.api.errors import ErrorMappingRoute
 from serving.api.spool import Spool, sweep_stale
-from serving.errors import InvalidRequest, PayloadTooLarge
 from serving.protocol import ERROR_RESPONSES
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from serving.errors import PayloadTooLarge
+from adapters.tasks.errors import PayloadTooLarge
 
 log = logging.getLogger("capaserve.registry")
 

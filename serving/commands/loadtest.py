@@ -10,6 +10,8 @@ import argparse
 import logging
 from types import ModuleType
 
+from serving.config_sources import ConfigError, add_model_flags, model_from_namespace
+
 
 def _import_run() -> ModuleType:
     # deferred: loadtest.run needs the optional `loadtest` extra (Locust, matplotlib);
@@ -33,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         # subcommands working; running this one says what to install.
         p.set_defaults(func=run, accepts_unknown_args=True)
     else:
-        mod.add_arguments(p)
+        add_model_flags(p, mod.LoadTestConfig)
         p.set_defaults(func=run)
 
 
@@ -50,7 +52,11 @@ def run(ns: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    summary = mod.run(mod.config_from(ns))
+    try:
+        cfg = model_from_namespace(mod.LoadTestConfig, ns)
+    except ConfigError as exc:
+        raise SystemExit(f"capaserve loadtest: error: {exc}") from None
+    summary = mod.run(cfg)
     print(summary.read_text())
     print(f"report: {summary.parent}")
     return 0

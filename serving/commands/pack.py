@@ -21,7 +21,7 @@ import argparse
 import sys
 
 from adapters.errors import BundleError
-from serving.cli import csv_list
+from serving.config_sources import csv_list
 
 TASKS = ("feature-extraction", "sequence-classification", "question-answering", "image-classification", "causal-lm")
 
@@ -144,8 +144,8 @@ def _encode(bundle, encoding: str | None, mask_seed: int | None):
 
 def _pack(args: argparse.Namespace, build) -> int:
     from adapters.bundle import save_bundle  # deferred: torch
+    from adapters.tasks.model_loader import meta_spec
     from adapters.validation import check_servable
-    from serving.engine.model_loader import meta_spec
 
     try:
         bundle = _encode(build(), args.mask_encoding, args.mask_seed)

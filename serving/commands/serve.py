@@ -9,7 +9,7 @@ With RAY_ADDRESS set the app joins that cluster and only Serve's app is removed 
 
 On a local cluster `--port` is served by the ingress replica itself (Serve direct ingress)
 and Serve's proxy listens on a free port, logged at start: the app has one ingress replica,
-so the proxy would only add a hop (~6 ms of CPU per request on a 2-vCPU host; issue 14).
+so the proxy would only add a hop and its CPU per request (loadtest/results/overheads.md).
 A joined cluster keeps Serve's proxy on `--port` of every node, balancing over the ingress
 replicas wherever they run.
 """
@@ -204,7 +204,7 @@ async def _drain(timeout_s: float) -> int | None:
 
 
 #: What stopping Serve and Ray may take after the drain (the command exits within the drain timeout
-#: plus this): Serve gets 3 s (2 s measured here), Ray's own stop ~1.4 s.
+#: plus this): Serve gets 3 s, Ray's own stop the rest (loadtest/results/overheads.md has their times).
 STOP_BUDGET_S = 5.0
 
 

@@ -4,7 +4,7 @@ question answering.
 Every encoder task shares each forward (same adapter, or mixed), so the scheduler can
 batch the endpoints together and endpoints never split a batch. An input becomes one
 model row (a text, or an image on an image base) or, for question answering, one row per
-window of its context (serving.engine.qa); rows are run in chunks and each input's
+window of its context (adapters.tasks.qa); rows are run in chunks and each input's
 answer is assembled from its own rows only.
 """
 
@@ -17,15 +17,16 @@ from typing import Any, Literal
 import torch
 
 from adapters.bundle import Task
+from adapters.tasks.errors import InvalidRequest, UnsupportedTask
+from adapters.tasks.kinds import ENCODER_KINDS, RequestKind
+from adapters.tasks.pixels import ImageInputs, check_images
+from adapters.tasks.qa import QAInput, QAWindow, QAWindows, Span, best_span
+from adapters.tasks.tokens import Tokens
 from serving.engine.adapter_cache import PreparedAdapter
-from serving.engine.images import ImageInputs, check_images
 from serving.engine.mixed import adapter_order
-from serving.engine.outputs import EncodedRow, EncodeTask
+from serving.engine.outputs import EncodedRow
 from serving.engine.pooling import classification_head, l2_normalize, mean_pool, pool
-from serving.engine.qa import QAInput, QAWindow, QAWindows, Span, best_span
 from serving.engine.residency import AdapterResidency, Entry
-from serving.engine.tokens import Tokens
-from serving.errors import InvalidRequest, UnsupportedTask
 
 #: Model rows per encoder forward; the lock is released between chunks.
 ENCODE_CHUNK = 64
@@ -35,7 +36,6 @@ AdapterMode = Literal["merged", "mixed"]
 
 #: One input: a text, a question-answering pair, or (image base) an image's PNG/JPEG bytes.
 EncodeInput = str | QAInput | bytes
-TASKS: tuple[EncodeTask, ...] = ("embed", "classify", "qa")
 
 
 @dataclass
@@ -66,20 +66,20 @@ class EncodeRunner:
         self.mode: AdapterMode = "merged"
 
     def encode(
-        self, inputs: Sequence[EncodeInput], adapters: list[str | None], tasks: list[EncodeTask], *, mixed: bool = False
+        self, inputs: Sequence[EncodeInput], adapters: list[str | None], tasks: list[RequestKind], *, mixed: bool = False
     ) -> list[EncodedRow]:
         """Row i uses adapters[i] (None: the base) and gets tasks[i]: a mean-pooled,
         L2-normalised embedding, the softmax of its classification head, or (a QAInput)
         its answer span. Merged (the default) needs one adapter for all rows, written into
         the weights; mixed=True runs the rows unmerged on the pristine base, each with its own."""
         if self.task is Task.CAUSAL_LM:
-            what = "classification" if isinstance(tasks, list) and "embed" not in tasks else "embeddings"
+            what = "classification" if isinstance(tasks, list) and RequestKind.EMBED not in tasks else "embeddings"
             raise UnsupportedTask(f"{what} needs an encoder base model; {self.tokens.model_id!r} is a causal LM")
         if not isinstance(inputs, list) or not inputs:
             raise InvalidRequest("input must be a non-empty list")
         if not isinstance(adapters, list) or len(adapters) != len(inputs):
             raise InvalidRequest("adapters must be a list with one entry (a name or None) per input")
-        if not isinstance(tasks, list) or len(tasks) != len(inputs) or any(t not in TASKS for t in tasks):
+        if not isinstance(tasks, list) or len(tasks) != len(inputs) or any(t not in ENCODER_KINDS for t in tasks):
             raise InvalidRequest("tasks must be a list with one entry (embed, classify or qa) per input")
         if not mixed and len(set(adapters)) > 1:
             raise InvalidRequest("a merged encoder batch holds one adapter; pass mixed=True for several")
@@ -101,21 +101,21 @@ class EncodeRunner:
             context = inputs[i].context  # type: ignore[union-attr] - a QA row's input is a QAInput
             tokens = sum(r.length for r in rows if r.item == i)
             done[i] = EncodedRow(
-                task="qa", prompt_tokens=tokens, answer=context[span.start:span.end], score=span.score,
+                task=RequestKind.QA, prompt_tokens=tokens, answer=context[span.start:span.end], score=span.score,
                 start=span.start, end=span.end,
             )
         return done  # type: ignore[return-value] - every input was filled
 
-    def _check_adapters(self, names: list[str | None], tasks: list[EncodeTask]) -> None:
+    def _check_adapters(self, names: list[str | None], tasks: list[RequestKind]) -> None:
         """classify rows need a loaded classifier of this base's kind, qa rows a question-answering
         adapter (checked before any tokenizing or decoding)."""
         image = self.images is not None
         need = {
-            "classify": Task.IMAGE_CLASSIFICATION if image else Task.SEQUENCE_CLASSIFICATION,
-            "qa": Task.QUESTION_ANSWERING,
+            RequestKind.CLASSIFY: Task.IMAGE_CLASSIFICATION if image else Task.SEQUENCE_CLASSIFICATION,
+            RequestKind.QA: Task.QUESTION_ANSWERING,
         }
-        what = {"classify": "classification", "qa": "question answering"}
-        if image and "qa" in tasks:
+        what = {RequestKind.CLASSIFY: "classification", RequestKind.QA: "question answering"}
+        if image and RequestKind.QA in tasks:
             raise UnsupportedTask(f"question answering needs a text base model; {self.tokens.model_id!r} is an image model")
         for kind, task in need.items():
             for name in dict.fromkeys(n for n, t in zip(names, tasks) if t == kind):
@@ -126,13 +126,13 @@ class EncodeRunner:
                 if have is not task:
                     raise UnsupportedTask(f"adapter {name!r} is a {have.value} adapter, not {task.value}")
 
-    def _rows(self, inputs: Sequence[EncodeInput], tasks: list[EncodeTask]) -> list[_Row]:
+    def _rows(self, inputs: Sequence[EncodeInput], tasks: list[RequestKind]) -> list[_Row]:
         """Model rows in input order, every input checked (lengths, windows, image bytes)."""
         if self.images is not None:
             check_images(list(inputs), self.tokens.model_id)
             return [_Row(item=i, length=self.images.tokens) for i in range(len(inputs))]
-        texts = [i for i, t in enumerate(tasks) if t != "qa"]
-        pairs = [i for i, t in enumerate(tasks) if t == "qa"]
+        texts = [i for i, t in enumerate(tasks) if t != RequestKind.QA]
+        pairs = [i for i, t in enumerate(tasks) if t == RequestKind.QA]
         per_item: dict[int, list[_Row]] = {}
         if texts:
             if any(isinstance(inputs[i], (bytes, bytearray)) for i in texts):
@@ -183,7 +183,7 @@ class EncodeRunner:
 
     def _rows_out(
         self, hidden: torch.Tensor, mask: torch.Tensor, rows: list[_Row], entries: list[Entry],
-        tasks: list[EncodeTask], inputs: Sequence[EncodeInput],
+        tasks: list[RequestKind], inputs: Sequence[EncodeInput],
     ) -> list[EncodedRow | Span]:
         """One chunk's results: embed rows pooled together, classify and qa rows per adapter
         (each with its own head); a qa row gives its window's best span."""
@@ -191,7 +191,7 @@ class EncodeRunner:
         groups: dict[Any, list[int]] = {}
         for k, row in enumerate(rows):
             task = tasks[row.item]
-            groups.setdefault("embed" if task == "embed" else (task, id(entries[row.item])), []).append(k)
+            groups.setdefault(RequestKind.EMBED if task == RequestKind.EMBED else (task, id(entries[row.item])), []).append(k)
         left = getattr(self.tokens.tokenizer, "padding_side", "right") == "left"
         for key, ks in groups.items():
             if len(ks) == len(rows):
@@ -199,13 +199,13 @@ class EncodeRunner:
             else:
                 idx = torch.tensor(ks, device=hidden.device)
                 h, m = hidden.index_select(0, idx), mask.index_select(0, idx)
-            if key == "embed":
+            if key == RequestKind.EMBED:
                 for k, v in zip(ks, l2_normalize(mean_pool(h, m)).cpu()):
-                    out[k] = EncodedRow(task="embed", prompt_tokens=rows[k].length, embedding=v)
+                    out[k] = EncodedRow(task=RequestKind.EMBED, prompt_tokens=rows[k].length, embedding=v)
                 continue
             e = entries[rows[ks[0]].item]
             assert e is not None
-            if key[0] == "classify":
+            if key[0] == RequestKind.CLASSIFY:
                 for k, row in zip(ks, _classified(h, m, e, [rows[k].length for k in ks])):
                     out[k] = row
                 continue
@@ -225,6 +225,6 @@ def _classified(h: torch.Tensor, m: torch.Tensor, e: PreparedAdapter, lengths: l
     names = list(e.metadata.labels or [])
     probs = torch.softmax(classification_head(pool(h, m, e.metadata.pooling or "mean"), e.head), dim=-1).cpu()
     return [
-        EncodedRow(task="classify", prompt_tokens=n, label=names[int(p.argmax())], probs=p, label_names=names)
+        EncodedRow(task=RequestKind.CLASSIFY, prompt_tokens=n, label=names[int(p.argmax())], probs=p, label_names=names)
         for n, p in zip(lengths, probs)
     ]

@@ -19,14 +19,15 @@ from collections.abc import Iterator
 import torch
 
 from adapters.bundle import AdapterBundle, Task
+from adapters.tasks.kinds import RequestKind
+from adapters.tasks.model_loader import LoadedModel, load_model
+from adapters.tasks.pixels import ImageInputs
+from adapters.tasks.tokens import Tokens
 from serving.config import EngineConfig
 from serving.engine.encode import AdapterMode, EncodeInput, EncodeRunner
 from serving.engine.generate import GenerateRunner
-from serving.engine.images import ImageInputs
-from serving.engine.model_loader import LoadedModel, load_model
 from serving.engine.outputs import (
     EncodedRow,
-    EncodeTask,
     EngineStats,
     GenerationDelta,
     GenerationOutput,
@@ -34,7 +35,6 @@ from serving.engine.outputs import (
 )
 from serving.engine.residency import AdapterResidency
 from serving.engine.sampling import SamplingParams
-from serving.engine.tokens import Tokens
 
 
 class Engine:
@@ -106,7 +106,7 @@ class Engine:
     # ------------------------------------------------------------------ requests
 
     def encode(
-        self, inputs: list[EncodeInput], adapters: list[str | None], tasks: list[EncodeTask], *, mixed: bool = False
+        self, inputs: list[EncodeInput], adapters: list[str | None], tasks: list[RequestKind], *, mixed: bool = False
     ) -> list[EncodedRow]:
         """One encoder pass over inputs that may mix embeddings, classification and question
         answering: texts (or, for "qa", `QAInput` pairs) on a text base, PNG/JPEG bytes on an

@@ -15,13 +15,13 @@ from typing import Any
 import torch
 
 from adapters.bundle import Task
+from adapters.tasks.errors import InvalidRequest, UnsupportedTask
+from adapters.tasks.tokens import Tokens
 from serving.engine.decoding import BatchDecoder, SequenceState
 from serving.engine.mixed import adapter_order
 from serving.engine.outputs import GenerationDelta, GenerationOutput
 from serving.engine.residency import AdapterResidency
 from serving.engine.sampling import SamplingParams
-from serving.engine.tokens import Tokens
-from serving.errors import InvalidRequest, UnsupportedTask
 
 
 class GenerateRunner:

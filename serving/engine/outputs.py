@@ -9,9 +9,9 @@ import torch
 from pydantic import BaseModel, Field
 
 from adapters.bundle import Task
+from adapters.tasks.kinds import RequestKind
 
 FinishReason = Literal["stop", "length"]
-EncodeTask = Literal["embed", "classify", "qa"]
 
 
 @dataclass
@@ -23,7 +23,7 @@ class EncodedRow:
     scheduler can batch the endpoints together.
     """
 
-    task: EncodeTask
+    task: RequestKind
     prompt_tokens: int
     embedding: torch.Tensor | None = None
     label: str | None = None

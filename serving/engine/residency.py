@@ -39,7 +39,7 @@ from serving.engine.adapter_cache import (
 from serving.engine.mixed import mixed_lora
 from serving.engine.outputs import EngineStats, LoadedAdapterInfo
 from serving.engine.weights import TargetDelta, WeightBank
-from serving.errors import AdapterNotLoaded, Overloaded
+from adapters.tasks.errors import AdapterNotLoaded, Overloaded
 
 Entry = PreparedAdapter | None  # None: the base model, no adapter
 

@@ -1,7 +1,7 @@
 """Pixels for an image base: request images through the base model's own image processor.
 
 An image base (a ViT-like encoder, see model_loader) has no tokenizer: each input is one
-image (PNG or JPEG bytes, already checked by the ingress: serving/images.py) and becomes
+image (PNG or JPEG bytes, already checked by the ingress: adapters/tasks/images.py) and becomes
 one model row of `tokens` positions (patches plus class token), all rows of one size.
 """
 
@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from serving.errors import InvalidRequest
-from serving.images import decode_image
+from adapters.tasks.errors import InvalidRequest
+from adapters.tasks.images import decode_image
 
 
 class ImageInputs:

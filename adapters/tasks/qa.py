@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from serving.engine.tokens import Tokens
-from serving.errors import InvalidRequest, UnsupportedTask
+from adapters.tasks.errors import InvalidRequest, UnsupportedTask
+from adapters.tasks.tokens import Tokens
 
 #: Window length cap and overlap of docs/bundle-format.md#question-answering.
 MAX_WINDOW = 384

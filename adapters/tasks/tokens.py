@@ -7,10 +7,17 @@ calls must never overlap; one lock here serves every runner and the facade.
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, Protocol
 
-from serving.engine.sampling import SamplingParams
-from serving.errors import InvalidRequest, UnsupportedTask
+from adapters.tasks.errors import InvalidRequest, UnsupportedTask
+
+
+class TokenBudget(Protocol):
+    """What `Tokens.prompts` reads of a request's sampling parameters (serving's
+    SamplingParams is one): the tokens it may generate after the prompt."""
+
+    @property
+    def max_tokens(self) -> int: ...
 
 
 class Tokens:
@@ -20,7 +27,7 @@ class Tokens:
         self.tokenizer = tokenizer
         self.max_len = max_len
         self.model_id = model_id
-        #: held by every call into the tokenizer (serving.engine.qa cuts its windows under it too)
+        #: held by every call into the tokenizer (adapters.tasks.qa cuts its windows under it too)
         self.lock = threading.Lock()
 
     def texts(self, texts: list[str]) -> Any:
@@ -43,7 +50,7 @@ class Tokens:
         with self.lock:
             return dict(self.tokenizer.pad({k: [r[k] for r in rows] for k in keys}, return_tensors="pt"))
 
-    def prompts(self, prompts: list[str], params: SamplingParams) -> list[list[int]]:
+    def prompts(self, prompts: list[str], params: TokenBudget) -> list[list[int]]:
         """Prompt ids (an empty prompt becomes BOS); each prompt plus max_tokens within max_len."""
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise InvalidRequest("prompt must be a non-empty list of strings")
