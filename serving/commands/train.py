@@ -63,6 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # deferred: these import torch (~3 s), which `capaserve --help` must not wait for
+    from adapters.errors import validation_message
     from adapters.training.config import TrainConfig
     from adapters.training.data import TrainingDataError
 
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         for err in exc.errors():
             flag = "--" + str(err["loc"][0]).replace("_", "-") if err["loc"] else "arguments"
-            print(f"capaserve train: error: {flag}: {err['msg']}", file=sys.stderr)
+            print(f"capaserve train: error: {flag}: {validation_message(err)}", file=sys.stderr)
         return 2
 
     from adapters.training.trainer import train  # deferred: transformers, only once the flags are valid
