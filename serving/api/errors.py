@@ -84,6 +84,10 @@ def _read_as_json(request: Request) -> str | None:
     return declared or "(none)"
 
 
+#: pydantic's error types for a body that is missing or JSON of another kind than an object
+_NOT_AN_OBJECT = frozenset({"missing", "model_attributes_type", "model_type", "dict_type"})
+
+
 def _body_error(exc: RequestValidationError, declared: str | None) -> InvalidRequest | None:
     """A clear 400 when the body as a whole is not a JSON object: not JSON at all, JSON of
     another kind, or empty; naming the content type sent when it was not JSON's."""
@@ -94,7 +98,7 @@ def _body_error(exc: RequestValidationError, declared: str | None) -> InvalidReq
             where = f" at character {loc[1]}" if len(loc) > 1 else ""
             return InvalidRequest(f"the request body must be JSON{sent}: it does not parse{where}"
                                   f" ({err.get('ctx', {}).get('error', 'invalid JSON')})")
-        if loc == ("body",):
+        if loc == ("body",) and err.get("type") in _NOT_AN_OBJECT:
             what = "is empty" if err.get("type") == "missing" else f"is JSON but not an object ({type(err.get('input')).__name__})"
             return InvalidRequest(f"the request body must be a JSON object{sent}; it {what}")
     return None
