@@ -158,3 +158,22 @@ def test_base_created_is_stable(base):
     time.sleep(1.1)  # a new second: a per-call timestamp would differ
     second = httpx.get(f"{base}/v1/models", timeout=30).json()["data"][0]
     assert first["id"] == MINILM_ID and first["created"] == second["created"] <= int(time.time())
+
+
+def _swapped(base: str, adapter: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{base}/metrics", timeout=30).text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "capaserve_adapter_swapped_requests_total" and s.labels.get("adapter") == adapter)
+
+
+def test_swapped_requests_are_counted_by_adapter(base):
+    """One at a time: the base, then the adapter twice: only the first of those swaps."""
+    assert post(base, "/v1/embeddings", {"model": MINILM_ID, "input": "x"}).status_code == 200
+    before = _swapped(base, "sentiment"), _swapped(base, "base")
+    for _ in range(2):
+        assert post(base, "/v1/classify", {"model": "sentiment", "input": "great"}).status_code == 200
+    assert _swapped(base, "sentiment") - before[0] == 1
+    assert post(base, "/v1/embeddings", {"model": MINILM_ID, "input": "x"}).status_code == 200
+    assert _swapped(base, "base") - before[1] == 1  # back to the base is a swap too
