@@ -110,11 +110,14 @@ def _encoder_inputs(value: str | list[str]) -> str | list[str]:
     """Embeddings and classify inputs: at least one, and no empty string (as OpenAI's embeddings
     refuse `""`, `[""]` and `[]`): an empty text has no tokens to pool but the special ones, so
     its vector or label would describe no input at all. A completion prompt may be empty."""
-    texts = _texts(value, "input")
-    if isinstance(value, str) and not value:
-        raise ValueError("input must not be an empty string")
-    if empty := [i for i, t in enumerate(texts) if not t]:
-        raise ValueError(f"input {empty[0]} is an empty string; every input needs at least one character"
+    if isinstance(value, str):
+        if not value:
+            raise ValueError("must not be an empty string")
+        return value
+    if not value:
+        raise ValueError("must hold at least one item")
+    if empty := [i for i, t in enumerate(value) if not t]:
+        raise ValueError(f"item {empty[0]} is an empty string; every input needs at least one character"
                          + (f" ({len(empty)} are empty)" if len(empty) > 1 else ""))
     return value
 

@@ -142,10 +142,10 @@ def test_version_errors_keep_their_detail(base, model, status, message):
 
 @pytest.mark.parametrize("path,model", [("/v1/classify", "sentiment"), ("/v1/embeddings", MINILM_ID)])
 @pytest.mark.parametrize("value,message", [
-    ("", "input: input must not be an empty string"),
-    ([""], "input: input 0 is an empty string; every input needs at least one character"),
-    (["a", "", ""], "input: input 1 is an empty string; every input needs at least one character (2 are empty)"),
-    ([], "input: input must not be empty"),
+    ("", "input: must not be an empty string"),
+    ([""], "input: item 0 is an empty string; every input needs at least one character"),
+    (["a", "", ""], "input: item 1 is an empty string; every input needs at least one character (2 are empty)"),
+    ([], "input: must hold at least one item"),
 ])
 def test_empty_input_is_400_without_pydantic_prefix(base, path, model, value, message):
     r = post(base, path, {"model": model, "input": value})

@@ -37,7 +37,7 @@ from serving.engine.model_loader import detect_modality, max_positions_of
 DEFAULT_EPOCHS = 3
 
 #: Fewer optimiser steps than this draw a warning: an adapter starts at ΔW = 0 (B is zero) and a
-#: new head at random, and at the default lr (1e-3) they seldom move far enough in fewer. The
+#: new head at random, and at the default lr (1e-3) they often do not move far enough in fewer. The
 #: README's question-answering example (48 examples, batch 16) learned nothing in 2 epochs
 #: (6 steps; exact match 0.08 before and after) and 11 of 12 new questions exactly in 40 (120 steps).
 MIN_LEARNING_STEPS = 100
@@ -49,7 +49,7 @@ def few_steps_warning(total_steps: int, per_epoch: int, examples: int, batch_siz
         return None
     return (
         f"warning: only {total_steps} optimiser steps ({examples} training rows, {per_epoch} step(s) per epoch "
-        f"at batch {batch_size}); an adapter seldom learns in fewer than {MIN_LEARNING_STEPS}: raise --epochs "
+        f"at batch {batch_size}); fewer than {MIN_LEARNING_STEPS} often learn nothing: raise --epochs "
         f"(about {math.ceil(MIN_LEARNING_STEPS / max(per_epoch, 1))}) or --steps, or add data"
     )
 
