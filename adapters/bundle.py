@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from adapters import masks
 from adapters.errors import BundleError
 from adapters.masks import SEED_LIMIT, MaskEncoding
+from adapters.files import new_file_mode
 
 FORMAT = "capaboost.v1"
 
@@ -278,6 +279,7 @@ def save_bundle(bundle: AdapterBundle, path: str | os.PathLike[str]) -> Path:
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=bundle.metadata.to_header())
+        os.chmod(tmp, new_file_mode())  # not mkstemp's 0600 (adapters.files)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -14,3 +14,17 @@ class BundleError(ValueError):
         self.name = name
         prefix = f"adapter {name!r}: " if name else ""
         super().__init__(prefix + "; ".join(self.problems))
+
+
+#: What pydantic puts before the text of a ValueError / AssertionError raised by a validator.
+_PYDANTIC_PREFIXES = ("Value error, ", "Assertion failed, ")
+
+
+def validation_message(err: dict) -> str:
+    """The text of one pydantic error (an item of `ValidationError.errors()`) for a person: a
+    validator's own message without the "Value error, " pydantic puts before it."""
+    msg = str(err.get("msg", ""))
+    for prefix in _PYDANTIC_PREFIXES:
+        if msg.startswith(prefix):
+            return msg[len(prefix):]
+    return msg

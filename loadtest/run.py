@@ -44,7 +44,6 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
-import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from tqdm import tqdm
@@ -280,6 +279,7 @@ def make_bundles(cfg: LoadTestConfig, spec: Any, names: Sequence[str], folder: P
 
 
 def register(url: str, bundles: dict[str, bytes], admin_token: str | None) -> None:
+    import httpx  # the loadtest extra: imported when used, so the flags load without it
     headers = {"Content-Type": "application/octet-stream"}
     if admin_token:
         headers["Authorization"] = f"Bearer {admin_token}"
@@ -292,6 +292,7 @@ def register(url: str, bundles: dict[str, bytes], admin_token: str | None) -> No
 
 def wait_ready(url: str, timeout_s: float = 180.0, proc: subprocess.Popen | None = None) -> None:
     """Wait until `url/readyz` answers 200; fail early if `proc` (the server, if we started it) exited."""
+    import httpx  # the loadtest extra: imported when used, so the flags load without it
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -371,6 +372,7 @@ def local_apps(cfg: LoadTestConfig) -> Iterator[dict[str, str]]:
 
 def scrape(url: str) -> dict[str, float]:
     """Sums of the counters the report needs, from the app's /metrics."""
+    import httpx  # the loadtest extra: imported when used, so the flags load without it
     text = httpx.get(f"{url}/metrics", timeout=30).text
     want = {
         "capaserve_adapter_swaps_total": "swaps",
@@ -388,6 +390,7 @@ def scrape(url: str) -> dict[str, float]:
 
 def flush_reports(url: str, adapter: str, kind: str, item: Any) -> None:
     """One small request, so the replica hands over the metric events of the run's last answers."""
+    import httpx  # the loadtest extra: imported when used, so the flags load without it
     httpx.post(f"{url}{PATHS[kind]}", json=request_body(kind, adapter, [item]), timeout=60)  # type: ignore[index]
 
 

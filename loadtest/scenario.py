@@ -20,10 +20,12 @@ import random
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import httpx
 from pydantic import BaseModel, Field
+
+if TYPE_CHECKING:
+    import httpx
 
 Kind = Literal["embeddings", "classify", "question-answering", "completions"]
 KINDS: tuple[Kind, ...] = ("embeddings", "classify", "question-answering", "completions")
@@ -249,6 +251,8 @@ def compute_reference(
 def compute_references(base_url: str, adapters: Sequence[str], timeout: float = 120.0) -> ReferenceSet:
     """References for `adapters` from the server at `base_url` (sequential single requests);
     an image base (its /v1/models card says so) gets images instead of texts."""
+    import httpx  # the loadtest extra: imported when used, so the flags load without it
+
     with httpx.Client(base_url=base_url, timeout=timeout) as client:
         base = client.get("/v1/models").json()["data"][0]
         refs = ReferenceSet(texts=list(images())) if base.get("modality") == "image" else ReferenceSet()

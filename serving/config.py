@@ -78,7 +78,8 @@ class ServerConfig(_Section):
     """HTTP, authentication, and the replicas and resources of the model deployment."""
 
     host: str = Field("127.0.0.1", description="HTTP bind address.")
-    port: int = Field(8000, ge=0, le=65535, description="HTTP port; /metrics is served there too.")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port of the API and /metrics: on a local cluster the ingress replica's own server "
+                      "(Serve's proxy moves to a free port, logged); on a joined cluster Serve's proxy.")
     admin_token: SecretStr | None = Field(
         None, description="Bearer token required for registry writes; without it writes are open."
     )

@@ -30,6 +30,7 @@ import yaml
 from pydantic import BaseModel, SecretStr, ValidationError
 from pydantic.fields import FieldInfo
 
+from adapters.errors import validation_message
 from serving.config import BYTES, ServeConfig, format_bytes
 
 ENV_PREFIX = "CAPASERVE_"
@@ -273,7 +274,7 @@ def model_from_namespace(model: type[BaseModel], ns: argparse.Namespace) -> Any:
         for err in exc.errors():
             setting = by_name.get(str(err["loc"][0])) if err["loc"] else None
             label = setting.flag if setting is not None else "arguments"
-            problems.append(f"{label}: {err['msg']}")
+            problems.append(f"{label}: {validation_message(err)}")
         raise ConfigError("; ".join(problems)) from None
 
 
@@ -375,12 +376,12 @@ def _explain(exc: ValidationError, origin: Mapping[tuple[str, ...], str], config
             continue
         setting = next((by_path[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in by_path), None)
         if setting is None:
-            problems.append(f"invalid {'.'.join(loc)}: {err['msg']}")
+            problems.append(f"invalid {'.'.join(loc)}: {validation_message(err)}")
             continue
         label = origin.get(setting.path) or (f"{setting.key} in {config_file}" if config_file else setting.key)
         given = err.get("input")
         shown = "" if setting.is_secret or isinstance(given, (dict, list)) else f" {given!r}"
-        problems.append(f"invalid {label}{shown}: {err['msg']}")
+        problems.append(f"invalid {label}{shown}: {validation_message(err)}")
     return "; ".join(problems)
 
 

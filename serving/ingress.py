@@ -144,6 +144,8 @@ class Metered:
         if record is None:
             return
         self.metrics.observe_tokens(route, adapter, record.prompt_tokens, record.completion_tokens)
+        if record.served_by is not None and record.served_by.swapped:
+            self.metrics.swapped_requests.labels(adapter).inc()
         if record.first_token_s is not None:
             self.metrics.ttft.labels(route, adapter).observe(record.first_token_s)
         line = {"event": "request", "status": code, "latency_ms": round(seconds * 1000, 3), **record.log_fields()}

@@ -15,6 +15,16 @@ exporter port, so the ingress owns one prometheus_client registry and records:
 Events of a replica that gets no more traffic wait there until its next answer; that
 is the price of not running a separate scrape path into each replica.
 Adapter label values are bounded (`MAX_ADAPTER_LABELS`), beyond which they read "other".
+
+Which series carry an adapter label: those the ingress counts per request (requests,
+latency, tokens, time to first token, and swapped requests), one label dimension each, so
+thousands of adapters make at most MAX_ADAPTER_LABELS + 1 series per route and status. The
+replica-side series (swaps, cache hits/misses/evictions/bytes, queue depth, adapter mode)
+are labelled by replica only: a replica reports them as totals since its last answer, and
+an adapter x replica label would multiply series by the replica count for figures an
+operator reads per replica (is it thrashing, is it full). Which adapter causes the swaps
+is `capaserve_adapter_swapped_requests_total{adapter}`; which one was loaded is in the
+access log (one line per request: adapter, replica, swapped).
 """
 
 from __future__ import annotations
@@ -85,6 +95,13 @@ class ServerMetrics:
         )
         self.swaps = Counter(
             "capaserve_adapter_swaps_total", "Times a replica rewrote its weights for another adapter.", ("replica",), registry=r
+        )
+        self.swapped_requests = Counter(
+            "capaserve_adapter_swapped_requests_total",
+            "Requests whose batch began with a swap to their adapter, by adapter name: which adapters "
+            "pay for swaps (compare capaserve_requests_total of the same adapter).",
+            ("adapter",),
+            registry=r,
         )
         self.swap_latency = Histogram(
             "capaserve_adapter_swap_latency_seconds", "Time one adapter swap took.", buckets=SWAP_BUCKETS, registry=r

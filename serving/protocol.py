@@ -106,6 +106,22 @@ def _texts(value: str | list[str], field: str) -> list[str]:
     return texts
 
 
+def _encoder_inputs(value: str | list[str]) -> str | list[str]:
+    """Embeddings and classify inputs: at least one, and no empty string (as OpenAI's embeddings
+    refuse `""`, `[""]` and `[]`): an empty text has no tokens to pool but the special ones, so
+    its vector or label would describe no input at all. A completion prompt may be empty."""
+    if isinstance(value, str):
+        if not value:
+            raise ValueError("must not be an empty string")
+        return value
+    if not value:
+        raise ValueError("must hold at least one item")
+    if empty := [i for i, t in enumerate(value) if not t]:
+        raise ValueError(f"item {empty[0]} is an empty string; every input needs at least one character"
+                         + (f" ({len(empty)} are empty)" if len(empty) > 1 else ""))
+    return value
+
+
 # ---------------------------------------------------------------------------- embeddings
 
 
@@ -132,8 +148,7 @@ class EmbeddingRequest(OpenAIRequest):
     @field_validator("input")
     @classmethod
     def _non_empty(cls, v: str | list[str]) -> str | list[str]:
-        _texts(v, "input")
-        return v
+        return _encoder_inputs(v)
 
     def texts(self) -> list[str]:
         return _texts(self.input, "input")
@@ -175,8 +190,7 @@ class ClassifyRequest(OpenAIRequest):
     @field_validator("input")
     @classmethod
     def _non_empty(cls, v: str | list[str]) -> str | list[str]:
-        _texts(v, "input")
-        return v
+        return _encoder_inputs(v)
 
     def texts(self) -> list[str]:
         return _texts(self.input, "input")

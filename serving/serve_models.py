@@ -6,14 +6,15 @@ from __future__ import annotations
 import asyncio
 
 from adapters.registry.store import RegistryStore
-from serving.protocol import ModelCard, ModelList
+from serving.protocol import ModelCard, ModelList, unix_now
 from serving.service import ServingContext
 
 
 async def list_models(ctx: ServingContext, store: RegistryStore) -> ModelList:
     info = await ctx.info()
     modality = await ctx.modality()
-    cards = [ModelCard(id=info.model_id, root=info.model_id, parent=None, task=info.task, modality=modality)]
+    cards = [ModelCard(id=info.model_id, created=ctx.base_created or unix_now(), root=info.model_id, parent=None, task=info.task,
+                       modality=modality)]
     for m in await asyncio.to_thread(store.list_latest):
         cards.append(
             ModelCard(

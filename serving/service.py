@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from adapters.bundle import Task
-from adapters.manifest import AdapterManifest
+from adapters.manifest import AdapterManifest, parse_model_ref
 from adapters.registry.resolver import AdapterResolver
 from adapters.registry.store import AdapterNotFound
 from adapters.tasks.errors import InvalidRequest, ModelNotFound, UnsupportedTask
-from adapters.tasks.images import ImageLimits, image_bytes
+from adapters.tasks.images import ImageLimits, image_bytes, is_image_data_url
 from adapters.validation import BaseModelSpec
 from serving.config import ServerConfig
 from serving.metrics import ServerMetrics
@@ -127,6 +127,8 @@ class ServingContext:
         self.limits = limits or RequestLimits.of(ServerConfig())
         self._info: ReplicaInfo | None = None
         self._info_lock = asyncio.Lock()
+        #: the base's `created` in /v1/models: when this ingress first heard from a loaded replica
+        self.base_created: int | None = None
 
     async def check_inputs(self, texts: Sequence[str], what: str = "input") -> None:
         """InvalidRequest (400) for more inputs than `max_inputs` or one longer than the character
@@ -153,11 +155,13 @@ class ServingContext:
                 if self._info is None:
                     coro = self.client.info()
                     self._info = await (asyncio.wait_for(coro, timeout) if timeout else coro)
+                    self.base_created = self.base_created or int(time.time())
         return self._info
 
     async def refresh_info(self, timeout: float) -> ReplicaInfo:
         """Ask a model replica again (readiness), within `timeout` seconds."""
         self._info = await asyncio.wait_for(self.client.info(), timeout)
+        self.base_created = self.base_created or int(time.time())
         return self._info
 
     async def base_spec(self) -> BaseModelSpec:
@@ -171,17 +175,26 @@ class ServingContext:
         return str((await self.info()).spec.get("modality", "text"))
 
     async def encoder_call(self, target: Target, items: list[str]) -> ReplicaCall:
-        """The replica call for embeddings or classify inputs: texts as they are; on an image
-        base every item must be an image data URL, checked here (400, or 413 for its size, off
-        the event loop) so a bad image never reaches a replica or a batch."""
+        """The replica call for embeddings or classify inputs: texts as they are, except that an
+        image data URL on a text base is refused (400: its characters are no text to embed or
+        label; an `http(s)://` string is text, as OpenAI's and TEI's embeddings take it, since
+        nothing is fetched); on an image base every item must be an image data URL, checked here
+        (400, or 413 for its size, off the event loop) so a bad image never reaches a replica or a batch."""
         if await self.modality() != "image":
+            for i, text in enumerate(items):
+                if is_image_data_url(text):
+                    raise InvalidRequest(
+                        f"input {i} is an image (a data:image/... URL), but the base model {(await self.info()).model_id!r} "
+                        "takes text; send images to a server whose base is an image model"
+                    )
             return ReplicaCall(adapter=target.adapter, texts=items)
         limits = self.image_limits
         images = await asyncio.to_thread(lambda: [image_bytes(x, i, limits) for i, x in enumerate(items)])
         return ReplicaCall(adapter=target.adapter, images=images)
 
     async def resolve(self, model: str, record: RequestRecord) -> Target:
-        """`model` -> Target; ModelNotFound (404) when it names nothing served here."""
+        """`model` -> Target; InvalidRequest (400) for a malformed `name@version`, ModelNotFound
+        (404) with the resolver's reason when it is well formed but names nothing served here."""
         info = await self.info()
         record.model = model
         if model == info.model_id:
@@ -189,11 +202,13 @@ class ServingContext:
             return Target(model=model, adapter=None)
         record.target_label = "unknown"
         try:
+            parse_model_ref(model)
+        except ValueError as exc:  # name@abc, name@0: malformed, whatever is registered (400)
+            raise InvalidRequest(f"invalid model {model!r}: {exc} (name@N, N >= 1)") from None
+        try:
             manifest = await asyncio.to_thread(self.resolver.resolve, model)
-        except AdapterNotFound:
-            raise ModelNotFound(
-                f"model {model!r} not found: it is neither the base model {info.model_id!r} nor a registered adapter"
-            ) from None
+        except AdapterNotFound as exc:  # well formed but absent (404): the resolver says what is there
+            raise ModelNotFound(f"model {model!r} is not the base model {info.model_id!r}, and {exc}") from None
         record.adapter = manifest.ref
         record.target_label = manifest.name
         return Target(model=model, adapter=manifest)

@@ -187,3 +187,20 @@ def test_locust_mix_of_new_tasks(base, tmp_path, tiny_vit_dir):
     assert set(one["by_endpoint"]) == {f"/v1/{k}" for k in kinds}  # both endpoints were driven
     ref = json.loads((tmp_path / "csv" / "references.json").read_text())["adapters"]["lt-000"]
     assert (ref["answers"] is not None) == (base == "minilm-qa") and (ref["probs"] is not None) == (base == "tiny-vit")
+
+
+def test_help_lists_flags_without_the_extra_and_a_run_says_what_to_install(tmp_path):
+    """The extra's modules shadowed by ones that fail to import, as when it is not installed."""
+    import os
+    import subprocess
+
+    from tests.serve_helpers import CAPASERVE
+
+    for name in ("httpx", "locust", "matplotlib"):
+        (tmp_path / f"{name}.py").write_text(f"raise ModuleNotFoundError(\"No module named '{name}'\", name='{name}')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    shown = subprocess.run([CAPASERVE, "loadtest", "--help"], capture_output=True, text=True, env=env, timeout=120)
+    assert shown.returncode == 0 and "--adapters" in shown.stdout and "--zipf" in shown.stdout, shown.stderr
+    ran = subprocess.run([CAPASERVE, "loadtest", "--adapters", "1"], capture_output=True, text=True, env=env, timeout=120)
+    assert ran.returncode == 1
+    assert "needs the loadtest extra (httpx is missing): pip install 'capaserve[loadtest]'" in ran.stderr

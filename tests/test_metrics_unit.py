@@ -28,6 +28,7 @@ FAMILIES = {
     "capaserve_prompt_tokens": "counter",
     "capaserve_generated_tokens": "counter",
     "capaserve_adapter_swaps": "counter",
+    "capaserve_adapter_swapped_requests": "counter",
     "capaserve_adapter_swap_latency_seconds": "histogram",
     "capaserve_adapter_cache_hits": "counter",
     "capaserve_adapter_cache_misses": "counter",
@@ -86,7 +87,7 @@ def only(all_samples: dict[Key, float], prefix: str) -> dict[Key, float]:
 
 
 def test_fresh_registry_declares_every_family_and_exports_only_unlabelled_histograms() -> None:
-    """A new ServerMetrics exports HELP/TYPE for all 18 families, no *_created series, no
+    """A new ServerMetrics exports HELP/TYPE for all 19 families, no *_created series, no
     labelled series (none observed yet) and the two unlabelled histograms at zero."""
     m = ServerMetrics()
     fams = {f.name: f.type for f in text_string_to_metric_families(m.render().decode())}

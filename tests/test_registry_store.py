@@ -257,3 +257,17 @@ def test_resolver_listing_ttl_reuses_a_listing_until_forget(tmp_path):
     assert resolver.resolve("t").version == 1  # the cached listing, for remote stores
     resolver.forget("t")
     assert resolver.resolve("t").version == 2
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_local_files_take_the_umask_like_any_new_file(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        f, meta = make_bundle(tmp_path)  # save_bundle: the file `capaserve train` and `pack` write
+        assert f.stat().st_mode & 0o777 == mode
+        store = LocalStore(tmp_path / f"reg-{umask:o}")
+        m = store.commit("x", f, meta)
+    finally:
+        os.umask(old)
+    assert (store.blobs / m.sha256).stat().st_mode & 0o777 == mode
+    assert (store.manifests / "x" / "1.json").stat().st_mode & 0o777 == mode

@@ -45,12 +45,21 @@ def test_serve_subprocess_ready_then_sigterm_cleans_up(tmp_path: Path):
         while ready_line not in (tmp_path / "serve.log").read_text():  # serve.run returns a bit after the proxy
             assert time.monotonic() < deadline, "no ready line logged"
             time.sleep(0.2)
+        # one true story in the log: Ray's own ready line names the proxy, capaserve's names
+        # --port and comes after every other "ready at" line
+        lines = (tmp_path / "serve.log").read_text().splitlines()
+        at = [i for i, line in enumerate(lines) if "ready at http" in line]
+        ray_ready = [i for i in at if "Application 'capaserve' is ready at" in lines[i]]
+        ours = [i for i in at if ready_line in lines[i]]
+        assert ray_ready and ours and at[-1] == ours[0] and ray_ready[0] < ours[0], "\n".join(lines[-20:])
+        ray_port = int(re.search(r"is ready at http://127\.0\.0\.1:(\d+)", lines[ray_ready[0]]).group(1))
+        assert ray_port != port
         body = {"model": "sentence-transformers/all-MiniLM-L6-v2", "input": "hi"}
         r = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json=body, timeout=30)
         assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 384
         # --port is the ingress replica's own server; Serve's proxy, on the logged port, serves the same API
         direct = re.search(r"Serve's HTTP proxy .*: (http://127\.0\.0\.1:(\d+))", (tmp_path / "serve.log").read_text())
-        assert direct and int(direct.group(2)) != port, (tmp_path / "serve.log").read_text()[-3000:]
+        assert direct and int(direct.group(2)) == ray_port, (tmp_path / "serve.log").read_text()[-3000:]
         d = httpx.post(f"{direct.group(1)}/v1/embeddings", json=body, timeout=30)
         assert d.status_code == 200 and d.json()["data"] == r.json()["data"]
         assert "Ingress" in _listener(port), "--port should be the ingress replica, not the proxy"

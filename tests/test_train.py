@@ -354,6 +354,18 @@ def test_cli_trains_a_bundle(tmp_path):
     assert "wrote" in proc.stderr
     # a random mask_seed, recorded in the bundle and the log
     assert meta.encoding == "seed" and meta.mask_seed is not None and f"mask_seed {meta.mask_seed}" in proc.stderr
+    # 2 steps learn nothing: said before training and again as the last line
+    warning = "warning: only 2 optimiser steps (8 training rows, 2 step(s) per epoch at batch 4)"
+    lines = proc.stderr.strip().splitlines()
+    assert warning in proc.stderr.split("before training")[0] and lines[-1].startswith(warning), proc.stderr
+
+
+def test_few_steps_warning_threshold():
+    from adapters.training.trainer import MIN_LEARNING_STEPS, few_steps_warning
+
+    below = few_steps_warning(MIN_LEARNING_STEPS - 1, per_epoch=3, examples=48, batch_size=16)
+    assert below is not None and f"fewer than {MIN_LEARNING_STEPS}" in below and "--epochs (about 34)" in below
+    assert few_steps_warning(MIN_LEARNING_STEPS, per_epoch=3, examples=48, batch_size=16) is None
 
 
 def test_cli_reports_bad_data_with_line_numbers(tmp_path):

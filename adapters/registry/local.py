@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from adapters.bundle import BundleMetadata
+from adapters.files import new_file_mode
 from adapters.manifest import AdapterManifest, is_valid_name
 from adapters.registry.store import (
     CHUNK_BYTES,
@@ -173,6 +174,7 @@ class LocalStore(RegistryStore):
 
     def _temp(self) -> tuple[int, Path]:
         fd, path = tempfile.mkstemp(dir=self.tmp, prefix="commit-")
+        os.fchmod(fd, new_file_mode())  # mkstemp's 0600 would follow the file to its name (adapters.files)
         return fd, Path(path)
 
     def _fill_temp(self, chunks: Iterable[bytes]) -> tuple[Path, str, int]:

@@ -36,6 +36,13 @@ class ImageLimits:
     max_pixels: int
 
 
+def is_image_data_url(text: str) -> bool:
+    """True for a `data:image/...,` URL (any image type, encoded or not): an image, whatever base
+    it is sent to. A text base refuses it (400) rather than embed or classify its characters."""
+    m = _DATA_URL.match(text.lstrip())
+    return m is not None and m.group("mime").strip().lower().startswith("image/")
+
+
 def image_bytes(url: object, index: int, limits: ImageLimits) -> bytes:
     """The checked image bytes of a data URL; InvalidRequest (400) or PayloadTooLarge (413) otherwise."""
     where = f"input {index}"

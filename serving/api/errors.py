@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from fastapi import Request, Response
+from fastapi import Request, Response, params
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -21,7 +21,7 @@ from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from adapters.errors import BundleError
+from adapters.errors import BundleError, validation_message
 from adapters.registry.store import AdapterNotFound
 from adapters.tasks.errors import (
     AdapterNotLoaded,
@@ -86,7 +86,7 @@ def error_response(exc: BaseException) -> JSONResponse:
         parts = []
         for err in exc.errors():
             loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path"))
-            parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+            parts.append(f"{loc}: {validation_message(err)}" if loc else validation_message(err))
         status, kind, message = 400, "invalid_request_error", "; ".join(parts) or "invalid request"
     elif isinstance(exc, StarletteHTTPException) and exc.status_code < 500:
         # Raised by FastAPI itself inside the route, e.g. a body that is not UTF-8 JSON (400).
@@ -114,15 +114,54 @@ async def _no_receive() -> dict:
     return {"type": "http.disconnect"}
 
 
+def _read_as_json(request: Request) -> str | None:
+    """Make FastAPI parse the body as JSON whatever its declared type, as OpenAI's API does
+    (`curl -d` sends `application/x-www-form-urlencoded`); returns the type declared, or None
+    when it already was JSON. FastAPI reads the type from the scope's headers when it parses."""
+    declared = request.headers.get("content-type")
+    media = (declared or "").split(";")[0].strip().lower()
+    if media == "application/json" or (media.startswith("application/") and media.endswith("+json")):
+        return None
+    headers = [(k, v) for k, v in request.scope["headers"] if k.lower() != b"content-type"]
+    request.scope["headers"] = [*headers, (b"content-type", b"application/json")]
+    request.__dict__.pop("_headers", None)  # Starlette caches the parsed headers
+    return declared or "(none)"
+
+
+#: pydantic's error types for a body that is missing or JSON of another kind than an object
+_NOT_AN_OBJECT = frozenset({"missing", "model_attributes_type", "model_type", "dict_type"})
+
+
+def _body_error(exc: RequestValidationError, declared: str | None) -> InvalidRequest | None:
+    """A clear 400 when the body as a whole is not a JSON object: not JSON at all, JSON of
+    another kind, or empty; naming the content type sent when it was not JSON's."""
+    for err in exc.errors():
+        loc = tuple(err.get("loc", ()))
+        sent = f" (received content-type {declared})" if declared else ""
+        if err.get("type") == "json_invalid":
+            where = f" at character {loc[1]}" if len(loc) > 1 else ""
+            return InvalidRequest(f"the request body must be JSON{sent}: it does not parse{where}"
+                                  f" ({err.get('ctx', {}).get('error', 'invalid JSON')})")
+        if loc == ("body",) and err.get("type") in _NOT_AN_OBJECT:
+            what = "is empty" if err.get("type") == "missing" else f"is JSON but not an object ({type(err.get('input')).__name__})"
+            return InvalidRequest(f"the request body must be a JSON object{sent}; it {what}")
+    return None
+
+
 class ErrorMappingRoute(APIRoute):
-    """Route class whose handler (dependencies included) answers every error with the error body."""
+    """Route class whose handler (dependencies included) answers every error with the error body.
+    A route with a JSON body model reads the body as JSON whatever its content type."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
+        json_body = self.body_field is not None and not isinstance(self.body_field.field_info, params.Form)
 
         async def mapped(request: Request) -> Response:
+            declared = _read_as_json(request) if json_body else None
             try:
                 return await handler(request)
+            except RequestValidationError as exc:
+                return error_response(_body_error(exc, declared) or exc)
             except Exception as exc:  # noqa: BLE001 - the API edge: everything becomes a body
                 return error_response(exc)
 

@@ -1,12 +1,14 @@
 """`capaserve loadtest`: Locust against the grouped scheduler, the swap-per-request baseline and
 a single adapter, in one run; writes CSVs, a Markdown summary and plots (see loadtest/run.py).
 
-The load test is the installed `loadtest` package; Locust comes with the `loadtest` extra.
+The load test is the installed `loadtest` package; Locust, matplotlib and httpx come with the
+`loadtest` extra. `--help` lists the flags without the extra; a run without it says what to install.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 from types import ModuleType
 
@@ -31,17 +33,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     try:
         mod = _import_run()
     except ImportError:
-        # The [loadtest] extra is missing: keep `capaserve --help` and the other
-        # subcommands working; running this one says what to install.
+        # loadtest.run imports the extra's modules only where it uses them, so this is a broken
+        # install: keep `capaserve --help` and the other subcommands working; running this one
+        # says what is wrong.
         p.set_defaults(func=run, accepts_unknown_args=True)
     else:
         add_model_flags(p, mod.LoadTestConfig)
         p.set_defaults(func=run)
 
 
+#: What a run imports from the `loadtest` extra (its flags need none of them).
+EXTRA_MODULES = ("httpx", "locust", "matplotlib")
+
+
 def run(ns: argparse.Namespace) -> int:
     try:
         mod = _import_run()
+        for name in EXTRA_MODULES:
+            importlib.import_module(name)
     except ImportError as exc:
         if exc.name == "loadtest":  # an editable install made before loadtest/ became a package
             raise SystemExit("capaserve's loadtest package is not installed: reinstall capaserve") from exc

@@ -9,7 +9,9 @@ With RAY_ADDRESS set the app joins that cluster and only Serve's app is removed 
 
 On a local cluster `--port` is served by the ingress replica itself (Serve direct ingress)
 and Serve's proxy listens on a free port, logged at start: the app has one ingress replica,
-so the proxy would only add a hop and its CPU per request (loadtest/results/overheads.md).
+so the proxy would only add a hop and its CPU per request (loadtest/results/overheads.md). Ray's own
+"Application ... is ready at" line names the proxy; capaserve's "ready at" line, which names
+`--port`, comes after it and is the last line of the start.
 A joined cluster keeps Serve's proxy on `--port` of every node, balancing over the ingress
 replicas wherever they run.
 """
@@ -149,6 +151,8 @@ def run(ns: argparse.Namespace) -> int:
                 raise SystemExit(f"capaserve serve: the ingress replica did not get {server.host}:{port} "
                                  "(RAY_SERVE_ENABLE_DIRECT_INGRESS=0, or the port was taken meanwhile)")
             log.info("Serve's HTTP proxy (same API, one more hop): http://%s:%d", server.host, proxy_port)
+        sys.stdout.flush()  # Ray's lines first: the ready line below is the start's last word
+        sys.stderr.flush()
         log.info(
             "capaserve ready at http://%s:%d (registry %s, %d replica(s)); Ctrl-C or SIGTERM stops it",
             server.host, port, config.registry.location, server.replicas,
