@@ -242,7 +242,7 @@ def test_model_server_mixed_batch_through_scheduler_equals_merged(minilm: Engine
         clfs = await asyncio.gather(
             *(server.scheduler.submit("classify", a, [t]) for a, t in zip(rows[2:5], TEXTS[2:5]))
         )
-        report = server.reporter.report()
+        report = server.report()
         await server.scheduler.close()
         return embeds, clfs, report
 
