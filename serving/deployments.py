@@ -201,6 +201,7 @@ class ModelServer:
                     raise  # evicted twice, or mid-stream: not retried
             finally:
                 await agen.aclose()
+                self._release(ref)
 
     async def _batch(self, kind: Kind, call: ReplicaCall) -> ReplicaResult:
         inputs = call.inputs()
@@ -218,17 +219,24 @@ class ModelServer:
                 break
             except AdapterNotLoaded:
                 if again or ref is None:
-                    raise  # evicted again between admission and its batch
+                    raise  # evicted again (under the engine's byte budget) between admission and its batch
+            finally:
+                self._release(ref)
         outputs = [o[0] for o in outs]
         tokens = [o[1] for o in outs]
         return ReplicaResult(outputs=outputs, prompt_tokens=tokens, served_by=self.reporter.served_by(info), report=self.report())
 
     async def _admit(self, call: ReplicaCall) -> tuple[str | None, asyncio.Future[None] | None]:
-        """The call's adapter (its engine name) and the future of its residency (None: resident)."""
+        """The call's adapter (its engine name, held until `_release`) and the future of its
+        residency (None: resident now)."""
         self._ensure_background()
         if call.adapter is None:
             return None, None
         return call.adapter.ref, await self.adapters.admit(call.adapter)
+
+    def _release(self, ref: str | None) -> None:
+        if ref is not None:
+            self.adapters.release(ref)
 
     def report(self) -> ReplicaReport:
         """Engine and scheduler events since the previous answer (serving/replica_report.py)."""

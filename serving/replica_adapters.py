@@ -100,6 +100,10 @@ class ReplicaAdapters:
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="capaserve-loader")
         #: refs being made resident now: their requests share one task
         self._loading: dict[str, asyncio.Task[None]] = {}
+        #: requests admitted and not yet answered, per ref: their adapter is not unloaded meanwhile
+        self._inflight: dict[str, int] = {}
+        #: refs whose lease closed while requests for them were in flight: unloaded after the last
+        self._unload_later: set[str] = set()
         #: bundles fetched from the registry and loaded into the engine so far
         self.fetches = 0
         if in_ray:
@@ -117,7 +121,18 @@ class ReplicaAdapters:
 
         None when it already is (the multiplexer has seen the use); otherwise a future done
         once it is, which a request waits on in the scheduler instead of holding a worker.
+        The caller holds the adapter until `release(ref)`: a lease the multiplexer closes
+        meanwhile unloads it only after the last admitted request is answered.
         """
+        ref = manifest.ref
+        self._inflight[ref] = self._inflight.get(ref, 0) + 1
+        try:
+            return await self._admit(manifest)
+        except BaseException:
+            self.release(ref)
+            raise
+
+    async def _admit(self, manifest: AdapterManifest) -> asyncio.Future[None] | None:
         ref = manifest.ref
         known = self._manifests.get(ref)
         if known is not None and known.sha256 != manifest.sha256:
@@ -131,11 +146,25 @@ class ReplicaAdapters:
             return None
         return self.ready(ref)
 
+    def release(self, ref: str) -> None:
+        """A request admitted for `ref` is answered (event loop)."""
+        left = self._inflight.get(ref, 0) - 1
+        if left > 0:
+            self._inflight[ref] = left
+            return
+        self._inflight.pop(ref, None)
+        if ref in self._unload_later:
+            self._unload_later.discard(ref)
+            self.retire(ref)
+
     async def prepare(self, manifest: AdapterManifest) -> str:
         """`admit` and wait until the adapter is resident; its engine name."""
-        ready = await self.admit(manifest)
-        if ready is not None:
-            await ready
+        try:
+            ready = await self.admit(manifest)
+            if ready is not None:
+                await ready
+        finally:
+            self.release(manifest.ref)
         return manifest.ref
 
     def ready(self, ref: str) -> asyncio.Future[None]:
@@ -209,7 +238,7 @@ class ReplicaAdapters:
     async def drop(self, ref: str) -> None:
         """Forget `ref`'s bytes here, manifest and engine copy (a deleted or replaced version)."""
         self._manifests.pop(ref, None)
-        await self._on_loader(self._engine_unload, ref)
+        await self._on_loader(self._engine_unload, ref, True)
 
     async def settled(self) -> None:
         """Wait until every load and unload asked so far has run (tests, shutdown)."""
@@ -228,11 +257,15 @@ class ReplicaAdapters:
         self.fetches += 1
         self._on_change()
 
-    def _engine_unload(self, ref: str) -> None:
-        """Unload `ref` unless it was loaded again since this was queued; a stream still
-        using it keeps it until the stream ends (the engine's lease, not counted here)."""
+    def _engine_unload(self, ref: str, forget: bool = False) -> None:
+        """Unload `ref` unless it was loaded again since this was queued, or (unless `forget`:
+        a deleted or replaced version) requests admitted for it are in flight: then after the
+        last one. A forward still using it keeps it until it ends (the engine's lease)."""
         lease = self._leases.get(ref)
         if lease is not None and not lease.closed and ref in self._manifests:
+            return
+        if not forget and self._inflight.get(ref):
+            self._unload_later.add(ref)  # read back by `release` on the event loop
             return
         try:
             self.engine.unload_adapter(ref)

@@ -14,6 +14,7 @@ import torch
 
 from adapters.bundle import Task
 from adapters.errors import BundleError
+from serving.engine.adapter_cache import held_bytes, planned_bytes
 from serving.engine.engine import Engine
 from serving.errors import AdapterNotLoaded
 from serving.errors import Overloaded, status_for
@@ -143,8 +144,10 @@ def test_lru_bounded_in_bytes_never_evicts_active_or_leased(minilm: Engine) -> N
     bundles = {n: bundle_for(minilm, MINILM_TARGETS, seed=i) for i, n in enumerate("abcde")}
     probe = minilm.load_adapter("probe", bundles["a"])
     minilm.unload_adapter("probe")
-    size = probe.nbytes
-    minilm.residency.cache.capacity = 2 * size + size // 2  # room for two
+    held = probe.nbytes  # held compact: factors and packed masks
+    assert held == held_bytes(bundles["a"]) and not minilm.residency.cache.built_names()
+    built = planned_bytes(bundles["a"])[1]  # the float32 factor pair it is built into when active
+    minilm.residency.cache.capacity = 2 * held + built + held // 2  # room for two, one of them built
     for n in "ab":
         minilm.load_adapter(n, bundles[n])
     minilm.activate("a")  # a is active and most recently used
@@ -165,7 +168,8 @@ def test_lru_bounded_in_bytes_never_evicts_active_or_leased(minilm: Engine) -> N
     with pytest.raises(AdapterNotLoaded) as err:
         minilm.activate("a")
     assert status_for(err.value)[0] == 404
-    minilm.residency.cache.capacity = size // 2
+    assert minilm.stats().cache_bytes == 2 * held + built  # d built (active), e held
+    minilm.residency.cache.capacity = held // 2
     with pytest.raises(BundleError, match="more than adapter_cache_bytes"):
         minilm.load_adapter("e", bundles["e"])
 
