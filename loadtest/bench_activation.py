@@ -55,12 +55,13 @@ def main(argv: list[str] | None = None) -> int:
         weights = {t: torch.randn(spec.linear_shapes[t]) for t in targets}
         pristine = {t: w.clone() for t, w in weights.items()}
         built = {t: build_target(c, scaling, dense=True) for t, c in held.items()}
+        pairs = {t: build_target(c, scaling, dense=False) for t, c in held.items()}
         held_kib = sum(c.nbytes for c in held.values()) / 1024
         bool_kib = sum(f.mask_A.numel() + f.mask_B.numel() for f in bundle.targets.values()) / 1024
         factors_ms = timed(lambda: [build_target(c, scaling, dense=False) for c in held.values()], args.repeat)
         dense_ms = timed(lambda: [build_target(c, scaling, dense=True) for c in held.values()], args.repeat)
         add_ms = timed(lambda: [add_dense_into(weights[t], pristine[t], b.dense) for t, b in built.items()], args.repeat)
-        addmm_ms = timed(lambda: [merge_into(weights[t], pristine[t], b.b, b.a) for t, b in built.items()], args.repeat)
+        addmm_ms = timed(lambda: [merge_into(weights[t], pristine[t], p.b, p.a) for t, p in pairs.items()], args.repeat)
         print(f"| {d} | {held_kib:.0f} | {bool_kib:.0f} | {factors_ms:.2f} | {dense_ms:.2f} | {add_ms:.2f} | {addmm_ms:.2f} |")
     return 0
 
