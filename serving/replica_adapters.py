@@ -1,6 +1,6 @@
 """The adapters one model replica holds, by multiplexed model id (`name@version`).
 
-A decision (issue 13): Ray Serve's `serve.multiplexed` stays the owner of "which adapters
+A decision: Ray Serve's `serve.multiplexed` stays the owner of "which adapters
 this replica holds", used only as documented. Serve routes a model id to the replicas
 that report it loaded and evicts its least recently used model beyond
 `max_adapters_per_replica`, calling the evicted object's `__del__`: the object it caches
@@ -11,16 +11,17 @@ handled on this side:
 - a version deleted from the registry (or the same ref with other bytes) is unloaded from
   the engine and its manifest forgotten, while Serve keeps its lease until the LRU drops
   it. Harmless: the ingress answers 404 for a deleted version before routing, and a
-  replaced one is reloaded from its new manifest on first use (`with_adapter`).
+  replaced one is reloaded from its new manifest on first use (`admit`).
 - the engine may evict an adapter under its byte budget while the multiplexer still holds
-  its lease; the next request for it reloads it (`with_adapter`).
+  its lease; the next request for it reloads it (`admit`), and a request whose batch found
+  it evicted is admitted again, once (the deployment).
 
 Outside Ray (tests and benchmarks of the shim) a plain LRU of leases stands in for
 `serve.multiplexed`, with the same bound and the same close.
 
 Registry reads and engine loads and unloads run on this object's own loader thread, never
 on an engine worker nor on the event loop: a cold adapter is fetched, validated and
-pre-merged there while batches of other adapters keep running, and its requests wait for
+packed there while batches of other adapters keep running, and its requests wait for
 the future `admit` returns (the scheduler takes it as their readiness). This object knows
 nothing of the scheduler.
 """
