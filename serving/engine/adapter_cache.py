@@ -87,10 +87,15 @@ def build_target(c: CompactTarget, scaling: float, dense: bool) -> TargetDelta:
         unpack_mask(c.mask_A, (c.copies, r, n_in)).to(device), unpack_mask(c.mask_B, (c.copies, n_out, r)).to(device),
     )
     b, a = stacked_factors(f, scaling)
-    if not dense:
-        return TargetDelta(b=b, a=a)
-    delta = b @ a
-    return TargetDelta(dense=(delta.t() if c.transposed else delta).contiguous())
+    pair = TargetDelta(b=b, a=a)
+    return dense_of(pair, c.transposed) if dense else pair
+
+
+def dense_of(pair: TargetDelta, transposed: bool) -> TargetDelta:
+    """The dense delta B'A' of a stacked pair, in the weight's orientation."""
+    assert pair.b is not None and pair.a is not None
+    delta = pair.b @ pair.a
+    return TargetDelta(dense=(delta.t() if transposed else delta).contiguous())
 
 
 @dataclass
@@ -154,7 +159,7 @@ class PreparedAdapter:
             scaling = self.metadata.scaling
             factors = {t: build_target(c, scaling, dense=False) for t, c in self.compact.items()}
             deltas = (
-                {t: build_target(c, scaling, dense=True) for t, c in self.compact.items()}
+                {t: dense_of(factors[t], c.transposed) for t, c in self.compact.items()}
                 if self.mode == "dense" else factors
             )
             self.built = Built(factors=factors, deltas=deltas)
