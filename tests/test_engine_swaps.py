@@ -109,11 +109,19 @@ def _shape_mismatch(b):
     return b
 
 
+def _overflowing_product(b):
+    """Finite factors whose merged delta B'A' overflows float32 (the bound check must compute it)."""
+    f = b.targets[b.metadata.targets[0]]
+    f.lora_A, f.lora_B = torch.full_like(f.lora_A, 1e20), torch.full_like(f.lora_B, 1e20)
+    return b
+
+
 ERROR_CASES = [
     ("wrong base model", lambda b: _set_meta(b, base_model="other/model"), "does not match the served base"),
     ("causal-lm on an encoder", lambda b: _set_meta(b, task=Task.CAUSAL_LM), "cannot be served on a feature-extraction"),
     ("target not in model", _unknown_target, "'encoder.nope' is not a Linear module"),
     ("shape mismatch", _shape_mismatch, "adapter is [out=384, in=383]"),
+    ("merged delta overflows", _overflowing_product, "merged delta is not finite"),
 ]
 
 

@@ -33,7 +33,10 @@ from adapters.validation import BaseModelSpec, check_servable
 from serving.engine.adapter_cache import (
     AdapterCache,
     Built,
+    CompactTarget,
     PreparedAdapter,
+    build_target,
+    dense_of,
     held_bytes,
     planned_bytes,
     prepare,
@@ -91,12 +94,7 @@ class AdapterResidency:
             raise Overloaded(f"adapter cache is full of active or in-use adapters; cannot load {name!r}")
         # packing and the finiteness check touch no weight: done outside the lock, so forwards go on
         entry = prepare(name, bundle, self.bank, self.device, mode)
-        built = entry.build()
-        bad = [
-            t for t in entry.targets
-            if not all(bool(torch.isfinite(x).all()) for d in (built.deltas[t], built.factors[t]) for x in (d.dense, d.b, d.a) if x is not None)
-        ]
-        entry.built = None  # built again when activated: the cache holds the compact form
+        bad = [t for t, c in entry.compact.items() if not _finite_delta(c, bundle.metadata.scaling)]
         if bad:
             raise BundleError([f"target {t!r}: merged delta is not finite" for t in bad], name=name)
         with self._lock:
@@ -327,6 +325,19 @@ class AdapterResidency:
                 cache_bytes=self.cache.nbytes,
                 loaded_adapters=len(self.cache),
             )
+
+
+def _finite_delta(c: CompactTarget, scaling: float) -> bool:
+    """Whether the target's stacked pair and its product B'A' are finite. The product is only
+    computed when the cheap bound (largest |B'| x largest |A'| x d*r) does not rule out overflow."""
+    pair = build_target(c, scaling, dense=False)
+    assert pair.b is not None and pair.a is not None
+    if not (bool(torch.isfinite(pair.b).all()) and bool(torch.isfinite(pair.a).all())):
+        return False
+    bound = float(pair.b.abs().max()) * float(pair.a.abs().max()) * pair.a.shape[0]
+    if bound < torch.finfo(torch.float32).max / 2:
+        return True
+    return bool(torch.isfinite(dense_of(pair, c.transposed).dense).all())  # type: ignore[arg-type]
 
 
 def _info(e: PreparedAdapter) -> LoadedAdapterInfo:
