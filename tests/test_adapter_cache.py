@@ -59,7 +59,9 @@ def test_planned_and_held_bytes_follow_the_shapes(bank: WeightBank) -> None:
     cache.put(dense)
     cache.put(factors)
     assert cache.nbytes == 2 * HELD and cache.dense_nbytes == 0 and len(cache) == 2
-    cache.build(dense)  # a dense form keeps its factors too (the mixed path hooks them)
+    cache.build(dense)  # for a mixed forward: the factor pair only
+    assert dense.nbytes == HELD + FACTORS and cache.dense_nbytes == 0
+    cache.build(dense, merged=True)  # merged: the dense delta too, beside its factors (the mixed path hooks them)
     assert dense.nbytes == HELD + DENSE + FACTORS and cache.dense_nbytes == DENSE
     cache.build(factors)
     assert cache.nbytes == 2 * HELD + DENSE + 2 * FACTORS
@@ -82,13 +84,13 @@ def test_built_forms_equal_the_merge_of_the_bundle_and_rebuild_bit_identically(b
     e = prepare("x", b, bank, torch.device("cpu"), "dense")
     cache = AdapterCache(capacity=10**6, dense_budget=10**6)
     cache.put(e)
-    first = cache.build(e)
+    first = cache.build(e, merged=True)
     for t, f in b.targets.items():
         pair = stacked_factors(f, b.metadata.scaling)
         assert torch.equal(first.factors[t].b, pair[0]) and torch.equal(first.factors[t].a, pair[1])
         assert torch.equal(first.deltas[t].dense, delta_weight(f, b.metadata.scaling))
     e.built = None  # dropped, as the LRU of built forms does
-    again = cache.build(e)
+    again = cache.build(e, merged=True)
     assert again is not first and all(torch.equal(again.deltas[t].dense, first.deltas[t].dense) for t in SHAPES)
 
 
@@ -97,13 +99,13 @@ def test_built_forms_are_kept_for_the_most_recent_within_count_and_dense_budget(
     es = {n: entry(bank, n, "dense", seed=i) for i, n in enumerate("abc")}
     for e in es.values():
         cache.put(e)
-        cache.build(e)
+        cache.build(e, merged=True)
     assert cache.built_names() == ["b", "c"] and es["a"].built is None  # at most keep_built
     cache.dense_budget = DENSE
-    cache.build(es["b"])  # b most recent; c's dense delta no longer fits beside it
+    cache.build(es["b"], merged=True)  # b most recent; c's dense delta no longer fits beside it
     assert cache.built_names() == ["b"] and cache.nbytes == 3 * HELD + DENSE + FACTORS
     cache.capacity = 3 * HELD + FACTORS  # b's built form no longer fits either: only b's own stays
-    cache.build(es["c"])
+    cache.build(es["c"], merged=True)
     assert cache.built_names() == ["c"]
 
 

@@ -68,7 +68,7 @@ def test_factors_kept_for_dense_and_factor_adapters(minilm: Engine) -> None:
         b = cache.build(cache.peek(name))
         assert set(b.factors) == set(b.deltas) and all(d.b is not None and d.a is not None for d in b.factors.values())
     fx = cache.peek("fx")
-    built = cache.build(fx)
+    built = cache.build(fx, merged=True)
     factor_bytes = sum(d.nbytes for d in built.factors.values())
     assert built.nbytes == sum(d.nbytes for d in built.deltas.values()) + factor_bytes  # accounted
     assert fx.nbytes == fx.held_nbytes + built.nbytes

@@ -35,7 +35,7 @@ from serving.engine.weights import TargetDelta, WeightBank
 Mode = Literal["dense", "factors"]
 F32 = 4
 #: Built forms kept beside the compact ones (the hot adapters'); see README "Decisions".
-KEEP_BUILT = 8
+KEEP_BUILT = 32
 
 
 def pack_masks(f: TargetFactors) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,20 +100,24 @@ def dense_of(pair: TargetDelta, transposed: bool) -> TargetDelta:
 
 @dataclass
 class Built:
-    """An activated adapter's built form: the factor pairs (mixed path, factors-mode swaps)
-    and the swap's deltas (dense ones, or those same pairs)."""
+    """An activated adapter's built form: the factor pairs (mixed path, factors-mode swaps),
+    and for a dense adapter once it is merged, its dense deltas."""
 
     factors: dict[str, TargetDelta]
-    deltas: dict[str, TargetDelta]
+    dense: dict[str, TargetDelta] | None = None
 
-    @cached_property
+    @property
+    def deltas(self) -> dict[str, TargetDelta]:
+        """What a swap writes: the dense deltas when built, else the pairs."""
+        return self.dense if self.dense is not None else self.factors
+
+    @property
     def nbytes(self) -> int:
-        extra = self.dense_nbytes
-        return sum(d.nbytes for d in self.factors.values()) + extra
+        return sum(d.nbytes for d in self.factors.values()) + self.dense_nbytes
 
-    @cached_property
+    @property
     def dense_nbytes(self) -> int:
-        return sum(d.nbytes for d in self.deltas.values() if d.dense is not None)
+        return sum(d.nbytes for d in self.dense.values()) if self.dense is not None else 0
 
 
 @dataclass
@@ -153,16 +157,14 @@ class PreparedAdapter:
     def dense_nbytes(self) -> int:
         return self.built.dense_nbytes if self.built is not None else 0
 
-    def build(self) -> Built:
-        """The built form (made now unless it is kept)."""
+    def build(self, merged: bool = False) -> Built:
+        """The built form (made now unless it is kept): the factor pairs, plus for a dense
+        adapter about to be `merged` its dense deltas (a mixed forward needs only the pairs)."""
         if self.built is None:
             scaling = self.metadata.scaling
-            factors = {t: build_target(c, scaling, dense=False) for t, c in self.compact.items()}
-            deltas = (
-                {t: dense_of(factors[t], c.transposed) for t, c in self.compact.items()}
-                if self.mode == "dense" else factors
-            )
-            self.built = Built(factors=factors, deltas=deltas)
+            self.built = Built(factors={t: build_target(c, scaling, dense=False) for t, c in self.compact.items()})
+        if merged and self.mode == "dense" and self.built.dense is None:
+            self.built.dense = {t: dense_of(self.built.factors[t], c.transposed) for t, c in self.compact.items()}
         return self.built
 
 
@@ -247,12 +249,12 @@ class AdapterCache:
     def dense_nbytes(self) -> int:
         return sum(e.dense_nbytes for e in self._built.values())
 
-    def build(self, entry: PreparedAdapter) -> Built:
-        """`entry`'s built form, made now unless kept; then the least recently built others
+    def build(self, entry: PreparedAdapter, merged: bool = False) -> Built:
+        """`entry`'s built form (`PreparedAdapter.build`), made now unless kept; then the least recently built others
         are dropped beyond `keep_built`, the dense budget or the capacity. Dropping one is
         always safe: a swap away restores the pristine weights, and a forward in progress
         holds its own references to the tensors it uses."""
-        built = entry.build()
+        built = entry.build(merged)
         self._built[entry.name] = entry
         self._built.move_to_end(entry.name)
         for name in list(self._built):

@@ -160,10 +160,11 @@ class AdapterResidency:
         self.bank.release(entry.targets)
         self._evictions += 1
 
-    def _built(self, entry: PreparedAdapter) -> Built:
-        """`entry`'s built form (made now unless kept); then, if the cache is over its budget,
-        LRU entries other than `entry` and the protected ones are evicted. Lock held."""
-        built = self.cache.build(entry)
+    def _built(self, entry: PreparedAdapter, merged: bool = False) -> Built:
+        """`entry`'s built form (made now unless kept; with its dense deltas when `merged`);
+        then, if the cache is over its budget, LRU entries other than `entry` and the
+        protected ones are evicted. Lock held."""
+        built = self.cache.build(entry, merged)
         for victim in self.cache.victims(0, entry.name, self._protected()) or []:
             self._evict(victim)
         return built
@@ -298,7 +299,7 @@ class AdapterResidency:
         start = time.perf_counter()  # the swap's time includes building the form it writes
         changes: dict[str, TargetDelta | None] = dict.fromkeys(old.targets if old is not None else ())
         if entry is not None:
-            changes.update(self._built(entry).deltas)
+            changes.update(self._built(entry, merged=True).deltas)
         problems = [p for t, d in changes.items() for p in self.bank.check(t, d)]
         if problems:
             raise RuntimeError("refusing to swap, nothing written: " + "; ".join(problems))
