@@ -272,13 +272,14 @@ class EngineConfig(_Section):
     )
     max_seq_len: int = Field(512, ge=1, description="Longest sequence in tokens (prompt plus completion).")
     adapter_cache_bytes: Bytes = Field(
-        2 * GiB, ge=0, description="Bound on all loaded adapters' pre-merged data (dense deltas or factors)."
+        2 * GiB, ge=0, description="Bound on all loaded adapters: what their bundles hold (factors, masks as "
+        "bits, heads) plus the forms built for the recently activated ones (factor pairs, dense deltas)."
     )
     dense_budget_bytes: Bytes = Field(
         1 * GiB,
         ge=0,
-        description="Of that, bytes that may hold dense deltas (the fastest swap); other adapters keep "
-        "their thin factor pair.",
+        description="Of that, bytes that built dense deltas (the fastest swap) may take; an adapter whose "
+        "deltas do not fit is built as its thin factor pair.",
     )
     num_threads: int | None = Field(
         None,

@@ -14,9 +14,13 @@ Duties, and nothing else:
    reloaded a bundle for 989 of every 1,000 requests though all fit the budget. Base-model requests carry no
    multiplexed id and are load-balanced.
 3. Queue every request on the replica's `Scheduler`, which batches by adapter and runs
-   every engine call (adapter loads and unloads included) on its engine workers, never on
-   the event loop; with `adapter_mode="adaptive"` it may run mixed-adapter batches
-   (`run_mixed_batch`).
+   every engine call on its engine workers through an `EngineRunner`
+   (serving/replica_runner.py), never on the event loop; with `adapter_mode="adaptive"` it
+   may run mixed-adapter batches. The flow goes one way: deployment -> scheduler -> runner
+   -> engine. An adapter that is not resident is fetched and loaded on `ReplicaAdapters`'
+   loader thread; its requests wait in the scheduler (counted against `max_queue`) on the
+   readiness future `ReplicaAdapters.admit` returns, while other adapters' batches run. One
+   evicted between admission and its batch is admitted again, once.
 4. Drop adapters deleted from the registry: every `registry.poll_s` the replica checks
    the versions it holds against the store and unloads the missing ones from the
    engine, the multiplexer and the blob cache. (The ingress already answers 404 for
@@ -31,7 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import torch
@@ -45,22 +49,16 @@ from serving.coalesce import JOINABLE
 from serving.config import ServeConfig
 from serving.engine.adapter_cache import count_bound
 from serving.engine.engine import Engine
+from adapters.tasks.errors import AdapterNotLoaded, InvalidRequest
 from adapters.tasks.kinds import ENCODER_KINDS, RequestKind
 from adapters.tasks.qa import QAInput
-from adapters.tasks.errors import InvalidRequest
+from serving.metrics import ReplicaReport
 from serving.replica_adapters import ReplicaAdapters
-from serving.replica_io import (
-    ClassOutput,
-    GenerationResult,
-    QAOutput,
-    ReplicaCall,
-    ReplicaInfo,
-    ReplicaResult,
-    StreamItem,
-)
+from serving.replica_io import ReplicaCall, ReplicaInfo, ReplicaResult, StreamItem
 from serving.registry_probe import RegistryProbe
 from serving.replica_logging import log_to_stderr
 from serving.replica_report import ReplicaReporter
+from serving.replica_runner import EngineRunner
 from serving.scheduler import Scheduler
 
 log = logging.getLogger("capaserve.replica")
@@ -104,19 +102,22 @@ class ModelServer:
         registry = self.config.registry
         self.store = open_store(registry.location, endpoint_url=registry.endpoint_url)
         self.resolver = AdapterResolver(self.store, registry.blob_cache_bytes)
-        # the padding split depends on the device (padding is nearly free on a GPU)
-        self.scheduler = Scheduler(self, self.config.scheduler, device_type=self.engine.device.type, workers=workers)
         self.replica = _replica_id()
         if self.replica != "local":
             log_to_stderr()
-        self.reporter = ReplicaReporter(self.replica, self.engine.stats(), self.scheduler)
+        self.reporter = ReplicaReporter(self.replica, self.engine.stats())
+        self.runner = EngineRunner(self.engine, observe=self.reporter.observe)
+        # the padding split depends on the device (padding is nearly free on a GPU)
+        self.scheduler = Scheduler(
+            self.runner, self.config.scheduler, device_type=self.engine.device.type, workers=workers
+        )
         # a count bound that can never bind before the byte budget (adapter_cache.count_bound)
         max_adapters = registry.max_adapters_per_replica or count_bound(
             self.config.engine.adapter_cache_bytes, self.engine.spec.linear_shapes.values()
         )
         self.adapters = ReplicaAdapters(
-            self.engine, self.scheduler, self.store, self.resolver, max_adapters,
-            in_ray=self.replica != "local", on_change=self._refresh_stats,
+            self.engine, self.store, self.resolver, max_adapters,
+            in_ray=self.replica != "local", on_change=lambda: self.reporter.observe(self.engine.stats()),
         )
         self._sweeper: asyncio.Task | None = None
         self.registry_probe = RegistryProbe(self.store, f"model replica {self.replica}")
@@ -142,7 +143,7 @@ class ModelServer:
 
     async def loaded_adapters(self) -> list[str]:
         """Names the engine holds now (for tests and operators)."""
-        return [a.name for a in await self.scheduler.call(self.engine.list_adapters)]
+        return [a.name for a in self.engine.list_adapters()]
 
     # ------------------------------------------------------------------ requests
 
@@ -178,84 +179,72 @@ class ModelServer:
         """Stream one generation; closing the stream (client gone) stops it between tokens."""
         if call.params is None:
             raise InvalidRequest("generation needs sampling parameters")
-        ref = await self._prepare(call)
         prompt = await self._template(call.messages) if call.messages is not None else call.texts[0]
         first = True
-        agen = self.scheduler.stream(ref, prompt, length=_estimate_tokens(prompt), params=call.params)
-        try:
-            async for (delta, prompt_tokens), info in agen:
-                item = StreamItem(
-                    text=delta.text, completion_tokens=len(delta.token_ids), finish_reason=delta.finish_reason
-                )
-                if first:
-                    item.prompt_tokens = prompt_tokens
-                    item.served_by = self.reporter.served_by(info)
-                    first = False
-                if delta.finish_reason is not None:
-                    item.report = self.reporter.report()
-                yield item
-        finally:
-            await agen.aclose()
+        for again in (False, True):
+            ref, ready = await self._admit(call)
+            agen = self.scheduler.stream(ref, prompt, length=_estimate_tokens(prompt), params=call.params, ready=ready)
+            try:
+                async for (delta, prompt_tokens), info in agen:
+                    item = StreamItem(
+                        text=delta.text, completion_tokens=len(delta.token_ids), finish_reason=delta.finish_reason
+                    )
+                    if first:
+                        item.prompt_tokens = prompt_tokens
+                        item.served_by = self.reporter.served_by(info)
+                        first = False
+                    if delta.finish_reason is not None:
+                        item.report = self.report()
+                    yield item
+                return
+            except AdapterNotLoaded:
+                if again or not first or ref is None:
+                    raise  # evicted twice, or mid-stream: not retried
+            finally:
+                await agen.aclose()
+                self._release(ref)
 
     async def _batch(self, kind: RequestKind, call: ReplicaCall) -> ReplicaResult:
-        ref = await self._prepare(call)
         inputs = call.inputs()
         if not inputs:
             raise InvalidRequest("no input given")
         image_tokens = self.engine.images.tokens if self.engine.images is not None else 1
         extra = call.params.max_tokens if call.params else 0
         lengths = [_estimate_input(x, image_tokens) + extra for x in inputs]
-        outs, info = await self.scheduler.submit(kind, ref, inputs, lengths=lengths, params=call.params)
+        for again in (False, True):
+            ref, ready = await self._admit(call)
+            try:
+                outs, info = await self.scheduler.submit(
+                    kind, ref, inputs, lengths=lengths, params=call.params, ready=ready
+                )
+                break
+            except AdapterNotLoaded:
+                if again or ref is None:
+                    raise  # evicted again (under the engine's byte budget) between admission and its batch
+            finally:
+                self._release(ref)
         outputs = [o[0] for o in outs]
         tokens = [o[1] for o in outs]
-        return ReplicaResult(outputs=outputs, prompt_tokens=tokens, served_by=self.reporter.served_by(info), report=self.reporter.report())
+        return ReplicaResult(outputs=outputs, prompt_tokens=tokens, served_by=self.reporter.served_by(info), report=self.report())
 
-    async def _prepare(self, call: ReplicaCall) -> str | None:
-        """Make the call's adapter loaded here (through the multiplexer); its engine name."""
+    async def _admit(self, call: ReplicaCall) -> tuple[str | None, asyncio.Future[None] | None]:
+        """The call's adapter (its engine name, held until `_release`) and the future of its
+        residency (None: resident now)."""
         self._ensure_background()
-        return None if call.adapter is None else await self.adapters.prepare(call.adapter)
+        if call.adapter is None:
+            return None, None
+        return call.adapter.ref, await self.adapters.admit(call.adapter)
+
+    def _release(self, ref: str | None) -> None:
+        if ref is not None:
+            self.adapters.release(ref)
+
+    def report(self) -> ReplicaReport:
+        """Engine and scheduler events since the previous answer (serving/replica_report.py)."""
+        return self.reporter.report(self.scheduler.stats(drain=True))
 
     async def _template(self, messages: list[dict[str, str]]) -> str:
         return await asyncio.to_thread(self.engine.apply_chat_template, messages)
-
-    # ------------------------------------------------------------------ BatchRunner (worker thread)
-
-    def run_batch(self, kinds: list[RequestKind], adapter: str | None, texts: list[Any], params: Any) -> list[Any]:
-        """BatchRunner: one engine call (input i is a kinds[i] request); (output, prompt_tokens) per input."""
-        e = self.engine
-        if _generation(kinds):
-            return _generation_results(self.adapters.with_adapter([adapter], lambda: e.generate(texts, adapter, params)))
-        return _encoder_results(self.adapters.with_adapter([adapter], lambda: e.encode(texts, [adapter] * len(texts), kinds)))
-
-    def run_mixed_batch(
-        self, kinds: list[RequestKind], adapters: list[str | None], texts: list[Any], params: Any = None
-    ) -> list[Any]:
-        """BatchRunner, adaptive mode: one unmerged engine call, text i with adapters[i]."""
-        e = self.engine
-        generation = _generation(kinds)
-
-        def call() -> Any:
-            if generation:
-                return e.generate_mixed(texts, adapters, params)
-            return e.encode(texts, adapters, kinds, mixed=True)
-
-        out = self.adapters.with_adapter(adapters, call)
-        return _generation_results(out) if generation else _encoder_results(out)
-
-    def run_stream(self, adapter: str | None, prompt: str, params: Any) -> Iterator[Any]:
-        """BatchRunner: (delta, prompt_tokens) pairs of one streamed generation."""
-        e = self.engine
-        prompt_tokens = e.count_tokens([prompt])
-        gen = self.adapters.with_adapter([adapter], lambda: e.generate_stream(prompt, adapter, params))
-        try:
-            for delta in gen:
-                yield delta, prompt_tokens
-        finally:
-            gen.close()
-            self._refresh_stats()
-
-    def _refresh_stats(self) -> None:
-        self.reporter.observe(self.engine.stats())
 
     # ------------------------------------------------------------------ deletion sweep
 
@@ -276,42 +265,8 @@ class ModelServer:
         return await self.adapters.sweep()
 
     def __del__(self) -> None:
-        """Serve's replica shutdown hook: stop the worker thread (queued work is dropped)."""
-        sched = getattr(self, "scheduler", None)
-        if sched is not None:
-            sched.shutdown()
+        """Serve's replica shutdown hook: stop the engine workers and the loader thread (queued work is dropped)."""
+        for part in (getattr(self, "scheduler", None), getattr(self, "adapters", None)):
+            if part is not None:
+                part.shutdown()
 
-
-def _generation(kinds: list[RequestKind]) -> bool:
-    """Whether a batch is generation (all rows) or encoder work (embed/classify/qa rows, mixable)."""
-    if all(k == "generate" for k in kinds):
-        return True
-    if any(k not in ENCODER_KINDS for k in kinds):
-        raise InvalidRequest(f"a batch holds generate rows only, or encoder rows only; got {sorted(set(kinds))}")
-    return False
-
-
-def _generation_results(outs: list[Any]) -> list[Any]:
-    return [
-        (
-            GenerationResult(
-                text=o.text, finish_reason=o.finish_reason, prompt_tokens=o.prompt_tokens,
-                completion_tokens=o.completion_tokens,
-            ),
-            o.prompt_tokens,
-        )
-        for o in outs
-    ]
-
-
-def _encoder_results(rows: list[Any]) -> list[Any]:
-    """EncodedRow -> (float32 embedding array | ClassOutput | QAOutput, prompt_tokens): what the ingress answers with."""
-    return [(_encoder_output(r), r.prompt_tokens) for r in rows]
-
-
-def _encoder_output(r: Any) -> Any:
-    if r.task == "embed":
-        return r.embedding.numpy()  # pickled as one buffer, written to JSON by orjson as is
-    if r.task == "qa":
-        return QAOutput(answer=r.answer, score=r.score, start=r.start, end=r.end)
-    return ClassOutput(label=r.label, probs=r.probs.tolist(), label_names=list(r.label_names or []))

@@ -12,19 +12,18 @@ from __future__ import annotations
 from serving.engine.outputs import EngineStats
 from serving.metrics import ReplicaReport
 from serving.replica_io import ServedBy
-from serving.scheduler import BatchInfo, Scheduler
+from serving.scheduler import BatchInfo, SchedulerStats
 
 
 class ReplicaReporter:
     """Engine and scheduler counters in, one `ReplicaReport` per answer out.
 
-    `observe` runs on the engine's worker thread after each engine call (it is the only
-    reader of engine stats there); `report` runs on the replica's event loop.
+    `observe` runs on an engine worker after each engine call and on the loader thread
+    after each adapter load or unload; `report` runs on the replica's event loop.
     """
 
-    def __init__(self, replica: str, stats: EngineStats, scheduler: Scheduler) -> None:
+    def __init__(self, replica: str, stats: EngineStats) -> None:
         self.replica = replica
-        self.scheduler = scheduler
         self._stats = stats
         self._reported = stats
         self._swap_events: list[float] = []
@@ -43,11 +42,11 @@ class ReplicaReporter:
             replica=self.replica, batch_size=info.batch_size, swapped=info.swapped, queue_ms=info.queue_seconds * 1000
         )
 
-    def report(self) -> ReplicaReport:
-        """Events since the previous report (handed over once), plus gauges now."""
+    def report(self, sched: SchedulerStats) -> ReplicaReport:
+        """Events since the previous report (handed over once), plus gauges now; `sched` is the
+        scheduler's drained snapshot (`Scheduler.stats(drain=True)`)."""
         now, before = self._stats, self._reported
         swaps, self._swap_events = self._swap_events, []
-        sched = self.scheduler.stats(drain=True)
         self._reported = now
         mode_switches = max(0, sched.mode_switches - self._reported_mode_switches)
         self._reported_mode_switches = sched.mode_switches

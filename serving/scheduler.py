@@ -34,7 +34,16 @@ request of the active adapter before moving on, and batches them. Policy, per st
 
 With `grouping=False` each request runs alone in arrival order: the swap-per-request
 baseline the load test compares against. A full queue raises `Overloaded` (503).
-The scheduler knows nothing of the engine: it calls a `BatchRunner`.
+
+6. Adapter readiness is an input. A request may come with `ready`, an awaitable that
+   completes when its adapter is resident (the replica fetches a cold adapter from the
+   registry on its loader thread, never on an engine worker). Until then the request waits
+   outside the queues, counted against `max_queue`, and batches of other adapters keep
+   running; when `ready` fails, the request fails with its error.
+
+The scheduler knows nothing of the engine or the registry: it is given a `BatchRunner`
+at construction and calls only that (one direction: deployment -> scheduler -> runner ->
+engine).
 """
 
 from __future__ import annotations
@@ -97,6 +106,7 @@ class _Item:
     future: asyncio.Future
     enqueued: float
     seq: int
+    cold: bool = False  # waiting for its adapter to become resident (outside the queues)
     # streaming only
     deltas: asyncio.Queue | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -141,7 +151,8 @@ class Scheduler:
         #: Padded tokens one encoder call costs on this device (see SchedulerConfig.call_overhead).
         self._call_overhead = self.config.call_overhead(device_type)
         self._queues: dict[str | None, deque[_Item]] = {}
-        self._pending = 0
+        self._pending = 0  # requests queued or waiting for their adapter (both bounded by max_queue)
+        self._cold = 0  # of those, waiting for their adapter to become resident
         self._seq = itertools.count()
         self._active: str | None | object = _END  # nothing run yet
         self._wakeup = asyncio.Event()
@@ -164,20 +175,28 @@ class Scheduler:
         *,
         lengths: Sequence[int] | None = None,
         params: Any = None,
+        ready: asyncio.Future | None = None,
     ) -> tuple[list[Any], BatchInfo]:
-        """Queue one request (its inputs run together) and wait for its results."""
-        item = self._enqueue(kind, adapter, list(texts), lengths, params)
+        """Queue one request (its inputs run together) and wait for its results; with `ready`
+        it joins its adapter's queue once `ready` is done (its error, if any, is the request's)."""
+        item = self._enqueue(kind, adapter, list(texts), lengths, params, ready)
         return await item.future
 
     async def stream(
-        self, adapter: str | None, prompt: str, *, length: int | None = None, params: Any = None
+        self,
+        adapter: str | None,
+        prompt: str,
+        *,
+        length: int | None = None,
+        params: Any = None,
+        ready: asyncio.Future | None = None,
     ) -> AsyncIterator[tuple[Any, BatchInfo]]:
         """Queue one streamed generation; yields (delta, info) as the worker produces them.
 
         Closing the iterator early (client gone) cancels the generation between tokens,
         or drops it from the queue if it has not started.
         """
-        item = self._enqueue(RequestKind.STREAM, adapter, [prompt], [length] if length else None, params)
+        item = self._enqueue(RequestKind.STREAM, adapter, [prompt], [length] if length else None, params, ready)
         item.deltas = asyncio.Queue()
         try:
             info: BatchInfo = await item.future  # set when the worker starts it
@@ -192,17 +211,6 @@ class Scheduler:
             item.cancelled.set()
             if not item.future.done():
                 item.future.cancel()
-
-    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run `fn` on the worker thread between batches (adapter loads, unloads)."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-
-    def post(self, fn: Callable[[], Any]) -> None:
-        """Queue `fn` on the worker thread from any thread, without waiting for it."""
-        try:
-            self._executor.submit(fn)
-        except RuntimeError:  # shut down
-            pass
 
     def stats(self, drain: bool = False) -> SchedulerStats:
         """A snapshot; with drain=True the batch-size events are handed over and cleared."""
@@ -237,13 +245,17 @@ class Scheduler:
     # ------------------------------------------------------------------ queueing
 
     def _enqueue(
-        self, kind: RequestKind, adapter: str | None, texts: list[Any], lengths: Sequence[int] | None, params: Any
+        self,
+        kind: RequestKind,
+        adapter: str | None,
+        texts: list[Any],
+        lengths: Sequence[int] | None,
+        params: Any,
+        ready: asyncio.Future | None = None,
     ) -> _Item:
         if self._pending >= self.config.max_queue:
             raise Overloaded(f"replica queue is full ({self.config.max_queue} requests); retry later")
         loop = asyncio.get_running_loop()
-        if self._task is None or self._task.done():
-            self._task = loop.create_task(self._loop())
         item = _Item(
             kind=kind,
             adapter=adapter,
@@ -255,11 +267,43 @@ class Scheduler:
             enqueued=time.monotonic(),
             seq=next(self._seq),
         )
-        key = adapter if self.config.grouping else None
-        self._queues.setdefault(key, deque()).append(item)
         self._pending += 1
-        self._wakeup.set()
+        if ready is None or (ready.done() and not ready.cancelled() and ready.exception() is None):
+            self._queue(item)
+        else:
+            self._cold += 1
+            item.cold = True
+            ready.add_done_callback(lambda r: self._admit(item, r))
+            item.future.add_done_callback(lambda f: self._forget(item) if f.cancelled() else None)
         return item
+
+    def _queue(self, item: _Item) -> None:
+        """Put a counted request into its adapter's queue and wake the dispatch loop."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+        key = item.adapter if self.config.grouping else None
+        self._queues.setdefault(key, deque()).append(item)
+        self._wakeup.set()
+
+    def _admit(self, item: _Item, ready: asyncio.Future) -> None:
+        """`ready` is done (event loop): the waiting request joins its queue, or fails with its error."""
+        if not item.cold:
+            return  # cancelled while it waited: already forgotten
+        item.cold = False
+        self._cold -= 1
+        error = asyncio.CancelledError() if ready.cancelled() else ready.exception()
+        if error is not None:
+            self._pending -= 1
+            item.future.set_exception(error)
+            return
+        self._queue(item)
+
+    def _forget(self, item: _Item) -> None:
+        """A request cancelled while it waited for its adapter gives its queue place back at once."""
+        if item.cold:
+            item.cold = False
+            self._cold -= 1
+            self._pending -= 1
 
     def _pick_queue(self, now: float) -> str | None:
         """The adapter to serve next: the active one unless another is starving."""
@@ -310,7 +354,7 @@ class Scheduler:
     async def _loop(self) -> None:
         while True:
             self._drop_cancelled()
-            if self._pending == 0 or self._running >= self.workers:
+            if self._pending == self._cold or self._running >= self.workers:
                 self._wakeup.clear()
                 await self._wakeup.wait()  # an arrival, or a batch done
                 continue

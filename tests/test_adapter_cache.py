@@ -1,8 +1,10 @@
-"""AdapterCache alone (serving/engine/adapter_cache.py): byte accounting, the dense/factors
-choice, LRU victims and what may never be evicted; fast, no Ray, no engine.
+"""AdapterCache alone (serving/engine/adapter_cache.py): compact holding (factors plus
+packed mask bits), byte accounting of what is held and built, the dense/factors choice,
+the LRU of built forms, LRU victims and what may never be evicted; fast, no Ray, no engine.
 
 Entries are prepared from real bundles on a tiny two-Linear model, and every byte figure
-is computed here from the shapes (float32), not read back from the cache.
+is computed here from the shapes (float32 factors, 8 mask elements a byte), not read back
+from the cache.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 from adapters.bundle import AdapterBundle, Task
 from adapters.synthetic import random_bundle
 from adapters.validation import BaseModelSpec
+from adapters.merge import delta_weight, stacked_factors
 from serving.engine.adapter_cache import AdapterCache, PreparedAdapter, planned_bytes, prepare
 from serving.engine.weights import WeightBank
 
@@ -40,6 +43,8 @@ def bundle(seed: int) -> AdapterBundle:
 
 DENSE = sum(o * i * 4 for o, i in SHAPES.values())  # 16*8 + 24*16 floats
 FACTORS = sum((o + i) * D * R * 4 for o, i in SHAPES.values())
+#: held compact: A [r, in] and B [out, r] in float32, masks [d, r, in] and [d, out, r] as bits
+HELD = sum((o + i) * R * 4 + (D * R * i + 7) // 8 + (D * o * R + 7) // 8 for o, i in SHAPES.values())
 
 
 def entry(bank: WeightBank, name: str, mode: str, seed: int = 0) -> PreparedAdapter:
@@ -49,44 +54,83 @@ def entry(bank: WeightBank, name: str, mode: str, seed: int = 0) -> PreparedAdap
 def test_planned_and_held_bytes_follow_the_shapes(bank: WeightBank) -> None:
     assert planned_bytes(bundle(0)) == (DENSE, FACTORS, 0)
     dense, factors = entry(bank, "d", "dense"), entry(bank, "f", "factors")
-    assert dense.nbytes == DENSE + FACTORS and dense.dense_nbytes == DENSE  # dense keeps its factors too
-    assert factors.nbytes == FACTORS and factors.dense_nbytes == 0
+    assert dense.nbytes == factors.nbytes == HELD and dense.built is None  # nothing built at load
     cache = AdapterCache(capacity=10**6, dense_budget=10**6)
     cache.put(dense)
     cache.put(factors)
-    assert cache.nbytes == DENSE + 2 * FACTORS and cache.dense_nbytes == DENSE and len(cache) == 2
+    assert cache.nbytes == 2 * HELD and cache.dense_nbytes == 0 and len(cache) == 2
+    cache.build(dense)  # for a mixed forward: the factor pair only
+    assert dense.nbytes == HELD + FACTORS and cache.dense_nbytes == 0
+    cache.build(dense, merged=True)  # merged: the dense delta too, beside its factors (the mixed path hooks them)
+    assert dense.nbytes == HELD + DENSE + FACTORS and cache.dense_nbytes == DENSE
+    cache.build(factors)
+    assert cache.nbytes == 2 * HELD + DENSE + 2 * FACTORS
+    cache.pop("d")
+    assert cache.nbytes == HELD + FACTORS and dense.built is None and cache.built_names() == ["f"]
+
+
+def test_built_forms_equal_the_merge_of_the_bundle_and_rebuild_bit_identically(bank: WeightBank) -> None:
+    b = bundle(4)
+    e = prepare("x", b, bank, torch.device("cpu"), "dense")
+    cache = AdapterCache(capacity=10**6, dense_budget=10**6)
+    cache.put(e)
+    first = cache.build(e, merged=True)
+    for t, f in b.targets.items():
+        pair = stacked_factors(f, b.metadata.scaling)
+        assert torch.equal(first.factors[t].b, pair[0]) and torch.equal(first.factors[t].a, pair[1])
+        assert torch.equal(first.deltas[t].dense, delta_weight(f, b.metadata.scaling))
+    e.built = None  # dropped, as the LRU of built forms does
+    again = cache.build(e, merged=True)
+    assert again is not first and all(torch.equal(again.deltas[t].dense, first.deltas[t].dense) for t in SHAPES)
+
+
+def test_built_forms_are_kept_for_the_most_recent_within_count_and_dense_budget(bank: WeightBank) -> None:
+    cache = AdapterCache(capacity=10**6, dense_budget=2 * DENSE, keep_built=2)
+    es = {n: entry(bank, n, "dense", seed=i) for i, n in enumerate("abc")}
+    for e in es.values():
+        cache.put(e)
+        cache.build(e, merged=True)
+    assert cache.built_names() == ["b", "c"] and es["a"].built is None  # at most keep_built
+    cache.dense_budget = DENSE
+    cache.build(es["b"], merged=True)  # b most recent; c's dense delta no longer fits beside it
+    assert cache.built_names() == ["b"] and cache.nbytes == 3 * HELD + DENSE + FACTORS
+    cache.capacity = 3 * HELD + FACTORS  # b's built form no longer fits either: only b's own stays
+    cache.build(es["c"], merged=True)
+    assert cache.built_names() == ["c"]
 
 
 def test_mode_choice_respects_the_dense_budget_and_the_capacity(bank: WeightBank) -> None:
-    cache = AdapterCache(capacity=DENSE + 3 * FACTORS, dense_budget=DENSE)
-    assert cache.choose_mode(DENSE, FACTORS, 0, "x", set()) == "dense"
+    cache = AdapterCache(capacity=2 * HELD + DENSE + FACTORS, dense_budget=DENSE)
+    assert cache.choose_mode(DENSE, FACTORS, HELD, "x", set()) == "dense"
     cache.put(entry(bank, "x", "dense"))
-    # the dense budget is spent: the next adapter is kept as factors
-    assert cache.choose_mode(DENSE, FACTORS, 0, "y", set()) == "factors"
-    # replacing x itself frees x's dense bytes first
-    assert cache.choose_mode(DENSE, FACTORS, 0, "x", set()) == "dense"
-    # x protected (active) and a capacity that leaves no room beside it: nothing fits
-    tight = AdapterCache(capacity=DENSE + FACTORS + FACTORS - 4, dense_budget=10**9)
-    tight.put(entry(bank, "x", "dense"))
-    assert tight.choose_mode(DENSE, FACTORS, 0, "y", {"x"}) is None
-    assert tight.choose_mode(DENSE, FACTORS, 0, "y", set()) == "dense"  # x may be evicted
+    # built forms share the dense budget through their LRU: the next adapter may be dense too
+    assert cache.choose_mode(DENSE, FACTORS, HELD, "y", set()) == "dense"
+    # a dense budget smaller than one adapter's deltas: factors
+    assert AdapterCache(capacity=10**6, dense_budget=DENSE - 4).choose_mode(DENSE, FACTORS, HELD, "y", set()) == "factors"
+    # x protected (active) and a capacity that leaves room beside it for y's factors only, then for nothing
+    assert cache.choose_mode(DENSE, FACTORS, HELD, "y", {"x"}) == "dense"
+    cache.capacity = 2 * HELD + FACTORS
+    assert cache.choose_mode(DENSE, FACTORS, HELD, "y", {"x"}) == "factors"
+    cache.capacity = 2 * HELD + FACTORS - 4
+    assert cache.choose_mode(DENSE, FACTORS, HELD, "y", {"x"}) is None
+    assert cache.choose_mode(DENSE, FACTORS, HELD, "y", set()) == "factors"  # x may be evicted
 
 
 def test_victims_are_least_recently_used_first_and_never_protected(bank: WeightBank) -> None:
-    cache = AdapterCache(capacity=3 * FACTORS, dense_budget=0)
+    cache = AdapterCache(capacity=3 * HELD, dense_budget=0)
     for i, name in enumerate("abc"):
         cache.put(entry(bank, name, "factors", seed=i))
     assert cache.victims(0, "new", set()) == []
-    assert cache.victims(FACTORS, "new", set()) == ["a"]
+    assert cache.victims(HELD, "new", set()) == ["a"]
     cache.touch("a")  # a becomes most recent: b is now the oldest
-    assert cache.victims(FACTORS, "new", set()) == ["b"]
-    assert cache.victims(2 * FACTORS, "new", {"b"}) == ["c", "a"]  # b active: skipped
+    assert cache.victims(HELD, "new", set()) == ["b"]
+    assert cache.victims(2 * HELD, "new", {"b"}) == ["c", "a"]  # b active: skipped
     cache.peek("c").inflight = 1  # leased by a request in progress
-    assert cache.victims(FACTORS, "new", {"b"}) == ["a"]
-    assert cache.victims(2 * FACTORS, "new", {"b"}) is None  # only a may go: not enough
+    assert cache.victims(HELD, "new", {"b"}) == ["a"]
+    assert cache.victims(2 * HELD, "new", {"b"}) is None  # only a may go: not enough
     assert [e.name for e in cache.entries()] == ["b", "c", "a"]  # victims() evicts nothing
     # replacing an entry counts its bytes as free
-    assert cache.victims(FACTORS, "a", {"b"}) == []
+    assert cache.victims(HELD, "a", {"b"}) == []
 
 
 def test_put_replaces_and_peek_does_not_reorder(bank: WeightBank) -> None:

@@ -33,10 +33,12 @@ def test_merged_equals_unmerged_equals_hand_merged(case: str, request: pytest.Fi
     bundle = bundle_for(probe, suffixes, seed=7, std=0.1)
     dense_bytes = sum(f.out_features * f.in_features * 4 for f in bundle.targets.values())
     del probe
-    # room for exactly one adapter's dense deltas: the first load is dense, the second factors
+    # room for one adapter's dense deltas: built dense; with none, the second is built as factors
     engine = engine_for(folder, served, dense_budget_bytes=dense_bytes)
     assert engine.load_adapter("dense", bundle).mode == "dense"
+    engine.residency.cache.dense_budget = 0
     assert engine.load_adapter("factors", bundle).mode == "factors"
+    engine.residency.cache.dense_budget = dense_bytes
 
     batch = dict(engine.tokenizer(TEXTS, padding=True, return_tensors="pt"))
     task = engine.task

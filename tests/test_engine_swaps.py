@@ -17,6 +17,7 @@ from adapters.errors import BundleError
 from adapters.tasks.errors import AdapterNotLoaded
 from adapters.tasks.errors import Overloaded
 from serving.api.errors import status_for
+from serving.engine.adapter_cache import held_bytes, planned_bytes
 from serving.engine.engine import Engine
 from tests.engine_utils import MINILM_ID, bundle_for, engine_for, same_weights, weights_snapshot
 
@@ -109,11 +110,19 @@ def _shape_mismatch(b):
     return b
 
 
+def _overflowing_product(b):
+    """Finite factors whose merged delta B'A' overflows float32 (the bound check must compute it)."""
+    f = b.targets[b.metadata.targets[0]]
+    f.lora_A, f.lora_B = torch.full_like(f.lora_A, 1e20), torch.full_like(f.lora_B, 1e20)
+    return b
+
+
 ERROR_CASES = [
     ("wrong base model", lambda b: _set_meta(b, base_model="other/model"), "does not match the served base"),
     ("causal-lm on an encoder", lambda b: _set_meta(b, task=Task.CAUSAL_LM), "cannot be served on a feature-extraction"),
     ("target not in model", _unknown_target, "'encoder.nope' is not a Linear module"),
     ("shape mismatch", _shape_mismatch, "adapter is [out=384, in=383]"),
+    ("merged delta overflows", _overflowing_product, "merged delta is not finite"),
 ]
 
 
@@ -144,8 +153,10 @@ def test_lru_bounded_in_bytes_never_evicts_active_or_leased(minilm: Engine) -> N
     bundles = {n: bundle_for(minilm, MINILM_TARGETS, seed=i) for i, n in enumerate("abcde")}
     probe = minilm.load_adapter("probe", bundles["a"])
     minilm.unload_adapter("probe")
-    size = probe.nbytes
-    minilm.residency.cache.capacity = 2 * size + size // 2  # room for two
+    held = probe.nbytes  # held compact: factors and packed masks
+    assert held == held_bytes(bundles["a"]) and not minilm.residency.cache.built_names()
+    built = planned_bytes(bundles["a"])[1]  # the float32 factor pair it is built into when active
+    minilm.residency.cache.capacity = 2 * held + built + held // 2  # room for two, one of them built
     for n in "ab":
         minilm.load_adapter(n, bundles[n])
     minilm.activate("a")  # a is active and most recently used
@@ -166,7 +177,8 @@ def test_lru_bounded_in_bytes_never_evicts_active_or_leased(minilm: Engine) -> N
     with pytest.raises(AdapterNotLoaded) as err:
         minilm.activate("a")
     assert status_for(err.value)[0] == 404
-    minilm.residency.cache.capacity = size // 2
+    assert minilm.stats().cache_bytes == 2 * held + built  # d built (active), e held
+    minilm.residency.cache.capacity = held // 2
     with pytest.raises(BundleError, match="more than adapter_cache_bytes"):
         minilm.load_adapter("e", bundles["e"])
 

@@ -45,28 +45,34 @@ def minilm(minilm_dir) -> Engine:
     probe = engine_for(minilm_dir, MINILM_ID)
     one_dense = sum(f.out_features * f.in_features * 4 for f in bundle_for(probe, TARGETS, seed=0).targets.values())
     del probe
-    # room for one adapter's dense deltas: "fx" is dense, every later one keeps factors only
+    # room for one adapter's dense deltas: "fx" is built dense, the others (loaded while the
+    # dense budget is 0) as factors only
     engine = engine_for(minilm_dir, MINILM_ID, dense_budget_bytes=one_dense)
     engine.load_adapter("fx", bundle_for(engine, TARGETS, seed=1))
+    engine.residency.cache.dense_budget = 0
     for i, pooling in enumerate(["mean", "cls", "mean"]):
         bundle = bundle_for(
             engine, TARGETS[: 3 - i] or TARGETS, seed=10 + i, task=Task.SEQUENCE_CLASSIFICATION,
             labels=["neg", "neu", "pos"][: 2 + i % 2], pooling=pooling,
         )
         engine.load_adapter(f"clf{i}", bundle)
+    engine.residency.cache.dense_budget = one_dense
     return engine
 
 
 def test_factors_kept_for_dense_and_factor_adapters(minilm: Engine) -> None:
     modes = {i.name: i.mode for i in minilm.list_adapters()}
     assert modes == {"fx": "dense", "clf0": "factors", "clf1": "factors", "clf2": "factors"}
+    cache = minilm.residency.cache
     for name in modes:
-        e = minilm.residency.cache.peek(name)
-        assert set(e.factors) == set(e.deltas) and all(d.b is not None and d.a is not None for d in e.factors.values())
-    fx = minilm.residency.cache.peek("fx")
-    factor_bytes = sum(d.nbytes for d in fx.factors.values())
-    assert fx.nbytes == sum(d.nbytes for d in fx.deltas.values()) + factor_bytes  # accounted
-    clf = minilm.residency.cache.peek("clf0")
+        b = cache.build(cache.peek(name))
+        assert set(b.factors) == set(b.deltas) and all(d.b is not None and d.a is not None for d in b.factors.values())
+    fx = cache.peek("fx")
+    built = cache.build(fx, merged=True)
+    factor_bytes = sum(d.nbytes for d in built.factors.values())
+    assert built.nbytes == sum(d.nbytes for d in built.deltas.values()) + factor_bytes  # accounted
+    assert fx.nbytes == fx.held_nbytes + built.nbytes
+    clf = cache.build(cache.peek("clf0"))
     assert clf.factors["encoder.layer.0.attention.self.query"] is clf.deltas["encoder.layer.0.attention.self.query"]
 
 
@@ -242,7 +248,7 @@ def test_model_server_mixed_batch_through_scheduler_equals_merged(minilm: Engine
         clfs = await asyncio.gather(
             *(server.scheduler.submit("classify", a, [t]) for a, t in zip(rows[2:5], TEXTS[2:5]))
         )
-        report = server.reporter.report()
+        report = server.report()
         await server.scheduler.close()
         return embeds, clfs, report
 

@@ -250,3 +250,39 @@ def test_workers_overlap_batches_of_one_adapter_never_of_two():
     assert any(x[2] == y[2] for x, y in overlaps)  # two workers did run side by side
     assert all(x[2] == y[2] for x, y in overlaps), "batches of different adapters overlapped"
     assert len(rec.threads) == 2
+
+
+def test_requests_wait_for_their_adapters_readiness_while_others_run():
+    """A request given `ready` joins its queue when `ready` is done (no engine call for it
+    before); other adapters' requests run meanwhile; a failed `ready` fails its requests only,
+    and a cancelled waiting request frees its queue place."""
+    rec = Recorder()
+
+    async def main():
+        s = Scheduler(rec, SchedulerConfig(max_queue=3, max_batch_size=8, batch_wait_ms=0))
+        loop = asyncio.get_running_loop()
+        cold, broken, dropped = loop.create_future(), loop.create_future(), loop.create_future()
+        waiting = asyncio.ensure_future(s.submit("embed", "cold", ["c"], ready=cold))
+        failing = asyncio.ensure_future(s.submit("embed", "broken", ["b"], ready=broken))
+        gone = asyncio.ensure_future(s.submit("embed", "gone", ["g"], ready=dropped))
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded):  # three waiting: the queue is full
+            await s.submit("embed", "hot", ["x"])
+        gone.cancel()
+        await asyncio.sleep(0)
+        dropped.set_result(None)  # its request was cancelled meanwhile: it never runs
+        hot = [await s.submit("embed", "hot", [f"h{i}"]) for i in range(3)]
+        assert not waiting.done() and [c[1] for c in rec.calls] == ["hot"] * 3
+        broken.set_exception(LookupError("no such blob"))
+        with pytest.raises(LookupError):
+            await failing
+        cold.set_result(None)
+        out, _ = await waiting
+        stats = s.stats()
+        await s.close()
+        return hot, out, stats
+
+    hot, out, stats = run(main())
+    assert [h[0] for h in hot] == [[("hot", f"h{i}")] for i in range(3)]
+    assert out == [("cold", "c")] and stats.queue_depth == 0
+    assert [c[1] for c in rec.calls] == ["hot"] * 3 + ["cold"]  # neither the broken nor the cancelled one ran

@@ -1,12 +1,20 @@
-"""Adapters' pre-merged data, and the LRU that bounds it in bytes.
+"""Adapters as their bundles hold them, the forms a swap needs built on activation, and
+the LRU that bounds both in bytes.
 
-Each adapter is pre-merged once, when loaded, in one of two forms per target:
-- dense: the float32 delta in the weight's own orientation; a swap is one fused add;
-- factors: the exact stacked pair (B', A') of rank d*r; a swap is one addmm, and it holds
-  (out+in)*d*r floats instead of out*in.
-Dense is chosen while the adapter's dense deltas fit what is left of `dense_budget_bytes`.
-A dense adapter also keeps its factor pair (`factors`, counted in its bytes): the unmerged
-mixed-adapter path (serving.engine.mixed) needs the thin pair, never the dense delta.
+Each loaded adapter is held compact: per target its shared factors (A [r, in], B [out, r],
+in the bundle's dtype) and its d masks as bits (numpy.packbits order, MSB first), plus its
+head in float32. That is what the byte budget counts for a resident adapter; a bool mask
+would take 8 times the bits.
+
+When an adapter is activated (merged for a forward, or hooked in for a mixed one) its
+built form is made from that, with `adapters.merge` (the one source of the delta math):
+- factors: the exact stacked pair (B', A') of rank d*r in float32; a swap is one addmm,
+  and the mixed path hooks exactly this pair;
+- dense (`mode == "dense"`): also the float32 delta in the weight's own orientation; a
+  swap is one fused add.
+Built forms are kept for the `keep_built` most recently activated adapters (and within
+`dense_budget_bytes` for their dense deltas); their bytes count in the budget as well.
+Building is deterministic, so an adapter activated again writes bit-identical weights.
 """
 
 from __future__ import annotations
@@ -20,24 +28,95 @@ from typing import Literal
 import torch
 
 from adapters.bundle import AdapterBundle, BundleMetadata, TargetFactors, Task
-from adapters.merge import delta_weight, stacked_factors
+from adapters.masks import pack, unpack
+from adapters.merge import stacked_factors
 from serving.engine.weights import TargetDelta, WeightBank
 
 Mode = Literal["dense", "factors"]
 F32 = 4
+#: Built forms kept beside the compact ones (the hot adapters'); see README "Decisions".
+KEEP_BUILT = 32
+
+
+@dataclass(frozen=True)
+class CompactTarget:
+    """One target as its bundle holds it: factors on the device, masks as packed bits."""
+
+    lora_A: torch.Tensor  # [r, in]
+    lora_B: torch.Tensor  # [out, r]
+    mask_A: torch.Tensor  # uint8 bits of the [d, r, in] mask
+    mask_B: torch.Tensor  # uint8 bits of the [d, out, r] mask
+    copies: int
+    transposed: bool  # the weight is stored [in, out] (GPT-2's Conv1D)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.lora_A, self.lora_B, self.mask_A, self.mask_B))
+
+
+def compact_target(f: TargetFactors, device: torch.device = torch.device("cpu"), transposed: bool = False) -> CompactTarget:
+    mask_A, mask_B = pack(f.mask_A), pack(f.mask_B)
+    return CompactTarget(
+        lora_A=f.lora_A.to(device).contiguous(), lora_B=f.lora_B.to(device).contiguous(),
+        mask_A=mask_A, mask_B=mask_B, copies=f.mask_A.shape[0], transposed=transposed,
+    )
+
+
+def build_target(c: CompactTarget, scaling: float, dense: bool) -> TargetDelta:
+    """The swap's form of one target: the stacked float32 pair, or (dense) the delta B'A' in
+    the weight's orientation. Exactly `adapters.merge`'s math on the unpacked masks."""
+    r, n_in = c.lora_A.shape
+    n_out = c.lora_B.shape[0]
+    device = c.lora_A.device
+    f = TargetFactors(
+        c.lora_A, c.lora_B,
+        unpack(c.mask_A, (c.copies, r, n_in)).to(device), unpack(c.mask_B, (c.copies, n_out, r)).to(device),
+    )
+    b, a = stacked_factors(f, scaling)
+    pair = TargetDelta(b=b, a=a)
+    return dense_of(pair, c.transposed) if dense else pair
+
+
+def dense_of(pair: TargetDelta, transposed: bool) -> TargetDelta:
+    """The dense delta B'A' of a stacked pair, in the weight's orientation."""
+    assert pair.b is not None and pair.a is not None
+    delta = pair.b @ pair.a
+    return TargetDelta(dense=(delta.t() if transposed else delta).contiguous())
+
+
+@dataclass
+class Built:
+    """An activated adapter's built form: the factor pairs (mixed path, factors-mode swaps),
+    and for a dense adapter once it is merged, its dense deltas."""
+
+    factors: dict[str, TargetDelta]
+    dense: dict[str, TargetDelta] | None = None
+
+    @property
+    def deltas(self) -> dict[str, TargetDelta]:
+        """What a swap writes: the dense deltas when built, else the pairs."""
+        return self.dense if self.dense is not None else self.factors
+
+    @property
+    def nbytes(self) -> int:
+        return sum(d.nbytes for d in self.factors.values()) + self.dense_nbytes
+
+    @property
+    def dense_nbytes(self) -> int:
+        return sum(d.nbytes for d in self.dense.values()) if self.dense is not None else 0
 
 
 @dataclass
 class PreparedAdapter:
-    """One loaded adapter: its metadata, per-target pre-merged deltas and its head (float32)."""
+    """One loaded adapter: its metadata, its targets held compact, its head (float32), and
+    its built form while it is one of the recently activated."""
 
     name: str
     metadata: BundleMetadata
     mode: Mode
-    deltas: dict[str, TargetDelta]
+    compact: dict[str, CompactTarget]
     head: dict[str, torch.Tensor] = field(default_factory=dict)
-    #: target -> TargetDelta(b, a) for the unmerged path; the same objects as `deltas` in factors mode
-    factors: dict[str, TargetDelta] = field(default_factory=dict)
+    built: Built | None = None
     #: leases held (AdapterResidency.lease: requests and streams in progress); never evicted while > 0
     inflight: int = 0
     #: unload asked while leased: dropped when the last lease ends (AdapterResidency.unload)
@@ -47,20 +126,36 @@ class PreparedAdapter:
     def task(self) -> Task:
         return self.metadata.task
 
-    # Sizes are fixed once prepared (deltas, factors and head are never replaced), and the
-    # engine reads them per batch for its stats: computed once.
-    @cached_property
-    def nbytes(self) -> int:
-        extra = sum(d.nbytes for d in self.factors.values()) if self.mode == "dense" else 0
-        return sum(d.nbytes for d in self.deltas.values()) + extra + sum(t.numel() * t.element_size() for t in self.head.values())
+    @property
+    def targets(self) -> list[str]:
+        return list(self.compact)
 
     @cached_property
+    def held_nbytes(self) -> int:
+        """Bytes of the compact form and the head: fixed once prepared."""
+        return sum(c.nbytes for c in self.compact.values()) + sum(t.numel() * t.element_size() for t in self.head.values())
+
+    @property
+    def nbytes(self) -> int:
+        return self.held_nbytes + (self.built.nbytes if self.built is not None else 0)
+
+    @property
     def dense_nbytes(self) -> int:
-        return sum(d.nbytes for d in self.deltas.values()) if self.mode == "dense" else 0
+        return self.built.dense_nbytes if self.built is not None else 0
+
+    def build(self, merged: bool = False) -> Built:
+        """The built form (made now unless it is kept): the factor pairs, plus for a dense
+        adapter about to be `merged` its dense deltas (a mixed forward needs only the pairs)."""
+        if self.built is None:
+            scaling = self.metadata.scaling
+            self.built = Built(factors={t: build_target(c, scaling, dense=False) for t, c in self.compact.items()})
+        if merged and self.mode == "dense" and self.built.dense is None:
+            self.built.dense = {t: dense_of(self.built.factors[t], c.transposed) for t, c in self.compact.items()}
+        return self.built
 
 
 def planned_bytes(bundle: AdapterBundle) -> tuple[int, int, int]:
-    """(dense bytes, factor bytes, head bytes) the adapter would take in float32."""
+    """(dense bytes, factor bytes, head bytes) the adapter's built form would take in float32."""
     d, r = bundle.metadata.num_copies, bundle.metadata.rank
     dense = sum(f.out_features * f.in_features * F32 for f in bundle.targets.values())
     factors = sum((f.out_features + f.in_features) * d * r * F32 for f in bundle.targets.values())
@@ -68,10 +163,20 @@ def planned_bytes(bundle: AdapterBundle) -> tuple[int, int, int]:
     return dense, factors, head
 
 
+def held_bytes(bundle: AdapterBundle) -> int:
+    """Bytes the adapter takes held compact: its factors in their dtype, its masks as bits, its head in float32."""
+    total = sum(t.numel() * F32 for t in bundle.head.values())
+    for f in bundle.targets.values():
+        total += f.lora_A.numel() * f.lora_A.element_size() + f.lora_B.numel() * f.lora_B.element_size()
+        total += -(-f.mask_A.numel() // 8) + -(-f.mask_B.numel() // 8)
+    return total
+
+
 def smallest_adapter_bytes(linear_shapes: Iterable[tuple[int, int]]) -> int:
     """The least any adapter can take in the cache on a base with these [out, in] linear layers:
-    the factor form of rank 1 with one copy on the smallest layer, (out + in) float32s."""
-    return min((o + i) * F32 for o, i in linear_shapes)
+    rank 1 with one copy on the smallest layer, held compact: (out + in) float16 factors and
+    (out + in) mask bits."""
+    return min((o + i) * 2 + -(-o // 8) + -(-i // 8) for o, i in linear_shapes)
 
 
 def count_bound(capacity: int, linear_shapes: Iterable[tuple[int, int]]) -> int:
@@ -81,37 +186,27 @@ def count_bound(capacity: int, linear_shapes: Iterable[tuple[int, int]]) -> int:
 
 
 def prepare(name: str, bundle: AdapterBundle, bank: WeightBank, device: torch.device, mode: Mode) -> PreparedAdapter:
-    """Pre-merge every target with `adapters.merge` (the one source of the delta math)."""
-    scaling = bundle.metadata.scaling
-    deltas: dict[str, TargetDelta] = {}
-    factors: dict[str, TargetDelta] = {}
+    """The compact entry for `bundle` (nothing built yet), its head in float32 on the device."""
     with torch.no_grad():
-        for path in bundle.metadata.targets:
-            f = bundle.targets[path]
-            f = TargetFactors(*(t.to(device) for t in (f.lora_A, f.lora_B, f.mask_A, f.mask_B)))
-            b, a = stacked_factors(f, scaling)
-            factors[path] = TargetDelta(b=b, a=a)
-            if mode == "dense":
-                dense = delta_weight(f, scaling)
-                if bank.transposed(path):
-                    dense = dense.t()
-                deltas[path] = TargetDelta(dense=dense.contiguous())
-            else:
-                deltas[path] = factors[path]
+        compact = {
+            path: compact_target(bundle.targets[path], device, bank.transposed(path)) for path in bundle.metadata.targets
+        }
         head = {k: v.to(device=device, dtype=torch.float32).contiguous() for k, v in bundle.head.items()}
-    return PreparedAdapter(
-        name=name, metadata=bundle.metadata, mode=mode, deltas=deltas, head=head, factors=factors
-    )
+    return PreparedAdapter(name=name, metadata=bundle.metadata, mode=mode, compact=compact, head=head)
 
 
 class AdapterCache:
     """Name -> PreparedAdapter in LRU order, bounded by `capacity` bytes (never evicting a
-    protected entry: the active one, or one leased by a request in progress)."""
+    protected entry: the active one, or one leased by a request in progress), and the LRU
+    of built forms (at most `keep_built`, their dense deltas within `dense_budget`)."""
 
-    def __init__(self, capacity: int, dense_budget: int) -> None:
+    def __init__(self, capacity: int, dense_budget: int, keep_built: int = KEEP_BUILT) -> None:
         self.capacity = capacity
         self.dense_budget = dense_budget
+        self.keep_built = keep_built
         self._entries: OrderedDict[str, PreparedAdapter] = OrderedDict()
+        self._held = 0  # held_nbytes of every entry
+        self._built: OrderedDict[str, PreparedAdapter] = OrderedDict()  # entries with a built form, LRU first
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
@@ -133,23 +228,44 @@ class AdapterCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(e.nbytes for e in self._entries.values())
+        """What the cache really holds: every compact form and head, plus the built forms kept."""
+        return self._held + sum(e.built.nbytes for e in self._built.values() if e.built is not None)
 
     @property
     def dense_nbytes(self) -> int:
-        return sum(e.dense_nbytes for e in self._entries.values())
+        return sum(e.dense_nbytes for e in self._built.values())
 
-    def choose_mode(self, dense: int, factors: int, head: int, replacing: str, protected: set[str]) -> Mode | None:
-        """dense if it fits the remaining dense budget (and the cache after evictions), else
-        factors if those fit; None when neither fits even after evicting all it may."""
-        old = self._entries.get(replacing)
-        dense_used = self.dense_nbytes - (old.dense_nbytes if old else 0)
-        fixed = sum(e.nbytes for n, e in self._entries.items() if n != replacing and self._protected(n, e, protected))
+    def build(self, entry: PreparedAdapter, merged: bool = False) -> Built:
+        """`entry`'s built form (`PreparedAdapter.build`), made now unless kept; then the least recently built others
+        are dropped beyond `keep_built`, the dense budget or the capacity. Dropping one is
+        always safe: a swap away restores the pristine weights, and a forward in progress
+        holds its own references to the tensors it uses."""
+        built = entry.build(merged)
+        self._built[entry.name] = entry
+        self._built.move_to_end(entry.name)
+        for name in list(self._built):
+            if name == entry.name:
+                break
+            over = len(self._built) > self.keep_built
+            if not (over or self.dense_nbytes > self.dense_budget or self.nbytes > self.capacity):
+                break
+            self._built.pop(name).built = None
+        return built
+
+    def built_names(self) -> list[str]:
+        """Entries whose built form is kept, least recently built first."""
+        return list(self._built)
+
+    def choose_mode(self, dense: int, factors: int, held: int, replacing: str, protected: set[str]) -> Mode | None:
+        """The built form `replacing` will take: dense if its dense deltas fit the dense budget
+        (other built forms can always be dropped) and, built, it fits the cache beside the
+        protected entries; else factors if those fit; None when not even that fits."""
+        fixed = sum(e.held_nbytes for n, e in self._entries.items() if n != replacing and self._protected(n, e, protected))
         room = self.capacity - fixed
-        # a dense adapter also keeps its factors (for the unmerged path): dense + factors + head
-        if dense_used + dense <= self.dense_budget and dense + factors + head <= room:
+        # a dense adapter keeps its factors too (for the unmerged path): held + factors + dense
+        if dense <= self.dense_budget and held + factors + dense <= room:
             return "dense"
-        if factors + head <= room:
+        if held + factors <= room:
             return "factors"
         return None
 
@@ -173,12 +289,19 @@ class AdapterCache:
 
     def put(self, entry: PreparedAdapter) -> PreparedAdapter | None:
         """Insert (most recently used); returns the entry it replaced, if any."""
-        old = self._entries.pop(entry.name, None)
+        old = self.pop(entry.name)
         self._entries[entry.name] = entry
+        self._held += entry.held_nbytes
         return old
 
     def pop(self, name: str) -> PreparedAdapter | None:
-        return self._entries.pop(name, None)
+        entry = self._entries.pop(name, None)
+        if entry is not None:
+            self._held -= entry.held_nbytes
+            if self._built.get(name) is entry:
+                del self._built[name]
+                entry.built = None
+        return entry
 
     def names(self) -> Iterable[str]:
         return self._entries.keys()

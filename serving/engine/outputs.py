@@ -52,8 +52,8 @@ class GenerationDelta(BaseModel):
 class LoadedAdapterInfo(BaseModel):
     name: str
     task: Task
-    mode: Literal["dense", "factors"] = Field(..., description="How its pre-merged delta is kept.")
-    nbytes: int = Field(..., description="Bytes of pre-merged data it holds in the cache.")
+    mode: Literal["dense", "factors"] = Field(..., description="The form it is built into when activated: dense delta or factor pair.")
+    nbytes: int = Field(..., description="Bytes it holds in the cache when loaded: factors, packed masks, head.")
     labels: list[str] | None = Field(None, description="Label names of a sequence- or image-classification adapter.")
 
 
@@ -65,5 +65,5 @@ class EngineStats(BaseModel):
     cache_hits: int = Field(..., description="Requests/activations that found their adapter loaded.")
     cache_misses: int = Field(..., description="load_adapter calls (the adapter had to be loaded).")
     cache_evictions: int = Field(..., description="Adapters dropped by the LRU to stay within adapter_cache_bytes.")
-    cache_bytes: int = Field(..., description="Bytes of pre-merged adapter data held.")
+    cache_bytes: int = Field(..., description="Bytes the adapter cache holds: every adapter's compact form plus the built forms kept.")
     loaded_adapters: int

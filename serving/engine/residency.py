@@ -32,7 +32,12 @@ from adapters.errors import BundleError
 from adapters.validation import BaseModelSpec, check_servable
 from serving.engine.adapter_cache import (
     AdapterCache,
+    Built,
+    CompactTarget,
     PreparedAdapter,
+    build_target,
+    dense_of,
+    held_bytes,
     planned_bytes,
     prepare,
 )
@@ -71,24 +76,25 @@ class AdapterResidency:
     # ------------------------------------------------------------------ load / unload
 
     def load(self, name: str, bundle: AdapterBundle) -> LoadedAdapterInfo:
-        """Validate every target, pre-merge once, insert (evicting LRU entries if needed).
+        """Validate every target, hold it compact, insert (evicting LRU entries if needed).
 
         Replaces an entry of the same name; if that one is active, the new one is written.
         Raises BundleError (nothing changed) if the bundle cannot be served here.
         """
         self._validate(name, bundle)  # reads only static facts of the base model
-        dense, factors, head = planned_bytes(bundle)
-        if factors + head > self.cache.capacity:
+        dense, factors, _head = planned_bytes(bundle)
+        held = held_bytes(bundle)
+        if held + factors > self.cache.capacity:
             raise BundleError(
-                f"needs {factors + head} bytes, more than adapter_cache_bytes={self.cache.capacity}", name=name
+                f"needs {held + factors} bytes, more than adapter_cache_bytes={self.cache.capacity}", name=name
             )
         with self._lock:
-            mode = self.cache.choose_mode(dense, factors, head, name, self._protected())
+            mode = self.cache.choose_mode(dense, factors, held, name, self._protected())
         if mode is None:
             raise Overloaded(f"adapter cache is full of active or in-use adapters; cannot load {name!r}")
-        # pre-merging touches no weight: done outside the lock, so forwards go on meanwhile
+        # packing and the finiteness check touch no weight: done outside the lock, so forwards go on
         entry = prepare(name, bundle, self.bank, self.device, mode)
-        bad = [t for t, d in entry.deltas.items() if d.dense is not None and not bool(torch.isfinite(d.dense).all())]
+        bad = [t for t, c in entry.compact.items() if not _finite_delta(c, bundle.metadata.scaling)]
         if bad:
             raise BundleError([f"target {t!r}: merged delta is not finite" for t in bad], name=name)
         with self._lock:
@@ -97,13 +103,13 @@ class AdapterResidency:
                 raise Overloaded(f"adapter cache is full of active or in-use adapters; cannot load {name!r}")
             for victim in victims:
                 self._evict(victim)
-            self.bank.acquire(list(entry.deltas))
+            self.bank.acquire(entry.targets)
             old = self.cache.put(entry)
             self._misses += 1
             if old is not None:
                 if self._active is old:
                     self._write(entry)  # from the old state; old-only targets restored from pristine
-                self.bank.release(list(old.deltas))
+                self.bank.release(old.targets)
             return _info(entry)
 
     def _validate(self, name: str, bundle: AdapterBundle) -> None:
@@ -143,7 +149,7 @@ class AdapterResidency:
         if self._active is entry:
             self._write(None)
         self.cache.pop(entry.name)
-        self.bank.release(list(entry.deltas))
+        self.bank.release(entry.targets)
 
     def _protected(self) -> set[str]:
         return {self._active.name} if self._active is not None else set()
@@ -151,8 +157,17 @@ class AdapterResidency:
     def _evict(self, name: str) -> None:
         entry = self.cache.pop(name)
         assert entry is not None and entry is not self._active
-        self.bank.release(list(entry.deltas))
+        self.bank.release(entry.targets)
         self._evictions += 1
+
+    def _built(self, entry: PreparedAdapter, merged: bool = False) -> Built:
+        """`entry`'s built form (made now unless kept; with its dense deltas when `merged`);
+        then, if the cache is over its budget, LRU entries other than `entry` and the
+        protected ones are evicted. Lock held."""
+        built = self.cache.build(entry, merged)
+        for victim in self.cache.victims(0, entry.name, self._protected()) or []:
+            self._evict(victim)
+        return built
 
     def infos(self) -> list[LoadedAdapterInfo]:
         with self._lock:
@@ -228,7 +243,9 @@ class AdapterResidency:
         """The pristine base in the weights (mixed mode runs with NO adapter merged) and row
         i's factor pair hooked in for this thread's forward."""
         with self._forward_on(None, entries):
-            with mixed_lora(self.model, [e.factors if e is not None else None for e in entries], self.device):
+            with self._lock:
+                built = {id(e): self._built(e) for e in entries if e is not None}
+            with mixed_lora(self.model, [built[id(e)].factors if e is not None else None for e in entries], self.device):
                 yield
 
     @contextmanager
@@ -279,13 +296,13 @@ class AdapterResidency:
         old = self._active
         if entry is old:
             return False
-        changes: dict[str, TargetDelta | None] = dict.fromkeys(old.deltas if old is not None else ())
+        start = time.perf_counter()  # the swap's time includes building the form it writes
+        changes: dict[str, TargetDelta | None] = dict.fromkeys(old.targets if old is not None else ())
         if entry is not None:
-            changes.update(entry.deltas)
+            changes.update(self._built(entry, merged=True).deltas)
         problems = [p for t, d in changes.items() for p in self.bank.check(t, d)]
         if problems:
             raise RuntimeError("refusing to swap, nothing written: " + "; ".join(problems))
-        start = time.perf_counter()
         self.bank.write(changes)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -309,6 +326,19 @@ class AdapterResidency:
                 cache_bytes=self.cache.nbytes,
                 loaded_adapters=len(self.cache),
             )
+
+
+def _finite_delta(c: CompactTarget, scaling: float) -> bool:
+    """Whether the target's stacked pair and its product B'A' are finite. The product is only
+    computed when the cheap bound (largest |B'| x largest |A'| x d*r) does not rule out overflow."""
+    pair = build_target(c, scaling, dense=False)
+    assert pair.b is not None and pair.a is not None
+    if not (bool(torch.isfinite(pair.b).all()) and bool(torch.isfinite(pair.a).all())):
+        return False
+    bound = float(pair.b.abs().max()) * float(pair.a.abs().max()) * pair.a.shape[0]
+    if bound < torch.finfo(torch.float32).max / 2:
+        return True
+    return bool(torch.isfinite(dense_of(pair, c.transposed).dense).all())  # type: ignore[arg-type]
 
 
 def _info(e: PreparedAdapter) -> LoadedAdapterInfo:

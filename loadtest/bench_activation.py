@@ -1,0 +1,70 @@
+"""What activating a compactly held adapter costs: mask unpacking, stacking, merging.
+
+An adapter cache that holds what a bundle holds (factors plus bit-packed masks) builds the
+swap's form when the adapter is activated. This times each step per adapter on MiniLM's
+query/value targets (rank 8, d 2..4, 384x384 each, 12 targets) on this machine's CPU, beside
+the swap itself in both forms, so the README can say whether built forms are worth caching:
+
+    python loadtest/bench_activation.py [--repeat 50] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from statistics import median
+
+import torch
+
+from adapters.bundle import Task
+from adapters.default_model import DEFAULT_MODEL_ID, default_model_dir
+from adapters.merge import add_dense_into, merge_into
+from adapters.synthetic import random_bundle
+from serving.engine.adapter_cache import build_target, compact_target
+from adapters.tasks.model_loader import meta_spec
+
+
+def timed(fn: Callable[[], object], repeat: int) -> float:
+    """Median milliseconds of `fn` over `repeat` runs (after one warm-up)."""
+    fn()
+    runs = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - t0)
+    return 1000 * median(runs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=50)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (an engine worker runs with 1 on a CPU)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    spec = meta_spec(default_model_dir(), DEFAULT_MODEL_ID)
+    targets = [n for n in spec.linear_shapes if n.endswith(("attention.self.query", "attention.self.value"))]
+    print(f"{len(targets)} targets, rank 8, torch threads {args.threads}; milliseconds per adapter (median of {args.repeat})")
+    print("| d | held KiB (compact) | dense bool masks KiB | unpack + stack factors | + dense delta | swap: dense add | swap: factors addmm |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for d in (2, 3, 4):
+        bundle = random_bundle(spec, targets, rank=8, num_copies=d, seed=d, task=Task.FEATURE_EXTRACTION)
+        scaling = bundle.metadata.scaling
+        held = {t: compact_target(f) for t, f in bundle.targets.items()}
+        weights = {t: torch.randn(spec.linear_shapes[t]) for t in targets}
+        pristine = {t: w.clone() for t, w in weights.items()}
+        built = {t: build_target(c, scaling, dense=True) for t, c in held.items()}
+        pairs = {t: build_target(c, scaling, dense=False) for t, c in held.items()}
+        held_kib = sum(c.nbytes for c in held.values()) / 1024
+        bool_kib = sum(f.mask_A.numel() + f.mask_B.numel() for f in bundle.targets.values()) / 1024
+        factors_ms = timed(lambda: [build_target(c, scaling, dense=False) for c in held.values()], args.repeat)
+        dense_ms = timed(lambda: [build_target(c, scaling, dense=True) for c in held.values()], args.repeat)
+        add_ms = timed(lambda: [add_dense_into(weights[t], pristine[t], b.dense) for t, b in built.items()], args.repeat)
+        addmm_ms = timed(lambda: [merge_into(weights[t], pristine[t], p.b, p.a) for t, p in pairs.items()], args.repeat)
+        print(f"| {d} | {held_kib:.0f} | {bool_kib:.0f} | {factors_ms:.2f} | {dense_ms:.2f} | {add_ms:.2f} | {addmm_ms:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""The scheduler's `BatchRunner` over one replica's engine: engine calls in, answers out.
+
+It runs on the engine workers and does nothing else: no registry read, no adapter load.
+An adapter missing from the engine (evicted under its byte budget since its requests were
+admitted) surfaces as `AdapterNotLoaded`; the deployment makes it resident again off the
+engine's threads and resubmits the request once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from adapters.tasks.errors import InvalidRequest
+from adapters.tasks.kinds import ENCODER_KINDS, RequestKind
+from serving.engine.engine import Engine
+from serving.engine.outputs import EngineStats
+from serving.replica_io import ClassOutput, GenerationResult, QAOutput
+
+
+class EngineRunner:
+    """Runs the scheduler's batches on the engine; `observe` gets the engine's stats after each call."""
+
+    def __init__(self, engine: Engine, observe: Callable[[EngineStats], None]) -> None:
+        self.engine = engine
+        self._observe = observe
+
+    def run_batch(self, kinds: list[RequestKind], adapter: str | None, texts: list[Any], params: Any) -> list[Any]:
+        """One merged engine call (input i is a kinds[i] request); (output, prompt_tokens) per input."""
+        e = self.engine
+        try:
+            if _generation(kinds):
+                return _generation_results(e.generate(texts, adapter, params))
+            return _encoder_results(e.encode(texts, [adapter] * len(texts), kinds))
+        finally:
+            self._observe(e.stats())
+
+    def run_mixed_batch(
+        self, kinds: list[RequestKind], adapters: list[str | None], texts: list[Any], params: Any = None
+    ) -> list[Any]:
+        """Adaptive mode: one unmerged engine call, text i with adapters[i]."""
+        e = self.engine
+        try:
+            if _generation(kinds):
+                return _generation_results(e.generate_mixed(texts, adapters, params))
+            return _encoder_results(e.encode(texts, adapters, kinds, mixed=True))
+        finally:
+            self._observe(e.stats())
+
+    def run_stream(self, adapter: str | None, prompt: str, params: Any) -> Iterator[Any]:
+        """(delta, prompt_tokens) pairs of one streamed generation."""
+        e = self.engine
+        prompt_tokens = e.count_tokens([prompt])
+        gen = e.generate_stream(prompt, adapter, params)
+        try:
+            for delta in gen:
+                yield delta, prompt_tokens
+        finally:
+            gen.close()
+            self._observe(e.stats())
+
+
+def _generation(kinds: list[RequestKind]) -> bool:
+    """Whether a batch is generation (all rows) or encoder work (embed/classify/qa rows, mixable)."""
+    if all(k == "generate" for k in kinds):
+        return True
+    if any(k not in ENCODER_KINDS for k in kinds):
+        raise InvalidRequest(f"a batch holds generate rows only, or encoder rows only; got {sorted(set(kinds))}")
+    return False
+
+
+def _generation_results(outs: list[Any]) -> list[Any]:
+    return [
+        (
+            GenerationResult(
+                text=o.text, finish_reason=o.finish_reason, prompt_tokens=o.prompt_tokens,
+                completion_tokens=o.completion_tokens,
+            ),
+            o.prompt_tokens,
+        )
+        for o in outs
+    ]
+
+
+def _encoder_results(rows: list[Any]) -> list[Any]:
+    """EncodedRow -> (float32 embedding array | ClassOutput | QAOutput, prompt_tokens): what the ingress answers with."""
+    return [(_encoder_output(r), r.prompt_tokens) for r in rows]
+
+
+def _encoder_output(r: Any) -> Any:
+    if r.task == "embed":
+        return r.embedding.numpy()  # pickled as one buffer, written to JSON by orjson as is
+    if r.task == "qa":
+        return QAOutput(answer=r.answer, score=r.score, start=r.start, end=r.end)
+    return ClassOutput(label=r.label, probs=r.probs.tolist(), label_names=list(r.label_names or []))
