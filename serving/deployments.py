@@ -148,17 +148,17 @@ class ModelServer:
     # ------------------------------------------------------------------ requests
 
     async def embed(self, call: ReplicaCall) -> ReplicaResult:
-        return await self._batch("embed", call)
+        return await self._batch(RequestKind.EMBED, call)
 
     async def classify(self, call: ReplicaCall) -> ReplicaResult:
         if call.adapter is None:
             raise InvalidRequest("classify needs a classification adapter; the base model has no labels")
-        return await self._batch("classify", call)
+        return await self._batch(RequestKind.CLASSIFY, call)
 
     async def question_answering(self, call: ReplicaCall) -> ReplicaResult:
         if call.adapter is None:
             raise InvalidRequest("question answering needs a question-answering adapter; the base model has no QA head")
-        return await self._batch("qa", call)
+        return await self._batch(RequestKind.QA, call)
 
     async def call_many(self, method: str, calls: list[ReplicaCall]) -> list[ReplicaResult | BaseException]:
         """Requests the ingress joined (serving/coalesce.py), one per adapter, each answered as if
@@ -173,7 +173,7 @@ class ModelServer:
             raise InvalidRequest("generation needs sampling parameters")
         if call.messages is not None:
             call = call.model_copy(update={"texts": [await self._template(call.messages)], "messages": None})
-        return await self._batch("generate", call)
+        return await self._batch(RequestKind.GENERATE, call)
 
     async def generate_stream(self, call: ReplicaCall) -> AsyncIterator[StreamItem]:
         """Stream one generation; closing the stream (client gone) stops it between tokens."""

@@ -62,7 +62,7 @@ class EngineRunner:
 
 def _generation(kinds: list[RequestKind]) -> bool:
     """Whether a batch is generation (all rows) or encoder work (embed/classify/qa rows, mixable)."""
-    if all(k == "generate" for k in kinds):
+    if all(k == RequestKind.GENERATE for k in kinds):
         return True
     if any(k not in ENCODER_KINDS for k in kinds):
         raise InvalidRequest(f"a batch holds generate rows only, or encoder rows only; got {sorted(set(kinds))}")
@@ -88,8 +88,8 @@ def _encoder_results(rows: list[Any]) -> list[Any]:
 
 
 def _encoder_output(r: Any) -> Any:
-    if r.task == "embed":
+    if r.task == RequestKind.EMBED:
         return r.embedding.numpy()  # pickled as one buffer, written to JSON by orjson as is
-    if r.task == "qa":
+    if r.task == RequestKind.QA:
         return QAOutput(answer=r.answer, score=r.score, start=r.start, end=r.end)
     return ClassOutput(label=r.label, probs=r.probs.tolist(), label_names=list(r.label_names or []))

@@ -6,7 +6,7 @@ that keep a request's adapters from eviction. Every task runner (encode, generat
 stream) leases through `lease` and runs its forwards inside `merged` or `unmerged`, so
 the reference count and the swap bookkeeping each live in one place.
 
-Forwards may run on several threads at once (a replica's engine workers, issue 14: on a
+Forwards may run on several threads at once (a replica's engine workers: on a
 CPU, N one-thread forwards side by side cost less CPU per text than one forward on N
 intra-op threads, whose workers spin between parallel regions). The gate is a
 readers-writer rule over the weights: any number of forwards that need the weights in
