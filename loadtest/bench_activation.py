@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             spec, targets, rank=8, num_copies=d, seed=d, task=Task.FEATURE_EXTRACTION, mask_encoding="seed", mask_seed=d
         )
         meta = bundle.metadata
-        assert meta.mask_seed is not None
+        mask_seed, density = meta.mask_seed, meta.density
+        assert mask_seed is not None
         scaling = meta.scaling
         shapes = {
             t: {m: mask_shape(m, d, 8, f.in_features, f.out_features) for m in ("A", "B")}
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         factors_kib = sum(f.lora_A.nbytes + f.lora_B.nbytes for f in bundle.targets.values()) / 1024
         bits_kib = sum(a.nbytes + b.nbytes for a, b in bits.values()) / 1024
         seed_ms = timed(
-            lambda: [seed_mask(meta.mask_seed, t, m, s, meta.density) for t, ms in shapes.items() for m, s in ms.items()],
+            lambda: [seed_mask(mask_seed, t, m, s, density) for t, ms in shapes.items() for m, s in ms.items()],
             args.repeat,
         )
         unpack_ms = timed(
