@@ -1,9 +1,12 @@
-"""What activating a compactly held adapter costs: mask unpacking, stacking, merging.
+"""What activating a compactly held adapter costs: mask generation or unpacking, stacking, merging.
 
-An adapter cache that holds what a bundle holds (factors plus bit-packed masks) builds the
-swap's form when the adapter is activated. This times each step per adapter on MiniLM's
-query/value targets (rank 8, d 2..4, 384x384 each, 12 targets) on this machine's CPU, beside
-the swap itself in both forms, so the README can say whether built forms are worth caching:
+An adapter cache that holds what a bundle holds (factors plus bit-packed masks, or for a
+`seed` bundle the factors alone) builds the swap's form when the adapter is activated. This
+times each step per adapter on MiniLM's query/value targets (rank 8, d 2..4, 384x384 each,
+12 targets) on this machine's CPU: generating the masks from the seed against unpacking
+packed bits, beside building and the swap itself in both forms, and prints the bytes each
+held form takes, so the README can say which form to hold and whether built forms are worth
+caching:
 
     python loadtest/bench_activation.py [--repeat 50] [--threads 1]
 """
@@ -20,6 +23,7 @@ import torch
 
 from adapters.bundle import Task
 from adapters.default_model import DEFAULT_MODEL_ID, default_model_dir
+from adapters.masks import mask_shape, seed_mask, unpack
 from adapters.merge import add_dense_into, merge_into
 from adapters.synthetic import random_bundle
 from serving.engine.adapter_cache import build_target, compact_target
@@ -46,23 +50,48 @@ def main(argv: list[str] | None = None) -> int:
     spec = meta_spec(default_model_dir(), DEFAULT_MODEL_ID)
     targets = [n for n in spec.linear_shapes if n.endswith(("attention.self.query", "attention.self.value"))]
     print(f"{len(targets)} targets, rank 8, torch threads {args.threads}; milliseconds per adapter (median of {args.repeat})")
-    print("| d | held KiB (compact) | dense bool masks KiB | unpack + stack factors | + dense delta | swap: dense add | swap: factors addmm |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| d | held KiB: seed (factors) | held KiB: packed (factors + bits) | dense bool masks KiB "
+        "| masks: seed generate | masks: unpack bits | build pairs (held form) | + dense delta "
+        "| swap: dense add | swap: factors addmm |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for d in (2, 3, 4):
-        bundle = random_bundle(spec, targets, rank=8, num_copies=d, seed=d, task=Task.FEATURE_EXTRACTION)
-        scaling = bundle.metadata.scaling
+        bundle = random_bundle(
+            spec, targets, rank=8, num_copies=d, seed=d, task=Task.FEATURE_EXTRACTION, mask_encoding="seed", mask_seed=d
+        )
+        meta = bundle.metadata
+        mask_seed, density = meta.mask_seed, meta.density
+        assert mask_seed is not None
+        scaling = meta.scaling
+        shapes = {
+            t: {m: mask_shape(m, d, 8, f.in_features, f.out_features) for m in ("A", "B")}
+            for t, f in bundle.targets.items()
+        }
         held = {t: compact_target(f) for t, f in bundle.targets.items()}
+        bits = {t: (c.mask_A, c.mask_B) for t, c in held.items()}
+        factors_kib = sum(f.lora_A.nbytes + f.lora_B.nbytes for f in bundle.targets.values()) / 1024
+        bits_kib = sum(a.nbytes + b.nbytes for a, b in bits.values()) / 1024
+        seed_ms = timed(
+            lambda: [seed_mask(mask_seed, t, m, s, density) for t, ms in shapes.items() for m, s in ms.items()],
+            args.repeat,
+        )
+        unpack_ms = timed(
+            lambda: [unpack(bits[t][i], shapes[t][m]) for t in shapes for i, m in enumerate(("A", "B"))], args.repeat
+        )
         weights = {t: torch.randn(spec.linear_shapes[t]) for t in targets}
         pristine = {t: w.clone() for t, w in weights.items()}
         built = {t: build_target(c, scaling, dense=True) for t, c in held.items()}
         pairs = {t: build_target(c, scaling, dense=False) for t, c in held.items()}
-        held_kib = sum(c.nbytes for c in held.values()) / 1024
         bool_kib = sum(f.mask_A.numel() + f.mask_B.numel() for f in bundle.targets.values()) / 1024
         factors_ms = timed(lambda: [build_target(c, scaling, dense=False) for c in held.values()], args.repeat)
         dense_ms = timed(lambda: [build_target(c, scaling, dense=True) for c in held.values()], args.repeat)
         add_ms = timed(lambda: [add_dense_into(weights[t], pristine[t], b.dense) for t, b in built.items()], args.repeat)
         addmm_ms = timed(lambda: [merge_into(weights[t], pristine[t], p.b, p.a) for t, p in pairs.items()], args.repeat)
-        print(f"| {d} | {held_kib:.0f} | {bool_kib:.0f} | {factors_ms:.2f} | {dense_ms:.2f} | {add_ms:.2f} | {addmm_ms:.2f} |")
+        print(
+            f"| {d} | {factors_kib:.0f} | {factors_kib + bits_kib:.0f} | {bool_kib:.0f} | {seed_ms:.2f} | {unpack_ms:.2f} "
+            f"| {factors_ms:.2f} | {dense_ms:.2f} | {add_ms:.2f} | {addmm_ms:.2f} |"
+        )
     return 0
 
 
