@@ -32,7 +32,10 @@ from adapters.registry.resolver import AdapterResolver
 from adapters.registry.backends import open_store
 from adapters.registry.store import RegistryStore
 from serving import serve_classify, serve_embeddings, serve_generate, serve_models, serve_qa
-from serving.api.auth import AuthSettings
+from fastapi.concurrency import run_in_threadpool
+
+from adapters.registry.keys import KeyStore
+from serving.api.auth import AuthSettings, Principal, principal_of
 from serving.api.body_limit import BodyLimit
 from serving.api.errors import ErrorMappingRoute, unwrap
 from serving.api.registry import RegistrySettings, build_registry_router
@@ -161,10 +164,10 @@ def create_api(
     app = FastAPI(title="capaserve", version="0.1.0")
     api = APIRouter(route_class=ErrorMappingRoute, responses=ERROR_RESPONSES)
     sse = {200: {"description": "JSON, or Server-Sent Events when `stream` is true.", "content": {"text/event-stream": {}}}}
-    keyed = [Depends(settings.auth.require_api_key)]
+    keyed = [Depends(settings.auth.reader)]
 
     def record(request: Request, route: str) -> RequestRecord:
-        rec = RequestRecord(route=route)
+        rec = RequestRecord(route=route, viewer=principal_of(request))
         request.state.record = rec
         return rec
 
@@ -202,9 +205,9 @@ def create_api(
             return StreamingResponse(events, media_type="text/event-stream")
         return json_response(await serve_generate.create_chat_completion(ctx, body, rec))
 
-    @api.get("/v1/models", dependencies=keyed, response_model=ModelList)
-    async def models() -> JSONResponse:
-        return json_response(await serve_models.list_models(ctx, store))
+    @api.get("/v1/models", response_model=ModelList)
+    async def models(who: Principal = Depends(settings.auth.reader)) -> JSONResponse:
+        return json_response(await serve_models.list_models(ctx, store, who))
 
     @api.get("/healthz")
     async def healthz() -> dict:
@@ -239,7 +242,10 @@ def create_api(
         return JSONResponse({"status": "ready", "model": info.model_id})
 
     @api.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        """Open while no key is configured; else an admin key's only: the labels name tenants' adapters."""
+        if await run_in_threadpool(settings.auth.configured):
+            await settings.auth.admin(request, request.headers.get("authorization"))
         return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)
 
     async def on_change(name: str) -> None:
@@ -320,7 +326,7 @@ def _build_context(handle: Any, config: ServeConfig) -> tuple[ServingContext, Re
     store = open_store(registry.location, endpoint_url=registry.endpoint_url)
     # The ingress resolves manifests only; bundle bytes are fetched by the replicas.
     resolver = AdapterResolver(store, blob_cache_bytes=0)
-    auth = AuthSettings(admin_token=server.admin_token, api_keys=server.api_keys)
+    auth = AuthSettings(admin_token=server.admin_token, api_keys=server.api_keys, keys=KeyStore(store))
     settings = RegistrySettings(max_upload_bytes=registry.max_upload_bytes, auth=auth)
     # Two joined calls in flight per engine worker of each model replica: one computing, one queued.
     workers, _ = config.engine_plan(config.device_type())

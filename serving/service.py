@@ -21,6 +21,7 @@ from adapters.manifest import AdapterManifest
 from adapters.registry.resolver import AdapterResolver
 from adapters.registry.store import AdapterNotFound
 from adapters.validation import BaseModelSpec
+from serving.api.auth import Principal
 from serving.config import ServerConfig
 from serving.errors import InvalidRequest, ModelNotFound, UnsupportedTask
 from serving.images import ImageLimits, image_bytes
@@ -57,6 +58,8 @@ class RequestRecord:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     first_token_s: float | None = None
+    #: who asks: `model` resolves only to adapters it may see (None: every adapter)
+    viewer: Principal | None = None
 
     def log_fields(self) -> dict[str, Any]:
         s = self.served_by
@@ -188,12 +191,15 @@ class ServingContext:
             record.target_label = "base"
             return Target(model=model, adapter=None)
         record.target_label = "unknown"
+        unknown = ModelNotFound(
+            f"model {model!r} not found: it is neither the base model {info.model_id!r} nor a registered adapter"
+        )
         try:
             manifest = await asyncio.to_thread(self.resolver.resolve, model)
         except AdapterNotFound:
-            raise ModelNotFound(
-                f"model {model!r} not found: it is neither the base model {info.model_id!r} nor a registered adapter"
-            ) from None
+            raise unknown from None
+        if record.viewer is not None and not record.viewer.can_see(manifest.name):
+            raise unknown  # another tenant's adapter is, to this caller, an unknown name
         record.adapter = manifest.ref
         record.target_label = manifest.name
         return Target(model=model, adapter=manifest)

@@ -320,7 +320,7 @@ def test_vllm_load_and_unload_lora_adapter(registry, spec, minilm_model, minilm_
 
     bad = [
         ({"lora_name": "vl", "lora_path": str(tmp_path / "nowhere")}, AUTH, 400, "neither"),
-        ({"lora_name": "v/l", "lora_path": str(path)}, AUTH, 400, "invalid adapter name"),
+        ({"lora_name": "v/l/x", "lora_path": str(path)}, AUTH, 400, "invalid adapter name"),
         ({"lora_name": "vl"}, AUTH, 400, "lora_path"),
         ({"lora_name": "vl", "lora_path": str(path)}, {}, 401, "admin token"),
     ]
