@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-COMMANDS = ("serve", "rayservice", "pack", "inspect", "train", "loadtest")
+COMMANDS = ("serve", "rayservice", "pack", "inspect", "train", "loadtest", "keys", "audit")
 
 
 class EnvDefaultsParser(argparse.ArgumentParser):
