@@ -160,6 +160,20 @@ class ServerConfig(_Section):
     max_image_pixels: int = Field(
         4096 * 4096, ge=1, description="Most pixels (width x height) of one image sent to an image base; 400 beyond."
     )
+    tenant_max_concurrent: int | None = Field(
+        None,
+        ge=1,
+        description="Most inference requests of one tenant's keys in progress at once, per ingress replica "
+        "(429 with Retry-After beyond); keys of no tenant have no quota.",
+        json_schema_extra={"default_doc": "no limit"},
+    )
+    tenant_requests_per_s: float | None = Field(
+        None,
+        gt=0.0,
+        description="Inference requests per second of one tenant's keys, per ingress replica, with a burst of one "
+        "second's worth (429 with Retry-After beyond); keys of no tenant have no quota.",
+        json_schema_extra={"default_doc": "no limit"},
+    )
     affinity_load_factor: float = Field(
         1.25,
         ge=1.0,

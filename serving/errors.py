@@ -45,6 +45,14 @@ class AdapterNotLoaded(KeyError):
         return f"adapter {self.name!r} is not loaded on this engine"
 
 
+class TooManyRequests(RuntimeError):
+    """A tenant is over its quota (429 with `Retry-After: retry_after`)."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class Overloaded(RuntimeError):
     """The replica's queue is full; retry later (503)."""
 
@@ -59,6 +67,7 @@ _STATUS: list[tuple[type[BaseException], int, str]] = [
     (AdapterNotFound, 404, "not_found_error"),
     (AdapterNotLoaded, 404, "not_found_error"),
     (PayloadTooLarge, 413, "payload_too_large"),
+    (TooManyRequests, 429, "rate_limit_error"),
     (Overloaded, 503, "overloaded_error"),
     # A model replica was lost while it held the request (killed, crashed, its node gone) and
     # the request could not be retried (serving.ingress.HandleClient): try again.

@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 from ray import serve
@@ -46,6 +46,7 @@ from serving.drain import DrainGate, DrainMiddleware
 from serving.errors import error_body
 from serving.images import ImageLimits
 from serving.metrics import CONTENT_TYPE, ServerMetrics
+from serving.quotas import TenantQuotas
 from serving.protocol import (
     ERROR_RESPONSES,
     ChatCompletionRequest,
@@ -138,6 +139,9 @@ class Metered:
             return
         status["done"] = True
         seconds = time.perf_counter() - start
+        release = scope.get("state", {}).get("quota_release")
+        if release is not None:
+            release()
         record: RequestRecord | None = scope.get("state", {}).get("record")
         path = scope.get("path", "")
         route = record.route if record else _route_label(path)
@@ -164,7 +168,16 @@ def create_api(
     app = FastAPI(title="capaserve", version="0.1.0")
     api = APIRouter(route_class=ErrorMappingRoute, responses=ERROR_RESPONSES)
     sse = {200: {"description": "JSON, or Server-Sent Events when `stream` is true.", "content": {"text/event-stream": {}}}}
-    keyed = [Depends(settings.auth.reader)]
+
+    async def admitted(request: Request, authorization: str | None = Header(None)) -> Principal:
+        """An inference caller within its tenant's quota (serving/quotas.py); the slot is given
+        back by `Metered` when the response ends."""
+        who = await settings.auth.reader(request, authorization)
+        if who.tenant is not None and ctx.quotas.enabled:
+            request.state.quota_release = ctx.quotas.admit(who.tenant)
+        return who
+
+    keyed = [Depends(admitted)]
 
     def record(request: Request, route: str) -> RequestRecord:
         rec = RequestRecord(route=route, viewer=principal_of(request))
@@ -338,7 +351,8 @@ def _build_context(handle: Any, config: ServeConfig) -> tuple[ServingContext, Re
         join_adapters=server.most_replicas() == 1,  # one replica: no routing choice that adapters' calls must keep apart
     )
     images = ImageLimits(max_bytes=server.max_image_bytes, max_pixels=server.max_image_pixels)
-    return ServingContext(client, resolver, metrics, images, RequestLimits.of(server)), store, settings
+    quotas = TenantQuotas(server.tenant_max_concurrent, server.tenant_requests_per_s)
+    return ServingContext(client, resolver, metrics, images, RequestLimits.of(server), quotas), store, settings
 
 
 @serve.ingress()

@@ -26,6 +26,7 @@ from serving.config import ServerConfig
 from serving.errors import InvalidRequest, ModelNotFound, UnsupportedTask
 from serving.images import ImageLimits, image_bytes
 from serving.metrics import ServerMetrics
+from serving.quotas import TenantQuotas
 from serving.replica_io import ReplicaCall, ReplicaInfo, ReplicaResult, ServedBy, StreamItem
 
 
@@ -122,12 +123,14 @@ class ServingContext:
         metrics: ServerMetrics,
         image_limits: ImageLimits,
         limits: RequestLimits | None = None,
+        quotas: TenantQuotas | None = None,
     ) -> None:
         self.client = client
         self.resolver = resolver
         self.metrics = metrics
         self.image_limits = image_limits
         self.limits = limits or RequestLimits.of(ServerConfig())
+        self.quotas = quotas or TenantQuotas(None, None)
         self._info: ReplicaInfo | None = None
         self._info_lock = asyncio.Lock()
 

@@ -20,7 +20,7 @@ from ray.exceptions import RayTaskError
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving.errors import Overloaded, Unauthorized, error_body, status_for
+from serving.errors import Overloaded, TooManyRequests, Unauthorized, error_body, status_for
 
 log = logging.getLogger("capaserve.api")
 
@@ -53,6 +53,8 @@ def error_response(exc: BaseException) -> JSONResponse:
         if status >= 500:
             log.error("request failed", exc_info=exc)
     headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
+    if isinstance(exc, TooManyRequests):
+        headers = {"Retry-After": str(exc.retry_after)}
     return JSONResponse(error_body(message, kind, status), status_code=status, headers=headers)
 
 
