@@ -241,6 +241,20 @@ class RegistryConfig(_Section):
         description="S3-compatible endpoint for an s3:// registry (MinIO, moto, ...).",
         json_schema_extra={"flag": "registry-endpoint-url", "default_doc": "none (CAPASERVE_S3_ENDPOINT_URL, then AWS_ENDPOINT_URL)"},
     )
+    allowed_lora_paths: list[str] = Field(
+        default_factory=list,
+        description="Comma-separated folders under which POST /v1/load_lora_adapter may read lora_path (links and .. "
+        "resolved first); outside them it answers one fixed 400. Empty: adapters are only uploaded over HTTP.",
+        json_schema_extra={"flag": "allowed-lora-paths", "default_doc": "none"},
+    )
+
+    @field_validator("allowed_lora_paths", mode="before")
+    @classmethod
+    def _split_paths(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [p.strip() for p in v.split(",") if p.strip()]
+        return [] if v is None else v
+
     poll_s: float = Field(
         1.0,
         gt=0.0,

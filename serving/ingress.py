@@ -18,6 +18,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -340,7 +341,8 @@ def _build_context(handle: Any, config: ServeConfig) -> tuple[ServingContext, Re
     # The ingress resolves manifests only; bundle bytes are fetched by the replicas.
     resolver = AdapterResolver(store, blob_cache_bytes=0)
     auth = AuthSettings(admin_token=server.admin_token, api_keys=server.api_keys, keys=KeyStore(store))
-    settings = RegistrySettings(max_upload_bytes=registry.max_upload_bytes, auth=auth)
+    settings = RegistrySettings(max_upload_bytes=registry.max_upload_bytes, auth=auth,
+                                allowed_paths=[Path(p) for p in registry.allowed_lora_paths])
     # Two joined calls in flight per engine worker of each model replica: one computing, one queued.
     workers, _ = config.engine_plan(config.device_type())
     metrics = ServerMetrics()
