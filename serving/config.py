@@ -80,12 +80,12 @@ class ServerConfig(_Section):
     host: str = Field("127.0.0.1", description="HTTP bind address.")
     port: int = Field(8000, ge=0, le=65535, description="HTTP port; /metrics is served there too.")
     admin_token: SecretStr | None = Field(
-        None, description="Bearer token required for registry writes; without it writes are open."
+        None, description="An admin key (every tenant, key management); without any key, writes are open."
     )
     api_keys: list[SecretStr] = Field(
         default_factory=list,
-        description="Comma-separated bearer tokens required for inference and registry reads; "
-        "without them those are open.",
+        description="Comma-separated reader keys of no tenant (the base and shared adapters only); with them, "
+        "every request needs a key.",
         json_schema_extra={"default_doc": "none"},
     )
     allow_unauthenticated_writes: bool = Field(
