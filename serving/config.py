@@ -68,6 +68,13 @@ def default_registry_dir() -> str:
     return str(Path(cache) / "capaserve" / "registry")
 
 
+def comma_list(v: Any) -> Any:
+    """A comma-separated string (a flag or variable) as its list of items; lists pass through."""
+    if isinstance(v, str):
+        return [k.strip() for k in v.split(",") if k.strip()]
+    return [] if v is None else v
+
+
 class _Section(BaseModel):
     """Frozen, and unknown keys are errors: a typo in a config file must not pass silently."""
 
@@ -217,16 +224,13 @@ class ServerConfig(_Section):
     def _empty_token_is_none(cls, v: Any) -> Any:
         return None if v == "" else v
 
-    @field_validator("api_keys", mode="before")
-    @classmethod
-    def _split_keys(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            return [k.strip() for k in v.split(",") if k.strip()]
-        return [] if v is None else v
+    _split_keys = field_validator("api_keys", mode="before")(classmethod(lambda cls, v: comma_list(v)))
 
 
 class RegistryConfig(_Section):
     """Where adapters are stored, and how replicas fetch and keep them."""
+
+    _split_paths = field_validator("allowed_lora_paths", mode="before")(classmethod(lambda cls, v: comma_list(v)))
 
     location: str = Field(
         default_factory=default_registry_dir,
@@ -247,14 +251,6 @@ class RegistryConfig(_Section):
         "resolved first); outside them it answers one fixed 400. Empty: adapters are only uploaded over HTTP.",
         json_schema_extra={"flag": "allowed-lora-paths", "default_doc": "none"},
     )
-
-    @field_validator("allowed_lora_paths", mode="before")
-    @classmethod
-    def _split_paths(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            return [p.strip() for p in v.split(",") if p.strip()]
-        return [] if v is None else v
-
     poll_s: float = Field(
         1.0,
         gt=0.0,
