@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
-from adapters.manifest import TENANT_PATTERN, is_valid_tenant
+#: adapters.manifest's TENANT_PATTERN, repeated so that `capaserve --help` imports no torch
+TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 
 def add_registry_flags(p: argparse.ArgumentParser) -> None:
@@ -33,8 +35,8 @@ def open_registry(args: argparse.Namespace):  # noqa: ANN201 - RegistryStore
 def _tenant(value: str) -> str | None:
     if value == "-":
         return None
-    if not is_valid_tenant(value):
-        raise argparse.ArgumentTypeError(f"tenant must match {TENANT_PATTERN} (or '-' for no tenant)")
+    if not (value.isascii() and TENANT_RE.fullmatch(value)):
+        raise argparse.ArgumentTypeError(f"tenant must match {TENANT_RE.pattern} (or '-' for no tenant)")
     return value
 
 
