@@ -9,13 +9,40 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from adapters.bundle import Task
 
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+#: A tenant: lower-case ASCII letters, digits and dashes, up to 63 characters.
+TENANT_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
+#: An adapter name: shared (`name`) or a tenant's own (`tenant/name`); never more than one slash.
+NAME_PATTERN = r"^(?:[a-z0-9][a-z0-9-]{0,62}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 _NAME_RE = re.compile(NAME_PATTERN)
+_TENANT_RE = re.compile(TENANT_PATTERN)
+#: What stands for the slash of a tenant's name in storage paths and keys: not a name character,
+#: so a stored entry maps back to exactly one name and every name stays one path part.
+STORAGE_SLASH = "~"
 
 
 def is_valid_name(name: str) -> bool:
-    """Adapter names are ASCII, 1-128 chars, no slashes: safe as path parts and object keys."""
-    return bool(_NAME_RE.fullmatch(name)) and name.isascii()
+    """Adapter names are ASCII: `name` (1-128 chars) or `tenant/name`, one slash at most."""
+    return name.isascii() and bool(_NAME_RE.fullmatch(name))
+
+
+def is_valid_tenant(tenant: str) -> bool:
+    return tenant.isascii() and bool(_TENANT_RE.fullmatch(tenant))
+
+
+def tenant_of(name: str) -> str | None:
+    """The tenant owning `name`, or None for a shared name."""
+    tenant, sep, _ = name.partition("/")
+    return tenant if sep else None
+
+
+def storage_name(name: str) -> str:
+    """`name` as one path part / key part of the registry layout (`tenant/x` -> `tenant~x`)."""
+    return name.replace("/", STORAGE_SLASH)
+
+
+def name_from_storage(part: str) -> str:
+    """The inverse of `storage_name`."""
+    return part.replace(STORAGE_SLASH, "/", 1)
 
 
 def parse_model_ref(ref: str) -> tuple[str, int | None]:

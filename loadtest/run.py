@@ -370,10 +370,13 @@ def local_apps(cfg: LoadTestConfig) -> Iterator[dict[str, str]]:
 # ---------------------------------------------------------------------------- measuring
 
 
-def scrape(url: str) -> dict[str, float]:
-    """Sums of the counters the report needs, from the app's /metrics."""
+def scrape(url: str, admin_token: str | None = None) -> dict[str, float]:
+    """Sums of the counters the report needs, from the app's /metrics (which needs an admin key
+    once the server has keys)."""
     import httpx  # the loadtest extra: imported when used, so the flags load without it
-    text = httpx.get(f"{url}/metrics", timeout=30).text
+
+    headers = {"Authorization": f"Bearer {admin_token}"} if admin_token else {}
+    text = httpx.get(f"{url}/metrics", timeout=30, headers=headers).text
     want = {
         "capaserve_adapter_swaps_total": "swaps",
         "capaserve_batch_size_requests_sum": "batched_requests",
@@ -451,10 +454,10 @@ def run_locust(
 def measure(cfg: LoadTestConfig, case: Case, rnd: int, url: str, csv_dir: Path, refs: Path, kind: str,
             item: Any, tick: Any = None) -> CaseResult:
 
-    before = scrape(url)
+    before = scrape(url, cfg.admin_token)
     prefix, summary_path = run_locust(cfg, case, url, csv_dir, refs, rnd, tick)
     flush_reports(url, "lt-000", kind, item)
-    after = scrape(url)
+    after = scrape(url, cfg.admin_token)
     agg, per = read_stats(prefix)
     summary = RunSummary.model_validate_json(summary_path.read_text())
     d = {k: after[k] - before[k] for k in after}

@@ -23,7 +23,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-COMMANDS = ("serve", "rayservice", "pack", "inspect", "train", "loadtest")
+COMMANDS = ("serve", "rayservice", "pack", "inspect", "train", "loadtest", "keys", "audit")
 
 
 class EnvDefaultsParser(argparse.ArgumentParser):

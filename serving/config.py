@@ -68,6 +68,13 @@ def default_registry_dir() -> str:
     return str(Path(cache) / "capaserve" / "registry")
 
 
+def comma_list(v: Any) -> Any:
+    """A comma-separated string (a flag or variable) as its list of items; lists pass through."""
+    if isinstance(v, str):
+        return [k.strip() for k in v.split(",") if k.strip()]
+    return [] if v is None else v
+
+
 class _Section(BaseModel):
     """Frozen, and unknown keys are errors: a typo in a config file must not pass silently."""
 
@@ -81,12 +88,12 @@ class ServerConfig(_Section):
     port: int = Field(8000, ge=0, le=65535, description="HTTP port of the API and /metrics: on a local cluster the ingress replica's own server "
                       "(Serve's proxy moves to a free port, logged); on a joined cluster Serve's proxy.")
     admin_token: SecretStr | None = Field(
-        None, description="Bearer token required for registry writes; without it writes are open."
+        None, description="An admin key (every tenant, key management); without any key, writes are open."
     )
     api_keys: list[SecretStr] = Field(
         default_factory=list,
-        description="Comma-separated bearer tokens required for inference and registry reads; "
-        "without them those are open.",
+        description="Comma-separated reader keys of no tenant (the base and shared adapters only); with them, "
+        "every request needs a key.",
         json_schema_extra={"default_doc": "none"},
     )
     allow_unauthenticated_writes: bool = Field(
@@ -161,6 +168,20 @@ class ServerConfig(_Section):
     max_image_pixels: int = Field(
         4096 * 4096, ge=1, description="Most pixels (width x height) of one image sent to an image base; 400 beyond."
     )
+    tenant_max_concurrent: int | None = Field(
+        None,
+        ge=1,
+        description="Most inference requests of one tenant's keys in progress at once, per ingress replica "
+        "(429 with Retry-After beyond); keys of no tenant have no quota.",
+        json_schema_extra={"default_doc": "no limit"},
+    )
+    tenant_requests_per_s: float | None = Field(
+        None,
+        gt=0.0,
+        description="Inference requests per second of one tenant's keys, per ingress replica, with a burst of one "
+        "second's worth (429 with Retry-After beyond); keys of no tenant have no quota.",
+        json_schema_extra={"default_doc": "no limit"},
+    )
     affinity_load_factor: float = Field(
         1.25,
         ge=1.0,
@@ -204,16 +225,13 @@ class ServerConfig(_Section):
     def _empty_token_is_none(cls, v: Any) -> Any:
         return None if v == "" else v
 
-    @field_validator("api_keys", mode="before")
-    @classmethod
-    def _split_keys(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            return [k.strip() for k in v.split(",") if k.strip()]
-        return [] if v is None else v
+    _split_keys = field_validator("api_keys", mode="before")(classmethod(lambda cls, v: comma_list(v)))
 
 
 class RegistryConfig(_Section):
     """Where adapters are stored, and how replicas fetch and keep them."""
+
+    _split_paths = field_validator("allowed_lora_paths", mode="before")(classmethod(lambda cls, v: comma_list(v)))
 
     location: str = Field(
         default_factory=default_registry_dir,
@@ -227,6 +245,12 @@ class RegistryConfig(_Section):
         None,
         description="S3-compatible endpoint for an s3:// registry (MinIO, moto, ...).",
         json_schema_extra={"flag": "registry-endpoint-url", "default_doc": "none (CAPASERVE_S3_ENDPOINT_URL, then AWS_ENDPOINT_URL)"},
+    )
+    allowed_lora_paths: list[str] = Field(
+        default_factory=list,
+        description="Comma-separated folders under which POST /v1/load_lora_adapter may read lora_path (links and .. "
+        "resolved first); outside them it answers one fixed 400. Empty: adapters are only uploaded over HTTP.",
+        json_schema_extra={"flag": "allowed-lora-paths", "default_doc": "none"},
     )
     poll_s: float = Field(
         1.0,

@@ -18,10 +18,11 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 from ray import serve
@@ -33,7 +34,10 @@ from adapters.registry.resolver import AdapterResolver
 from adapters.registry.store import RegistryStore
 from adapters.tasks.images import ImageLimits
 from serving import serve_classify, serve_embeddings, serve_generate, serve_models, serve_qa
-from serving.api.auth import AuthSettings
+from fastapi.concurrency import run_in_threadpool
+
+from adapters.registry.keys import KeyStore
+from serving.api.auth import AuthSettings, Principal, principal_of
 from serving.api.body_limit import BodyLimit
 from serving.api.errors import ErrorMappingRoute, unwrap
 from serving.api.errors import error_body
@@ -43,6 +47,7 @@ from serving.coalesce import CoalescingClient
 from serving.config import ServeConfig
 from serving.drain import DrainGate, DrainMiddleware
 from serving.metrics import CONTENT_TYPE, ServerMetrics
+from serving.quotas import TenantQuotas
 from serving.protocol import (
     ERROR_RESPONSES,
     ChatCompletionRequest,
@@ -135,6 +140,9 @@ class Metered:
             return
         status["done"] = True
         seconds = time.perf_counter() - start
+        release = scope.get("state", {}).get("quota_release")
+        if release is not None:
+            release()
         record: RequestRecord | None = scope.get("state", {}).get("record")
         path = scope.get("path", "")
         route = record.route if record else _route_label(path)
@@ -163,10 +171,19 @@ def create_api(
     app = FastAPI(title="capaserve", version="0.1.0")
     api = APIRouter(route_class=ErrorMappingRoute, responses=ERROR_RESPONSES)
     sse = {200: {"description": "JSON, or Server-Sent Events when `stream` is true.", "content": {"text/event-stream": {}}}}
-    keyed = [Depends(settings.auth.require_api_key)]
+
+    async def admitted(request: Request, authorization: str | None = Header(None)) -> Principal:
+        """An inference caller within its tenant's quota (serving/quotas.py); the slot is given
+        back by `Metered` when the response ends."""
+        who = await settings.auth.reader(request, authorization)
+        if who.tenant is not None and ctx.quotas.enabled:
+            request.state.quota_release = ctx.quotas.admit(who.tenant)
+        return who
+
+    keyed = [Depends(admitted)]
 
     def record(request: Request, route: str) -> RequestRecord:
-        rec = RequestRecord(route=route)
+        rec = RequestRecord(route=route, viewer=principal_of(request))
         request.state.record = rec
         return rec
 
@@ -204,9 +221,9 @@ def create_api(
             return StreamingResponse(events, media_type="text/event-stream")
         return json_response(await serve_generate.create_chat_completion(ctx, body, rec))
 
-    @api.get("/v1/models", dependencies=keyed, response_model=ModelList)
-    async def models() -> JSONResponse:
-        return json_response(await serve_models.list_models(ctx, store))
+    @api.get("/v1/models", response_model=ModelList)
+    async def models(who: Principal = Depends(settings.auth.reader)) -> JSONResponse:
+        return json_response(await serve_models.list_models(ctx, store, who))
 
     @api.get("/healthz")
     async def healthz() -> dict:
@@ -241,7 +258,10 @@ def create_api(
         return JSONResponse({"status": "ready", "model": info.model_id})
 
     @api.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        """Open while no key is configured; else an admin key's only: the labels name tenants' adapters."""
+        if await run_in_threadpool(settings.auth.configured):
+            await settings.auth.admin(request, request.headers.get("authorization"))
         return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)
 
     async def on_change(name: str) -> None:
@@ -322,8 +342,9 @@ def _build_context(handle: Any, config: ServeConfig) -> tuple[ServingContext, Re
     store = open_store(registry.location, endpoint_url=registry.endpoint_url)
     # The ingress resolves manifests only; bundle bytes are fetched by the replicas.
     resolver = AdapterResolver(store, blob_cache_bytes=0)
-    auth = AuthSettings(admin_token=server.admin_token, api_keys=server.api_keys)
-    settings = RegistrySettings(max_upload_bytes=registry.max_upload_bytes, auth=auth)
+    auth = AuthSettings(admin_token=server.admin_token, api_keys=server.api_keys, keys=KeyStore(store))
+    settings = RegistrySettings(max_upload_bytes=registry.max_upload_bytes, auth=auth,
+                                allowed_paths=[Path(p) for p in registry.allowed_lora_paths])
     # Two joined calls in flight per engine worker of each model replica: one computing, one queued.
     workers, _ = config.engine_plan(config.device_type())
     metrics = ServerMetrics()
@@ -334,7 +355,8 @@ def _build_context(handle: Any, config: ServeConfig) -> tuple[ServingContext, Re
         join_adapters=server.most_replicas() == 1,  # one replica: no routing choice that adapters' calls must keep apart
     )
     images = ImageLimits(max_bytes=server.max_image_bytes, max_pixels=server.max_image_pixels)
-    return ServingContext(client, resolver, metrics, images, RequestLimits.of(server)), store, settings
+    quotas = TenantQuotas(server.tenant_max_concurrent, server.tenant_requests_per_s)
+    return ServingContext(client, resolver, metrics, images, RequestLimits.of(server), quotas), store, settings
 
 
 @serve.ingress()

@@ -4,8 +4,11 @@ Why: swapping an adapter rewrites weights, so the cheapest order serves every qu
 request of the active adapter before moving on, and batches them. Policy, per step:
 
 1. Adapter choice. Keep the active adapter while it has work, unless some other
-   adapter's oldest request has waited longer than `starvation_ms`; then switch to the
-   adapter whose oldest request waited longest. So no adapter waits unboundedly.
+   adapter's oldest request has waited longer than `starvation_ms`; then switch. A switch
+   goes round-robin over tenants (`tenant/name` adapters; shared names and the base count
+   as one more tenant), then to that tenant's adapter whose oldest request waited longest,
+   so a tenant with many adapters' work queued cannot take every turn from another.
+   So no adapter and no tenant waits unboundedly.
 2. Batch fill. Wait up to `batch_wait_ms` (from the arrival of the head request) for
    up to `max_batch_size` compatible requests: embeddings, classify and question-answering
    requests share one encoder forward (each row gets its own head), generation requests batch with
@@ -61,6 +64,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, Field
 
+from adapters.manifest import tenant_of
 from serving.config import SchedulerConfig
 from adapters.tasks.errors import Overloaded
 from adapters.tasks.kinds import ENCODER_KINDS, RequestKind
@@ -155,6 +159,7 @@ class Scheduler:
         self._cold = 0  # of those, waiting for their adapter to become resident
         self._seq = itertools.count()
         self._active: str | None | object = _END  # nothing run yet
+        self._last_tenant = ""  # the tenant the last switch went to ("": shared names and the base)
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="capaserve-engine")
         self._task: asyncio.Task | None = None
@@ -308,15 +313,24 @@ class Scheduler:
     def _pick_queue(self, now: float) -> str | None:
         """The adapter to serve next: the active one unless another is starving."""
         heads = {k: q[0] for k, q in self._queues.items() if q}
-        oldest_key = min(heads, key=lambda k: (heads[k].enqueued, heads[k].seq))
         if not self.config.grouping:
-            return oldest_key
+            return min(heads, key=lambda k: (heads[k].enqueued, heads[k].seq))
         if self._active in heads:
             others = [h for k, h in heads.items() if k != self._active]
             bound = self.config.starvation_ms / 1000.0
             if not others or now - min(h.enqueued for h in others) < bound:
                 return self._active  # type: ignore[return-value]
-        return oldest_key
+        return self._next_tenant_queue(heads)
+
+    def _next_tenant_queue(self, heads: dict[str | None, _Item]) -> str | None:
+        """Round-robin over the tenants with work, then the oldest head of that tenant's queues."""
+        by_tenant: dict[str, list[str | None]] = {}
+        for k in heads:
+            by_tenant.setdefault((tenant_of(k.partition("@")[0]) or "") if k else "", []).append(k)
+        order = sorted(by_tenant)
+        tenant = next((t for t in order if t > self._last_tenant), order[0])
+        self._last_tenant = tenant
+        return min(by_tenant[tenant], key=lambda k: (heads[k].enqueued, heads[k].seq))
 
     def _take_batch(self, key: str | None) -> list[_Item]:
         queue = self._queues[key]

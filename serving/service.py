@@ -19,12 +19,14 @@ from typing import Any, Protocol
 from adapters.bundle import Task
 from adapters.manifest import AdapterManifest, parse_model_ref
 from adapters.registry.resolver import AdapterResolver
-from adapters.registry.store import AdapterNotFound
+from adapters.registry.store import AdapterNotFound, not_found
 from adapters.tasks.errors import InvalidRequest, ModelNotFound, UnsupportedTask
 from adapters.tasks.images import ImageLimits, image_bytes, is_image_data_url
 from adapters.validation import BaseModelSpec
+from serving.api.auth import Principal
 from serving.config import ServerConfig
 from serving.metrics import ServerMetrics
+from serving.quotas import TenantQuotas
 from serving.replica_io import ReplicaCall, ReplicaInfo, ReplicaResult, ServedBy, StreamItem
 
 
@@ -57,6 +59,8 @@ class RequestRecord:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     first_token_s: float | None = None
+    #: who asks: `model` resolves only to adapters it may see (None: every adapter)
+    viewer: Principal | None = None
 
     def log_fields(self) -> dict[str, Any]:
         s = self.served_by
@@ -119,12 +123,14 @@ class ServingContext:
         metrics: ServerMetrics,
         image_limits: ImageLimits,
         limits: RequestLimits | None = None,
+        quotas: TenantQuotas | None = None,
     ) -> None:
         self.client = client
         self.resolver = resolver
         self.metrics = metrics
         self.image_limits = image_limits
         self.limits = limits or RequestLimits.of(ServerConfig())
+        self.quotas = quotas or TenantQuotas(None, None)
         self._info: ReplicaInfo | None = None
         self._info_lock = asyncio.Lock()
         #: the base's `created` in /v1/models: when this ingress first heard from a loaded replica
@@ -205,10 +211,18 @@ class ServingContext:
             parse_model_ref(model)
         except ValueError as exc:  # name@abc, name@0: malformed, whatever is registered (400)
             raise InvalidRequest(f"invalid model {model!r}: {exc} (name@N, N >= 1)") from None
+        # Well formed but absent is 404 with the resolver's reason; another tenant's name answers
+        # exactly what an unregistered name does (the store is read either way), so its reason
+        # never says which versions exist.
+        name = model.partition("@")[0]
+        hidden = record.viewer is not None and not record.viewer.can_see(name)
         try:
             manifest = await asyncio.to_thread(self.resolver.resolve, model)
-        except AdapterNotFound as exc:  # well formed but absent (404): the resolver says what is there
-            raise ModelNotFound(f"model {model!r} is not the base model {info.model_id!r}, and {exc}") from None
+            absent = not_found(name) if hidden else None
+        except AdapterNotFound as exc:
+            absent = not_found(name) if hidden else exc
+        if absent is not None:
+            raise ModelNotFound(f"model {model!r} is not the base model {info.model_id!r}, and {absent}") from None
         record.adapter = manifest.ref
         record.target_label = manifest.name
         return Target(model=model, adapter=manifest)

@@ -167,8 +167,11 @@ def build_app(store, spec, *, max_upload_bytes: int, admin_token: str | None = A
     async def base_spec():
         return spec
 
+    import tempfile
+
     settings = RegistrySettings(
-        max_upload_bytes=max_upload_bytes, tmp_dir=tmp_dir, auth=AuthSettings(admin_token=admin_token)
+        max_upload_bytes=max_upload_bytes, tmp_dir=tmp_dir, auth=AuthSettings(admin_token=admin_token),
+        allowed_paths=[tempfile.gettempdir()],  # where the tests' bundles and PEFT folders are written
     )
     app = FastAPI()
     app.include_router(build_registry_router(store, settings, base_spec, on_change))

@@ -69,6 +69,8 @@ def sample(s: Setting) -> tuple[str, typing.Any]:
     if s.info.annotation in (int, int | None):
         n = 1 if default is None else default + 2  # 1: valid for min_replicas beside the default replicas
         return str(n), n
+    if s.info.annotation == list[str]:
+        return "/tmp/a, /srv/b", ["/tmp/a", "/srv/b"]
     return "/tmp/some-value", "/tmp/some-value"
 
 

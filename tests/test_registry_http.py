@@ -10,8 +10,10 @@ import json
 import math
 import os
 import pickle
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -24,6 +26,8 @@ import torch
 from adapters.bundle import AdapterBundle, Task, save_bundle
 from adapters.synthetic import random_bundle
 from adapters.validation import BaseModelSpec, load_bundle
+from serving.api.errors import error_body
+from serving.api.registry import PATH_NOT_ALLOWED
 from tests.conftest import MINILM_ID
 from tests.registry_support import (
     ADMIN_TOKEN,
@@ -352,7 +356,7 @@ def test_vllm_load_and_unload_lora_adapter(registry, spec, minilm_model, minilm_
 
     bad = [
         ({"lora_name": "vl", "lora_path": str(tmp_path / "nowhere")}, AUTH, 400, "neither"),
-        ({"lora_name": "v/l", "lora_path": str(path)}, AUTH, 400, "invalid adapter name"),
+        ({"lora_name": "v/l/x", "lora_path": str(path)}, AUTH, 400, "invalid adapter name"),
         ({"lora_name": "vl"}, AUTH, 400, "lora_path"),
         ({"lora_name": "vl", "lora_path": str(path)}, {}, 401, "admin token"),
     ]
@@ -488,6 +492,33 @@ def test_unreadable_lora_paths_and_non_utf8_bodies_are_400(spec, tmp_path):
             assert c.get("/v1/adapters").json()["data"] == []
     finally:
         server.stop()
+
+
+def test_lora_path_outside_the_allowed_folders_is_one_fixed_400(registry, spec, tmp_path):
+    """Whatever is there (a readable file, a secret, nothing, a folder, a link out of an allowed
+    folder, a `..` escape), a path outside the allowed folders gets the same answer."""
+    client, store, _, _ = registry
+    allowed = Path(tempfile.gettempdir())
+    outside = Path(tempfile.mkdtemp(dir=Path.home())) if not Path.home().is_relative_to(allowed) else None
+    secret = (outside or Path("/etc")) / ("secret" if outside else "hostname")
+    if outside:
+        secret.write_bytes(b"x" * 631)
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(secret)
+    try:
+        paths = [str(secret), "/etc/shadow", "/nonexistent/x", "/", str(link),
+                 str(allowed / ".." / secret.relative_to("/")), "~root/.ssh/id_rsa"]
+        bodies = set()
+        before = snapshot(store)
+        for p in paths:
+            r = client.post("/v1/load_lora_adapter", json={"lora_name": "p", "lora_path": p}, headers=AUTH)
+            assert r.status_code == 400, (p, r.text)
+            bodies.add(r.text)
+        assert bodies == {json.dumps(error_body(PATH_NOT_ALLOWED, "invalid_request_error", 400), separators=(",", ":"))}
+        assert snapshot(store) == before
+    finally:
+        if outside:
+            shutil.rmtree(outside)
 
 
 def test_download_streams_and_a_tampered_blob_never_completes(registry, spec, tmp_path):

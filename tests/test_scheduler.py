@@ -286,3 +286,33 @@ def test_requests_wait_for_their_adapters_readiness_while_others_run():
     assert [h[0] for h in hot] == [[("hot", f"h{i}")] for i in range(3)]
     assert out == [("cold", "c")] and stats.queue_depth == 0
     assert [c[1] for c in rec.calls] == ["hot"] * 3 + ["cold"]  # neither the broken nor the cancelled one ran
+
+
+def test_switches_go_round_robin_over_tenants():
+    """Tenant a has four adapters' work queued before tenant b's two: each switch goes to the
+    next tenant, so b is served second and fourth, not after all of a's queues."""
+    rec = Recorder(delay=0.005)
+
+    async def main():
+        s = Scheduler(rec, SchedulerConfig(max_batch_size=8, batch_wait_ms=0, starvation_ms=60_000))
+        reqs = [(f"a/{i}@1", f"t{i}{j}") for i in range(1, 5) for j in range(2)]
+        reqs += [(f"b/{i}@1", f"u{i}{j}") for i in range(1, 3) for j in range(2)]
+        await asyncio.gather(*(s.submit("embed", a, [t]) for a, t in reqs))
+        await s.close()
+
+    run(main())
+    order = [adapter for _, adapter, _ in rec.calls]
+    served = [a for i, a in enumerate(order) if i == 0 or order[i - 1] != a]  # one entry per switch
+    assert served == ["a/1@1", "b/1@1", "a/2@1", "b/2@1", "a/3@1", "a/4@1"], order
+
+
+def test_one_tenant_keeps_the_oldest_first_order():
+    rec = Recorder(delay=0.005)
+
+    async def main():
+        s = Scheduler(rec, SchedulerConfig(max_batch_size=8, batch_wait_ms=0, starvation_ms=60_000))
+        await asyncio.gather(*(s.submit("embed", a, ["x"]) for a in ["s2", "s1", "s3", None]))
+        await s.close()
+
+    run(main())
+    assert [adapter for _, adapter, _ in rec.calls] == ["s2", "s1", "s3", None]

@@ -345,7 +345,8 @@ def server(tmp_path_factory):
     """One real Ray Serve app on the embedded MiniLM, for TestServedOverHTTP."""
     from tests.serve_helpers import running_app
 
-    args = {"registry": str(tmp_path_factory.mktemp("registry")), "replicas": 1, "num_cpus": 1}
+    args = {"registry": str(tmp_path_factory.mktemp("registry")), "replicas": 1, "num_cpus": 1,
+            "allowed_lora_paths": str(tmp_path_factory.getbasetemp())}
     with running_app(args, num_cpus=2) as base:
         yield base
 

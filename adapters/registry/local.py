@@ -31,12 +31,13 @@ from typing import BinaryIO
 
 from adapters.bundle import BundleMetadata
 from adapters.files import new_file_mode
-from adapters.manifest import AdapterManifest, is_valid_name
+from adapters.manifest import AdapterManifest, is_valid_name, name_from_storage, storage_name
 from adapters.registry.store import (
     CHUNK_BYTES,
     AdapterNotFound,
     RegistryStore,
     build_manifest,
+    check_record,
 )
 
 
@@ -103,7 +104,7 @@ class LocalStore(RegistryStore):
     def _name_dir(self, name: str) -> Path:
         if not is_valid_name(name):  # never let a name become a path outside the root
             raise AdapterNotFound(f"adapter {name!r} not found")
-        return self.manifests / name
+        return self.manifests / storage_name(name)
 
     def _scan(self, name: str) -> tuple[set[int], set[int]]:
         """(versions with a manifest, versions with a tombstone) of `name`."""
@@ -154,7 +155,7 @@ class LocalStore(RegistryStore):
 
     def list_latest(self) -> list[AdapterManifest]:
         out: list[AdapterManifest] = []
-        for name in sorted(os.listdir(self.manifests)):
+        for name in sorted(name_from_storage(part) for part in os.listdir(self.manifests)):
             if not is_valid_name(name):
                 continue
             try:
@@ -219,7 +220,7 @@ class LocalStore(RegistryStore):
                     pass  # same bytes already stored (content-addressed)
             finally:
                 tmp.unlink(missing_ok=True)
-            d = self.manifests / name
+            d = self._name_dir(name)
             d.mkdir(exist_ok=True)
             while True:
                 live, dead = self._scan(name)
@@ -255,15 +256,51 @@ class LocalStore(RegistryStore):
             self._collect_garbage()
             return deleted
 
+    # -- records -----------------------------------------------------------------------
+
+    def _record_dir(self, folder: str, name: str | None = None) -> Path:
+        check_record(folder, name)
+        d = self.root / folder
+        d.mkdir(exist_ok=True)
+        return d
+
+    def put_record(self, folder: str, name: str, data: bytes) -> None:
+        d = self._record_dir(folder, name)
+        tmp = self._write_temp(data)
+        try:
+            os.link(tmp, d / name)  # FileExistsError if taken: records are write-once
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(d)
+
+    def read_record(self, folder: str, name: str) -> bytes | None:
+        try:
+            return (self._record_dir(folder, name) / name).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def list_records(self, folder: str) -> list[str]:
+        return sorted(os.listdir(self._record_dir(folder)))
+
+    def delete_record(self, folder: str, name: str) -> bool:
+        path = self._record_dir(folder, name) / name
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        _fsync_dir(path.parent)
+        return True
+
     def _collect_garbage(self) -> None:
         """Under the exclusive lock: drop unreferenced blobs and stale temp files."""
         referenced: set[str] = set()
-        for name in os.listdir(self.manifests):
+        for part in os.listdir(self.manifests):
+            name = name_from_storage(part)
             if not is_valid_name(name):
                 continue
             live, dead = self._scan(name)
             for v in live & dead:  # crashed between tombstone and unlink
-                (self.manifests / name / f"{v}.json").unlink(missing_ok=True)
+                (self._name_dir(name) / f"{v}.json").unlink(missing_ok=True)
             for m in self.versions(name):
                 referenced.add(m.sha256)
         for blob in self.blobs.iterdir():

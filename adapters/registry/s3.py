@@ -40,8 +40,8 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from adapters.bundle import BundleMetadata
-from adapters.manifest import AdapterManifest, is_valid_name
-from adapters.registry.store import CHUNK_BYTES, AdapterNotFound, RegistryStore, build_manifest, file_digest
+from adapters.manifest import AdapterManifest, is_valid_name, name_from_storage, storage_name
+from adapters.registry.store import CHUNK_BYTES, AdapterNotFound, RegistryStore, build_manifest, check_record, file_digest
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class S3Store(RegistryStore):
     def _name_prefix(self, name: str) -> str:
         if not is_valid_name(name):  # names become key parts: keep them to docs/registry.md#names
             raise AdapterNotFound(f"adapter {name!r} not found")
-        return f"{self.prefix}manifests/{name}/"
+        return f"{self.prefix}manifests/{storage_name(name)}/"
 
     def _list(self, prefix: str) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -114,7 +114,8 @@ class S3Store(RegistryStore):
     @staticmethod
     def _parse_manifest_key(rest: str) -> tuple[str, int, str] | None:
         """'name/3.json' -> ('name', 3, 'json'); None for anything else."""
-        name, _, leaf = rest.partition("/")
+        part, _, leaf = rest.partition("/")
+        name = name_from_storage(part)
         stem, _, ext = leaf.partition(".")
         if not is_valid_name(name) or not stem.isdigit() or ext not in ("json", "deleted"):
             return None
@@ -266,13 +267,46 @@ class S3Store(RegistryStore):
         self.collect_garbage()
         return deleted
 
+    # -- records -----------------------------------------------------------------------
+
+    def _record_key(self, folder: str, name: str) -> str:
+        check_record(folder, name)
+        return f"{self.prefix}{folder}/{name}"
+
+    def put_record(self, folder: str, name: str, data: bytes) -> None:
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._record_key(folder, name), Body=data, IfNoneMatch="*")
+        except self._ClientError as exc:
+            if _code(exc) in _CONFLICT_CODES:
+                raise FileExistsError(f"{folder}/{name}") from None
+            raise
+
+    def read_record(self, folder: str, name: str) -> bytes | None:
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._record_key(folder, name))["Body"].read()
+        except self._ClientError as exc:
+            if _code(exc) in _MISSING_CODES:
+                return None
+            raise
+
+    def list_records(self, folder: str) -> list[str]:
+        check_record(folder)
+        base = f"{self.prefix}{folder}/"
+        return sorted(obj["Key"][len(base):] for obj in self._list(base))
+
+    def delete_record(self, folder: str, name: str) -> bool:
+        key = self._record_key(folder, name)
+        if self._exists(key) is None:
+            return False
+        self.client.delete_object(Bucket=self.bucket, Key=key)
+        return True
+
     def collect_garbage(self) -> list[str]:
         """Remove blobs no live manifest references and older than the grace period."""
         referenced: set[str] = set()
-        base = f"{self.prefix}manifests/"
         for name, (live, dead) in self._scan_all().items():
             for v in live & dead:  # crashed between tombstone and delete
-                self.client.delete_object(Bucket=self.bucket, Key=f"{base}{name}/{v}.json")
+                self.client.delete_object(Bucket=self.bucket, Key=f"{self._name_prefix(name)}{v}.json")
             for v in live - dead:
                 try:
                     referenced.add(self._read_manifest(name, v).sha256)

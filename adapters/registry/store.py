@@ -5,6 +5,10 @@ Layout, identical on both backends (keys relative to the root / prefix):
     blobs/<sha256>                      bundle bytes, content-addressed, write-once
     manifests/<name>/<version>.json     AdapterManifest, write-once
     manifests/<name>/<version>.deleted  tombstone of a deleted version
+    keys/<id>.json                      an API key's record (its sha256, never the key)
+    audit/<time>-<id>.json              one audit line (registry write or key change)
+
+A tenant's name `tenant/x` is stored as `tenant~x` (adapters.manifest.storage_name).
 
 A version becomes visible only when its manifest is committed, after its blob is
 complete, so a crash mid-upload leaves at most an unreferenced blob or temp file,
@@ -28,6 +32,14 @@ from adapters.bundle import BundleMetadata
 from adapters.manifest import AdapterManifest
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+#: Folders and entry names of small records (keys, audit lines): never a path outside them.
+RECORD_FOLDERS = ("keys", "audit")
+RECORD_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_record(folder: str, name: str | None = None) -> None:
+    if folder not in RECORD_FOLDERS or (name is not None and not RECORD_NAME_RE.fullmatch(name)):
+        raise ValueError(f"invalid record {folder}/{name}")
 #: Read/copy granularity for bundle files: large enough for throughput, small enough to bound memory.
 CHUNK_BYTES = 1 << 20
 
@@ -37,6 +49,12 @@ class AdapterNotFound(KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; we want it plain
         return str(self.args[0]) if self.args else "adapter not found"
+
+
+def not_found(name: str, version: int | None = None) -> AdapterNotFound:
+    """The one error for a name (or version) that is not there; every backend raises this text,
+    and the API raises it for a name the caller may not see."""
+    return AdapterNotFound(f"adapter {name}@{version} not found" if version else f"adapter {name!r} not found")
 
 
 class RegistryCorrupt(RuntimeError):
@@ -158,6 +176,24 @@ class RegistryStore(ABC):
         if not nums:
             raise AdapterNotFound(f"adapter {name!r} not found")
         return nums
+
+    # -- small records beside the manifests (keys, audit lines) ---------------------------
+
+    @abstractmethod
+    def put_record(self, folder: str, name: str, data: bytes) -> None:
+        """Write `folder/name` once, atomically; FileExistsError if it exists."""
+
+    @abstractmethod
+    def read_record(self, folder: str, name: str) -> bytes | None:
+        """The bytes of `folder/name`, or None if absent."""
+
+    @abstractmethod
+    def list_records(self, folder: str) -> list[str]:
+        """The entry names in `folder`, sorted, from one listing."""
+
+    @abstractmethod
+    def delete_record(self, folder: str, name: str) -> bool:
+        """Remove `folder/name`; whether it was there."""
 
     @abstractmethod
     def probe(self) -> None:

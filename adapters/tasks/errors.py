@@ -40,5 +40,13 @@ class AdapterNotLoaded(KeyError):
         return f"adapter {self.name!r} is not loaded on this engine"
 
 
+class TooManyRequests(RuntimeError):
+    """A tenant is over its quota (429 with `Retry-After: retry_after`)."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class Overloaded(RuntimeError):
     """The replica's queue is full; retry later (503)."""

@@ -85,6 +85,8 @@ def decode_image(data: bytes, max_pixels: int | None = None, where: str = "image
         raise InvalidRequest(f"{where}: not a PNG or JPEG image") from None
     except Image.DecompressionBombError:
         raise InvalidRequest(f"{where}: the image has too many pixels") from None
+    except Exception as exc:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, struct.error... on a cut header
+        raise InvalidRequest(f"{where}: the image is truncated or corrupt ({type(exc).__name__})") from None
     if expect is not None and img.format != expect:
         raise InvalidRequest(f"{where}: declared as {expect} but the data is a {img.format} image")
     width, height = img.size
@@ -93,5 +95,5 @@ def decode_image(data: bytes, max_pixels: int | None = None, where: str = "image
     try:
         img.load()
         return ImageOps.exif_transpose(img).convert("RGB")
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever the decoder raises on the client's bytes is a 400
         raise InvalidRequest(f"{where}: the image is truncated or corrupt ({exc})") from None

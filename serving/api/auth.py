@@ -1,26 +1,37 @@
-"""Bearer-token auth for the HTTP API (docs/http-api.md#authentication).
+"""Bearer-token auth for the HTTP API: keys with a tenant and a role (docs/http-api.md#authentication).
 
-Two roles. The admin token guards registry writes: with one configured, a write without
-`Authorization: Bearer ...` is 401 and one with a wrong token 403; with none configured,
-writes are open (a local, single-user server). API keys guard inference and registry
-reads, only when some are configured; the admin token is accepted there too. A missing
-or invalid API key is 401 (what OpenAI answers, so its SDK raises AuthenticationError).
+Every request is made by a `Principal`: a key id, a tenant (or none) and a role (reader,
+writer, admin). Keys come from three places: the admin token (`--admin-token`, an admin of
+every tenant), `--api-keys` (readers of no tenant: the base and shared names only), and the
+keys stored hashed in the registry store (adapters/registry/keys.py, made with
+`POST /v1/keys` or `capaserve keys create`). Without a bearer token a request is anonymous:
+an admin while nothing is configured (a local, single-user server), a reader while only an
+admin token is set (reads stay open as before), refused (401) once API keys or stored keys exist.
 
-Secrets are held as `SecretStr` so they never show in a repr, a log line or a settings
-dump, and are compared with `hmac.compare_digest` so timing reveals nothing of them.
+An unknown or revoked key is 401 on reads (what OpenAI answers, so its SDK raises
+AuthenticationError) and 403 on writes (a wrong admin token, as before); a valid key without
+the right is 403. Which names a principal sees and writes is `Principal.can_see` /
+`can_write`: a name it may not see is answered exactly as an unknown name (404).
 
 Use: `Depends(auth.require_admin)` / `Depends(auth.require_api_key)` on a route (bound
 methods are FastAPI dependencies). They raise `adapters.tasks.errors.Unauthorized` / `Forbidden`,
 which the route class or the app's exception handler turns into the error body (docs/http-api.md#errors).
+
+Secrets are held as `SecretStr` and compared with `hmac.compare_digest`.
 """
 
 from __future__ import annotations
 
 import hmac
 
-from fastapi import Header
+from dataclasses import dataclass
+
+from fastapi import Header, Request
+from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
+from adapters.manifest import tenant_of
+from adapters.registry.keys import KeyStore, Role
 from adapters.tasks.errors import Forbidden, Unauthorized
 
 
@@ -42,58 +53,114 @@ def _matches(token: str, secrets: list[SecretStr]) -> bool:
     return hit
 
 
+@dataclass(frozen=True)
+class Principal:
+    """Who makes a request: what it may see and write follows from its tenant and role."""
+
+    key_id: str
+    tenant: str | None
+    role: Role
+
+    def can_see(self, name: str) -> bool:
+        """Shared names are every key's; `tenant/x` is its tenant's keys' and the admins'."""
+        owner = tenant_of(name.partition("@")[0])
+        return owner is None or self.role is Role.admin or owner == self.tenant
+
+    def can_write(self, name: str) -> bool:
+        """Admins write every name; a writer only its own tenant's names."""
+        if self.role is Role.admin:
+            return True
+        owner = tenant_of(name)
+        return self.role is Role.writer and owner is not None and owner == self.tenant
+
+
+ADMIN_TOKEN_ID = "admin-token"
+API_KEY_ID = "api-key"
+ANONYMOUS = "anonymous"
+
+
 class AuthSettings(BaseModel):
-    """Who may do what. Built from `--admin-token` and `--api-keys` by the CLI."""
+    """Who may do what: the admin token and API keys (from the CLI) and the stored keys."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
 
-    admin_token: SecretStr | None = Field(
-        None, description="Bearer token for registry writes; None leaves writes open."
-    )
+    admin_token: SecretStr | None = Field(None, description="An admin key; None: no admin token.")
     api_keys: list[SecretStr] = Field(
-        default_factory=list, description="Bearer tokens accepted for inference and registry reads; empty: open."
+        default_factory=list, description="Readers of no tenant: the base and shared names only."
     )
+    keys: KeyStore | None = Field(None, description="The keys stored in the registry store.")
 
     @property
     def admin_required(self) -> bool:
         return self.admin_token is not None and bool(self.admin_token.get_secret_value())
 
-    @property
-    def api_key_required(self) -> bool:
-        return any(k.get_secret_value() for k in self.api_keys)
+    def _api_keys(self) -> list[SecretStr]:
+        return [k for k in self.api_keys if k.get_secret_value()]
 
-    def check_admin(self, authorization: str | None) -> None:
-        """Raise Unauthorized (no bearer) or Forbidden (wrong one) unless this is the admin."""
-        if self.admin_required:
-            assert self.admin_token is not None
-            wrong = Forbidden("the admin token is not valid")
-            _check(authorization, [self.admin_token], "this operation needs an admin token", wrong)
+    def configured(self) -> bool:
+        """Whether any key exists: then /metrics needs an admin key."""
+        return self.admin_required or bool(self._api_keys()) or (self.keys is not None and self.keys.any())
 
-    def check_api_key(self, authorization: str | None) -> None:
-        """Raise Unauthorized unless a configured API key (or the admin token) is sent.
+    def _anonymous(self) -> Principal | None:
+        if self._api_keys() or (self.keys is not None and self.keys.any()):
+            return None
+        return Principal(ANONYMOUS, None, Role.reader if self.admin_required else Role.admin)
 
-        A wrong key is 401, as OpenAI and vLLM answer an invalid key (their SDK raises
-        AuthenticationError); 403 stays for a valid caller without the right (an API key on
-        a registry write)."""
-        if self.api_key_required:
-            accepted = [k for k in self.api_keys if k.get_secret_value()]
-            if self.admin_token is not None and self.admin_required:
-                accepted.append(self.admin_token)
-            _check(authorization, accepted, "this server needs an API key", Unauthorized("the API key is not valid"))
+    def identify(self, token: str) -> Principal | None:
+        """The principal of a bearer token, or None for an unknown or revoked key."""
+        if self.admin_required and self.admin_token is not None and _matches(token, [self.admin_token]):
+            return Principal(ADMIN_TOKEN_ID, None, Role.admin)
+        if _matches(token, self._api_keys()):
+            return Principal(API_KEY_ID, None, Role.reader)
+        rec = self.keys.lookup(token) if self.keys is not None else None
+        return Principal(rec.id, rec.tenant, rec.role) if rec is not None else None
 
-    async def require_admin(self, authorization: str | None = Header(None)) -> None:
-        """FastAPI dependency for registry writes."""
-        self.check_admin(authorization)
+    def authenticate(self, authorization: str | None, role: Role) -> Principal:
+        """The principal making a request that needs `role`; Unauthorized or Forbidden otherwise."""
+        token = bearer_token(authorization)
+        if token is None:
+            who = self._anonymous()
+            if who is None or not who.role.at_least(role):
+                needs = {
+                    Role.reader: "this server needs an API key",
+                    Role.writer: "this operation needs an admin token or a writer key",
+                    Role.admin: "this operation needs an admin token or an admin key",
+                }[role]
+                raise Unauthorized(f"{needs}: send 'Authorization: Bearer <token>'")
+            return who
+        who = self.identify(token)
+        if who is None:
+            if role is Role.reader:
+                raise Unauthorized("the API key is not valid")
+            raise Forbidden("the key is not valid")
+        if not who.role.at_least(role):
+            raise Forbidden(f"this operation needs a {role.value} key")
+        return who
 
-    async def require_api_key(self, authorization: str | None = Header(None)) -> None:
-        """FastAPI dependency for inference (and registry reads)."""
-        self.check_api_key(authorization)
+    async def reader(self, request: Request, authorization: str | None = Header(None)) -> Principal:
+        """FastAPI dependency for inference and registry reads; the principal is also kept on
+        `request.state.principal`."""
+        return _keep(request, await _authenticate(self, authorization, Role.reader))
+
+    async def writer(self, request: Request, authorization: str | None = Header(None)) -> Principal:
+        """FastAPI dependency for uploads and deletes (the route checks the name: `can_write`)."""
+        return _keep(request, await _authenticate(self, authorization, Role.writer))
+
+    async def admin(self, request: Request, authorization: str | None = Header(None)) -> Principal:
+        """FastAPI dependency for key management and server paths."""
+        return _keep(request, await _authenticate(self, authorization, Role.admin))
 
 
-def _check(authorization: str | None, accepted: list[SecretStr], needs: str, wrong: Exception) -> None:
-    """Unauthorized when no bearer token is sent, `wrong` when it is none of `accepted`."""
-    token = bearer_token(authorization)
-    if token is None:
-        raise Unauthorized(f"{needs}: send 'Authorization: Bearer <token>'")
-    if not _matches(token, accepted):
-        raise wrong
+async def _authenticate(settings: AuthSettings, authorization: str | None, role: Role) -> Principal:
+    # The stored keys' cache may re-list the store (a network call on S3): off the event loop.
+    return await run_in_threadpool(settings.authenticate, authorization, role)
+
+
+def _keep(request: Request, who: Principal) -> Principal:
+    request.state.principal = who
+    return who
+
+
+def principal_of(request: Request) -> Principal | None:
+    """The principal an auth dependency found for this request (None if none ran)."""
+    return getattr(request.state, "principal", None)

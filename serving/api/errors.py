@@ -30,6 +30,7 @@ from adapters.tasks.errors import (
     ModelNotFound,
     Overloaded,
     PayloadTooLarge,
+    TooManyRequests,
     Unauthorized,
     UnsupportedTask,
 )
@@ -98,6 +99,8 @@ def error_response(exc: BaseException) -> JSONResponse:
         if status >= 500:
             log.error("request failed", exc_info=exc)
     headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
+    if isinstance(exc, TooManyRequests):
+        headers = {"Retry-After": str(exc.retry_after)}
     return JSONResponse(error_body(message, kind, status), status_code=status, headers=headers)
 
 

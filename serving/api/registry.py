@@ -46,11 +46,13 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from adapters.bundle import AdapterBundle, Task, save_bundle
 from adapters.importers.peft import import_peft
-from adapters.manifest import NAME_PATTERN, AdapterManifest, is_valid_name
-from adapters.registry.store import AdapterNotFound, RegistryStore, verified_chunks
-from adapters.tasks.errors import InvalidRequest, PayloadTooLarge
+from adapters.manifest import NAME_PATTERN, TENANT_PATTERN, AdapterManifest, is_valid_name
+from adapters.registry import audit
+from adapters.registry.keys import CreatedKey, KeyInfo, KeyStore, Role
+from adapters.registry.store import AdapterNotFound, RegistryStore, not_found, verified_chunks
+from adapters.tasks.errors import Forbidden, InvalidRequest, PayloadTooLarge
 from adapters.validation import BaseModelSpec, check_servable, load_bundle
-from serving.api.auth import AuthSettings
+from serving.api.auth import AuthSettings, Principal
 from serving.api.errors import ErrorMappingRoute
 from serving.api.spool import Spool, sweep_stale
 from serving.protocol import ERROR_RESPONSES
@@ -81,8 +83,9 @@ class RegistrySettings(BaseModel):
     max_concurrent_validations: int = Field(
         2, ge=1, description="Uploads validated at once; each holds its bundle in memory while checked."
     )
-    allow_path_loading: bool = Field(
-        True, description="Whether POST /v1/load_lora_adapter may read a path on the server's filesystem."
+    allowed_paths: list[Path] = Field(
+        default_factory=list,
+        description="Folders under which POST /v1/load_lora_adapter may read `lora_path`; empty: none.",
     )
     auth: AuthSettings = Field(default_factory=AuthSettings, description="Admin token and API keys.")
 
@@ -287,8 +290,7 @@ def build_registry_router(
     """The registry routes over `store`; see the module docstring for the contract."""
     sweep_stale(settings.tmp_dir)  # spool files of uploads a killed server left behind
     router = APIRouter(route_class=ErrorMappingRoute, tags=["adapters"], responses=ERROR_RESPONSES)
-    admin = [Depends(settings.auth.require_admin)]
-    reader = [Depends(settings.auth.require_api_key)]
+    auth = settings.auth
     validations = asyncio.Semaphore(settings.max_concurrent_validations)
 
     async def notify(name: str) -> None:
@@ -300,7 +302,33 @@ def build_registry_router(
             log.warning("on_change(%r) failed; replicas will still see the change on their next lookup", name,
                         exc_info=True)
 
-    async def commit_file(name: str, path: Path, expected_sha256: str | None, actual_sha256: str | None) -> JSONResponse:
+    def record(who: Principal, action: audit.Action, name: str, version: int | None = None,
+               sha256: str | None = None) -> None:
+        audit.append(store, audit.AuditEntry(key_id=who.key_id, tenant=who.tenant, action=action, name=name,
+                                             version=version, sha256=sha256))
+
+    def may_write(who: Principal, name: str) -> str:
+        """`name`, valid and writable by `who` (403 otherwise, whether or not it exists)."""
+        _check_name(name)
+        if not who.can_write(name):
+            own = f"names under '{who.tenant}/'" if who.role is Role.writer and who.tenant else "no adapter names"
+            raise Forbidden(f"this key may write {own}")
+        return name
+
+    async def visible(who: Principal, name: str, version: int | None = None) -> AdapterManifest:
+        """The manifest of `name@version` if `who` may see it; else the error of an unknown name
+        (same body, and the store is asked either way so the timing is the same)."""
+        try:
+            manifest = await run_in_threadpool(store.get, name, version)
+        except AdapterNotFound:
+            raise not_found(name, version) from None
+        if not who.can_see(name):
+            raise not_found(name, version)
+        return manifest
+
+    async def commit_file(
+        who: Principal, name: str, path: Path, expected_sha256: str | None, actual_sha256: str | None
+    ) -> JSONResponse:
         """Validate a spooled bundle against the base, then commit it. The caller removes `path`."""
         if expected_sha256 is not None and actual_sha256 is not None:
             if expected_sha256.strip().lower() != actual_sha256:
@@ -312,48 +340,50 @@ def build_registry_router(
             check_servable(bundle, await base_spec())
             manifest = await run_in_threadpool(store.commit, name, path, bundle.metadata)
         log.info("registered adapter %s (sha256 %s, %d bytes)", manifest.ref, manifest.sha256, manifest.size_bytes)
+        record(who, "adapter.upload", name, manifest.version, manifest.sha256)
         await notify(name)
         return JSONResponse(_manifest_json(manifest), status_code=201)
 
     @router.put(
-        "/v1/adapters/{name:path}", status_code=201, response_model=AdapterManifest, dependencies=admin,
-        openapi_extra=RAW_BUNDLE_BODY,
+        "/v1/adapters/{name:path}", status_code=201, response_model=AdapterManifest, openapi_extra=RAW_BUNDLE_BODY,
     )
     async def put_adapter(
-        name: str, request: Request, x_content_sha256: str | None = Header(None)
+        name: str, request: Request, x_content_sha256: str | None = Header(None), who: Principal = Depends(auth.writer)
     ) -> JSONResponse:
         """Upload a bundle (raw body) as the next version of `name`."""
-        _check_name(name)
+        may_write(who, name)
         spool = await _spool_raw(request, settings)
         try:
-            return await commit_file(name, spool.path, x_content_sha256, spool.hash.hexdigest())
+            return await commit_file(who, name, spool.path, x_content_sha256, spool.hash.hexdigest())
         finally:
             spool.discard()
 
     @router.post(
-        "/v1/adapters", status_code=201, response_model=AdapterManifest, dependencies=admin,
-        openapi_extra=MULTIPART_BUNDLE_BODY,
+        "/v1/adapters", status_code=201, response_model=AdapterManifest, openapi_extra=MULTIPART_BUNDLE_BODY,
     )
-    async def post_adapter(request: Request, x_content_sha256: str | None = Header(None)) -> JSONResponse:
+    async def post_adapter(
+        request: Request, x_content_sha256: str | None = Header(None), who: Principal = Depends(auth.writer)
+    ) -> JSONResponse:
         """Upload a bundle as multipart form fields `file` and `name` (and optional `sha256`)."""
         spool, fields = await _spool_multipart(request, settings)
         try:
             if "name" not in fields:
                 raise InvalidRequest("multipart body has no 'name' field")
-            name = _check_name(fields["name"])
+            name = may_write(who, fields["name"])
             expected = fields.get("sha256") or x_content_sha256
-            return await commit_file(name, spool.path, expected, spool.hash.hexdigest())
+            return await commit_file(who, name, spool.path, expected, spool.hash.hexdigest())
         finally:
             spool.discard()
 
-    @router.get("/v1/adapters", response_model=AdapterList, dependencies=reader)
-    async def list_adapters() -> AdapterList:
-        return AdapterList(data=await run_in_threadpool(store.list_latest))
+    @router.get("/v1/adapters", response_model=AdapterList)
+    async def list_adapters(who: Principal = Depends(auth.reader)) -> AdapterList:
+        """The latest manifest of every name the caller may see."""
+        return AdapterList(data=[m for m in await run_in_threadpool(store.list_latest) if who.can_see(m.name)])
 
-    @router.get(
-        "/v1/adapters/{name:path}/download", dependencies=reader, response_class=Response, responses=BUNDLE_DOWNLOAD
-    )
-    async def download_adapter(name: str, version: int | None = Query(None, ge=1)) -> Response:
+    @router.get("/v1/adapters/{name:path}/download", response_class=Response, responses=BUNDLE_DOWNLOAD)
+    async def download_adapter(
+        name: str, version: int | None = Query(None, ge=1), who: Principal = Depends(auth.reader)
+    ) -> Response:
         """The bundle bytes of `name@version` (default: latest), streamed in 1 MiB chunks.
 
         Never one big body: an 80 MB bundle as one message exceeded gRPC's limit between
@@ -362,7 +392,7 @@ def build_registry_router(
         (the client sees fewer bytes than Content-Length) and is logged.
         """
         _check_name(name)
-        manifest = await run_in_threadpool(store.get, name, version)
+        manifest = await visible(who, name, version)
         chunks = await run_in_threadpool(store.stream_blob, manifest.sha256)
         return StreamingResponse(
             verified_chunks(chunks, manifest.sha256, manifest.size_bytes),
@@ -376,28 +406,34 @@ def build_registry_router(
             },
         )
 
-    @router.get("/v1/adapters/{name:path}", response_model=AdapterDetail, dependencies=reader)
-    async def get_adapter(name: str) -> AdapterDetail:
+    @router.get("/v1/adapters/{name:path}", response_model=AdapterDetail)
+    async def get_adapter(name: str, who: Principal = Depends(auth.reader)) -> AdapterDetail:
         _check_name(name)
         versions = await run_in_threadpool(store.versions, name)
-        if not versions:
-            raise AdapterNotFound(f"adapter {name!r} not found")
+        if not versions or not who.can_see(name):
+            raise not_found(name)
         latest = versions[-1]
         return AdapterDetail(**latest.model_dump(), versions=[m.version for m in versions])
 
-    @router.delete("/v1/adapters/{name:path}", status_code=204, dependencies=admin)
-    async def delete_adapter(name: str, version: int | None = Query(None, ge=1)) -> Response:
+    @router.delete("/v1/adapters/{name:path}", status_code=204)
+    async def delete_adapter(
+        name: str, version: int | None = Query(None, ge=1), who: Principal = Depends(auth.writer)
+    ) -> Response:
         """Delete one version, or every version of `name` (204); 404 if nothing matched."""
-        _check_name(name)
+        may_write(who, name)
         deleted = await run_in_threadpool(store.delete, name, version)
         log.info("deleted adapter versions %s", [m.ref for m in deleted])
+        for m in deleted:
+            record(who, "adapter.delete", name, m.version, m.sha256)
         await notify(name)
         return Response(status_code=204)
 
     # -- vLLM runtime LoRA compatibility ---------------------------------------------
 
-    @router.post("/v1/load_lora_adapter", response_model=AdapterManifest, dependencies=admin)
-    async def load_lora_adapter(body: LoadLoraAdapterRequest = Body(...)) -> JSONResponse:
+    @router.post("/v1/load_lora_adapter", response_model=AdapterManifest)
+    async def load_lora_adapter(
+        body: LoadLoraAdapterRequest = Body(...), who: Principal = Depends(auth.admin)
+    ) -> JSONResponse:
         """Register a bundle file or a PEFT LoRA folder that is on the server's filesystem.
 
         Like vLLM, a PEFT folder is accepted if its shapes fit the served base (its
@@ -405,41 +441,115 @@ def build_registry_router(
         Loading an existing name adds a new version. Answers 200 and the manifest.
         """
         name = _check_name(body.lora_name)
-        if not settings.allow_path_loading:
-            raise InvalidRequest("loading adapters from server paths is disabled; upload with PUT /v1/adapters/{name}")
-        path, kind = _local_source(body.lora_path)
+        path, kind = _local_source(_allowed(body.lora_path, settings.allowed_paths))
         if kind == "dir":
             spec = await base_spec()
             bundle = await run_in_threadpool(_import_peft_folder, path, spec)
-            response = await _commit_bundle(name, bundle)
+            response = await _commit_bundle(who, name, bundle)
         elif kind == "file":
             size = path.stat().st_size
             if size > settings.max_upload_bytes:
                 raise PayloadTooLarge(f"{size}-byte bundle exceeds the limit of {settings.max_upload_bytes} bytes")
-            response = await commit_file(name, path, None, None)
+            response = await commit_file(who, name, path, None, None)
         else:
             shown = body.lora_path if len(body.lora_path) <= 140 else body.lora_path[:137] + "..."
             raise InvalidRequest(f"lora_path {shown!r} is neither a bundle file nor a folder on the server")
         response.status_code = 200
         return response
 
-    async def _commit_bundle(name: str, bundle: AdapterBundle) -> JSONResponse:
+    async def _commit_bundle(who: Principal, name: str, bundle: AdapterBundle) -> JSONResponse:
         spool = Spool(settings.tmp_dir, settings.max_upload_bytes, prefix="import-")
         try:
             await run_in_threadpool(save_bundle, bundle, spool.path)  # same file: the lock stays
-            return await commit_file(name, spool.path, None, None)
+            return await commit_file(who, name, spool.path, None, None)
         finally:
             spool.discard()
 
-    @router.post("/v1/unload_lora_adapter", response_model=UnloadLoraAdapterResponse, dependencies=admin)
-    async def unload_lora_adapter(body: UnloadLoraAdapterRequest = Body(...)) -> UnloadLoraAdapterResponse:
+    @router.post("/v1/unload_lora_adapter", response_model=UnloadLoraAdapterResponse)
+    async def unload_lora_adapter(
+        body: UnloadLoraAdapterRequest = Body(...), who: Principal = Depends(auth.admin)
+    ) -> UnloadLoraAdapterResponse:
         """Delete every version of `lora_name` (vLLM's unload); 404 if it is unknown."""
         name = _check_name(body.lora_name)
         deleted = await run_in_threadpool(store.delete, name, None)
+        for m in deleted:
+            record(who, "adapter.delete", name, m.version, m.sha256)
         await notify(name)
         return UnloadLoraAdapterResponse(name=name, deleted_versions=[m.version for m in deleted])
 
+    # -- keys --------------------------------------------------------------------------
+
+    keys = auth.keys
+
+    @router.post("/v1/keys", status_code=201, response_model=CreatedKey, tags=["keys"])
+    async def create_key(body: NewKey, who: Principal = Depends(auth.admin)) -> JSONResponse:
+        """A new key; the answer is the only place its secret is ever shown."""
+        created = await run_in_threadpool(_key_store().create, body.tenant, body.role, body.name)
+        record(who, "key.create", created.id)
+        return JSONResponse(created.model_dump(mode="json"), status_code=201)
+
+    @router.get("/v1/keys", response_model=KeyList, tags=["keys"])
+    async def list_keys(who: Principal = Depends(auth.admin)) -> KeyList:
+        return KeyList(data=[r.info() for r in await run_in_threadpool(_key_store().list)])
+
+    @router.delete("/v1/keys/{key_id}", status_code=204, tags=["keys"])
+    async def revoke_key(key_id: str, who: Principal = Depends(auth.admin)) -> Response:
+        """Revoke a key: refused on every replica within a second (404 for an unknown id)."""
+        if await run_in_threadpool(_key_store().revoke, key_id) is None:
+            raise KeyNotFound(f"key {key_id!r} not found")
+        record(who, "key.revoke", key_id)
+        return Response(status_code=204)
+
+    def _key_store() -> KeyStore:
+        if keys is None:
+            raise InvalidRequest("this server keeps no keys")
+        return keys
+
     return router
+
+
+class KeyNotFound(AdapterNotFound):
+    """DELETE /v1/keys/{id} of an id that is not there (404)."""
+
+
+class NewKey(BaseModel):
+    """POST /v1/keys."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tenant: str | None = Field(
+        ..., pattern=TENANT_PATTERN, description="The key's tenant; null: a key of no tenant (shared names only)."
+    )
+    role: Role
+    name: str | None = Field(None, max_length=200, description="A label for people.")
+
+
+class KeyList(BaseModel):
+    """GET /v1/keys: every key, never its secret."""
+
+    object: str = "list"
+    data: list[KeyInfo]
+
+
+#: The one answer for a `lora_path` outside the allowed folders: it says nothing of the file.
+PATH_NOT_ALLOWED = (
+    "lora_path is not under a folder this server allows adapters to be loaded from (setting allowed-lora-paths); "
+    "upload the bundle with PUT /v1/adapters/{name} instead"
+)
+
+
+def _allowed(lora_path: str, allowed: list[Path]) -> str:
+    """`lora_path` with links and `..` resolved, if it lies under one of the `allowed` folders
+    (resolved the same way); otherwise the fixed 400, before the file is looked at, so neither a
+    leaked admin key nor the error text reveals anything of files elsewhere (the size and first
+    bytes of /etc/shadow did)."""
+    try:
+        real = Path(os.path.realpath(Path(lora_path).expanduser()))
+        if any(real.is_relative_to(os.path.realpath(folder)) for folder in allowed):
+            return str(real)
+    except (OSError, RuntimeError, ValueError):
+        pass
+    raise InvalidRequest(PATH_NOT_ALLOWED)
 
 
 def _local_source(lora_path: str) -> tuple[Path, str | None]:

@@ -31,6 +31,7 @@ import time
 from typing import Any
 
 from serving.config_sources import PRECEDENCE, ConfigError, add_flags, config_from_namespace
+from serving.stop_guard import StopGuard, node_pids
 
 APP_NAME = "capaserve"
 log = logging.getLogger("capaserve.serve")
@@ -119,6 +120,7 @@ def run(ns: argparse.Namespace) -> int:
         use_serve_env(ingress_on_port(port))  # before ray.serve is imported below
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     started_ray = serving = stopping = False
+    guard = None
     try:
         import ray
         from ray import serve
@@ -131,6 +133,7 @@ def run(ns: argparse.Namespace) -> int:
             from serving.ray_local import init_local_ray
 
             init_local_ray(max(os.cpu_count() or 1, need))
+            guard = StopGuard(node_pids())
         else:
             ray.init(address=address, logging_level=logging.WARNING)
         started_ray = True
@@ -143,6 +146,8 @@ def run(ns: argparse.Namespace) -> int:
         serve.start(http_options={"host": server.host, "port": proxy_port})
         serve.run(build_app(config), name=APP_NAME, route_prefix="/")
         serving = True
+        if guard is not None:
+            guard.record()
         if local:
             from serving.ray_local import direct_ingress_urls
 
@@ -170,6 +175,13 @@ def run(ns: argparse.Namespace) -> int:
     finally:
         for s in previous:
             signal.signal(s, signal.SIG_IGN)  # a second signal must not cut the cleanup short
+        if guard is not None and stopping:
+            guard.record()
+            guard.arm(server.drain_timeout_s + STOP_BUDGET_S - 1.0, _exit_now)
+            if guard.ray_was_signalled():
+                log.info("Ray's own processes got the signal too (a process-group stop): nothing left to drain; "
+                         "ended %d leftover process(es)", guard.end_all())
+                _exit_now(0)
         _shutdown(started_ray, server.drain_timeout_s if serving and stopping else None)
         for s, h in previous.items():
             signal.signal(s, h)
