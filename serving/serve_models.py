@@ -13,7 +13,12 @@ from serving.service import ServingContext
 async def list_models(ctx: ServingContext, store: RegistryStore) -> ModelList:
     info = await ctx.info()
     modality = await ctx.modality()
-    cards = [ModelCard(id=info.model_id, root=info.model_id, parent=None, task=info.task, modality=modality)]
+    cards = [
+        ModelCard(
+            id=info.model_id, root=info.model_id, parent=None, task=info.task, modality=modality,
+            precision=info.precision,
+        )
+    ]
     for m in await asyncio.to_thread(store.list_latest):
         cards.append(
             ModelCard(
