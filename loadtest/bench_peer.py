@@ -18,6 +18,14 @@ an older transformers than capaserve's):
 or any running OpenAI-compatible embeddings server on this machine: `--peer-url
 http://127.0.0.1:7997` (its CPU is then measured from `--peer-pid`, if given).
 
+Each round also measures the in-process ceiling: the same sentences, sorted by length and
+cut into batches of the scheduler's `max_batch_size`, embedded by an `Engine` in this
+process with the replica's engine workers and torch threads (as `capaserve serve` plans them
+on this host), no server; capaserve's rows are also given as a fraction of it.
+
+`--dtype` (default auto: what `capaserve serve` picks on this host) is the weight dtype of
+both servers and of the ceiling.
+
 With `--adapters N` (default 50) capaserve is also driven, in the same run and with the
 same load, with each request's model drawn Zipf(`--zipf`) over N synthetic adapters
 (query/value of every layer, r=8, d=2, as the load test registers them over HTTP), and
@@ -173,6 +181,57 @@ def run_locust(
     }
 
 
+def in_process_ceiling(dtype: str, duration: float) -> dict[str, float]:
+    """Texts/s and CPU per text of the replica's engine with no server: the peer sentences
+    length-sorted in batches of `max_batch_size`, on the replica's engine workers (threads),
+    each worker's forwards on the replica's torch threads, for `duration` seconds."""
+    import threading
+
+    from serving.config import ServeConfig
+    from serving.engine.engine import Engine
+
+    config = ServeConfig()
+    workers, threads = config.engine_plan(config.device_type())
+    engine = Engine(config.engine.model_copy(update={"dtype": dtype, "num_threads": threads}))
+    texts = sorted(peer_sentences(), key=len)
+    size = config.scheduler.max_batch_size
+    batches = [texts[i : i + size] for i in range(0, len(texts), size)]
+    for b in batches:  # warm-up
+        engine.encode(b, [None] * len(b), ["embed"] * len(b))
+    done = [0] * workers
+    stop = time.monotonic() + duration
+
+    def work(w: int) -> None:
+        torch_threads(threads)
+        i = w
+        while time.monotonic() < stop:
+            b = batches[i % len(batches)]
+            engine.encode(b, [None] * len(b), ["embed"] * len(b))
+            done[w] += len(b)
+            i += workers
+
+    cpu0, t0 = psutil.Process().cpu_times(), time.monotonic()
+    pool = [threading.Thread(target=work, args=(w,)) for w in range(workers)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    cpu1, wall = psutil.Process().cpu_times(), time.monotonic() - t0
+    texts_done = sum(done)
+    cpu = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
+    return {
+        "texts_per_s": texts_done / wall, "p50_ms": float("nan"), "p99_ms": float("nan"), "requests": 0,
+        "failures": 0, "cpu_s_per_1000_texts": cpu / texts_done * 1000, "workers": workers, "threads": threads,
+        "dtype": str(engine.dtype).removeprefix("torch."),
+    }
+
+
+def torch_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--infinity-venv", type=Path, help="virtual environment with infinity-emb 0.0.78 (the default peer)")
@@ -186,16 +245,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--adapters", type=int, default=50, help="also drive capaserve with N adapters (0: skip)")
     ap.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of the adapter draw")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="weight dtype of both servers and the ceiling (auto: capaserve's choice on this host)")
+    ap.add_argument("--no-ceiling", action="store_true", help="skip the in-process ceiling")
     ap.add_argument("--out", type=Path, help="also write the Markdown table (and results.json next to it) here")
     args = ap.parse_args(argv)
 
     folder = default_model_dir()
+    dtype = args.dtype
+    if dtype == "auto":
+        import torch
+
+        from adapters.device import host_auto_dtype
+
+        dtype = str(host_auto_dtype(torch.device("cpu"))).removeprefix("torch.")
     work = Path(tempfile.mkdtemp(prefix="bench-peer-"))
     cport = free_port()
     capa = Server(
         "capaserve", DEFAULT_MODEL_ID, url=f"http://127.0.0.1:{cport}",
         cmd=[sys.executable, "-m", "serving.cli", "serve", "--port", str(cport), "--registry", str(work / "registry"),
-             *args.capaserve_args.split()],
+             *(["--dtype", args.dtype] if args.dtype != "auto" else []), *args.capaserve_args.split()],
         env={"HF_HUB_OFFLINE": "1"},
     )
     if args.peer_url:
@@ -208,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         peer = Server(
             args.peer_name, DEFAULT_MODEL_ID, url=f"http://127.0.0.1:{pport}",
             cmd=[str(args.infinity_venv / "bin" / "infinity_emb"), "v2", "--model-id", folder,
-                 "--served-model-name", DEFAULT_MODEL_ID, "--engine", "torch", "--device", "cpu", "--dtype", "float32",
+                 "--served-model-name", DEFAULT_MODEL_ID, "--engine", "torch", "--device", "cpu", "--dtype", dtype,
                  "--no-vector-disk-cache", "--host", "127.0.0.1", "--port", str(pport),
                  "--url-prefix", "/v1"],  # OpenAI's paths, as capaserve serves them
             env={"HF_HUB_OFFLINE": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1"},
@@ -218,12 +287,18 @@ def main(argv: list[str] | None = None) -> int:
 
     sizes = [int(x) for x in args.texts_per_request.split(",")]
     many = f"capaserve, {args.adapters} adapters (Zipf {args.zipf:g})"
-    rows = [capa.name, *([many] if args.adapters else []), peer.name]
+    ceiling = f"in-process ceiling ({dtype})"
+    rows = [*([] if args.no_ceiling else [ceiling]), capa.name, *([many] if args.adapters else []), peer.name]
     check = peer_sentences()[:16]
     results: dict[tuple[str, int], list[dict[str, float]]] = {}
     max_diff = 0.0
     for rnd in range(args.rounds):
         order = [capa, peer] if rnd % 2 == 0 else [peer, capa]
+        if not args.no_ceiling:
+            res = in_process_ceiling(dtype, args.duration)
+            for n in sizes:
+                results.setdefault((ceiling, n), []).append(res)
+            print(f"# round {rnd + 1}, {ceiling}: {json.dumps(res)}", file=sys.stderr)
         answers = {}
         for server in order:
             server.start(work)
@@ -254,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
 
     lines = [
         f"{time.strftime('%Y-%m-%d')}, {psutil.cpu_count()} cores, {args.rounds} rounds (alternating order), "
-        f"{args.users} users, {args.duration:g} s per run, medians; same vectors: max |difference| {max_diff:.1e}",
+        f"{args.users} users, {args.duration:g} s per run, dtype {dtype}, medians; same vectors: max |difference| {max_diff:.1e}",
         "",
         "| server | texts/request | texts/s | p50 ms | p99 ms | failed | server CPU-s per 1000 texts |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -268,10 +343,20 @@ def main(argv: list[str] | None = None) -> int:
             )
     lines += ["", "| capaserve configuration / peer (base) | texts/request | throughput | p99 | CPU per text |",
               "|---|---:|---:|---:|---:|"]
+    capa_rows = [r for r in rows[:-1] if r != ceiling]
     for n in sizes:
-        for name in rows[:-1]:
+        for name in capa_rows:
             lines.append(f"| {name} | {n} | {ratio(name, n, 'texts_per_s'):.2f} | {ratio(name, n, 'p99_ms'):.2f} | "
                          f"{ratio(name, n, 'cpu_s_per_1000_texts'):.2f} |")
+    if not args.no_ceiling:
+        lines += ["", "| capaserve configuration / in-process ceiling | texts/request | throughput | CPU per text |",
+                  "|---|---:|---:|---:|"]
+        for n in sizes:
+            for name in capa_rows:
+                r = [c["texts_per_s"] / e["texts_per_s"] for c, e in zip(results[(name, n)], results[(ceiling, n)])]
+                cpu = [c["cpu_s_per_1000_texts"] / e["cpu_s_per_1000_texts"]
+                       for c, e in zip(results[(name, n)], results[(ceiling, n)])]
+                lines.append(f"| {name} | {n} | {statistics.median(r):.2f} | {statistics.median(cpu):.2f} |")
     table = "\n".join(lines)
     print(table)
     if args.out:
