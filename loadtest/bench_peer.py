@@ -16,7 +16,8 @@ an older transformers than capaserve's):
     python loadtest/bench_peer.py --infinity-venv ~/infinity-venv
 
 or any running OpenAI-compatible embeddings server on this machine: `--peer-url
-http://127.0.0.1:7997` (its CPU is then measured from `--peer-pid`, if given).
+http://127.0.0.1:7997` (its CPU is then measured from `--peer-pid`, if given). With
+neither, capaserve is measured against the in-process ceiling alone.
 
 Each round also measures the in-process ceiling: the same sentences, sorted by length and
 cut into batches of the scheduler's `max_batch_size`, embedded by an `Engine` in this
@@ -283,17 +284,18 @@ def main(argv: list[str] | None = None) -> int:
             env={"HF_HUB_OFFLINE": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1"},
         )
     else:
-        raise SystemExit("give --infinity-venv DIR or --peer-url URL")
+        peer = None  # capaserve against the ceiling only
 
     sizes = [int(x) for x in args.texts_per_request.split(",")]
     many = f"capaserve, {args.adapters} adapters (Zipf {args.zipf:g})"
     ceiling = f"in-process ceiling ({dtype})"
-    rows = [*([] if args.no_ceiling else [ceiling]), capa.name, *([many] if args.adapters else []), peer.name]
+    rows = [*([] if args.no_ceiling else [ceiling]), capa.name, *([many] if args.adapters else []),
+            *([peer.name] if peer else [])]
     check = peer_sentences()[:16]
     results: dict[tuple[str, int], list[dict[str, float]]] = {}
     max_diff = 0.0
     for rnd in range(args.rounds):
-        order = [capa, peer] if rnd % 2 == 0 else [peer, capa]
+        order = [capa] if peer is None else [capa, peer] if rnd % 2 == 0 else [peer, capa]
         if not args.no_ceiling:
             res = in_process_ceiling(dtype, args.duration)
             for n in sizes:
@@ -317,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"# round {rnd + 1}, {label}, {n} text(s)/request: {json.dumps(res)}", file=sys.stderr)
             finally:
                 server.stop()
+        if peer is None:
+            continue
         a, b = answers[capa.name], answers[peer.name]
         max_diff = max(max_diff, max(abs(x - y) for u, v in zip(a, b, strict=True) for x, y in zip(u, v, strict=True)))
 
@@ -341,11 +345,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {name} | {n} | {med(name, n, 'texts_per_s'):.0f} | {med(name, n, 'p50_ms'):.0f} | "
                 f"{med(name, n, 'p99_ms'):.0f} | {fails} | {med(name, n, 'cpu_s_per_1000_texts'):.2f} |"
             )
-    lines += ["", "| capaserve configuration / peer (base) | texts/request | throughput | p99 | CPU per text |",
-              "|---|---:|---:|---:|---:|"]
-    capa_rows = [r for r in rows[:-1] if r != ceiling]
+    if peer:
+        lines += ["", "| capaserve configuration / peer (base) | texts/request | throughput | p99 | CPU per text |",
+                  "|---|---:|---:|---:|---:|"]
+    capa_rows = [r for r in rows if r not in (ceiling, peer and peer.name)]
     for n in sizes:
-        for name in capa_rows:
+        for name in capa_rows if peer else []:
             lines.append(f"| {name} | {n} | {ratio(name, n, 'texts_per_s'):.2f} | {ratio(name, n, 'p99_ms'):.2f} | "
                          f"{ratio(name, n, 'cpu_s_per_1000_texts'):.2f} |")
     if not args.no_ceiling:
