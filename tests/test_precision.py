@@ -142,3 +142,38 @@ def test_default_serves_bfloat16_close_to_float32(minilm_dir: Path, tmp_path: Pa
     assert base["precision"]["requested"] == "auto" and base["precision"]["probe"]["min_cosine"] >= COSINE_BOUND
     vec = np.asarray(emb["data"][0]["embedding"], dtype=np.float64)
     assert abs(float((vec * vec).sum()) - 1.0) < 1e-4
+
+
+@needs_bf16_cpu
+@pytest.mark.parametrize("kind", ["causal-lm", "image"])
+def test_guard_on_causal_and_image_bases(kind: str, tiny_llama_dir: Path, tiny_vit_dir: Path) -> None:
+    """The loader's verdict on a tiny causal LM and a tiny ViT against the agreement computed
+    here by hand from a float32 model and its bfloat16 cast."""
+    from transformers import AutoImageProcessor, AutoModelForCausalLM
+
+    from adapters.precision import PROBE_PROMPT, probe_image
+
+    folder = tiny_llama_dir if kind == "causal-lm" else tiny_vit_dir
+    engine = Engine(EngineConfig(model=str(folder), served_model_name="tiny", num_threads=1))
+    if kind == "causal-lm":
+        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        ids = tok([PROBE_PROMPT], return_tensors="pt")
+        model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True).eval()
+        with torch.no_grad():
+            ref = torch.softmax(model(**ids).logits, -1)
+            low = torch.softmax(model.to(torch.bfloat16)(**ids).logits.float(), -1)
+        diff = float((ref - low).abs().max())
+        ok = torch.equal(ref.argmax(-1), low.argmax(-1)) and diff <= PROB_BOUND
+        assert engine.precision.probe["max_abs_prob_diff"] == pytest.approx(diff, abs=1e-6)
+    else:
+        proc = AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
+        pixels = proc(images=[probe_image()], return_tensors="pt")["pixel_values"]
+        model = AutoModel.from_pretrained(str(folder), local_files_only=True).eval()
+        with torch.no_grad():
+            ref = model(pixel_values=pixels).last_hidden_state.mean(1)
+            low = model.to(torch.bfloat16)(pixel_values=pixels.bfloat16()).last_hidden_state.float().mean(1)
+        cos = float(torch.nn.functional.cosine_similarity(ref.double(), low.double()).min())
+        ok = cos >= COSINE_BOUND
+        assert engine.precision.probe["min_cosine"] == pytest.approx(cos, abs=1e-6)
+    assert engine.precision.dtype == ("bfloat16" if ok else "float32")
+    assert engine.dtype == (torch.bfloat16 if ok else torch.float32)
