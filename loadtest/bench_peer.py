@@ -146,6 +146,11 @@ def register_adapters(url: str, n: int, work: Path) -> list[str]:
     return names
 
 
+def _number(cell: str) -> float:
+    """A Locust CSV figure; N/A (a run that completed no request, e.g. a warm-up on a busy host) is NaN."""
+    return float("nan") if cell == "N/A" else float(cell)
+
+
 def run_locust(
     server: Server, args: argparse.Namespace, texts_per_request: int, out: Path, models: list[str] | None = None
 ) -> dict[str, float]:
@@ -174,8 +179,8 @@ def run_locust(
     texts = (requests - failures) * texts_per_request
     return {
         "texts_per_s": float(agg["Requests/s"]) * texts_per_request,
-        "p50_ms": float(agg["50%"]),
-        "p99_ms": float(agg["99%"]),
+        "p50_ms": _number(agg["50%"]),
+        "p99_ms": _number(agg["99%"]),
         "requests": requests,
         "failures": failures,
         "cpu_s_per_1000_texts": (cpu1 - cpu0) / texts * 1000 if texts else float("nan"),
