@@ -62,7 +62,9 @@ def probe_image() -> Any:
 
 
 @torch.no_grad()
-def probe_outputs(model: torch.nn.Module, kind: ProbeKind, tokenizer: Any = None, processor: Any = None) -> torch.Tensor:
+def probe_outputs(
+    model: torch.nn.Module, kind: ProbeKind, tokenizer: Any = None, processor: Any = None
+) -> torch.Tensor:
     """The probe set's outputs in float32: [n, 2, H] (mean, first token) for a text encoder,
     [1, H] for an image encoder, [1, L, V] next-token probabilities for a causal LM."""
     p = next(model.parameters())

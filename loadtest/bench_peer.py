@@ -338,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
 
     lines = [
         f"{time.strftime('%Y-%m-%d')}, {psutil.cpu_count()} cores, {args.rounds} rounds (alternating order), "
-        f"{args.users} users, {args.duration:g} s per run, dtype {dtype}, medians; same vectors: max |difference| {max_diff:.1e}",
+        f"{args.users} users, {args.duration:g} s per run, dtype {dtype}, medians; "
+        f"same vectors: max |difference| {max_diff:.1e}",
         "",
         "| server | texts/request | texts/s | p50 ms | p99 ms | failed | server CPU-s per 1000 texts |",
         "|---|---:|---:|---:|---:|---:|---:|",
