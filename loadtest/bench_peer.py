@@ -16,7 +16,16 @@ an older transformers than capaserve's):
     python loadtest/bench_peer.py --infinity-venv ~/infinity-venv
 
 or any running OpenAI-compatible embeddings server on this machine: `--peer-url
-http://127.0.0.1:7997` (its CPU is then measured from `--peer-pid`, if given).
+http://127.0.0.1:7997` (its CPU is then measured from `--peer-pid`, if given). With
+neither, capaserve is measured against the in-process ceiling alone.
+
+Each round also measures the in-process ceiling: the same sentences, sorted by length and
+cut into batches of the scheduler's `max_batch_size`, embedded by an `Engine` in this
+process with the replica's engine workers and torch threads (as `capaserve serve` plans them
+on this host), no server; capaserve's rows are also given as a fraction of it.
+
+`--dtype` (default auto: what `capaserve serve` picks on this host) is the weight dtype of
+both servers and of the ceiling.
 
 With `--adapters N` (default 50) capaserve is also driven, in the same run and with the
 same load, with each request's model drawn Zipf(`--zipf`) over N synthetic adapters
@@ -137,6 +146,11 @@ def register_adapters(url: str, n: int, work: Path) -> list[str]:
     return names
 
 
+def _number(cell: str) -> float:
+    """A Locust CSV figure; N/A (a run that completed no request, e.g. a warm-up on a busy host) is NaN."""
+    return float("nan") if cell == "N/A" else float(cell)
+
+
 def run_locust(
     server: Server, args: argparse.Namespace, texts_per_request: int, out: Path, models: list[str] | None = None
 ) -> dict[str, float]:
@@ -165,12 +179,63 @@ def run_locust(
     texts = (requests - failures) * texts_per_request
     return {
         "texts_per_s": float(agg["Requests/s"]) * texts_per_request,
-        "p50_ms": float(agg["50%"]),
-        "p99_ms": float(agg["99%"]),
+        "p50_ms": _number(agg["50%"]),
+        "p99_ms": _number(agg["99%"]),
         "requests": requests,
         "failures": failures,
         "cpu_s_per_1000_texts": (cpu1 - cpu0) / texts * 1000 if texts else float("nan"),
     }
+
+
+def in_process_ceiling(dtype: str, duration: float) -> dict[str, float]:
+    """Texts/s and CPU per text of the replica's engine with no server: the peer sentences
+    length-sorted in batches of `max_batch_size`, on the replica's engine workers (threads),
+    each worker's forwards on the replica's torch threads, for `duration` seconds."""
+    import threading
+
+    from serving.config import ServeConfig
+    from serving.engine.engine import Engine
+
+    config = ServeConfig()
+    workers, threads = config.engine_plan(config.device_type())
+    engine = Engine(config.engine.model_copy(update={"dtype": dtype, "num_threads": threads}))
+    texts = sorted(peer_sentences(), key=len)
+    size = config.scheduler.max_batch_size
+    batches = [texts[i : i + size] for i in range(0, len(texts), size)]
+    for b in batches:  # warm-up
+        engine.encode(b, [None] * len(b), ["embed"] * len(b))
+    done = [0] * workers
+    stop = time.monotonic() + duration
+
+    def work(w: int) -> None:
+        torch_threads(threads)
+        i = w
+        while time.monotonic() < stop:
+            b = batches[i % len(batches)]
+            engine.encode(b, [None] * len(b), ["embed"] * len(b))
+            done[w] += len(b)
+            i += workers
+
+    cpu0, t0 = psutil.Process().cpu_times(), time.monotonic()
+    pool = [threading.Thread(target=work, args=(w,)) for w in range(workers)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    cpu1, wall = psutil.Process().cpu_times(), time.monotonic() - t0
+    texts_done = sum(done)
+    cpu = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
+    return {
+        "texts_per_s": texts_done / wall, "p50_ms": float("nan"), "p99_ms": float("nan"), "requests": 0,
+        "failures": 0, "cpu_s_per_1000_texts": cpu / texts_done * 1000, "workers": workers, "threads": threads,
+        "dtype": str(engine.dtype).removeprefix("torch."),
+    }
+
+
+def torch_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,16 +251,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--adapters", type=int, default=50, help="also drive capaserve with N adapters (0: skip)")
     ap.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of the adapter draw")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="weight dtype of both servers and the ceiling (auto: capaserve's choice on this host)")
+    ap.add_argument("--no-ceiling", action="store_true", help="skip the in-process ceiling")
     ap.add_argument("--out", type=Path, help="also write the Markdown table (and results.json next to it) here")
     args = ap.parse_args(argv)
 
     folder = default_model_dir()
+    dtype = args.dtype
+    if dtype == "auto":
+        import torch
+
+        from adapters.device import host_auto_dtype
+
+        dtype = str(host_auto_dtype(torch.device("cpu"))).removeprefix("torch.")
     work = Path(tempfile.mkdtemp(prefix="bench-peer-"))
     cport = free_port()
     capa = Server(
         "capaserve", DEFAULT_MODEL_ID, url=f"http://127.0.0.1:{cport}",
         cmd=[sys.executable, "-m", "serving.cli", "serve", "--port", str(cport), "--registry", str(work / "registry"),
-             *args.capaserve_args.split()],
+             *(["--dtype", args.dtype] if args.dtype != "auto" else []), *args.capaserve_args.split()],
         env={"HF_HUB_OFFLINE": "1"},
     )
     if args.peer_url:
@@ -208,22 +283,29 @@ def main(argv: list[str] | None = None) -> int:
         peer = Server(
             args.peer_name, DEFAULT_MODEL_ID, url=f"http://127.0.0.1:{pport}",
             cmd=[str(args.infinity_venv / "bin" / "infinity_emb"), "v2", "--model-id", folder,
-                 "--served-model-name", DEFAULT_MODEL_ID, "--engine", "torch", "--device", "cpu", "--dtype", "float32",
+                 "--served-model-name", DEFAULT_MODEL_ID, "--engine", "torch", "--device", "cpu", "--dtype", dtype,
                  "--no-vector-disk-cache", "--host", "127.0.0.1", "--port", str(pport),
                  "--url-prefix", "/v1"],  # OpenAI's paths, as capaserve serves them
             env={"HF_HUB_OFFLINE": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1"},
         )
     else:
-        raise SystemExit("give --infinity-venv DIR or --peer-url URL")
+        peer = None  # capaserve against the ceiling only
 
     sizes = [int(x) for x in args.texts_per_request.split(",")]
     many = f"capaserve, {args.adapters} adapters (Zipf {args.zipf:g})"
-    rows = [capa.name, *([many] if args.adapters else []), peer.name]
+    ceiling = f"in-process ceiling ({dtype})"
+    rows = [*([] if args.no_ceiling else [ceiling]), capa.name, *([many] if args.adapters else []),
+            *([peer.name] if peer else [])]
     check = peer_sentences()[:16]
     results: dict[tuple[str, int], list[dict[str, float]]] = {}
     max_diff = 0.0
     for rnd in range(args.rounds):
-        order = [capa, peer] if rnd % 2 == 0 else [peer, capa]
+        order = [capa] if peer is None else [capa, peer] if rnd % 2 == 0 else [peer, capa]
+        if not args.no_ceiling:
+            res = in_process_ceiling(dtype, args.duration)
+            for n in sizes:
+                results.setdefault((ceiling, n), []).append(res)
+            print(f"# round {rnd + 1}, {ceiling}: {json.dumps(res)}", file=sys.stderr)
         answers = {}
         for server in order:
             server.start(work)
@@ -242,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"# round {rnd + 1}, {label}, {n} text(s)/request: {json.dumps(res)}", file=sys.stderr)
             finally:
                 server.stop()
+        if peer is None:
+            continue
         a, b = answers[capa.name], answers[peer.name]
         max_diff = max(max_diff, max(abs(x - y) for u, v in zip(a, b, strict=True) for x, y in zip(u, v, strict=True)))
 
@@ -254,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
 
     lines = [
         f"{time.strftime('%Y-%m-%d')}, {psutil.cpu_count()} cores, {args.rounds} rounds (alternating order), "
-        f"{args.users} users, {args.duration:g} s per run, medians; same vectors: max |difference| {max_diff:.1e}",
+        f"{args.users} users, {args.duration:g} s per run, dtype {dtype}, medians; "
+        f"same vectors: max |difference| {max_diff:.1e}",
         "",
         "| server | texts/request | texts/s | p50 ms | p99 ms | failed | server CPU-s per 1000 texts |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -266,12 +351,23 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {name} | {n} | {med(name, n, 'texts_per_s'):.0f} | {med(name, n, 'p50_ms'):.0f} | "
                 f"{med(name, n, 'p99_ms'):.0f} | {fails} | {med(name, n, 'cpu_s_per_1000_texts'):.2f} |"
             )
-    lines += ["", "| capaserve configuration / peer (base) | texts/request | throughput | p99 | CPU per text |",
-              "|---|---:|---:|---:|---:|"]
+    if peer:
+        lines += ["", "| capaserve configuration / peer (base) | texts/request | throughput | p99 | CPU per text |",
+                  "|---|---:|---:|---:|---:|"]
+    capa_rows = [r for r in rows if r not in (ceiling, peer and peer.name)]
     for n in sizes:
-        for name in rows[:-1]:
+        for name in capa_rows if peer else []:
             lines.append(f"| {name} | {n} | {ratio(name, n, 'texts_per_s'):.2f} | {ratio(name, n, 'p99_ms'):.2f} | "
                          f"{ratio(name, n, 'cpu_s_per_1000_texts'):.2f} |")
+    if not args.no_ceiling:
+        lines += ["", "| capaserve configuration / in-process ceiling | texts/request | throughput | CPU per text |",
+                  "|---|---:|---:|---:|"]
+        for n in sizes:
+            for name in capa_rows:
+                r = [c["texts_per_s"] / e["texts_per_s"] for c, e in zip(results[(name, n)], results[(ceiling, n)])]
+                cpu = [c["cpu_s_per_1000_texts"] / e["cpu_s_per_1000_texts"]
+                       for c, e in zip(results[(name, n)], results[(ceiling, n)])]
+                lines.append(f"| {name} | {n} | {statistics.median(r):.2f} | {statistics.median(cpu):.2f} |")
     table = "\n".join(lines)
     print(table)
     if args.out:

@@ -292,7 +292,9 @@ class EngineConfig(_Section):
         None, description="Torch device.", json_schema_extra={"default_doc": "cuda if available, else cpu"}
     )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="Weight dtype; auto is float32 on CPU and bfloat16 on CUDA."
+        "auto",
+        description="Weight dtype; auto is bfloat16 where the hardware computes it natively (CUDA with bfloat16, "
+        "CPUs with AVX512-BF16 or AMX) if a probe set agrees with float32 at startup, else float32.",
     )
     max_seq_len: int = Field(512, ge=1, description="Longest sequence in tokens (prompt plus completion).")
     adapter_cache_bytes: Bytes = Field(

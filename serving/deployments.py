@@ -139,6 +139,7 @@ class ModelServer:
             max_seq_len=e.max_len,
             replica=self.replica,
             registry_error=await self.registry_probe.error(),
+            precision=e.precision,
         )
 
     async def loaded_adapters(self) -> list[str]:

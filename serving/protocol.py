@@ -16,6 +16,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from adapters.precision import PrecisionChoice
 from adapters.tasks.qa import DEFAULT_MAX_ANSWER_LEN, QAInput
 from serving.engine.sampling import SamplingParams
 
@@ -417,6 +418,9 @@ class ModelCard(OpenAIBaseModel):
         "causal-lm; for the base, what it serves plainly (feature-extraction for an encoder).",
     )
     modality: str | None = Field(None, description="text or image: what the model's inputs are.")
+    precision: PrecisionChoice | None = Field(
+        None, description="The base only: its weight dtype, the dtype setting, and why (the startup guard's verdict)."
+    )
 
 
 class ModelList(OpenAIBaseModel):

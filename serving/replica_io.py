@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from adapters.manifest import AdapterManifest
+from adapters.precision import PrecisionChoice
 from adapters.tasks.kinds import ENCODER_KINDS
 from adapters.tasks.qa import QAInput
 from serving.engine.sampling import SamplingParams
@@ -117,4 +118,5 @@ class ReplicaInfo(BaseModel):
     max_seq_len: int
     replica: str
     registry_error: str | None = Field(None, description="Why this replica cannot reach the registry; None if it can.")
+    precision: PrecisionChoice | None = Field(None, description="The base's weight dtype and why.")
 

@@ -15,8 +15,12 @@ async def list_models(ctx: ServingContext, store: RegistryStore, viewer: Princip
     """The base and the adapters `viewer` may see (all of them without a viewer)."""
     info = await ctx.info()
     modality = await ctx.modality()
-    cards = [ModelCard(id=info.model_id, created=ctx.base_created or unix_now(), root=info.model_id, parent=None, task=info.task,
-                       modality=modality)]
+    cards = [
+        ModelCard(
+            id=info.model_id, created=ctx.base_created or unix_now(), root=info.model_id, parent=None, task=info.task, modality=modality,
+            precision=info.precision,
+        )
+    ]
     for m in await asyncio.to_thread(store.list_latest):
         if viewer is not None and not viewer.can_see(m.name):
             continue

@@ -48,6 +48,9 @@ def hand_merge(model: torch.nn.Module, bundle: AdapterBundle) -> torch.nn.Module
 
 
 def engine_for(folder: Path, served: str | None = None, **kw: object) -> Engine:
+    """An engine over `folder`, float32 unless `dtype` is given: the engine tests compare with
+    float32 references at float32 tolerances (the bfloat16 default has its own tests)."""
+    kw.setdefault("dtype", "float32")
     return Engine(EngineConfig(model=str(folder), served_model_name=served, num_threads=1, **kw))
 
 

@@ -61,7 +61,11 @@ def in_process_app(engine, **settings):
 
 @contextmanager
 def running_app(args_dict: dict, num_cpus: int = 4) -> Iterator[str]:
-    """A local Ray cluster serving the app of `args_dict` (settings named as flags) at the yielded base URL."""
+    """A local Ray cluster serving the app of `args_dict` (settings named as flags) at the yielded base URL.
+
+    float32 unless `args_dict` names a dtype: these tests compare answers with float32 engines
+    at float32 tolerances; tests/test_precision.py serves the default dtype."""
+    args_dict = {"dtype": "float32", **args_dict}
     import ray
     from ray import serve
 

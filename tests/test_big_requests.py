@@ -37,7 +37,7 @@ def engine():
     from serving.config import EngineConfig
     from serving.engine.engine import Engine
 
-    return Engine(EngineConfig(num_threads=1))
+    return Engine(EngineConfig(num_threads=1, dtype="float32"))
 
 
 @pytest.fixture(scope="module")

@@ -55,7 +55,7 @@ def engine():
     from serving.config import EngineConfig
     from serving.engine.engine import Engine
 
-    return Engine(EngineConfig(num_threads=1))
+    return Engine(EngineConfig(num_threads=1, dtype="float32"))
 
 
 class Load:
@@ -133,7 +133,8 @@ def test_two_nodes_on_loopback_survive_losing_one(engine, monkeypatch, tmp_path,
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
         port = free_port()
         config = config_of(host="127.0.0.1", port=port, registry=f"s3://{BUCKET}/cluster",
-                           registry_endpoint_url=moto.url, replicas=2, ingress_replicas=2, num_cpus=1)
+                           registry_endpoint_url=moto.url, replicas=2, ingress_replicas=2, num_cpus=1,
+                           dtype="float32")
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(config), name=APP_NAME, route_prefix="/")
         base = f"http://127.0.0.1:{port}"

@@ -39,7 +39,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def engine():
-    return Engine(EngineConfig(num_threads=1))
+    return Engine(EngineConfig(num_threads=1, dtype="float32"))
 
 
 @pytest.fixture()

@@ -29,7 +29,7 @@ def engine(tiny_llama_dir):
     from serving.config import EngineConfig
     from serving.engine.engine import Engine
 
-    return Engine(EngineConfig(model=str(tiny_llama_dir), served_model_name=BASE, num_threads=1))
+    return Engine(EngineConfig(model=str(tiny_llama_dir), served_model_name=BASE, num_threads=1, dtype="float32"))
 
 
 @pytest.fixture(scope="module")

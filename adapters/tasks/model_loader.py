@@ -13,13 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import logging
+
 import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
 from adapters.bundle import Modality, Task
 from adapters.default_model import default_model_dir
-from adapters.device import resolve_device
+from adapters.device import host_auto_dtype, resolve_device
+from adapters.precision import PrecisionChoice, ProbeKind, describe_bounds, guard, probe_outputs
 from adapters.validation import BaseModelSpec
 
 
@@ -50,6 +53,7 @@ CAUSAL_FAMILIES = frozenset(
 #: model_type values of image encoders: the families transformers has an image classifier for.
 IMAGE_FAMILIES = frozenset(MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+log = logging.getLogger("capaserve.model_loader")
 
 
 @dataclass
@@ -65,12 +69,19 @@ class LoadedModel:
     max_positions: int
     #: the image processor of an image base (its tokenizer is None); None for text bases
     processor: Any = None
+    #: the weights' dtype and why (None for models built in memory by benchmarks and tests)
+    precision: PrecisionChoice | None = None
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """An explicit dtype as given; `auto` what the device computes natively (adapters.device.auto_dtype)."""
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return host_auto_dtype(device)
     return _DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def model_source(config: ModelSettings) -> str:
@@ -138,7 +149,10 @@ def finish(model: torch.nn.Module, tokenizer: Any, model_id: str, task: Task, pr
 
 
 def load_model(config: ModelSettings) -> LoadedModel:
-    """Load tokenizer and model from a folder or the local cache; never from the network."""
+    """Load tokenizer (or image processor) and model from a folder or the local cache; never
+    from the network. With dtype `auto` on hardware with native bfloat16 the base is loaded in
+    float32, the probe guard (adapters.precision) compares it with its bfloat16 cast, and the
+    base stays float32 (reloaded) if they disagree beyond the bounds."""
     source = model_source(config)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
@@ -147,7 +161,7 @@ def load_model(config: ModelSettings) -> LoadedModel:
         source = str(Path(source).resolve())
     hf_config = AutoConfig.from_pretrained(source, **kw)
     task = detect_task(hf_config)
-    model = model_class(task).from_pretrained(source, dtype=dtype, **kw).to(device)
+    tokenizer, processor = None, None
     if detect_modality(hf_config) == "image":
         try:
             processor = AutoImageProcessor.from_pretrained(source, **kw)
@@ -156,9 +170,38 @@ def load_model(config: ModelSettings) -> LoadedModel:
                 f"{source} is an image model ({hf_config.model_type}) but has no image processor "
                 f"(preprocessor_config.json) to prepare pixels with: {exc}"
             ) from exc
-        return finish(model, None, config.served_name(), task, processor)
-    tokenizer = AutoTokenizer.from_pretrained(source, **kw)
-    return finish(model, tokenizer, config.served_name(), task)
+    else:
+        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(source, **kw), task)
+
+    def load(dt: torch.dtype) -> torch.nn.Module:
+        return model_class(task).from_pretrained(source, dtype=dt, **kw).to(device).eval()
+
+    if config.dtype != "auto":
+        model = load(dtype)
+        precision = PrecisionChoice(dtype=config.dtype, requested=config.dtype, reason="set explicitly")
+    elif dtype == torch.float32:
+        model = load(torch.float32)
+        precision = PrecisionChoice(
+            dtype="float32", requested="auto", reason=f"no native bfloat16 on this {device.type} device"
+        )
+    else:
+        model = load(torch.float32)
+        kind: ProbeKind = "image" if processor is not None else "causal-lm" if task is Task.CAUSAL_LM else "text"
+        ok, metrics = guard(model, dtype, lambda m: probe_outputs(m, kind, tokenizer, processor), kind)
+        bound = describe_bounds(kind)
+        if ok:
+            reason = f"native {dtype_name(dtype)} on this {device.type}; probe outputs agree with float32 ({bound})"
+            precision = PrecisionChoice(dtype=dtype_name(dtype), requested="auto", reason=reason, probe=metrics)
+            log.info("base %s runs in %s: %s %s", config.served_name(), dtype_name(dtype), reason, metrics)
+        else:
+            reason = f"{dtype_name(dtype)} probe outputs disagree with float32 beyond the bound ({bound}): float32 kept"
+            log.warning("base %s: %s %s", config.served_name(), reason, metrics)
+            del model
+            model = load(torch.float32)
+            precision = PrecisionChoice(dtype="float32", requested="auto", reason=reason, probe=metrics)
+    loaded = finish(model, tokenizer, config.served_name(), task, processor)
+    loaded.precision = precision
+    return loaded
 
 
 def meta_spec(source: str, model_id: str, task: Task | None = None) -> BaseModelSpec:

@@ -47,6 +47,7 @@ _STATUS: list[tuple[type[BaseException], int, str]] = [
     (AdapterNotFound, 404, "not_found_error"),
     (AdapterNotLoaded, 404, "not_found_error"),
     (PayloadTooLarge, 413, "payload_too_large"),
+    (TooManyRequests, 429, "rate_limit_error"),
     (Overloaded, 503, "overloaded_error"),
     # A model replica was lost while it held the request (killed, crashed, its node gone) and
     # the request could not be retried (serving.ingress.HandleClient): try again.

@@ -63,6 +63,8 @@ class Engine:
         self.model_id: str = loaded.spec.model_id
         self.device: torch.device = loaded.device
         self.dtype: torch.dtype = loaded.dtype
+        #: the weights' dtype and why (the dtype setting and the startup guard's verdict)
+        self.precision = loaded.precision
         self.max_len = min(config.max_seq_len, loaded.max_positions)
         self.tokens = Tokens(loaded.tokenizer, self.max_len, self.model_id)
         self.residency = AdapterResidency(
