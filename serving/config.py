@@ -279,6 +279,12 @@ class EngineConfig(_Section):
         description="Of that, bytes that may hold dense deltas (the fastest swap); other adapters keep "
         "their thin factor pair.",
     )
+    kv_cache_bytes: Bytes = Field(
+        1 * GiB,
+        ge=1,
+        description="Bound on the generation KV cache (rows x longest prompt + max_tokens, padded); beyond it "
+        "new generation requests wait in the queue.",
+    )
     num_threads: int | None = Field(
         None,
         ge=1,
@@ -319,6 +325,12 @@ class SchedulerConfig(_Section):
     max_queue: int = Field(256, ge=1, description="Queued requests per replica before 503 (overloaded).")
     grouping: bool = Field(
         True, description="Group requests by adapter; off: swap per request, in arrival order (the load-test baseline)."
+    )
+    prefill_chunk_tokens: int = Field(
+        512,
+        ge=1,
+        description="Most prompt tokens (padded) one generation prefill forward takes: short prompts are "
+        "prefilled together, a longer one in chunks between the running sequences' decode steps.",
     )
     stream_slice_ms: float = Field(
         50.0, gt=0.0, description="A stream holds the engine this long at a time; other requests run in between."

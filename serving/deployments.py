@@ -44,6 +44,7 @@ from serving.cluster_env import RegistryEnv
 from serving.coalesce import JOINABLE
 from serving.config import ServeConfig
 from serving.engine.adapter_cache import count_bound
+from serving.engine.continuous import DecodeLoop
 from serving.engine.engine import Engine
 from serving.engine.qa import QAInput
 from serving.errors import InvalidRequest
@@ -205,7 +206,7 @@ class ModelServer:
         extra = call.params.max_tokens if call.params else 0
         lengths = [_estimate_input(x, image_tokens) + extra for x in inputs]
         outs, info = await self.scheduler.submit(kind, ref, inputs, lengths=lengths, params=call.params)
-        outputs = [o[0] for o in outs]
+        outputs = [_generation_result(o[0]) if kind == "generate" else o[0] for o in outs]
         tokens = [o[1] for o in outs]
         return ReplicaResult(outputs=outputs, prompt_tokens=tokens, served_by=self.reporter.served_by(info), report=self.reporter.report())
 
@@ -220,38 +221,33 @@ class ModelServer:
     # ------------------------------------------------------------------ BatchRunner (worker thread)
 
     def run_batch(self, kinds: list[Kind], adapter: str | None, texts: list[Any], params: Any) -> list[Any]:
-        """BatchRunner: one engine call (input i is a kinds[i] request); (output, prompt_tokens) per input."""
+        """BatchRunner: one encoder call (input i is a kinds[i] request); (output, prompt_tokens) per input."""
         e = self.engine
-        if _generation(kinds):
-            return _generation_results(self.adapters.with_adapter([adapter], lambda: e.generate(texts, adapter, params)))
+        _require_encoder(kinds)
         return _encoder_results(self.adapters.with_adapter([adapter], lambda: e.encode(texts, [adapter] * len(texts), kinds)))
 
     def run_mixed_batch(
         self, kinds: list[Kind], adapters: list[str | None], texts: list[Any], params: Any = None
     ) -> list[Any]:
-        """BatchRunner, adaptive mode: one unmerged engine call, text i with adapters[i]."""
+        """BatchRunner, adaptive mode: one unmerged encoder call, input i with adapters[i]."""
         e = self.engine
-        generation = _generation(kinds)
-
-        def call() -> Any:
-            if generation:
-                return e.generate_mixed(texts, adapters, params)
-            return e.encode(texts, adapters, kinds, mixed=True)
-
-        out = self.adapters.with_adapter(adapters, call)
-        return _generation_results(out) if generation else _encoder_results(out)
+        _require_encoder(kinds)
+        return _encoder_results(self.adapters.with_adapter(adapters, lambda: e.encode(texts, adapters, kinds, mixed=True)))
 
     def run_stream(self, adapter: str | None, prompt: str, params: Any) -> Iterator[Any]:
-        """BatchRunner: (delta, prompt_tokens) pairs of one streamed generation."""
-        e = self.engine
-        prompt_tokens = e.count_tokens([prompt])
-        gen = self.adapters.with_adapter([adapter], lambda: e.generate_stream(prompt, adapter, params))
-        try:
-            for delta in gen:
-                yield delta, prompt_tokens
-        finally:
-            gen.close()
-            self._refresh_stats()
+        """BatchRunner: never called, streams run on the decode loop (`decode_loop`)."""
+        raise NotImplementedError("streams run on the decode loop")
+
+    def decode_loop(self) -> DecodeLoop:
+        """BatchRunner: generation by continuous batching on this engine (serving/engine/continuous.py);
+        an adapter evicted since its request was queued is reloaded when its sequence is admitted."""
+        s = self.config.scheduler
+        decoder = self.engine.continuous_decoder(s.max_batch_size, s.prefill_chunk_tokens, self.adapters.with_adapter)
+        return DecodeLoop(decoder)
+
+    def prompt_ids(self, texts: list[str], params: Any) -> list[list[int]]:
+        """BatchRunner: generation prompts' token ids (InvalidRequest for a bad one)."""
+        return self.engine.prompt_ids(texts, params)
 
     def _refresh_stats(self) -> None:
         self.reporter.observe(self.engine.stats())
@@ -281,26 +277,16 @@ class ModelServer:
             sched.shutdown()
 
 
-def _generation(kinds: list[Kind]) -> bool:
-    """Whether a batch is generation (all rows) or encoder work (embed/classify/qa rows, mixable)."""
-    if all(k == "generate" for k in kinds):
-        return True
+def _require_encoder(kinds: list[Kind]) -> None:
+    """Engine batches hold encoder rows only (embed/classify/qa, mixable): generation runs on the decode loop."""
     if any(k not in ENCODER for k in kinds):
-        raise InvalidRequest(f"a batch holds generate rows only, or encoder rows only; got {sorted(set(kinds))}")
-    return False
+        raise InvalidRequest(f"an engine batch holds encoder rows only; got {sorted(set(kinds))}")
 
 
-def _generation_results(outs: list[Any]) -> list[Any]:
-    return [
-        (
-            GenerationResult(
-                text=o.text, finish_reason=o.finish_reason, prompt_tokens=o.prompt_tokens,
-                completion_tokens=o.completion_tokens,
-            ),
-            o.prompt_tokens,
-        )
-        for o in outs
-    ]
+def _generation_result(o: Any) -> GenerationResult:
+    return GenerationResult(
+        text=o.text, finish_reason=o.finish_reason, prompt_tokens=o.prompt_tokens, completion_tokens=o.completion_tokens
+    )
 
 
 def _encoder_results(rows: list[Any]) -> list[Any]:

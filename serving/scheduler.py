@@ -53,6 +53,7 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, Field
 
 from serving.config import SchedulerConfig
+from serving.engine.continuous import DecodeLoop, GenSequence
 from serving.errors import Overloaded
 from serving.mode_policy import ModePolicy
 
@@ -79,6 +80,9 @@ class BatchRunner(Protocol):
 
     # optional: def run_mixed_batch(self, kinds, adapters: list[str | None], texts, params) -> list[Any]
     # (one unmerged engine call, row i with adapters[i]); without it the scheduler stays merged.
+    # optional: def decode_loop(self) -> DecodeLoop and def prompt_ids(self, texts, params) -> list[list[int]]:
+    # generation then runs by continuous batching (serving/engine/continuous.py) instead of
+    # the batches and stream slices above.
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,8 @@ class SchedulerStats(BaseModel):
     mode: str = Field("merged", description="Adapter mode of the next batch: merged or mixed.")
     mode_switches: int = Field(0, description="Times the adapter mode switched between merged and mixed.")
     mixed_batches: int = Field(0, description="Batches run as mixed-adapter (unmerged) batches.")
+    running_sequences: int = Field(0, description="Generation sequences in the continuous batch now.")
+    sequences_cancelled: int = Field(0, description="Generation sequences dropped because their client left.")
 
 
 class Scheduler:
@@ -157,6 +163,8 @@ class Scheduler:
         self._mixing = (
             self.config.adapter_mode == "adaptive" and self.config.grouping and hasattr(runner, "run_mixed_batch")
         )
+        make_loop = getattr(runner, "decode_loop", None)
+        self._decode: DecodeLoop | None = make_loop() if make_loop is not None else None
 
     # ------------------------------------------------------------------ public
 
@@ -170,6 +178,8 @@ class Scheduler:
         params: Any = None,
     ) -> tuple[list[Any], BatchInfo]:
         """Queue one request (its inputs run together) and wait for its results."""
+        if kind == "generate" and self._decode is not None:
+            return await self._generate(adapter, list(texts), params)
         item = self._enqueue(kind, adapter, list(texts), lengths, params)
         return await item.future
 
@@ -181,6 +191,10 @@ class Scheduler:
         Closing the iterator early (client gone) cancels the generation between tokens,
         or drops it from the queue if it has not started.
         """
+        if self._decode is not None:
+            async for out in self._stream_continuous(adapter, prompt, params):
+                yield out
+            return
         item = self._enqueue("stream", adapter, [prompt], [length] if length else None, params)
         item.deltas = asyncio.Queue()
         try:
@@ -218,6 +232,10 @@ class Scheduler:
                 "mode_switches": self._policy.switches,
             }
         )
+        if self._decode is not None:
+            snap.queue_depth += self._decode.waiting
+            snap.running_sequences = self._decode.running
+            snap.sequences_cancelled = self._decode.cancelled
         if drain:
             self._new_batch_sizes.clear()
         return snap
@@ -226,6 +244,8 @@ class Scheduler:
         """Stop at once from any thread (a replica's shutdown hook): queued work is dropped."""
         if self._task is not None:
             self._task.cancel()
+        if self._decode is not None:
+            self._decode.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def close(self) -> None:
@@ -237,6 +257,76 @@ class Scheduler:
                 await task
             except (asyncio.CancelledError, Exception):
                 pass
+
+    # ------------------------------------------------------------------ continuous generation
+
+    async def _sequences(
+        self, adapter: str | None, texts: list[str], params: Any, on_delta: Callable[[Any], None] | None,
+        on_done: Callable[[int, Any, BaseException | None], None],
+    ) -> tuple[list[GenSequence], list[float]]:
+        """Tokenize (a bad prompt raises here: 400), check the queue bound (503), queue one
+        sequence per text on the decode loop; also the times each was admitted."""
+        assert self._decode is not None
+        if self._pending + self._decode.waiting >= self.config.max_queue:
+            raise Overloaded(f"replica queue is full ({self.config.max_queue} requests); retry later")
+        ids = await asyncio.to_thread(self.runner.prompt_ids, texts, params)  # type: ignore[attr-defined]
+        started: list[float] = []
+        seqs = [
+            GenSequence(
+                ids=p, adapter=adapter, params=params, on_delta=on_delta,
+                on_done=lambda out, exc, i=i: on_done(i, out, exc),
+                on_start=lambda n: started.append(time.monotonic()),
+            )
+            for i, p in enumerate(ids)
+        ]
+        for seq in seqs:
+            self._decode.submit(seq)  # raises (400) for one that could never fit the KV budget
+        self._stats.requests += 1
+        return seqs, started
+
+    async def _generate(self, adapter: str | None, texts: list[str], params: Any) -> tuple[list[Any], BatchInfo]:
+        """Complete each text on the decode loop; (GenerationOutput, prompt tokens) per text."""
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in texts]
+        enqueued = time.monotonic()
+
+        def done(i: int, out: Any, exc: BaseException | None) -> None:
+            _threadsafe(loop, _settle, futures[i], out, exc)
+
+        seqs, started = await self._sequences(adapter, texts, params, None, done)
+        try:
+            outs = await asyncio.gather(*futures)
+        finally:
+            for seq in seqs:
+                seq.cancelled.set()  # a no-op for finished ones; frees the rest if the caller left
+        assert self._decode is not None
+        info = BatchInfo(self._decode.running + 1, False, (min(started) if started else enqueued) - enqueued)
+        return [(o, o.prompt_tokens) for o in outs], info
+
+    async def _stream_continuous(self, adapter: str | None, prompt: str, params: Any) -> AsyncIterator[tuple[Any, BatchInfo]]:
+        loop = asyncio.get_running_loop()
+        deltas: asyncio.Queue = asyncio.Queue()
+        enqueued = time.monotonic()
+
+        def done(_i: int, _out: Any, exc: BaseException | None) -> None:
+            _threadsafe(loop, deltas.put_nowait, exc if exc is not None else _END)
+
+        (seq,), started = await self._sequences(
+            adapter, [prompt], params, lambda d: _threadsafe(loop, deltas.put_nowait, d), done
+        )
+        try:
+            info: BatchInfo | None = None
+            while True:
+                delta = await deltas.get()
+                if delta is _END:
+                    break
+                if isinstance(delta, BaseException):
+                    raise delta
+                if info is None:
+                    info = BatchInfo(1, False, (started[0] if started else enqueued) - enqueued)
+                yield (delta, len(seq.ids)), info
+        finally:
+            seq.cancelled.set()  # the client left: the decode loop drops it before its next forward
 
     # ------------------------------------------------------------------ queueing
 
@@ -565,6 +655,23 @@ class Scheduler:
                 close()
             put(_END)
         return finished
+
+
+def _threadsafe(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:
+    """Run `fn(*args)` on `loop` from another thread (dropped once the loop is closed)."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        pass
+
+
+def _settle(future: asyncio.Future, out: Any, exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(out)
 
 
 def _resolve(item: _Item, out: Any, info: BatchInfo) -> None:
