@@ -242,7 +242,9 @@ class ModelServer:
         """BatchRunner: generation by continuous batching on this engine (serving/engine/continuous.py);
         an adapter evicted since its request was queued is reloaded when its sequence is admitted."""
         s = self.config.scheduler
-        decoder = self.engine.continuous_decoder(s.max_batch_size, s.prefill_chunk_tokens, self.adapters.with_adapter)
+        decoder = self.engine.continuous_decoder(
+            s.max_batch_size, s.prefill_chunk_tokens, lambda refs, fn: self.adapters.with_adapter(refs, fn)
+        )
         return DecodeLoop(decoder)
 
     def prompt_ids(self, texts: list[str], params: Any) -> list[list[int]]:
