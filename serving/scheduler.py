@@ -263,19 +263,19 @@ class Scheduler:
     async def _sequences(
         self, adapter: str | None, texts: list[str], params: Any, on_delta: Callable[[Any], None] | None,
         on_done: Callable[[int, Any, BaseException | None], None],
-    ) -> tuple[list[GenSequence], list[float]]:
+    ) -> tuple[list[GenSequence], list[tuple[float, int]]]:
         """Tokenize (a bad prompt raises here: 400), check the queue bound (503), queue one
         sequence per text on the decode loop; also the times each was admitted."""
         assert self._decode is not None
         if self._pending + self._decode.waiting >= self.config.max_queue:
             raise Overloaded(f"replica queue is full ({self.config.max_queue} requests); retry later")
         ids = await asyncio.to_thread(self.runner.prompt_ids, texts, params)  # type: ignore[attr-defined]
-        started: list[float] = []
+        started: list[tuple[float, int]] = []  # (when, batch size it joined) per admitted sequence
         seqs = [
             GenSequence(
                 ids=p, adapter=adapter, params=params, on_delta=on_delta,
                 on_done=lambda out, exc, i=i: on_done(i, out, exc),
-                on_start=lambda n: started.append(time.monotonic()),
+                on_start=lambda n: started.append((time.monotonic(), n)),
             )
             for i, p in enumerate(ids)
         ]
@@ -299,8 +299,7 @@ class Scheduler:
         finally:
             for seq in seqs:
                 seq.cancelled.set()  # a no-op for finished ones; frees the rest if the caller left
-        assert self._decode is not None
-        info = BatchInfo(self._decode.running + 1, False, (min(started) if started else enqueued) - enqueued)
+        info = _joined(started, enqueued)
         return [(o, o.prompt_tokens) for o in outs], info
 
     async def _stream_continuous(self, adapter: str | None, prompt: str, params: Any) -> AsyncIterator[tuple[Any, BatchInfo]]:
@@ -323,7 +322,7 @@ class Scheduler:
                 if isinstance(delta, BaseException):
                     raise delta
                 if info is None:
-                    info = BatchInfo(1, False, (started[0] if started else enqueued) - enqueued)
+                    info = _joined(started, enqueued)
                 yield (delta, len(seq.ids)), info
         finally:
             seq.cancelled.set()  # the client left: the decode loop drops it before its next forward
@@ -655,6 +654,13 @@ class Scheduler:
                 close()
             put(_END)
         return finished
+
+
+def _joined(started: list[tuple[float, int]], enqueued: float) -> BatchInfo:
+    """A generation request's BatchInfo: the largest batch a sequence of it joined, and its wait."""
+    if not started:
+        return BatchInfo(1, False, 0.0)
+    return BatchInfo(max(n for _, n in started), False, min(t for t, _ in started) - enqueued)
 
 
 def _threadsafe(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:
