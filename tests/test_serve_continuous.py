@@ -127,7 +127,7 @@ def test_full_kv_budget_queues_then_answers_503(base_url, tiny_llama_dir, refs):
     for i, (status, text, tokens, _) in enumerate(got):
         if status == 200:
             assert (text, tokens) == reference(tiny_llama_dir, models, "ad0", PROMPTS[i % 5], 60)
-    status, *_ , err = complete(base_url, BASE, PROMPTS[0], RESERVE + 10, False)
+    status, *_, err = complete(base_url, BASE, PROMPTS[0], ROWS * RESERVE + 10, False)
     assert status == 400 and "kv_cache_bytes" in err  # could never fit, even alone
 
 
