@@ -333,7 +333,10 @@ class SchedulerConfig(_Section):
         "prefilled together, a longer one in chunks between the running sequences' decode steps.",
     )
     stream_slice_ms: float = Field(
-        50.0, gt=0.0, description="A stream holds the engine this long at a time; other requests run in between."
+        50.0,
+        gt=0.0,
+        description="Unused by the model server (its generation runs by continuous batching); a stream of a "
+        "BatchRunner without a decode loop holds the engine this long at a time.",
     )
     adapter_mode: Literal["merged", "adaptive"] = Field(
         "adaptive",

@@ -8,29 +8,32 @@ request of the active adapter before moving on, and batches them. Policy, per st
    adapter whose oldest request waited longest. So no adapter waits unboundedly.
 2. Batch fill. Wait up to `batch_wait_ms` (from the arrival of the head request) for
    up to `max_batch_size` compatible requests: embeddings, classify and question-answering
-   requests share one encoder forward (each row gets its own head), generation requests batch with
-   those of the same sampling parameters, since one engine call takes one SamplingParams.
+   requests share one encoder forward (each row gets its own head).
 3. Padding. A batch's texts are sorted by length and split into engine calls whose
    padded size (texts x longest) stays under `max_batch_tokens`. Encoder batches are
    split further where that is cheaper: cuts are chosen to minimise the sum over calls
    of `call_overhead_tokens` + texts x longest (on a CPU 128 tokens: a call's fixed cost is
    mostly reading the weights, see `SchedulerConfig.call_overhead`). Padding a batch of
    mixed lengths to its longest wasted about a quarter of the forward in the load test.
-   Generation batches are not split beyond the cap: each call runs its own decode loop.
 4. Execution. Engine calls run on `workers` engine threads, never on the event loop, so
    the replica keeps accepting requests while the model computes. Batches run side by
    side only when they need the weights in the same state (the same adapter merged; base
    and mixed batches share the pristine weights): a batch for another adapter waits until
    the running ones end, so workers never make swaps more frequent (the engine enforces
-   the same rule for every forward). A stream runs in slices of `stream_slice_ms` and then
-   goes back to the head of its adapter's queue, so a long stream cannot hold the replica
-   beyond the starvation bound.
+   the same rule for every forward).
 
 5. Mixed-adapter batches (`adapter_mode="adaptive"`, runners with `run_mixed_batch`).
    A `ModePolicy` watches the waiting requests per adapter; while it says mixed, the
-   oldest encoder or generate request heads a batch filled with the oldest compatible
+   oldest encoder request heads a batch filled with the oldest compatible
    requests (as in 2) whatever their adapter (base included),
-   run unmerged in one engine call. Streams always run merged.
+   run unmerged in one engine call.
+
+6. Generation (runners with `decode_loop`, as the model server): completions and streams
+   go to the replica's continuous-batching decode loop (serving/engine/continuous.py), which
+   admits each prompt at the next decode step with its own sampling parameters and picks
+   merged or unmerged adapters per step; the queue bound (`max_queue`) counts the sequences
+   waiting there too. A runner without it gets the batches above, generation grouped by
+   identical sampling parameters, and streams run in slices of `stream_slice_ms`.
 
 With `grouping=False` each request runs alone in arrival order: the swap-per-request
 baseline the load test compares against. A full queue raises `Overloaded` (503).
