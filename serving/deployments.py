@@ -239,13 +239,17 @@ class ModelServer:
         raise NotImplementedError("streams run on the decode loop")
 
     def decode_loop(self) -> DecodeLoop:
-        """BatchRunner: generation by continuous batching on this engine (serving/engine/continuous.py);
-        an adapter evicted since its request was queued is reloaded when its sequence is admitted."""
+        """BatchRunner: generation by continuous batching on this engine (serving/engine/continuous.py),
+        one decoder per engine worker, each with its share of the KV budget; an adapter evicted
+        since its request was queued is reloaded when its sequence is admitted."""
         s = self.config.scheduler
-        decoder = self.engine.continuous_decoder(
-            s.max_batch_size, s.prefill_chunk_tokens, lambda refs, fn: self.adapters.with_adapter(refs, fn)
-        )
-        return DecodeLoop(decoder)
+        workers, _ = self.config.engine_plan(self.engine.device.type)
+        return DecodeLoop([
+            self.engine.continuous_decoder(
+                s.max_batch_size, s.prefill_chunk_tokens, lambda refs, fn: self.adapters.with_adapter(refs, fn), workers
+            )
+            for _ in range(workers)
+        ])
 
     def prompt_ids(self, texts: list[str], params: Any) -> list[list[int]]:
         """BatchRunner: generation prompts' token ids (InvalidRequest for a bad one)."""

@@ -153,3 +153,30 @@ def test_kv_budget_admits_only_what_fits_and_refuses_what_never_can(setup):
     while dec.active:
         dec.step()
     assert dec.fits(b)
+
+
+def test_decode_loop_two_decoders_on_threads_equal_single_greedy_generate(setup):
+    """Two decoders side by side (a replica with two engine workers), mixed adapters: same tokens."""
+    import threading
+
+    from serving.engine.continuous import DecodeLoop
+
+    engine, refs = setup
+    loop = DecodeLoop([engine.continuous_decoder(16, 512, share=2) for _ in range(2)])
+    plan = [(PROMPTS[i % 4], [None, "a0", "a1"][i % 3], 4 + 3 * i) for i in range(6)]
+    results: dict[int, object] = {}
+    all_done = threading.Event()
+
+    def done(i, out, exc):
+        results[i] = exc or out
+        if len(results) == len(plan):
+            all_done.set()
+
+    for i, (prompt, adapter, n) in enumerate(plan):
+        params = SamplingParams(max_tokens=n, temperature=0)
+        loop.submit(GenSequence(ids=engine.prompt_ids([prompt], params)[0], adapter=adapter, params=params,
+                                on_delta=None, on_done=lambda out, exc, i=i: done(i, out, exc)))
+    assert all_done.wait(timeout=120)
+    for i, (prompt, adapter, n) in enumerate(plan):
+        assert results[i].token_ids == reference(refs, engine, prompt, adapter, n), i
+    assert loop.running == 0 and loop.waiting == 0

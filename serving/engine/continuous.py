@@ -121,6 +121,7 @@ class ContinuousDecoder:
         self._mask: torch.Tensor | None = None  # [rows, width]
         self._lengths: list[int] = []  # tokens of each row in the cache
         self.cancelled = 0  # sequences dropped because their consumer left
+        self.peers: list[ContinuousDecoder] = [self]  # decoders sharing the weights (DecodeLoop)
 
     # ------------------------------------------------------------------ admission
 
@@ -133,7 +134,8 @@ class ContinuousDecoder:
         need = seq.reserve * self.bytes_per_token
         if need > self.budget:
             raise InvalidRequest(
-                f"prompt plus max_tokens needs {need} bytes of KV cache, more than kv_cache_bytes={self.budget}"
+                f"prompt plus max_tokens needs {need} bytes of KV cache, more than one decode loop's share of "
+                f"kv_cache_bytes ({self.budget} bytes)"
             )
 
     def fits(self, seq: GenSequence) -> bool:
@@ -167,11 +169,20 @@ class ContinuousDecoder:
             self.prefilling.remove(r)
             self._end(r, cancelled=True)
         prefill = self._prefill_rows()
-        merged = len({id(r.entry) for r in self.rows + prefill}) <= 1
+        merged = len(self._entries(prefill)) <= 1
         if self.rows:
             self._decode(merged)
         if prefill:
             self._prefill(prefill, merged)
+
+    def _entries(self, prefill: list[_Row]) -> set[int]:
+        """The adapters of this step's rows and of the rows other decoders run meanwhile: merged
+        only when they all share one, so decoders on other threads never swap against each other."""
+        ids = {id(r.entry) for r in self.rows + prefill}
+        for d in self.peers:
+            if d is not self:
+                ids.update(id(r.entry) for r in list(d.rows) + list(d.prefilling))
+        return ids
 
     def _forward(self, rows: list[_Row], merged: bool, **inputs: Any) -> Any:
         ctx = self.residency.merged(rows[0].entry) if merged else self.residency.unmerged([r.entry for r in rows])
@@ -354,18 +365,23 @@ def kv_bytes_per_token(model: torch.nn.Module) -> int:
 
 
 class DecodeLoop:
-    """The waiting queue and the thread that drives a `ContinuousDecoder` while work exists.
+    """The waiting queue and the threads that drive `ContinuousDecoder`s while work exists.
 
-    `submit` may be called from any thread; callbacks run on the loop's thread.
+    One decoder per engine worker, each on its own thread with its own batch and an equal
+    share of the KV budget: on a CPU two one-thread forwards side by side use two cores
+    without the spinning of one forward on two intra-op threads (see `ServeConfig.engine_plan`).
+    A waiting sequence goes, in arrival order, to the decoder with the fewest sequences that
+    can hold it. `submit` may be called from any thread; callbacks run on the loop threads.
     """
 
-    def __init__(self, decoder: ContinuousDecoder) -> None:
-        self.decoder = decoder
+    def __init__(self, decoders: list[ContinuousDecoder]) -> None:
+        self.decoders = decoders
+        for d in decoders:
+            d.peers = decoders
         self._waiting: deque[GenSequence] = deque()
         self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
+        self._threads: dict[int, threading.Thread] = {}
         self._closed = False
-        self.steps = 0
 
     @property
     def waiting(self) -> int:
@@ -373,53 +389,64 @@ class DecodeLoop:
 
     @property
     def running(self) -> int:
-        return self.decoder.active
+        return sum(d.active for d in self.decoders)
 
     @property
     def cancelled(self) -> int:
-        return self.decoder.cancelled
+        return sum(d.cancelled for d in self.decoders)
 
     def submit(self, seq: GenSequence) -> None:
-        self.decoder.check(seq)
+        self.decoders[0].check(seq)
         with self._cond:
             self._waiting.append(seq)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="capaserve-decode", daemon=True)
-                self._thread.start()
-            self._cond.notify()
+            for i, d in enumerate(self.decoders):
+                if i not in self._threads:
+                    t = threading.Thread(target=self._run, args=(i,), name=f"capaserve-decode-{i}", daemon=True)
+                    self._threads[i] = t
+                    t.start()
+            self._cond.notify_all()
 
     def close(self) -> None:
         with self._cond:
             self._closed = True
-            self._cond.notify()
+            self._cond.notify_all()
 
-    def _admit(self) -> None:
-        """Waiting sequences in arrival order, while they fit (a cancelled one is just dropped)."""
+    def _admit(self, dec: ContinuousDecoder) -> None:
+        """Waiting sequences in arrival order, while this decoder is the least busy one that fits them
+        (a cancelled one is just dropped)."""
         while True:
             with self._cond:
                 if not self._waiting:
                     return
                 head = self._waiting[0]
-                if not head.cancelled.is_set() and not self.decoder.fits(head):
-                    return
+                if not head.cancelled.is_set():
+                    if dec.active > min(d.active for d in self.decoders) or not dec.fits(head):
+                        return
                 self._waiting.popleft()
             if head.cancelled.is_set():
                 head.on_done(None, None)
                 continue
             try:
-                self.decoder.admit(head)
+                dec.admit(head)
             except Exception as exc:  # noqa: BLE001 - handed to its caller
                 head.on_done(None, exc)
 
-    def _run(self) -> None:
+    def _run(self, i: int) -> None:
+        dec = self.decoders[i]
         while True:
             with self._cond:
-                if self._closed or (not self._waiting and not self.decoder.active):
-                    self._thread = None
+                if self._closed or (not self._waiting and not dec.active):
+                    del self._threads[i]
                     return
-            self._admit()
+            self._admit(dec)
+            if not dec.active:
+                with self._cond:  # another decoder takes the head: wait for a change
+                    self._cond.wait(timeout=0.05)
+                continue
             try:
-                self.decoder.step()
+                dec.step()
             except Exception as exc:  # noqa: BLE001 - every sequence gets it; the loop goes on
-                self.decoder.fail_all(exc)
-            self.steps += 1
+                dec.fail_all(exc)
+            if not dec.active:
+                with self._cond:
+                    self._cond.notify_all()

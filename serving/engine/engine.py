@@ -142,13 +142,15 @@ class Engine:
         """Token ids of generation prompts; InvalidRequest (400) for a bad or too long one, or on an encoder."""
         return self._generator.prompt_ids(prompts, params)
 
-    def continuous_decoder(self, max_rows: int, prefill_tokens: int, guard: Guard | None = None) -> ContinuousDecoder:
+    def continuous_decoder(
+        self, max_rows: int, prefill_tokens: int, guard: Guard | None = None, share: int = 1
+    ) -> ContinuousDecoder:
         """A continuous-batching decoder over this engine (serving/engine/continuous.py), its KV cache
-        bounded by `kv_cache_bytes`; `guard(refs, fn)` runs each adapter lease (a replica reloads
-        an adapter evicted since the request was queued)."""
+        bounded by `kv_cache_bytes` / `share` (one of `share` decoders side by side); `guard(refs, fn)`
+        runs each adapter lease (a replica reloads an adapter evicted since the request was queued)."""
         g = self._generator
         return ContinuousDecoder(
-            self.model, self.tokenizer, self.residency, g.eos_ids, self.config.kv_cache_bytes, max_rows,
+            self.model, self.tokenizer, self.residency, g.eos_ids, self.config.kv_cache_bytes // share, max_rows,
             prefill_tokens, guard,
         )
 
