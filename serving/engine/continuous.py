@@ -7,13 +7,14 @@ thread, alive while generation requests exist) runs, per iteration:
 
 1. Drop the rows whose consumer went away (a closed stream): freed before the next forward.
 2. Admit waiting sequences in arrival order while the KV budget holds them (below).
-3. One decode forward for every running row: each row samples with its own parameters
-   (temperature, top_p, its own seeded generator), and a row that finishes (max_tokens, a
-   stop string, EOS) leaves the batch at once: its KV rows are dropped.
-4. One prefill forward for admitted sequences: several short prompts together (left-padded),
+3. One prefill forward for admitted sequences: several short prompts together (left-padded),
    or one chunk of `prefill_chunk_tokens` of a long prompt, so a long prompt delays the
    others' next token by one chunk, never by its whole prefill. A prefilled sequence samples
    its first token at once (streamed at once: time to first token) and joins the batch.
+4. One decode forward for every running row (those just prefilled included): each row
+   samples with its own parameters (temperature, top_p, its own seeded generator), and a row
+   that finishes (max_tokens, a stop string, EOS) leaves the batch at once: its KV rows are
+   dropped.
 
 KV cache: one batched transformers `DynamicCache`, rows left-padded to the longest row, with
 an attention mask and per-row position ids, so each row is computed as if it were alone (up
@@ -163,17 +164,17 @@ class ContinuousDecoder:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """Drop cancelled rows, one decode forward, one prefill forward."""
+        """Drop cancelled rows, one prefill forward, one decode forward."""
         self._drop([i for i, r in enumerate(self.rows) if r.seq.cancelled.is_set()], cancelled=True)
         for r in [r for r in self.prefilling if r.seq.cancelled.is_set()]:
             self.prefilling.remove(r)
             self._end(r, cancelled=True)
         prefill = self._prefill_rows()
         merged = len(self._entries(prefill)) <= 1
+        if prefill:  # first: a prompt's first token comes out one step sooner, and it decodes in this step
+            self._prefill(prefill, merged)
         if self.rows:
             self._decode(merged)
-        if prefill:
-            self._prefill(prefill, merged)
 
     def _entries(self, prefill: list[_Row]) -> set[int]:
         """The adapters of this step's rows and of the rows other decoders run meanwhile: merged
