@@ -283,7 +283,9 @@ class Scheduler:
             for i, p in enumerate(ids)
         ]
         for seq in seqs:
-            self._decode.submit(seq)  # raises (400) for one that could never fit the KV budget
+            self._decode.check(seq)  # 400 for one that could never fit the KV budget, before any is queued
+        for seq in seqs:
+            self._decode.submit(seq)
         self._stats.requests += 1
         return seqs, started
 

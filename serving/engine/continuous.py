@@ -396,8 +396,12 @@ class DecodeLoop:
     def cancelled(self) -> int:
         return sum(d.cancelled for d in self.decoders)
 
-    def submit(self, seq: GenSequence) -> None:
+    def check(self, seq: GenSequence) -> None:
+        """InvalidRequest (400) if `seq` could never fit a decoder's KV budget."""
         self.decoders[0].check(seq)
+
+    def submit(self, seq: GenSequence) -> None:
+        self.check(seq)
         with self._cond:
             self._waiting.append(seq)
             for i, d in enumerate(self.decoders):
