@@ -326,9 +326,14 @@ class Scheduler:
                     break
                 if isinstance(delta, BaseException):
                     raise delta
+                end = _coalesce(delta, deltas)  # the deltas a slow consumer missed, as one message
                 if info is None:
                     info = _joined(started, enqueued)
                 yield (delta, len(seq.ids)), info
+                if end is not None:
+                    if isinstance(end, BaseException):
+                        raise end
+                    break
         finally:
             seq.cancelled.set()  # the client left: the decode loop drops it before its next forward
 
@@ -659,6 +664,20 @@ class Scheduler:
                 close()
             put(_END)
         return finished
+
+
+def _coalesce(delta: Any, queue: asyncio.Queue) -> Any:
+    """Fold the deltas already waiting in `queue` into `delta` (text and tokens appended, the
+    last finish reason kept), so a consumer that fell behind sends one message, not one per
+    token; returns the end marker or error met on the way (None: the stream goes on)."""
+    while not queue.empty():
+        nxt = queue.get_nowait()
+        if nxt is _END or isinstance(nxt, BaseException):
+            return nxt
+        delta.text += nxt.text
+        delta.token_ids = delta.token_ids + nxt.token_ids
+        delta.finish_reason = nxt.finish_reason
+    return None
 
 
 def _joined(started: list[tuple[float, int]], enqueued: float) -> BatchInfo:
