@@ -13,6 +13,7 @@ TTFT p50, failures; then capaserve / peer ratios (tokens/s: higher is better; la
 
     python loadtest/bench_generate.py --duration 20            # short run
     python loadtest/bench_generate.py --peer-python /path/venv/bin/python
+    python loadtest/bench_generate.py --engine-only 1   # in process, no HTTP: the two decoders alone
 
 The peer is run by `--peer-python -m transformers.cli.transformers serve` (default: this
 interpreter; it needs transformers' serving extras: fastapi, uvicorn, openai).
@@ -226,6 +227,42 @@ def drive(url: str, models: list[str], weights: list[float] | None, lengths: str
     return res
 
 
+def engine_only(folder: Path, threads: int, repeats: int) -> None:
+    """No HTTP: capaserve's ContinuousDecoder against transformers' own continuous batching
+    (`model.generate_batch`, sdpa) on the same 16 prompts x 32 greedy tokens, interleaved."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from serving.config import EngineConfig
+    from serving.engine.continuous import GenSequence
+    from serving.engine.engine import Engine
+    from serving.engine.sampling import SamplingParams
+
+    torch.set_num_threads(threads)
+    engine = Engine(EngineConfig(model=str(folder), served_model_name=SERVED, num_threads=threads))
+    params = SamplingParams(max_tokens=32, temperature=0)
+    prompts = [engine.prompt_ids([engine.apply_chat_template([{"role": "user", "content": q}])], params)[0]
+               for q in (QUESTIONS * 2)[:16]]
+    peer = AutoModelForCausalLM.from_pretrained(str(folder), attn_implementation="sdpa").eval()
+    config = GenerationConfig(max_new_tokens=32, do_sample=False, eos_token_id=-1, pad_token_id=0)
+
+    def ours() -> None:
+        dec = engine.continuous_decoder(64, 512)
+        for ids in prompts:
+            dec.admit(GenSequence(ids=ids, adapter=None, params=params, on_delta=None, on_done=lambda o, x: None))
+        while dec.active:
+            dec.step()
+
+    def theirs() -> None:
+        peer.generate_batch(inputs=prompts, generation_config=config, progress_bar=False)
+
+    for r in range(repeats):
+        for name, fn in (("capaserve ContinuousDecoder", ours), ("transformers generate_batch", theirs)):
+            t = time.perf_counter()
+            fn()
+            print(f"round {r} {name}: {16 * 32 / (time.perf_counter() - t):.0f} tokens/s ({threads} threads)", flush=True)
+
+
 def row(r: Result) -> str:
     return (f"| {r.name} | {r.tokens_per_s:.0f} | {r.pct(r.latencies, 0.5):.2f} | {r.pct(r.latencies, 0.99):.2f} | "
             f"{r.pct(r.ttfts, 0.5):.3f} | {len(r.latencies)} | {r.failures} |")
@@ -243,9 +280,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peer-python", default=sys.executable)
     p.add_argument("--skip-peer", action="store_true")
     p.add_argument("--capaserve-flags", default="", help="Extra flags for capaserve serve.")
+    p.add_argument("--engine-only", type=int, metavar="THREADS", default=None,
+                   help="Only the in-process comparison (no servers) with this many torch threads.")
     ns = p.parse_args(argv)
     ns.work.mkdir(parents=True, exist_ok=True)
     folder = build_model(ns.work / "model")
+    if ns.engine_only:
+        engine_only(folder, ns.engine_only, 3)
+        return 0
     results: dict[str, Result] = {}
     greedy: dict[str, str] = {}
     mixes = ("fixed", "uniform")
