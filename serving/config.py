@@ -307,6 +307,12 @@ class EngineConfig(_Section):
         description="Of that, bytes that built dense deltas (the fastest swap) may take; an adapter whose "
         "deltas do not fit is built as its thin factor pair.",
     )
+    kv_cache_bytes: Bytes = Field(
+        1 * GiB,
+        ge=1,
+        description="Bound on the generation KV cache (rows x longest prompt + max_tokens, padded); beyond it "
+        "new generation requests wait in the queue.",
+    )
     num_threads: int | None = Field(
         None,
         ge=1,
@@ -348,8 +354,17 @@ class SchedulerConfig(_Section):
     grouping: bool = Field(
         True, description="Group requests by adapter; off: swap per request, in arrival order (the load-test baseline)."
     )
+    prefill_chunk_tokens: int = Field(
+        512,
+        ge=1,
+        description="Most prompt tokens (padded) one generation prefill forward takes: short prompts are "
+        "prefilled together, a longer one in chunks between the running sequences' decode steps.",
+    )
     stream_slice_ms: float = Field(
-        50.0, gt=0.0, description="A stream holds the engine this long at a time; other requests run in between."
+        50.0,
+        gt=0.0,
+        description="Unused by the model server (its generation runs by continuous batching); a stream of a "
+        "BatchRunner without a decode loop holds the engine this long at a time.",
     )
     adapter_mode: Literal["merged", "adaptive"] = Field(
         "adaptive",

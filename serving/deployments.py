@@ -50,11 +50,11 @@ from serving.config import ServeConfig
 from serving.engine.adapter_cache import count_bound
 from serving.engine.engine import Engine
 from adapters.tasks.errors import AdapterNotLoaded, InvalidRequest
-from adapters.tasks.kinds import ENCODER_KINDS, RequestKind
+from adapters.tasks.kinds import RequestKind
 from adapters.tasks.qa import QAInput
 from serving.metrics import ReplicaReport
 from serving.replica_adapters import ReplicaAdapters
-from serving.replica_io import ReplicaCall, ReplicaInfo, ReplicaResult, StreamItem
+from serving.replica_io import GenerationResult, ReplicaCall, ReplicaInfo, ReplicaResult, StreamItem
 from serving.registry_probe import RegistryProbe
 from serving.replica_logging import log_to_stderr
 from serving.replica_report import ReplicaReporter
@@ -106,7 +106,9 @@ class ModelServer:
         if self.replica != "local":
             log_to_stderr()
         self.reporter = ReplicaReporter(self.replica, self.engine.stats())
-        self.runner = EngineRunner(self.engine, observe=self.reporter.observe)
+        self.runner = EngineRunner(
+            self.engine, observe=self.reporter.observe, scheduler=self.config.scheduler, decoders=workers
+        )
         # the padding split depends on the device (padding is nearly free on a GPU)
         self.scheduler = Scheduler(
             self.runner, self.config.scheduler, device_type=self.engine.device.type, workers=workers
@@ -224,7 +226,7 @@ class ModelServer:
                     raise  # evicted again (under the engine's byte budget) between admission and its batch
             finally:
                 self._release(ref)
-        outputs = [o[0] for o in outs]
+        outputs = [_generation_result(o[0]) if kind == RequestKind.GENERATE else o[0] for o in outs]
         tokens = [o[1] for o in outs]
         return ReplicaResult(outputs=outputs, prompt_tokens=tokens, served_by=self.reporter.served_by(info), report=self.report())
 
@@ -271,3 +273,12 @@ class ModelServer:
             if part is not None:
                 part.shutdown()
 
+
+
+def _generation_result(o: Any) -> Any:
+    """A decode-loop GenerationOutput as the ingress reads it (a result of the old batch path passes as is)."""
+    if isinstance(o, GenerationResult):
+        return o
+    return GenerationResult(
+        text=o.text, finish_reason=o.finish_reason, prompt_tokens=o.prompt_tokens, completion_tokens=o.completion_tokens
+    )

@@ -61,6 +61,8 @@ class ReplicaReport(BaseModel):
     loaded_adapters: int = Field(0, description="Adapters loaded now.")
     adapter_mode: str = Field("merged", description="The replica's adapter mode now: merged or mixed.")
     mode_switches: int = Field(0, description="Merged/mixed mode switches since the previous report.")
+    running_sequences: int = Field(0, description="Generation sequences in the replica's continuous batch now.")
+    sequences_cancelled: int = Field(0, description="Sequences dropped because their client left, since the previous report.")
 
 
 class ServerMetrics:
@@ -123,6 +125,18 @@ class ServerMetrics:
         )
         self.queue_depth = Gauge(
             "capaserve_queue_depth_requests", "Requests waiting in a replica's scheduler.", ("replica",), registry=r
+        )
+        self.running_sequences = Gauge(
+            "capaserve_running_sequences",
+            "Generation sequences in a replica's continuous batch (decoding or being prefilled).",
+            ("replica",),
+            registry=r,
+        )
+        self.sequences_cancelled = Counter(
+            "capaserve_sequences_cancelled_total",
+            "Generation sequences a replica dropped because their client went away (freed before the next step).",
+            ("replica",),
+            registry=r,
         )
         self.batch_size = Histogram(
             "capaserve_batch_size_requests", "Requests per batch a replica ran.", buckets=BATCH_BUCKETS, registry=r
@@ -196,6 +210,8 @@ class ServerMetrics:
         for mode in ADAPTER_MODES:
             self.adapter_mode.labels(rep, mode).set(1.0 if report.adapter_mode == mode else 0.0)
         self.mode_switches.labels(rep).inc(report.mode_switches)
+        self.running_sequences.labels(rep).set(report.running_sequences)
+        self.sequences_cancelled.labels(rep).inc(report.sequences_cancelled)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -28,6 +28,7 @@ class ReplicaReporter:
         self._reported = stats
         self._swap_events: list[float] = []
         self._reported_mode_switches = 0
+        self._reported_cancelled = 0
 
     def observe(self, stats: EngineStats) -> None:
         """Record the swaps since the last observation (their durations, for the histogram)."""
@@ -50,6 +51,8 @@ class ReplicaReporter:
         self._reported = now
         mode_switches = max(0, sched.mode_switches - self._reported_mode_switches)
         self._reported_mode_switches = sched.mode_switches
+        cancelled = max(0, sched.sequences_cancelled - self._reported_cancelled)
+        self._reported_cancelled = sched.sequences_cancelled
         return ReplicaReport(
             replica=self.replica,
             swap_seconds=swaps,
@@ -62,4 +65,6 @@ class ReplicaReporter:
             loaded_adapters=now.loaded_adapters,
             adapter_mode=sched.mode,
             mode_switches=mode_switches,
+            running_sequences=sched.running_sequences,
+            sequences_cancelled=cancelled,
         )

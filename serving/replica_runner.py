@@ -9,21 +9,33 @@ engine's threads and resubmits the request once.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 from adapters.tasks.errors import InvalidRequest
 from adapters.tasks.kinds import ENCODER_KINDS, RequestKind
+from serving.config import SchedulerConfig
+from serving.engine.continuous import DecodeLoop
 from serving.engine.engine import Engine
 from serving.engine.outputs import EngineStats
 from serving.replica_io import ClassOutput, GenerationResult, QAOutput
+
+T = TypeVar("T")
 
 
 class EngineRunner:
     """Runs the scheduler's batches on the engine; `observe` gets the engine's stats after each call."""
 
-    def __init__(self, engine: Engine, observe: Callable[[EngineStats], None]) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        observe: Callable[[EngineStats], None],
+        scheduler: SchedulerConfig | None = None,
+        decoders: int = 1,
+    ) -> None:
         self.engine = engine
         self._observe = observe
+        self._scheduler = scheduler or SchedulerConfig()
+        self._decoders = decoders
 
     def run_batch(self, kinds: list[RequestKind], adapter: str | None, texts: list[Any], params: Any) -> list[Any]:
         """One merged engine call (input i is a kinds[i] request); (output, prompt_tokens) per input."""
@@ -58,6 +70,29 @@ class EngineRunner:
         finally:
             gen.close()
             self._observe(e.stats())
+
+
+    def decode_loop(self) -> DecodeLoop:
+        """Generation by continuous batching on this engine (serving/engine/continuous.py): one
+        decoder per engine worker, each with its share of the KV budget. A sequence's adapter is
+        resident before it is queued (the replica admits it first); one evicted meanwhile fails
+        its lease with AdapterNotLoaded, which the replica answers by admitting it again."""
+        s = self._scheduler
+        return DecodeLoop([
+            self.engine.continuous_decoder(s.max_batch_size, s.prefill_chunk_tokens, self._observed, self._decoders)
+            for _ in range(self._decoders)
+        ])
+
+    def prompt_ids(self, texts: list[str], params: Any) -> list[list[int]]:
+        """Generation prompts' token ids (InvalidRequest for a bad one)."""
+        return self.engine.prompt_ids(texts, params)
+
+    def _observed(self, _refs: list[str | None], fn: Callable[[], T]) -> T:
+        """The decoders' guard around each adapter lease: the engine's stats after it."""
+        try:
+            return fn()
+        finally:
+            self._observe(self.engine.stats())
 
 
 def _generation(kinds: list[RequestKind]) -> bool:

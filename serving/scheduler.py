@@ -11,29 +11,32 @@ request of the active adapter before moving on, and batches them. Policy, per st
    So no adapter and no tenant waits unboundedly.
 2. Batch fill. Wait up to `batch_wait_ms` (from the arrival of the head request) for
    up to `max_batch_size` compatible requests: embeddings, classify and question-answering
-   requests share one encoder forward (each row gets its own head), generation requests batch with
-   those of the same sampling parameters, since one engine call takes one SamplingParams.
+   requests share one encoder forward (each row gets its own head).
 3. Padding. A batch's texts are sorted by length and split into engine calls whose
    padded size (texts x longest) stays under `max_batch_tokens`. Encoder batches are
    split further where that is cheaper: cuts are chosen to minimise the sum over calls
    of `call_overhead_tokens` + texts x longest (on a CPU 128 tokens: a call's fixed cost is
    mostly reading the weights, see `SchedulerConfig.call_overhead`). Padding a batch of
    mixed lengths to its longest wasted about a quarter of the forward in the load test.
-   Generation batches are not split beyond the cap: each call runs its own decode loop.
 4. Execution. Engine calls run on `workers` engine threads, never on the event loop, so
    the replica keeps accepting requests while the model computes. Batches run side by
    side only when they need the weights in the same state (the same adapter merged; base
    and mixed batches share the pristine weights): a batch for another adapter waits until
    the running ones end, so workers never make swaps more frequent (the engine enforces
-   the same rule for every forward). A stream runs in slices of `stream_slice_ms` and then
-   goes back to the head of its adapter's queue, so a long stream cannot hold the replica
-   beyond the starvation bound.
+   the same rule for every forward).
 
 5. Mixed-adapter batches (`adapter_mode="adaptive"`, runners with `run_mixed_batch`).
    A `ModePolicy` watches the waiting requests per adapter; while it says mixed, the
-   oldest encoder or generate request heads a batch filled with the oldest compatible
+   oldest encoder request heads a batch filled with the oldest compatible
    requests (as in 2) whatever their adapter (base included),
-   run unmerged in one engine call. Streams always run merged.
+   run unmerged in one engine call.
+
+6. Generation (runners with `decode_loop`, as the model server): completions and streams
+   go to the replica's continuous-batching decode loop (serving/engine/continuous.py), which
+   admits each prompt at the next decode step with its own sampling parameters and picks
+   merged or unmerged adapters per step; the queue bound (`max_queue`) counts the sequences
+   waiting there too. A runner without it gets the batches above, generation grouped by
+   identical sampling parameters, and streams run in slices of `stream_slice_ms`.
 
 With `grouping=False` each request runs alone in arrival order: the swap-per-request
 baseline the load test compares against. A full queue raises `Overloaded` (503).
@@ -68,6 +71,7 @@ from adapters.manifest import tenant_of
 from serving.config import SchedulerConfig
 from adapters.tasks.errors import Overloaded
 from adapters.tasks.kinds import ENCODER_KINDS, RequestKind
+from serving.engine.continuous import DecodeLoop, GenSequence
 from serving.mode_policy import ModePolicy
 
 log = logging.getLogger("capaserve.scheduler")
@@ -88,6 +92,9 @@ class BatchRunner(Protocol):
 
     # optional: def run_mixed_batch(self, kinds, adapters: list[str | None], texts, params) -> list[Any]
     # (one unmerged engine call, row i with adapters[i]); without it the scheduler stays merged.
+    # optional: def decode_loop(self) -> DecodeLoop and def prompt_ids(self, texts, params) -> list[list[int]]:
+    # generation then runs by continuous batching (serving/engine/continuous.py) instead of
+    # the batches and stream slices above.
 
 
 @dataclass(frozen=True)
@@ -139,6 +146,8 @@ class SchedulerStats(BaseModel):
     mode: str = Field("merged", description="Adapter mode of the next batch: merged or mixed.")
     mode_switches: int = Field(0, description="Times the adapter mode switched between merged and mixed.")
     mixed_batches: int = Field(0, description="Batches run as mixed-adapter (unmerged) batches.")
+    running_sequences: int = Field(0, description="Generation sequences in the continuous batch now.")
+    sequences_cancelled: int = Field(0, description="Generation sequences dropped because their client left.")
 
 
 class Scheduler:
@@ -169,6 +178,8 @@ class Scheduler:
         self._mixing = (
             self.config.adapter_mode == "adaptive" and self.config.grouping and hasattr(runner, "run_mixed_batch")
         )
+        make_loop = getattr(runner, "decode_loop", None)
+        self._decode: DecodeLoop | None = make_loop() if make_loop is not None else None
 
     # ------------------------------------------------------------------ public
 
@@ -184,6 +195,10 @@ class Scheduler:
     ) -> tuple[list[Any], BatchInfo]:
         """Queue one request (its inputs run together) and wait for its results; with `ready`
         it joins its adapter's queue once `ready` is done (its error, if any, is the request's)."""
+        if kind == RequestKind.GENERATE and self._decode is not None:
+            if ready is not None:
+                await asyncio.shield(ready)  # shared by every request of a cold adapter: never cancelled by one
+            return await self._generate(adapter, list(texts), params)
         item = self._enqueue(kind, adapter, list(texts), lengths, params, ready)
         return await item.future
 
@@ -201,6 +216,12 @@ class Scheduler:
         Closing the iterator early (client gone) cancels the generation between tokens,
         or drops it from the queue if it has not started.
         """
+        if self._decode is not None:
+            if ready is not None:
+                await asyncio.shield(ready)
+            async for out in self._stream_continuous(adapter, prompt, params):
+                yield out
+            return
         item = self._enqueue(RequestKind.STREAM, adapter, [prompt], [length] if length else None, params, ready)
         item.deltas = asyncio.Queue()
         try:
@@ -227,6 +248,10 @@ class Scheduler:
                 "mode_switches": self._policy.switches,
             }
         )
+        if self._decode is not None:
+            snap.queue_depth += self._decode.waiting
+            snap.running_sequences = self._decode.running
+            snap.sequences_cancelled = self._decode.cancelled
         if drain:
             self._new_batch_sizes.clear()
         return snap
@@ -235,6 +260,8 @@ class Scheduler:
         """Stop at once from any thread (a replica's shutdown hook): queued work is dropped."""
         if self._task is not None:
             self._task.cancel()
+        if self._decode is not None:
+            self._decode.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def close(self) -> None:
@@ -246,6 +273,82 @@ class Scheduler:
                 await task
             except (asyncio.CancelledError, Exception):
                 pass
+
+    # ------------------------------------------------------------------ continuous generation
+
+    async def _sequences(
+        self, adapter: str | None, texts: list[str], params: Any, on_delta: Callable[[Any], None] | None,
+        on_done: Callable[[int, Any, BaseException | None], None],
+    ) -> tuple[list[GenSequence], list[tuple[float, int]]]:
+        """Tokenize (a bad prompt raises here: 400), check the queue bound (503), queue one
+        sequence per text on the decode loop; also the times each was admitted."""
+        assert self._decode is not None
+        if self._pending + self._decode.waiting >= self.config.max_queue:
+            raise Overloaded(f"replica queue is full ({self.config.max_queue} requests); retry later")
+        ids = await asyncio.to_thread(self.runner.prompt_ids, texts, params)  # type: ignore[attr-defined]
+        started: list[tuple[float, int]] = []  # (when, batch size it joined) per admitted sequence
+        seqs = [
+            GenSequence(
+                ids=p, adapter=adapter, params=params, on_delta=on_delta,
+                on_done=lambda out, exc, i=i: on_done(i, out, exc),
+                on_start=lambda n: started.append((time.monotonic(), n)),
+            )
+            for i, p in enumerate(ids)
+        ]
+        for seq in seqs:
+            self._decode.check(seq)  # 400 for one that could never fit the KV budget, before any is queued
+        for seq in seqs:
+            self._decode.submit(seq)
+        self._stats.requests += 1
+        return seqs, started
+
+    async def _generate(self, adapter: str | None, texts: list[str], params: Any) -> tuple[list[Any], BatchInfo]:
+        """Complete each text on the decode loop; (GenerationOutput, prompt tokens) per text."""
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in texts]
+        enqueued = time.monotonic()
+
+        def done(i: int, out: Any, exc: BaseException | None) -> None:
+            _threadsafe(loop, _settle, futures[i], out, exc)
+
+        seqs, started = await self._sequences(adapter, texts, params, None, done)
+        try:
+            outs = await asyncio.gather(*futures)
+        finally:
+            for seq in seqs:
+                seq.cancelled.set()  # a no-op for finished ones; frees the rest if the caller left
+        info = _joined(started, enqueued)
+        return [(o, o.prompt_tokens) for o in outs], info
+
+    async def _stream_continuous(self, adapter: str | None, prompt: str, params: Any) -> AsyncIterator[tuple[Any, BatchInfo]]:
+        loop = asyncio.get_running_loop()
+        deltas: asyncio.Queue = asyncio.Queue()
+        enqueued = time.monotonic()
+
+        def done(_i: int, _out: Any, exc: BaseException | None) -> None:
+            _threadsafe(loop, deltas.put_nowait, exc if exc is not None else _END)
+
+        (seq,), started = await self._sequences(
+            adapter, [prompt], params, lambda d: _threadsafe(loop, deltas.put_nowait, d), done
+        )
+        try:
+            info: BatchInfo | None = None
+            while True:
+                delta = await deltas.get()
+                if delta is _END:
+                    break
+                if isinstance(delta, BaseException):
+                    raise delta
+                end = _coalesce(delta, deltas)  # the deltas a slow consumer missed, as one message
+                if info is None:
+                    info = _joined(started, enqueued)
+                yield (delta, len(seq.ids)), info
+                if end is not None:
+                    if isinstance(end, BaseException):
+                        raise end
+                    break
+        finally:
+            seq.cancelled.set()  # the client left: the decode loop drops it before its next forward
 
     # ------------------------------------------------------------------ queueing
 
@@ -619,6 +722,44 @@ class Scheduler:
                 close()
             put(_END)
         return finished
+
+
+def _coalesce(delta: Any, queue: asyncio.Queue) -> Any:
+    """Fold the deltas already waiting in `queue` into `delta` (text and tokens appended, the
+    last finish reason kept), so a consumer that fell behind sends one message, not one per
+    token; returns the end marker or error met on the way (None: the stream goes on)."""
+    while not queue.empty():
+        nxt = queue.get_nowait()
+        if nxt is _END or isinstance(nxt, BaseException):
+            return nxt
+        delta.text += nxt.text
+        delta.token_ids = delta.token_ids + nxt.token_ids
+        delta.finish_reason = nxt.finish_reason
+    return None
+
+
+def _joined(started: list[tuple[float, int]], enqueued: float) -> BatchInfo:
+    """A generation request's BatchInfo: the largest batch a sequence of it joined, and its wait."""
+    if not started:
+        return BatchInfo(1, False, 0.0)
+    return BatchInfo(max(n for _, n in started), False, min(t for t, _ in started) - enqueued)
+
+
+def _threadsafe(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:
+    """Run `fn(*args)` on `loop` from another thread (dropped once the loop is closed)."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        pass
+
+
+def _settle(future: asyncio.Future, out: Any, exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(out)
 
 
 def _resolve(item: _Item, out: Any, info: BatchInfo) -> None:

@@ -41,6 +41,8 @@ FAMILIES = {
     "capaserve_adapter_mode_switches": "counter",
     "capaserve_replica_requests": "counter",
     "capaserve_replica_retries": "counter",
+    "capaserve_running_sequences": "gauge",
+    "capaserve_sequences_cancelled": "counter",
 }
 REPLICA_SERIES = (
     "capaserve_adapter_swaps_total",
@@ -51,6 +53,8 @@ REPLICA_SERIES = (
     "capaserve_loaded_adapters",
     "capaserve_queue_depth_requests",
     "capaserve_adapter_mode_switches_total",
+    "capaserve_running_sequences",
+    "capaserve_sequences_cancelled_total",
 )
 
 
@@ -175,11 +179,12 @@ def test_apply_folds_events_per_replica_and_sets_gauges() -> None:
     reports = [
         ReplicaReport(replica="r1", swap_seconds=[0.0004, 0.003, 0.03], cache_hits=4, cache_misses=2,
                       cache_evictions=1, batch_sizes=[1, 3, 8], cache_bytes=4096, queue_depth=5,
-                      loaded_adapters=2, adapter_mode="merged", mode_switches=0),
+                      loaded_adapters=2, adapter_mode="merged", mode_switches=0, running_sequences=7,
+                      sequences_cancelled=2),
         ReplicaReport(replica="r2", swap_seconds=[], cache_hits=0, cache_misses=1, batch_sizes=[200],
                       cache_bytes=100, queue_depth=1, loaded_adapters=1, adapter_mode="mixed", mode_switches=1),
         ReplicaReport(replica="r1", swap_seconds=[0.5, 2.0], cache_hits=3, batch_sizes=[2, 2], cache_bytes=1024,
-                      queue_depth=0, loaded_adapters=1, adapter_mode="mixed", mode_switches=2),
+                      queue_depth=0, loaded_adapters=1, adapter_mode="mixed", mode_switches=2, sequences_cancelled=1),
     ]
     for r in reports:
         m.apply(r)
@@ -195,6 +200,8 @@ def test_apply_folds_events_per_replica_and_sets_gauges() -> None:
             key("capaserve_adapter_cache_misses_total", replica=rep): float(sum(r.cache_misses for r in mine)),
             key("capaserve_adapter_cache_evictions_total", replica=rep): float(sum(r.cache_evictions for r in mine)),
             key("capaserve_adapter_mode_switches_total", replica=rep): float(sum(r.mode_switches for r in mine)),
+            key("capaserve_sequences_cancelled_total", replica=rep): float(sum(r.sequences_cancelled for r in mine)),
+            key("capaserve_running_sequences", replica=rep): float(last.running_sequences),
             key("capaserve_adapter_cache_bytes", replica=rep): float(last.cache_bytes),
             key("capaserve_queue_depth_requests", replica=rep): float(last.queue_depth),
             key("capaserve_loaded_adapters", replica=rep): float(last.loaded_adapters),
@@ -213,6 +220,8 @@ def test_apply_folds_events_per_replica_and_sets_gauges() -> None:
     assert got[key("capaserve_adapter_cache_bytes", replica="r1")] == 1024.0  # went down from 4096
     assert got[key("capaserve_adapter_mode", replica="r1", mode="mixed")] == 1.0
     assert got[key("capaserve_adapter_mode", replica="r1", mode="merged")] == 0.0
+    assert got[key("capaserve_sequences_cancelled_total", replica="r1")] == 3.0
+    assert got[key("capaserve_running_sequences", replica="r1")] == 0.0  # went down from 7
     assert got[key("capaserve_batch_size_requests_bucket", le="2.0")] == 3.0  # 1, 2, 2
     assert got[key("capaserve_batch_size_requests_bucket", le="128.0")] == 5.0  # all six but 200
     assert got[key("capaserve_batch_size_requests_sum")] == 216.0
@@ -240,7 +249,7 @@ def test_replica_report_defaults_round_trip_and_types() -> None:
     assert r.model_dump() == {
         "replica": "x", "swap_seconds": [], "cache_hits": 0, "cache_misses": 0, "cache_evictions": 0,
         "batch_sizes": [], "cache_bytes": 0, "queue_depth": 0, "loaded_adapters": 0, "adapter_mode": "merged",
-        "mode_switches": 0,
+        "mode_switches": 0, "running_sequences": 0, "sequences_cancelled": 0,
     }
     full = ReplicaReport(replica="y", swap_seconds=[0.25], cache_hits=3, batch_sizes=[4, 1], cache_bytes=10,
                          adapter_mode="mixed", mode_switches=1)

@@ -307,7 +307,7 @@ def test_generate_mixed_greedy_rows_equal_merged_single_adapter(arch: str, reque
     with pytest.raises(InvalidRequest, match="prompt 2 has"):  # rows run in adapter order, errors keep the caller's
         engine.generate_mixed(["a", "b", "word " * engine.max_len], ["x", None, "x"], greedy)
 
-    # and through the deployment's scheduler: one mixed generate batch, same completions
+    # and through the deployment's scheduler (the continuous decode loop, mixed rows unmerged): same completions
     from serving.deployments import ModelServer
 
     server = ModelServer(config_of(registry=str(tmp_path), adapter_mode="adaptive", batch_wait_ms=50.0), engine=engine)
@@ -321,7 +321,7 @@ def test_generate_mixed_greedy_rows_equal_merged_single_adapter(arch: str, reque
         return outs
 
     outs = asyncio.run(main())
-    assert server.scheduler.stats().mixed_batches == 1
+    assert server.scheduler.stats().requests == 4 and server.scheduler.stats().running_sequences == 0
     assert [o[0][0][0].text for o in outs] == [r.text for r in refs]
 
 

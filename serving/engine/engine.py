@@ -24,6 +24,7 @@ from adapters.tasks.model_loader import LoadedModel, load_model
 from adapters.tasks.pixels import ImageInputs
 from adapters.tasks.tokens import Tokens
 from serving.config import EngineConfig
+from serving.engine.continuous import ContinuousDecoder, Guard
 from serving.engine.encode import AdapterMode, EncodeInput, EncodeRunner
 from serving.engine.generate import GenerateRunner
 from serving.engine.outputs import (
@@ -138,6 +139,22 @@ class Engine:
         """Deltas of one completion, the last with finish_reason set. Bad requests raise here,
         before the first delta; the adapter stays leased from the first delta to the last."""
         return self._generator.generate_stream(prompt, adapter, params)
+
+    def prompt_ids(self, prompts: list[str], params: SamplingParams) -> list[list[int]]:
+        """Token ids of generation prompts; InvalidRequest (400) for a bad or too long one, or on an encoder."""
+        return self._generator.prompt_ids(prompts, params)
+
+    def continuous_decoder(
+        self, max_rows: int, prefill_tokens: int, guard: Guard | None = None, share: int = 1
+    ) -> ContinuousDecoder:
+        """A continuous-batching decoder over this engine (serving/engine/continuous.py), its KV cache
+        bounded by `kv_cache_bytes` / `share` (one of `share` decoders side by side); `guard(refs, fn)`
+        runs each adapter lease (a replica reloads an adapter evicted since the request was queued)."""
+        g = self._generator
+        return ContinuousDecoder(
+            self.model, self.tokenizer, self.residency, g.eos_ids, self.config.kv_cache_bytes // share, max_rows,
+            prefill_tokens, guard,
+        )
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
         """The prompt text for chat messages, ending with the assistant turn's opening."""

@@ -36,7 +36,7 @@ class GenerateRunner:
 
     def generate(self, prompts: list[str], adapter: str | None, params: SamplingParams) -> list[GenerationOutput]:
         """Complete a batch of prompts for one adapter (left-padded, KV cache, one lock per step)."""
-        ids = self._prompt_ids(prompts, params)
+        ids = self.prompt_ids(prompts, params)
         with self.residency.lease([adapter]) as (entry,):
             dec, states = self._decoder(ids, params)
             while not all(s.done for s in states):
@@ -57,7 +57,7 @@ class GenerateRunner:
         """
         if not isinstance(adapters, list) or not isinstance(prompts, list) or len(adapters) != len(prompts):
             raise InvalidRequest("adapters must be a list with one entry (a name or None) per text")
-        ids = self._prompt_ids(prompts, params)  # errors name rows as the caller numbered them
+        ids = self.prompt_ids(prompts, params)  # errors name rows as the caller numbered them
         order = adapter_order(adapters)  # each adapter's rows one slice of the batch
         with self.residency.lease([adapters[i] for i in order]) as entries:
             dec, states = self._decoder([ids[i] for i in order], params)
@@ -73,7 +73,7 @@ class GenerateRunner:
     def generate_stream(self, prompt: str, adapter: str | None, params: SamplingParams) -> Iterator[GenerationDelta]:
         """Deltas of one completion; the last one has finish_reason set. Bad requests raise
         here, before the first delta, so a server can answer with an error status."""
-        ids = self._prompt_ids([prompt], params)
+        ids = self.prompt_ids([prompt], params)
         self.residency.check(adapter)
         return self._stream(ids, adapter, params)
 
@@ -90,7 +90,8 @@ class GenerateRunner:
                 if delta.text or delta.finish_reason is not None or delta.token_ids:
                     yield delta
 
-    def _prompt_ids(self, prompts: list[str], params: SamplingParams) -> list[list[int]]:
+    def prompt_ids(self, prompts: list[str], params: SamplingParams) -> list[list[int]]:
+        """Token ids of each prompt (errors name rows as the caller numbered them)."""
         if self.task is not Task.CAUSAL_LM:
             raise UnsupportedTask(f"text generation needs a causal LM; {self.tokens.model_id!r} is an encoder")
         return self.tokens.prompts(prompts, params)

@@ -1,0 +1,457 @@
+"""Continuous (iteration-level) batching for generation: sequences join the running batch at
+the next decode step and leave the step they finish.
+
+Why: a batch that runs until its longest member ends admits nobody meanwhile, so with
+varied lengths a replica decodes nearly one sequence at a time. Here one decode loop (its own
+thread, alive while generation requests exist) runs, per iteration:
+
+1. Drop the rows whose consumer went away (a closed stream): freed before the next forward.
+2. Admit waiting sequences in arrival order while the KV budget holds them (below).
+3. One prefill forward for admitted sequences: several short prompts together (left-padded),
+   or one chunk of `prefill_chunk_tokens` of a long prompt, so a long prompt delays the
+   others' next token by one chunk, never by its whole prefill. A prefilled sequence samples
+   its first token at once (streamed at once: time to first token) and joins the batch.
+4. One decode forward for every running row (those just prefilled included): each row
+   samples with its own parameters (temperature, top_p, its own seeded generator), and a row
+   that finishes (max_tokens, a stop string, EOS) leaves the batch at once: its KV rows are
+   dropped.
+
+KV cache: one batched transformers `DynamicCache`, rows left-padded to the longest row, with
+an attention mask and per-row position ids, so each row is computed as if it were alone (up
+to float rounding of the matrix shapes). Joining pads the shorter side on the left and
+concatenates; leaving selects the remaining rows and cuts the columns every row pads. A
+cache per row (one forward per row) would give up the batching this is for; transformers'
+paged continuous batching owns its own forward loop and cannot pick weights per step.
+
+Memory budget: the padded cache holds at most rows x longest reservation, a sequence's
+reservation being prompt + max_tokens tokens. A sequence is admitted only while
+(rows + 1) x longest reservation x bytes per token fits `kv_cache_bytes`; otherwise it waits
+in the queue (whose bound answers 503). One that could not fit even alone is refused (400).
+
+Adapters per iteration: when every row (running and prefilling) uses one adapter or the base,
+both forwards run on merged weights (no overhead); when several are present, both run on the
+pristine weights with each row's exact rank-(d*r) update added (serving/engine/mixed.py). The
+state is chosen per forward inside the engine's gate, so a swap never happens inside a
+forward and no row ever runs with another adapter's weights. Each sequence leases its adapter
+from admission to its end (no eviction meanwhile).
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+
+from adapters.tasks.errors import InvalidRequest
+from serving.engine.decoding import GREEDY_BELOW, SequenceState, make_generator, next_tokens
+from serving.engine.outputs import GenerationDelta, GenerationOutput
+from serving.engine.residency import AdapterResidency, Entry
+from serving.engine.sampling import SamplingParams
+
+T = TypeVar("T")
+Guard = Callable[[list[str | None], Callable[[], T]], T]
+
+
+@dataclass
+class GenSequence:
+    """One prompt to complete, and where its results go (callbacks run on the loop thread)."""
+
+    ids: list[int]
+    adapter: str | None
+    params: SamplingParams
+    on_delta: Callable[[GenerationDelta], None] | None  # streams only
+    on_done: Callable[[GenerationOutput | None, BaseException | None], None]
+    on_start: Callable[[int], None] | None = None  # with the batch size it joined
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    enqueued: float = field(default_factory=time.monotonic)
+
+    @property
+    def reserve(self) -> int:
+        """KV tokens this sequence may hold at most."""
+        return len(self.ids) + self.params.max_tokens
+
+
+@dataclass
+class _Row:
+    seq: GenSequence
+    entry: Entry
+    state: SequenceState
+    generator: torch.Generator | None
+    stack: ExitStack
+    filled: int = 0  # prompt tokens already in the cache
+    cache: Any = None  # its own cache while its prompt is prefilled in chunks
+    last: int = 0  # the token the next decode step feeds
+
+
+class ContinuousDecoder:
+    """The batch and its cache; every method runs on the decode loop's thread."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        residency: AdapterResidency,
+        eos_ids: set[int],
+        kv_cache_bytes: int,
+        max_rows: int,
+        prefill_tokens: int,
+        guard: Guard | None = None,
+    ) -> None:
+        self.model = model
+        self.tok = tokenizer
+        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+        self.residency = residency
+        self.device = residency.device
+        self.eos_ids = eos_ids
+        self.budget = kv_cache_bytes
+        self.max_rows = max_rows
+        self.prefill_tokens = max(1, prefill_tokens)
+        self.guard: Guard = guard or (lambda refs, fn: fn())
+        self.bytes_per_token = kv_bytes_per_token(model)
+        self._kw = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+        self.rows: list[_Row] = []  # decoding, in cache order
+        self.prefilling: deque[_Row] = deque()
+        self._cache: Any = None
+        self._mask: torch.Tensor | None = None  # [rows, width]
+        self._lengths: list[int] = []  # tokens of each row in the cache
+        self.cancelled = 0  # sequences dropped because their consumer left
+        self.peers: list[ContinuousDecoder] = [self]  # decoders sharing the weights (DecodeLoop)
+
+    # ------------------------------------------------------------------ admission
+
+    @property
+    def active(self) -> int:
+        return len(self.rows) + len(self.prefilling)
+
+    def check(self, seq: GenSequence) -> None:
+        """Refuse (400) a sequence that could not fit the budget even alone."""
+        need = seq.reserve * self.bytes_per_token
+        if need > self.budget:
+            raise InvalidRequest(
+                f"prompt plus max_tokens needs {need} bytes of KV cache, more than one decode loop's share of "
+                f"kv_cache_bytes ({self.budget} bytes)"
+            )
+
+    def fits(self, seq: GenSequence) -> bool:
+        """Whether the padded cache can hold `seq` beside the admitted sequences."""
+        reserves = [r.seq.reserve for r in self.rows] + [r.seq.reserve for r in self.prefilling]
+        if len(reserves) >= self.max_rows:
+            return False
+        return (len(reserves) + 1) * max(reserves + [seq.reserve]) * self.bytes_per_token <= self.budget
+
+    def admit(self, seq: GenSequence) -> None:
+        """Lease the sequence's adapter and queue it for prefill (raises if it is gone)."""
+        stack = ExitStack()
+        try:
+            (entry,) = self.guard([seq.adapter], lambda: stack.enter_context(self.residency.lease([seq.adapter])))
+        except BaseException:
+            stack.close()
+            raise
+        p = seq.params
+        gen = make_generator(self.device, p.seed) if p.temperature >= GREEDY_BELOW else None
+        self.prefilling.append(_Row(seq, entry, SequenceState(self.tok, len(seq.ids), p, self.eos_ids), gen, stack))
+        if seq.on_start is not None:
+            seq.on_start(self.active)
+
+    # ------------------------------------------------------------------ one iteration
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Drop cancelled rows, one prefill forward, one decode forward."""
+        self._drop([i for i, r in enumerate(self.rows) if r.seq.cancelled.is_set()], cancelled=True)
+        for r in [r for r in self.prefilling if r.seq.cancelled.is_set()]:
+            self.prefilling.remove(r)
+            self._end(r, cancelled=True)
+        prefill = self._prefill_rows()
+        merged = len(self._entries(prefill)) <= 1
+        if prefill:  # first: a prompt's first token comes out one step sooner, and it decodes in this step
+            self._prefill(prefill, merged)
+        if self.rows:
+            self._decode(merged)
+
+    def _entries(self, prefill: list[_Row]) -> set[int]:
+        """The adapters of this step's rows and of the rows other decoders run meanwhile: merged
+        only when they all share one, so decoders on other threads never swap against each other."""
+        ids = {id(r.entry) for r in self.rows + prefill}
+        for d in self.peers:
+            if d is not self:
+                ids.update(id(r.entry) for r in list(d.rows) + list(d.prefilling))
+        return ids
+
+    def _forward(self, rows: list[_Row], merged: bool, **inputs: Any) -> Any:
+        ctx = self.residency.merged(rows[0].entry) if merged else self.residency.unmerged([r.entry for r in rows])
+        with ctx:
+            return self.model(**inputs, use_cache=True, **self._kw)
+
+    def _decode(self, merged: bool) -> None:
+        assert self._mask is not None
+        n = len(self.rows)
+        ids = torch.tensor([[r.last] for r in self.rows], dtype=torch.long, device=self.device)
+        pos = torch.tensor(self._lengths, dtype=torch.long, device=self.device).unsqueeze(-1)
+        self._mask = torch.cat([self._mask, self._mask.new_ones((n, 1))], dim=-1)
+        out = self._forward(
+            self.rows, merged, input_ids=ids, attention_mask=self._mask, position_ids=pos, past_key_values=self._cache
+        )
+        self._cache = out.past_key_values
+        self._lengths = [x + 1 for x in self._lengths]
+        toks = self._sample(self.rows, out.logits[:, -1, :])
+        self._drop([i for i, (r, t) in enumerate(zip(self.rows, toks)) if self._push(r, t)])
+
+    def _prefill_rows(self) -> list[_Row]:
+        """Whole short prompts together (padded size within the chunk), or one long prompt's next chunk."""
+        if not self.prefilling:
+            return []
+        head = self.prefilling[0]
+        if head.filled or len(head.seq.ids) > self.prefill_tokens:
+            return [head]
+        rows = [head]
+        for r in list(self.prefilling)[1:]:
+            width = max(len(x.seq.ids) for x in rows + [r])
+            if r.filled or (len(rows) + 1) * width > self.prefill_tokens:
+                break
+            rows.append(r)
+        return rows
+
+    def _prefill(self, rows: list[_Row], merged: bool) -> None:
+        if len(rows) == 1 and (rows[0].filled or len(rows[0].seq.ids) > self.prefill_tokens):
+            r = rows[0]
+            chunk = r.seq.ids[r.filled : r.filled + self.prefill_tokens]
+            end = r.filled + len(chunk)
+            out = self._forward(
+                rows, merged,
+                input_ids=torch.tensor([chunk], dtype=torch.long, device=self.device),
+                attention_mask=torch.ones((1, end), dtype=torch.long, device=self.device),
+                position_ids=torch.arange(r.filled, end, device=self.device).unsqueeze(0),
+                past_key_values=r.cache,
+            )
+            r.cache, r.filled = out.past_key_values, end
+            if end < len(r.seq.ids):
+                return  # more chunks in the next iterations
+            cache, mask = r.cache, torch.ones((1, end), dtype=torch.long, device=self.device)
+            r.cache = None
+        else:
+            width = max(len(r.seq.ids) for r in rows)
+            ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, r in enumerate(rows):
+                ids[i, width - len(r.seq.ids) :] = torch.tensor(r.seq.ids, dtype=torch.long)
+                mask[i, width - len(r.seq.ids) :] = 1
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = self._forward(rows, merged, input_ids=ids, attention_mask=mask, position_ids=pos)
+            cache = out.past_key_values
+        for r in rows:
+            self.prefilling.remove(r)
+            r.filled = len(r.seq.ids)
+        toks = self._sample(rows, out.logits[:, -1, :])
+        keep = [i for i, (r, t) in enumerate(zip(rows, toks)) if not self._push(r, t)]
+        if keep:
+            self._join([rows[i] for i in keep], cache, mask, keep)
+
+    # ------------------------------------------------------------------ rows
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
+        """Each row's next token with its own parameters (greedy rows in one argmax)."""
+        logits = logits.to(torch.float32)
+        toks = logits.argmax(dim=-1).tolist()
+        for i, r in enumerate(rows):
+            if r.generator is not None:
+                toks[i] = int(next_tokens(logits[i : i + 1], r.seq.params, r.generator)[0])
+        return toks
+
+    def _push(self, r: _Row, tok: int) -> bool:
+        """Add a row's token and stream it; True when the row is finished (and ended)."""
+        r.last = tok
+        r.state.push(tok)
+        if r.seq.on_delta is not None:
+            delta = r.state.take_delta()
+            if delta.text or delta.finish_reason is not None or delta.token_ids:
+                r.seq.on_delta(delta)
+        if r.state.done:
+            self._end(r)
+            return True
+        return False
+
+    def _end(self, r: _Row, cancelled: bool = False) -> None:
+        r.stack.close()  # the adapter lease
+        r.cache = None
+        if cancelled:
+            self.cancelled += 1
+            r.seq.on_done(None, None)
+        else:
+            r.seq.on_done(r.state.output(), None)
+
+    def fail_all(self, exc: BaseException) -> None:
+        """An engine failure: every admitted sequence gets it; the batch starts empty."""
+        for r in self.rows + list(self.prefilling):
+            r.stack.close()
+            r.seq.on_done(None, exc)
+        self.rows, self.prefilling = [], deque()
+        self._cache = self._mask = None
+        self._lengths = []
+
+    def _drop(self, idx: list[int], cancelled: bool = False) -> None:
+        """Remove rows `idx` (already ended unless cancelled) from the batch and its cache."""
+        if not idx:
+            return
+        gone = set(idx)
+        if cancelled:
+            for i in idx:
+                self._end(self.rows[i], cancelled=True)
+        keep = [i for i in range(len(self.rows)) if i not in gone]
+        self.rows = [self.rows[i] for i in keep]
+        self._lengths = [self._lengths[i] for i in keep]
+        if not keep:
+            self._cache = self._mask = None
+            return
+        assert self._mask is not None
+        cut = self._mask.shape[1] - max(self._lengths)  # columns every remaining row pads
+        sel = torch.tensor(keep, dtype=torch.long, device=self.device)
+        self._mask = self._mask.index_select(0, sel)[:, cut:]
+        for layer in self._cache.layers:
+            layer.keys = layer.keys.index_select(0, sel)[:, :, cut:]
+            layer.values = layer.values.index_select(0, sel)[:, :, cut:]
+
+    def _join(self, rows: list[_Row], cache: Any, mask: torch.Tensor, keep: list[int]) -> None:
+        """Append prefilled rows (positions `keep` of `cache`) to the batch, left-padding the narrower side."""
+        lengths = [len(r.seq.ids) for r in rows]
+        if len(keep) < mask.shape[0]:
+            sel = torch.tensor(keep, dtype=torch.long, device=self.device)
+            mask = mask.index_select(0, sel)
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys.index_select(0, sel), layer.values.index_select(0, sel)
+        cut = mask.shape[1] - max(lengths)
+        if cut:
+            mask = mask[:, cut:]
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, cut:], layer.values[:, :, cut:]
+        if self._cache is None:
+            self._cache, self._mask = cache, mask
+        else:
+            assert self._mask is not None
+            width = max(self._mask.shape[1], mask.shape[1])
+            self._mask = torch.cat([_pad_left(self._mask, width, 1), _pad_left(mask, width, 1)], dim=0)
+            for mine, theirs in zip(self._cache.layers, cache.layers):
+                mine.keys = torch.cat([_pad_left(mine.keys, width, 2), _pad_left(theirs.keys, width, 2)], dim=0)
+                mine.values = torch.cat([_pad_left(mine.values, width, 2), _pad_left(theirs.values, width, 2)], dim=0)
+        self.rows += rows
+        self._lengths += lengths
+
+
+def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """`t` with zeros prepended along `dim` up to `width` (masked positions: their value never counts)."""
+    short = width - t.shape[dim]
+    if short == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = short
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def kv_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of keys and values one token holds in the cache, over every layer."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = int(cfg.num_attention_heads)
+    kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    elem = next(model.parameters()).element_size()
+    return 2 * int(cfg.num_hidden_layers) * kv_heads * head_dim * elem
+
+
+class DecodeLoop:
+    """The waiting queue and the threads that drive `ContinuousDecoder`s while work exists.
+
+    One decoder per engine worker, each on its own thread with its own batch and an equal
+    share of the KV budget: on a CPU two one-thread forwards side by side use two cores
+    without the spinning of one forward on two intra-op threads (see `ServeConfig.engine_plan`).
+    A waiting sequence goes, in arrival order, to the decoder with the fewest sequences that
+    can hold it. `submit` may be called from any thread; callbacks run on the loop threads.
+    """
+
+    def __init__(self, decoders: list[ContinuousDecoder]) -> None:
+        self.decoders = decoders
+        for d in decoders:
+            d.peers = decoders
+        self._waiting: deque[GenSequence] = deque()
+        self._cond = threading.Condition()
+        self._threads: dict[int, threading.Thread] = {}
+        self._closed = False
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return sum(d.active for d in self.decoders)
+
+    @property
+    def cancelled(self) -> int:
+        return sum(d.cancelled for d in self.decoders)
+
+    def check(self, seq: GenSequence) -> None:
+        """InvalidRequest (400) if `seq` could never fit a decoder's KV budget."""
+        self.decoders[0].check(seq)
+
+    def submit(self, seq: GenSequence) -> None:
+        self.check(seq)
+        with self._cond:
+            self._waiting.append(seq)
+            for i, d in enumerate(self.decoders):
+                if i not in self._threads:
+                    t = threading.Thread(target=self._run, args=(i,), name=f"capaserve-decode-{i}", daemon=True)
+                    self._threads[i] = t
+                    t.start()
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def _admit(self, dec: ContinuousDecoder) -> None:
+        """Waiting sequences in arrival order, while this decoder is the least busy one that fits them
+        (a cancelled one is just dropped)."""
+        while True:
+            with self._cond:
+                if not self._waiting:
+                    return
+                head = self._waiting[0]
+                if not head.cancelled.is_set():
+                    if dec.active > min(d.active for d in self.decoders) or not dec.fits(head):
+                        return
+                self._waiting.popleft()
+            if head.cancelled.is_set():
+                head.on_done(None, None)
+                continue
+            try:
+                dec.admit(head)
+            except Exception as exc:  # noqa: BLE001 - handed to its caller
+                head.on_done(None, exc)
+
+    def _run(self, i: int) -> None:
+        dec = self.decoders[i]
+        while True:
+            with self._cond:
+                if self._closed or (not self._waiting and not dec.active):
+                    del self._threads[i]
+                    return
+            self._admit(dec)
+            if not dec.active:
+                with self._cond:  # another decoder takes the head: wait for a change
+                    self._cond.wait(timeout=0.05)
+                continue
+            try:
+                dec.step()
+            except Exception as exc:  # noqa: BLE001 - every sequence gets it; the loop goes on
+                dec.fail_all(exc)
+            if not dec.active:
+                with self._cond:
+                    self._cond.notify_all()

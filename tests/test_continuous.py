@@ -1,0 +1,182 @@
+"""Continuous batching (serving/engine/continuous.py) on tiny random Llama and GPT-2, driven step
+by step: every greedy row equals its own single-request `generate()` on a plain transformers
+model whose weights were replaced by hand (W'), whatever joined or left the batch meanwhile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adapters.bundle import Task
+from adapters.synthetic import random_bundle
+from serving.engine.continuous import GenSequence
+from serving.engine.sampling import SamplingParams
+from adapters.tasks.errors import InvalidRequest
+from tests.engine_utils import engine_with, hand_merge, plain_model
+
+PROMPTS = ["the quick brown fox", "hello", "capaboost adapters are merged into the base weights", "user reply"]
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def setup(request, tiny_llama_dir, tiny_gpt2_dir):
+    folder = tiny_llama_dir if request.param == "llama" else tiny_gpt2_dir
+    probe = engine_with(folder, "tiny", {})
+    targets = [n for n in probe.spec.linear_shapes][:4]
+    bundles = {f"a{i}": random_bundle(probe.spec, targets, seed=10 + i, std=0.3) for i in range(2)}
+    engine = engine_with(folder, "tiny", bundles)
+    refs = {None: plain_model(folder, Task.CAUSAL_LM)}
+    for name, b in bundles.items():
+        refs[name] = hand_merge(plain_model(folder, Task.CAUSAL_LM), b)
+    return engine, refs
+
+
+def reference(refs, engine, prompt: str, adapter: str | None, max_tokens: int) -> list[int]:
+    """transformers' own greedy generate() on W', one request alone (EOS ends it)."""
+    model = refs[adapter]
+    ids = engine.prompt_ids([prompt], SamplingParams(max_tokens=max_tokens))[0]
+    out = model.generate(
+        torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=max_tokens,
+        do_sample=False, eos_token_id=sorted(engine._generator.eos_ids), pad_token_id=engine.tokenizer.pad_token_id,
+    )
+    return out[0, len(ids):].tolist()
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.done: dict[int, object] = {}
+        self.deltas: dict[int, list] = {}
+
+    def seq(self, engine, i: int, prompt: str, adapter: str | None, params: SamplingParams, stream: bool = False):
+        ids = engine.prompt_ids([prompt], params)[0]
+        self.deltas[i] = []
+        return GenSequence(
+            ids=ids, adapter=adapter, params=params,
+            on_delta=(lambda d: self.deltas[i].append(d)) if stream else None,
+            on_done=lambda out, exc: self.done.__setitem__(i, exc or out),
+        )
+
+
+def run(dec, pending: dict[int, list[GenSequence]], steps: int = 400) -> None:
+    """Admit pending[k] before step k (what the decode loop does between steps), until all end."""
+    for k in range(steps):
+        for s in pending.get(k, []):
+            assert dec.fits(s)
+            dec.admit(s)
+        if not dec.active and k > max(pending):
+            return
+        dec.step()
+    raise AssertionError("did not finish")
+
+
+def test_mixed_adapters_joining_and_leaving_equal_single_greedy_generate(setup):
+    """Base and two adapters, different max_tokens, joining at different steps; chunked prefill of
+    the long prompt (4-token chunks): every row equals transformers' generate() on its own W'."""
+    engine, refs = setup
+    dec = engine.continuous_decoder(max_rows=16, prefill_tokens=4)
+    col = Collector()
+    plan = [(0, PROMPTS[0], "a0", 12), (0, PROMPTS[1], None, 5), (2, PROMPTS[2], "a1", 9), (3, PROMPTS[3], "a0", 20),
+            (7, PROMPTS[1], "a1", 3), (15, PROMPTS[0], None, 7)]
+    pending: dict[int, list[GenSequence]] = {}
+    for i, (step, prompt, adapter, n) in enumerate(plan):
+        pending.setdefault(step, []).append(col.seq(engine, i, prompt, adapter, SamplingParams(max_tokens=n, temperature=0)))
+    run(dec, pending)
+    for i, (_, prompt, adapter, n) in enumerate(plan):
+        want = reference(refs, engine, prompt, adapter, n)
+        got = col.done[i]
+        assert got.token_ids == want, (i, adapter)
+    assert dec.rows == [] and dec._cache is None  # every row left, the cache is gone
+
+
+def test_one_adapter_runs_merged_and_streams_concatenate(setup):
+    engine, refs = setup
+    dec = engine.continuous_decoder(max_rows=16, prefill_tokens=512)
+    col = Collector()
+    seqs = [col.seq(engine, i, p, "a1", SamplingParams(max_tokens=10, temperature=0), stream=True) for i, p in enumerate(PROMPTS)]
+    swaps = engine.stats().swaps
+    run(dec, {0: seqs[:2], 4: seqs[2:]})
+    assert engine.stats().swaps - swaps <= 1  # merged once, never mixed
+    for i, p in enumerate(PROMPTS):
+        assert col.done[i].token_ids == reference(refs, engine, p, "a1", 10)
+        assert "".join(d.text for d in col.deltas[i]) == col.done[i].text
+        assert col.deltas[i][0].token_ids  # the first token is sent the step it exists
+
+
+def test_seeded_rows_reproduce_whatever_they_are_batched_with(setup):
+    engine, _ = setup
+    params = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, seed=7)
+    alone = Collector()
+    dec = engine.continuous_decoder(max_rows=16, prefill_tokens=512)
+    run(dec, {0: [alone.seq(engine, 0, PROMPTS[0], "a0", params)]})
+    mixed = Collector()
+    others = [mixed.seq(engine, i, p, a, SamplingParams(max_tokens=8, temperature=1.0, seed=i))
+              for i, (p, a) in enumerate([(PROMPTS[1], None), (PROMPTS[2], "a1")], start=1)]
+    run(dec, {0: others, 2: [mixed.seq(engine, 0, PROMPTS[0], "a0", params)]})
+    assert mixed.done[0].token_ids == alone.done[0].token_ids
+
+
+def test_stop_strings_and_cancel_free_rows_within_one_step(setup):
+    engine, _ = setup
+    dec = engine.continuous_decoder(max_rows=16, prefill_tokens=512)
+    col = Collector()
+    full = engine.generate([PROMPTS[0]], None, SamplingParams(max_tokens=16, temperature=0))[0]
+    stop = full.text[3:5]
+    s0 = col.seq(engine, 0, PROMPTS[0], None, SamplingParams(max_tokens=16, temperature=0, stop=[stop]))
+    s1 = col.seq(engine, 1, PROMPTS[1], "a0", SamplingParams(max_tokens=200, temperature=0), stream=True)
+    dec.admit(s0)
+    dec.admit(s1)
+    dec.step()
+    dec.step()
+    assert dec.active == 2 or 0 in col.done
+    s1.cancelled.set()
+    dec.step()  # the next step drops it before its forward
+    assert 1 in col.done and col.done[1] is None and dec.cancelled == 1
+    assert all(r.seq is not s1 for r in dec.rows)
+    while dec.active:
+        dec.step()
+    assert col.done[0].text == full.text[: full.text.find(stop)] and col.done[0].finish_reason == "stop"
+
+
+def test_kv_budget_admits_only_what_fits_and_refuses_what_never_can(setup):
+    engine, _ = setup
+    dec = engine.continuous_decoder(max_rows=16, prefill_tokens=512)
+    col = Collector()
+    params = SamplingParams(max_tokens=40, temperature=0)
+    a = col.seq(engine, 0, PROMPTS[0], None, params)
+    dec.budget = a.reserve * dec.bytes_per_token  # exactly one such sequence
+    assert dec.fits(a)
+    dec.admit(a)
+    b = col.seq(engine, 1, PROMPTS[0], None, params)
+    assert not dec.fits(b)
+    huge = col.seq(engine, 2, PROMPTS[0], None, SamplingParams(max_tokens=100, temperature=0))
+    with pytest.raises(InvalidRequest, match="kv_cache_bytes"):
+        dec.check(huge)
+    while dec.active:
+        dec.step()
+    assert dec.fits(b)
+
+
+def test_decode_loop_two_decoders_on_threads_equal_single_greedy_generate(setup):
+    """Two decoders side by side (a replica with two engine workers), mixed adapters: same tokens."""
+    import threading
+
+    from serving.engine.continuous import DecodeLoop
+
+    engine, refs = setup
+    loop = DecodeLoop([engine.continuous_decoder(16, 512, share=2) for _ in range(2)])
+    plan = [(PROMPTS[i % 4], [None, "a0", "a1"][i % 3], 4 + 3 * i) for i in range(6)]
+    results: dict[int, object] = {}
+    all_done = threading.Event()
+
+    def done(i, out, exc):
+        results[i] = exc or out
+        if len(results) == len(plan):
+            all_done.set()
+
+    for i, (prompt, adapter, n) in enumerate(plan):
+        params = SamplingParams(max_tokens=n, temperature=0)
+        loop.submit(GenSequence(ids=engine.prompt_ids([prompt], params)[0], adapter=adapter, params=params,
+                                on_delta=None, on_done=lambda out, exc, i=i: done(i, out, exc)))
+    assert all_done.wait(timeout=120)
+    for i, (prompt, adapter, n) in enumerate(plan):
+        assert results[i].token_ids == reference(refs, engine, prompt, adapter, n), i
+    assert loop.running == 0 and loop.waiting == 0
