@@ -130,6 +130,12 @@ class AuthSettings(BaseModel):
             return who
         who = self.identify(token)
         if who is None:
+            anonymous = self._anonymous()
+            if anonymous is not None and anonymous.role.at_least(role):
+                # Nothing this request needs is protected: a token no key matches is ignored, as
+                # clients such as the openai SDK always send one (OpenAI-compatible servers without
+                # keys, vLLM's among them, accept any).
+                return anonymous
             if role is Role.reader:
                 raise Unauthorized("the API key is not valid")
             raise Forbidden("the key is not valid")
