@@ -90,10 +90,14 @@ def test_reload_after_engine_eviction_gives_the_same_answer(
 ) -> None:
     server = make_server()
     m = commit(server, engine, "evicted", 7, tmp_path)
-    before = run(served(server, m))
-    engine.unload_adapter(m.ref)  # as the engine's byte budget would, with the lease still held
-    fetches = server.adapters.fetches
-    after = run(served(server, m))
+
+    async def main() -> tuple[torch.Tensor, torch.Tensor, int]:
+        before = await served(server, m)
+        engine.unload_adapter(m.ref)  # as the engine's byte budget would, with the lease still held
+        fetches = server.adapters.fetches
+        return before, await served(server, m), fetches
+
+    before, after, fetches = run(main())
     assert torch.equal(before, after) and server.adapters.fetches == fetches + 1
     assert torch.equal(after, embed(engine, TEXTS, m.ref).embeddings)
 
