@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+from adapters.bundle import Task
 from adapters.tasks.errors import InvalidRequest
 from adapters.tasks.kinds import ENCODER_KINDS, RequestKind
 from serving.config import SchedulerConfig
@@ -72,11 +73,15 @@ class EngineRunner:
             self._observe(e.stats())
 
 
-    def decode_loop(self) -> DecodeLoop:
+    def decode_loop(self) -> DecodeLoop | None:
         """Generation by continuous batching on this engine (serving/engine/continuous.py): one
-        decoder per engine worker, each with its share of the KV budget. A sequence's adapter is
-        resident before it is queued (the replica admits it first); one evicted meanwhile fails
-        its lease with AdapterNotLoaded, which the replica answers by admitting it again."""
+        decoder per engine worker, each with its share of the KV budget; None for a base that
+        does not generate (an encoder: the ingress refuses generation for it). A sequence's
+        adapter is resident before it is queued (the replica admits it first); one evicted
+        meanwhile fails its lease with AdapterNotLoaded, which the replica answers by admitting
+        it again."""
+        if self.engine.task is not Task.CAUSAL_LM:
+            return None
         s = self._scheduler
         return DecodeLoop([
             self.engine.continuous_decoder(s.max_batch_size, s.prefill_chunk_tokens, self._observed, self._decoders)

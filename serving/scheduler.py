@@ -92,7 +92,8 @@ class BatchRunner(Protocol):
 
     # optional: def run_mixed_batch(self, kinds, adapters: list[str | None], texts, params) -> list[Any]
     # (one unmerged engine call, row i with adapters[i]); without it the scheduler stays merged.
-    # optional: def decode_loop(self) -> DecodeLoop and def prompt_ids(self, texts, params) -> list[list[int]]:
+    # optional: def decode_loop(self) -> DecodeLoop | None (None: the base does not generate) and
+    # def prompt_ids(self, texts, params) -> list[list[int]]:
     # generation then runs by continuous batching (serving/engine/continuous.py) instead of
     # the batches and stream slices above.
 

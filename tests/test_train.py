@@ -230,8 +230,8 @@ def test_causal_lm_on_tiny_llama(tiny_llama_dir, tmp_path):
     texts = ["the quick brown fox jumps over the lazy dog", "hello world, this is a tiny language model"]
     data = write_jsonl(tmp_path / "lm.jsonl", [{"text": t} for t in texts * 8])
     cfg = TrainConfig(model=str(tiny_llama_dir), base_model_id="tiny-llama", task=Task.CAUSAL_LM, data=data,
-                      output=tmp_path / "lm.safetensors", targets=["q_proj", "v_proj"], steps=16,
-                      lr=1e-2, batch_size=8, max_length=32, progress=False)
+                      output=tmp_path / "lm.safetensors", targets=["q_proj", "v_proj"], steps=32,
+                      lr=1e-2, batch_size=8, max_length=32, progress=False, mask_seed=0)
     res = train(cfg, log=lambda s: None)
     assert res.history[-1].eval_loss < res.initial_eval.eval_loss - 0.5
     bundle = load_bundle(res.path)
