@@ -37,7 +37,8 @@ def test_sigterm_under_load_loses_nothing_in_progress(tmp_path: Path) -> None:
 
 
 def test_the_exit_is_bounded_by_the_drain_timeout(tmp_path: Path) -> None:
-    with capaserve_serve(tmp_path, "--drain-timeout-s", "1", "--num-cpus", "1") as (url, proc):
+    # float32: the 1,024-text request must outlive the 1 s drain (in bfloat16 it can end within it)
+    with capaserve_serve(tmp_path, "--drain-timeout-s", "1", "--num-cpus", "1", "--dtype", "float32") as (url, proc):
         bodies = drain_bodies(url, tmp_path)
         result = run_drain(url, proc, bodies, users=4, warmup_s=3.0, exit_limit_s=6.0, long_body=long_request(1024))
     assert proc.returncode == 0
