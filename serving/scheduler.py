@@ -389,6 +389,9 @@ class Scheduler:
     def _queue(self, item: _Item) -> None:
         """Put a counted request into its adapter's queue and wake the dispatch loop."""
         if self._task is None or self._task.done():
+            # a new dispatch loop gets a new event: an asyncio.Event binds to the first loop that
+            # waits on it, and the scheduler may outlive that loop (asyncio.run per call in tests)
+            self._wakeup = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._loop())
         key = item.adapter if self.config.grouping else None
         self._queues.setdefault(key, deque()).append(item)
