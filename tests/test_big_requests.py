@@ -168,7 +168,8 @@ def test_beyond_the_limits_json_error_at_once_and_memory_back(ports):
             # 300 MB offered without a length (chunked): refused once BODY_LIMIT bytes have come in
             status, body, sent = _raw_post(base, "/v1/embeddings", {**json_type, "Transfer-Encoding": "chunked"}, 300 * MiB)
             assert status == 413 and body["error"]["type"] == "payload_too_large", body
-            assert sent < 300 * MiB, (base, sent)
+            if base == direct:  # the proxy may take the whole body before the 413 is back (docstring)
+                assert sent < 300 * MiB, (base, sent)
         if base == direct:
             grown = _rss(port) - before
             assert grown < BODY_LIMIT + 32 * MiB, grown / MiB  # what was read before the 413, and no more
