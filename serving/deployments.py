@@ -275,10 +275,8 @@ class ModelServer:
 
 
 
-def _generation_result(o: Any) -> Any:
-    """A decode-loop GenerationOutput as the ingress reads it (a result of the old batch path passes as is)."""
-    if isinstance(o, GenerationResult):
-        return o
+def _generation_result(o: Any) -> GenerationResult:
+    """A decode-loop GenerationOutput as the ingress reads it (a causal base always has a decode loop)."""
     return GenerationResult(
         text=o.text, finish_reason=o.finish_reason, prompt_tokens=o.prompt_tokens, completion_tokens=o.completion_tokens
     )
