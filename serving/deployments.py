@@ -107,7 +107,8 @@ class ModelServer:
             log_to_stderr()
         self.reporter = ReplicaReporter(self.replica, self.engine.stats())
         self.runner = EngineRunner(
-            self.engine, observe=self.reporter.observe, scheduler=self.config.scheduler, decoders=workers
+            self.engine, observe=self.reporter.observe, scheduler=self.config.scheduler,
+            decode_threads=workers * threads,
         )
         # the padding split depends on the device (padding is nearly free on a GPU)
         self.scheduler = Scheduler(

@@ -180,3 +180,21 @@ def test_decode_loop_two_decoders_on_threads_equal_single_greedy_generate(setup)
     for i, (prompt, adapter, n) in enumerate(plan):
         assert results[i].token_ids == reference(refs, engine, prompt, adapter, n), i
     assert loop.running == 0 and loop.waiting == 0
+
+
+def test_lm_head_gets_a_contiguous_input_and_the_same_logits(setup):
+    """The loader makes the head's input contiguous (adapters/tasks/model_loader.py: a strided
+    3-D input leaves torch's fast CPU GEMM); the kept last position's logits are unchanged."""
+    engine, refs = setup
+    seen: list[bool] = []
+    head = engine.model.get_output_embeddings()
+    spy = head.register_forward_pre_hook(lambda _m, args: seen.append(args[0].is_contiguous()))
+    try:
+        ids = torch.tensor([engine.prompt_ids(["the quick brown fox"], SamplingParams(max_tokens=4))[0]] * 2)
+        with torch.inference_mode():
+            last = engine.model(input_ids=ids, logits_to_keep=1).logits
+            full = refs[None](input_ids=ids).logits
+    finally:
+        spy.remove()
+    assert seen == [True]  # our hook ran first (registered at load), so the head computed on a contiguous view
+    torch.testing.assert_close(last[:, -1], full[:, -1], rtol=1e-4, atol=1e-4)

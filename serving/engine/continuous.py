@@ -368,15 +368,16 @@ def kv_bytes_per_token(model: torch.nn.Module) -> int:
 class DecodeLoop:
     """The waiting queue and the threads that drive `ContinuousDecoder`s while work exists.
 
-    One decoder per engine worker, each on its own thread with its own batch and an equal
-    share of the KV budget: on a CPU two one-thread forwards side by side use two cores
-    without the spinning of one forward on two intra-op threads (see `ServeConfig.engine_plan`).
-    A waiting sequence goes, in arrival order, to the decoder with the fewest sequences that
-    can hold it. `submit` may be called from any thread; callbacks run on the loop threads.
+    The replica runs one decoder with all its engine threads (EngineRunner.decode_loop says
+    why); several decoders, each on its own thread with its own batch and share of the KV
+    budget, are supported for tests of concurrent weight states. A waiting sequence goes, in
+    arrival order, to the decoder with the fewest sequences that can hold it. `submit` may be
+    called from any thread; callbacks run on the loop threads.
     """
 
-    def __init__(self, decoders: list[ContinuousDecoder]) -> None:
+    def __init__(self, decoders: list[ContinuousDecoder], threads: int | None = None) -> None:
         self.decoders = decoders
+        self.threads = threads  # torch threads of each decode thread (None: the process's setting)
         for d in decoders:
             d.peers = decoders
         self._waiting: deque[GenSequence] = deque()
@@ -438,6 +439,8 @@ class DecodeLoop:
 
     def _run(self, i: int) -> None:
         dec = self.decoders[i]
+        if self.threads:
+            torch.set_num_threads(self.threads)
         while True:
             with self._cond:
                 if self._closed or (not self._waiting and not dec.active):
