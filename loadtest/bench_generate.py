@@ -12,6 +12,7 @@ peer serving the base. Reported per configuration: completion tokens/s, p50 and 
 TTFT p50, failures; then capaserve / peer ratios (tokens/s: higher is better; latency: lower).
 
     python loadtest/bench_generate.py --duration 20            # short run
+    python loadtest/bench_generate.py --rounds 3 --duration 20 # the three-round medians
     python loadtest/bench_generate.py --peer-python /path/venv/bin/python
     python loadtest/bench_generate.py --engine-only 1   # in process, no HTTP: the two decoders alone
 
@@ -279,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=None, help="capaserve's port (default: a free one).")
     p.add_argument("--peer-python", default=sys.executable)
     p.add_argument("--skip-peer", action="store_true")
+    p.add_argument("--rounds", type=int, default=1, help="Rounds of every configuration; ratios are medians over rounds.")
     p.add_argument("--capaserve-flags", default="", help="Extra flags for capaserve serve.")
     p.add_argument("--engine-only", type=int, metavar="THREADS", default=None,
                    help="Only the in-process comparison (no servers) with this many torch threads.")
@@ -288,59 +290,72 @@ def main(argv: list[str] | None = None) -> int:
     if ns.engine_only:
         engine_only(folder, ns.engine_only, 3)
         return 0
-    results: dict[str, Result] = {}
-    greedy: dict[str, str] = {}
     mixes = ("fixed", "uniform")
-
-    flags = ["--model", str(folder), "--served-model-name", SERVED, *ns.capaserve_flags.split()]
-    if ns.port:
-        flags += ["--port", str(ns.port)]
-    with capaserve_serve(ns.work, *flags) as (url, _proc):
-        names = register_adapters(url, folder, ns.adapters, ns.work) if ns.adapters else []
-        with httpx.Client(timeout=300) as c:
-            greedy["capaserve"] = chat(c, url, SERVED, QUESTIONS[0], 32)[0]
-        for mix in mixes:
-            results[f"capaserve {mix}"] = drive(url, [SERVED], None, mix, ns.users, ns.duration, ns.warmup, f"capaserve base, {mix}")
-            print(row(results[f"capaserve {mix}"]), flush=True)
-        if names:
-            w = zipf_weights(len(names), ns.zipf)
-            for mix in mixes:
-                key = f"adapters {mix}"
-                results[key] = drive(url, names, w, mix, ns.users, ns.duration, ns.warmup,
-                                     f"capaserve {len(names)} adapters Zipf {ns.zipf:g}, {mix}")
-                print(row(results[key]), flush=True)
-    if not ns.skip_peer:
-        with peer_serve(ns.peer_python, folder, ns.work) as url:
+    rounds: list[dict[str, Result]] = []
+    greedy: dict[str, str] = {}
+    names: list[str] = []
+    for k in range(ns.rounds):
+        results: dict[str, Result] = {}
+        print(f"round {k + 1} of {ns.rounds}", flush=True)
+        flags = ["--model", str(folder), "--served-model-name", SERVED, *ns.capaserve_flags.split()]
+        if ns.port:
+            flags += ["--port", str(ns.port)]
+        with capaserve_serve(ns.work, *flags) as (url, _proc):
+            if ns.adapters and not names:  # the registry folder keeps them for the later rounds
+                names = register_adapters(url, folder, ns.adapters, ns.work)
             with httpx.Client(timeout=300) as c:
-                greedy["peer"] = chat(c, url, str(folder), QUESTIONS[0], 32)[0]
+                greedy["capaserve"] = chat(c, url, SERVED, QUESTIONS[0], 32)[0]
             for mix in mixes:
-                results[f"peer {mix}"] = drive(url, [str(folder)], None, mix, ns.users, ns.duration, ns.warmup,
-                                               f"transformers serve CB, {mix}")
-                print(row(results[f"peer {mix}"]), flush=True)
+                results[f"capaserve {mix}"] = drive(url, [SERVED], None, mix, ns.users, ns.duration, ns.warmup,
+                                                    f"capaserve base, {mix}")
+                print(row(results[f"capaserve {mix}"]), flush=True)
+            if names:
+                w = zipf_weights(len(names), ns.zipf)
+                for mix in mixes:
+                    results[f"adapters {mix}"] = drive(url, names, w, mix, ns.users, ns.duration, ns.warmup,
+                                                       f"capaserve {len(names)} adapters Zipf {ns.zipf:g}, {mix}")
+                    print(row(results[f"adapters {mix}"]), flush=True)
+        if not ns.skip_peer:
+            with peer_serve(ns.peer_python, folder, ns.work) as url:
+                with httpx.Client(timeout=300) as c:
+                    greedy["peer"] = chat(c, url, str(folder), QUESTIONS[0], 32)[0]
+                for mix in mixes:
+                    results[f"peer {mix}"] = drive(url, [str(folder)], None, mix, ns.users, ns.duration, ns.warmup,
+                                                   f"transformers serve CB, {mix}")
+                    print(row(results[f"peer {mix}"]), flush=True)
+        rounds.append(results)
 
-    print(f"\n{ns.users} closed-loop users, streamed chat, temperature 0, {ns.duration:g} s per configuration")
+    print(f"\n{ns.users} closed-loop users, streamed chat, temperature 0, {ns.duration:g} s per configuration, "
+          f"{ns.rounds} round(s)")
     if "peer" in greedy:
         same = greedy["peer"] == greedy["capaserve"]
         print(f"same greedy text for one prompt: {same}" + ("" if same else f"\n  capaserve: {greedy['capaserve']!r}\n  peer:      {greedy['peer']!r}"))
     print("| configuration | tokens/s | p50 s | p99 s | TTFT p50 s | requests | failures |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for r in results.values():
-        print(row(r))
+    for k, results in enumerate(rounds):
+        for r in results.values():
+            print(row(r).replace("| ", f"| r{k + 1} ", 1))
     if not ns.skip_peer:
-        print("\nratios capaserve / peer (tokens/s: goal >= 1.0 base, >= 0.9 adapters; latency: goal <= 1.0)")
+        print("\nratios capaserve / peer, median over rounds of each round's ratio "
+              "(tokens/s: goal >= 1.0 base, >= 0.9 adapters; latency: goal <= 1.0)")
         for mix in mixes:
-            peer = results[f"peer {mix}"]
             for key in (f"capaserve {mix}", f"adapters {mix}"):
-                if key not in results:
+                if key not in rounds[0]:
                     continue
-                r = results[key]
-                if not peer.tokens_per_s or not r.latencies or not peer.latencies:
-                    print(f"  {r.name}: too few requests ended in the window for a ratio (raise --duration)")
+                ratios: dict[str, list[float]] = {"tokens/s": [], "p50": [], "p99": [], "TTFT p50": []}
+                for results in rounds:
+                    r, peer = results[key], results[f"peer {mix}"]
+                    if not peer.tokens_per_s or not r.latencies or not peer.latencies:
+                        continue
+                    ratios["tokens/s"].append(r.tokens_per_s / peer.tokens_per_s)
+                    ratios["p50"].append(r.pct(r.latencies, 0.5) / peer.pct(peer.latencies, 0.5))
+                    ratios["p99"].append(r.pct(r.latencies, 0.99) / peer.pct(peer.latencies, 0.99))
+                    ratios["TTFT p50"].append(r.pct(r.ttfts, 0.5) / peer.pct(peer.ttfts, 0.5))
+                if not ratios["tokens/s"]:
+                    print(f"  {rounds[0][key].name}: too few requests ended in the window for a ratio (raise --duration)")
                     continue
-                print(f"  {r.name}: tokens/s {r.tokens_per_s / peer.tokens_per_s:.2f}x, "
-                      f"p50 {r.pct(r.latencies, 0.5) / peer.pct(peer.latencies, 0.5):.2f}x, "
-                      f"p99 {r.pct(r.latencies, 0.99) / peer.pct(peer.latencies, 0.99):.2f}x, "
-                      f"TTFT p50 {r.pct(r.ttfts, 0.5) / peer.pct(peer.ttfts, 0.5):.2f}x")
+                print(f"  {rounds[0][key].name}: " + ", ".join(
+                    f"{m} {statistics.median(v):.2f}x ({' '.join(f'{x:.2f}' for x in v)})" for m, v in ratios.items()))
     return 0
 
 
