@@ -143,6 +143,10 @@ class PreparedAdapter:
     def dense_nbytes(self) -> int:
         return self.built.dense_nbytes if self.built is not None else 0
 
+    def is_built(self, merged: bool = False) -> bool:
+        """Whether `build(merged)` would make nothing new (so no budget can have grown)."""
+        return self.built is not None and not (merged and self.mode == "dense" and self.built.dense is None)
+
     def build(self, merged: bool = False) -> Built:
         """The built form (made now unless it is kept): the factor pairs, plus for a dense
         adapter about to be `merged` its dense deltas (a mixed forward needs only the pairs)."""
@@ -251,6 +255,13 @@ class AdapterCache:
                 break
             self._built.pop(name).built = None
         return built
+
+    def touch_built(self, entry: PreparedAdapter) -> Built:
+        """`entry`'s kept built form, now the most recently built (`entry.is_built`: nothing is
+        made, so no budget grew; a decode step comes here once per adapter of its batch)."""
+        assert entry.built is not None
+        self._built.move_to_end(entry.name)
+        return entry.built
 
     def built_names(self) -> list[str]:
         """Entries whose built form is kept, least recently built first."""

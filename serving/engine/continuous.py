@@ -51,6 +51,7 @@ import torch
 
 from adapters.tasks.errors import InvalidRequest
 from serving.engine.decoding import GREEDY_BELOW, SequenceState, make_generator, next_tokens
+from serving.engine.mixed import RowStacks
 from serving.engine.outputs import GenerationDelta, GenerationOutput
 from serving.engine.residency import AdapterResidency, Entry
 from serving.engine.sampling import SamplingParams
@@ -121,6 +122,7 @@ class ContinuousDecoder:
         self._cache: Any = None
         self._mask: torch.Tensor | None = None  # [rows, width]
         self._lengths: list[int] = []  # tokens of each row in the cache
+        self._stacks = RowStacks()  # the decode batch's stacked factor pairs (unmerged steps)
         self.cancelled = 0  # sequences dropped because their consumer left
         self.peers: list[ContinuousDecoder] = [self]  # decoders sharing the weights (DecodeLoop)
 
@@ -186,7 +188,10 @@ class ContinuousDecoder:
         return ids
 
     def _forward(self, rows: list[_Row], merged: bool, **inputs: Any) -> Any:
-        ctx = self.residency.merged(rows[0].entry) if merged else self.residency.unmerged([r.entry for r in rows])
+        if merged:
+            ctx = self.residency.merged(rows[0].entry)
+        else:
+            ctx = self.residency.unmerged([r.entry for r in rows], self._stacks if rows is self.rows else None)
         with ctx:
             return self.model(**inputs, use_cache=True, **self._kw)
 
@@ -310,6 +315,7 @@ class ContinuousDecoder:
         self._lengths = [self._lengths[i] for i in keep]
         if not keep:
             self._cache = self._mask = None
+            self._stacks = RowStacks()  # let go of the factors it held
             return
         assert self._mask is not None
         cut = self._mask.shape[1] - max(self._lengths)  # columns every remaining row pads

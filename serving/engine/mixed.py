@@ -10,6 +10,14 @@ thin matmuls per adapter present, added into the layer's output in place. The en
 a batch's rows by adapter (`adapter_order`), so each group is a slice of the batch: views
 in, an in-place add out, no gather or scatter copies (any other order still works, through
 index_select / index_add_). Base rows get no update.
+
+A continuous-batching decoder's rows are in cache order, not adapter order, and each decode
+step has one token per row, so there a per-group loop costs several small ops per adapter
+and target (measured: a 16-row step with ~8 adapters took 57 ms against 15 ms merged).
+`RowStacks` instead keeps, per target, every row's pair stacked and zero-padded to the
+largest rank ([rows, in, R] and [rows, R, out], base rows all zero) and adds the update with
+two batched matmuls per target; the stacks are rebuilt only when the rows' adapters change
+(a sequence joins or leaves).
 The update is added by forward hooks, installed on the target modules for the duration of
 one forward only (`mixed_lora`), so the model object and its weights are never changed and
 the merged path needs nothing undone. A hook acts only on the thread that installed it:
@@ -87,20 +95,81 @@ def _hook(groups: list[_Group], owner: int):  # noqa: ANN202 - a torch forward h
     return add_updates
 
 
+class RowStacks:
+    """Per-target stacked factor pairs for one batch's row order, kept while the rows' adapters
+    stay the same (held here, so no factor dict is freed and its id reused meanwhile)."""
+
+    def __init__(self) -> None:
+        self._rows: list[dict[str, TargetDelta] | None] = []
+        self._stacks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(
+        self, rows: Sequence[dict[str, TargetDelta] | None], device: torch.device
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        if len(rows) != len(self._rows) or any(a is not b for a, b in zip(rows, self._rows)):
+            self._rows, self._stacks = list(rows), _stack(rows, device)
+        return self._stacks
+
+
+def _stack(
+    rows: Sequence[dict[str, TargetDelta] | None], device: torch.device
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """target -> (A^T stacked [rows, in, R], B^T stacked [rows, R, out]), zero where a row has none."""
+    pairs: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+    for i, factors in enumerate(rows):
+        for target, d in (factors or {}).items():
+            assert d.b is not None and d.a is not None, f"target {target!r} has no factor pair"
+            pairs.setdefault(target, []).append((i, d.a, d.b))
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for target, items in pairs.items():
+        rank = max(a.shape[0] for _, a, _ in items)
+        _, a0, b0 = items[0]
+        at = torch.zeros(len(rows), a0.shape[1], rank, dtype=torch.float32, device=device)
+        bt = torch.zeros(len(rows), rank, b0.shape[0], dtype=torch.float32, device=device)
+        for i, a, b in items:
+            at[i, :, : a.shape[0]] = a.t()
+            bt[i, : b.shape[1], :] = b.t()
+        out[target] = (at, bt)
+    return out
+
+
+def _stacked_hook(at: torch.Tensor, bt: torch.Tensor, owner: int):  # noqa: ANN202 - a torch forward hook
+    def add_updates(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        if threading.get_ident() != owner:
+            return output
+        x = args[0]
+        flat = x.dim() == 2  # [rows, in]: one position per row
+        x3 = x.unsqueeze(1) if flat else x
+        delta = torch.bmm(torch.bmm(x3.to(torch.float32), at), bt)
+        output += (delta.squeeze(1) if flat else delta).to(output.dtype)
+        return output
+
+    return add_updates
+
+
 @contextmanager
 def mixed_lora(
-    model: torch.nn.Module, rows: Sequence[dict[str, TargetDelta] | None], device: torch.device
+    model: torch.nn.Module,
+    rows: Sequence[dict[str, TargetDelta] | None],
+    device: torch.device,
+    stacks: RowStacks | None = None,
 ) -> Iterator[None]:
     """Within the block, a forward of `model` on a batch adds row i's low-rank updates.
 
     `rows[i]` is row i's target -> TargetDelta(b, a) dict, or None for the base. The
     model's target weights must be the pristine base ones (the caller activates None).
+    With `stacks` (a decoder's) the update is two batched matmuls per target, else one
+    pair of matmuls per adapter group.
     """
     handles = []
     owner = threading.get_ident()
     try:
-        for target, groups in _plan(rows, device).items():
-            handles.append(model.get_submodule(target).register_forward_hook(_hook(groups, owner)))
+        if stacks is not None:
+            for target, (at, bt) in stacks.get(rows, device).items():
+                handles.append(model.get_submodule(target).register_forward_hook(_stacked_hook(at, bt, owner)))
+        else:
+            for target, groups in _plan(rows, device).items():
+                handles.append(model.get_submodule(target).register_forward_hook(_hook(groups, owner)))
         yield
     finally:
         for h in handles:

@@ -41,7 +41,7 @@ from serving.engine.adapter_cache import (
     planned_bytes,
     prepare,
 )
-from serving.engine.mixed import mixed_lora
+from serving.engine.mixed import RowStacks, mixed_lora
 from serving.engine.outputs import EngineStats, LoadedAdapterInfo
 from serving.engine.weights import TargetDelta, WeightBank
 from adapters.tasks.errors import AdapterNotLoaded, Overloaded
@@ -164,6 +164,8 @@ class AdapterResidency:
         """`entry`'s built form (made now unless kept; with its dense deltas when `merged`);
         then, if the cache is over its budget, LRU entries other than `entry` and the
         protected ones are evicted. Lock held."""
+        if entry.is_built(merged):  # kept: nothing grows, so nothing to evict
+            return self.cache.touch_built(entry)
         built = self.cache.build(entry, merged)
         for victim in self.cache.victims(0, entry.name, self._protected()) or []:
             self._evict(victim)
@@ -239,13 +241,14 @@ class AdapterResidency:
             yield
 
     @contextmanager
-    def unmerged(self, entries: Sequence[Entry]) -> Iterator[None]:
+    def unmerged(self, entries: Sequence[Entry], stacks: RowStacks | None = None) -> Iterator[None]:
         """The pristine base in the weights (mixed mode runs with NO adapter merged) and row
-        i's factor pair hooked in for this thread's forward."""
+        i's factor pair hooked in for this thread's forward (`stacks`: a decoder's, see
+        serving/engine/mixed.py)."""
         with self._forward_on(None, entries):
             with self._lock:
-                built = {id(e): self._built(e) for e in entries if e is not None}
-            with mixed_lora(self.model, [built[id(e)].factors if e is not None else None for e in entries], self.device):
+                built = {id(e): self._built(e) for e in {id(e): e for e in entries if e is not None}.values()}
+            with mixed_lora(self.model, [built[id(e)].factors if e is not None else None for e in entries], self.device, stacks):
                 yield
 
     @contextmanager
