@@ -360,6 +360,13 @@ class SchedulerConfig(_Section):
         description="Most prompt tokens (padded) one generation prefill forward takes: short prompts are "
         "prefilled together, a longer one in chunks between the running sequences' decode steps.",
     )
+    stream_interval_ms: float = Field(
+        50.0,
+        ge=0.0,
+        description="A stream's text is sent at most this often (its first token and its end at once); "
+        "each message crosses Ray and costs the replica's GIL, so one per token slows every sequence's "
+        "decoding (0: every token).",
+    )
     stream_slice_ms: float = Field(
         50.0,
         gt=0.0,

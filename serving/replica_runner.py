@@ -88,7 +88,9 @@ class EngineRunner:
         if self.engine.task is not Task.CAUSAL_LM:
             return None
         s = self._scheduler
-        decoder = self.engine.continuous_decoder(s.max_batch_size, s.prefill_chunk_tokens, self._observed)
+        decoder = self.engine.continuous_decoder(
+            s.max_batch_size, s.prefill_chunk_tokens, self._observed, stream_interval_s=s.stream_interval_ms / 1000.0
+        )
         return DecodeLoop([decoder], threads=self._decode_threads)
 
     def prompt_ids(self, texts: list[str], params: Any) -> list[list[int]]:

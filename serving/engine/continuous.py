@@ -14,7 +14,9 @@ thread, alive while generation requests exist) runs, per iteration:
 4. One decode forward for every running row (those just prefilled included): each row
    samples with its own parameters (temperature, top_p, its own seeded generator), and a row
    that finishes (max_tokens, a stop string, EOS) leaves the batch at once: its KV rows are
-   dropped.
+   dropped. A stream gets its first token and its end at once and its text in between at most
+   every `stream_interval_s` (each message costs the replica's event loop, which shares the
+   GIL with this thread).
 
 KV cache: one batched transformers `DynamicCache`, rows left-padded to the longest row, with
 an attention mask and per-row position ids, so each row is computed as if it were alone (up
@@ -89,6 +91,7 @@ class _Row:
     filled: int = 0  # prompt tokens already in the cache
     cache: Any = None  # its own cache while its prompt is prefilled in chunks
     last: int = 0  # the token the next decode step feeds
+    sent_at: float | None = None  # when its stream last got a delta (None: not yet)
 
 
 class ContinuousDecoder:
@@ -104,6 +107,7 @@ class ContinuousDecoder:
         max_rows: int,
         prefill_tokens: int,
         guard: Guard | None = None,
+        stream_interval_s: float = 0.0,
     ) -> None:
         self.model = model
         self.tok = tokenizer
@@ -115,6 +119,7 @@ class ContinuousDecoder:
         self.max_rows = max_rows
         self.prefill_tokens = max(1, prefill_tokens)
         self.guard: Guard = guard or (lambda refs, fn: fn())
+        self.stream_interval = stream_interval_s
         self.bytes_per_token = kv_bytes_per_token(model)
         self._kw = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
         self.rows: list[_Row] = []  # decoding, in cache order
@@ -272,13 +277,17 @@ class ContinuousDecoder:
         return toks
 
     def _push(self, r: _Row, tok: int) -> bool:
-        """Add a row's token and stream it; True when the row is finished (and ended)."""
+        """Add a row's token and stream what it has (its first token and its end at once, else at
+        most every `stream_interval`); True when the row is finished (and ended)."""
         r.last = tok
         r.state.push(tok)
         if r.seq.on_delta is not None:
-            delta = r.state.take_delta()
-            if delta.text or delta.finish_reason is not None or delta.token_ids:
-                r.seq.on_delta(delta)
+            now = time.monotonic()
+            if r.state.done or r.sent_at is None or now - r.sent_at >= self.stream_interval:
+                delta = r.state.take_delta()
+                if delta.text or delta.finish_reason is not None or delta.token_ids:
+                    r.seq.on_delta(delta)
+                    r.sent_at = now
         if r.state.done:
             self._end(r)
             return True

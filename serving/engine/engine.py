@@ -145,15 +145,17 @@ class Engine:
         return self._generator.prompt_ids(prompts, params)
 
     def continuous_decoder(
-        self, max_rows: int, prefill_tokens: int, guard: Guard | None = None, share: int = 1
+        self, max_rows: int, prefill_tokens: int, guard: Guard | None = None, share: int = 1,
+        stream_interval_s: float = 0.0,
     ) -> ContinuousDecoder:
         """A continuous-batching decoder over this engine (serving/engine/continuous.py), its KV cache
         bounded by `kv_cache_bytes` / `share` (one of `share` decoders side by side); `guard(refs, fn)`
-        runs each adapter lease (a replica reloads an adapter evicted since the request was queued)."""
+        runs each adapter lease (a replica reloads an adapter evicted since the request was queued);
+        a stream's deltas are handed over at most every `stream_interval_s`."""
         g = self._generator
         return ContinuousDecoder(
             self.model, self.tokenizer, self.residency, g.eos_ids, self.config.kv_cache_bytes // share, max_rows,
-            prefill_tokens, guard,
+            prefill_tokens, guard, stream_interval_s,
         )
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
