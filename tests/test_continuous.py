@@ -101,6 +101,25 @@ def test_one_adapter_runs_merged_and_streams_concatenate(setup):
         assert col.deltas[i][0].token_ids  # the first token is sent the step it exists
 
 
+def test_stream_interval_sends_first_token_and_end_at_once_and_the_rest_in_between(setup):
+    """Every token a message (interval 0) or only the first token and the rest with the end (an
+    interval no step reaches): the same text either way, the first token sent the step it exists."""
+    engine, _ = setup
+    params = SamplingParams(max_tokens=10, temperature=0)
+    texts = {}
+    for interval, messages in ((0.0, 10), (3600.0, 2)):
+        dec = engine.continuous_decoder(max_rows=16, prefill_tokens=512, stream_interval_s=interval)
+        col = Collector()
+        run(dec, {0: [col.seq(engine, 0, PROMPTS[2], "a0", params, stream=True)]})
+        deltas = col.deltas[0]
+        assert col.done[0].completion_tokens == 10  # ran to max_tokens, so both counts are exact
+        assert len(deltas) == messages and len(deltas[0].token_ids) == 1 and deltas[-1].finish_reason == "length"
+        assert sum(len(d.token_ids) for d in deltas) == 10
+        texts[interval] = "".join(d.text for d in deltas)
+        assert texts[interval] == col.done[0].text
+    assert texts[0.0] == texts[3600.0]
+
+
 def test_seeded_rows_reproduce_whatever_they_are_batched_with(setup):
     engine, _ = setup
     params = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, seed=7)
