@@ -108,7 +108,7 @@ class ModelServer:
         self.reporter = ReplicaReporter(self.replica, self.engine.stats())
         self.runner = EngineRunner(
             self.engine, observe=self.reporter.observe, scheduler=self.config.scheduler,
-            decode_threads=workers * threads,
+            decode_threads=threads,
         )
         # the padding split depends on the device (padding is nearly free on a GPU)
         self.scheduler = Scheduler(

@@ -75,16 +75,19 @@ class EngineRunner:
 
     def decode_loop(self) -> DecodeLoop | None:
         """Generation by continuous batching on this engine (serving/engine/continuous.py): one
-        decoder on its own thread with `decode_threads` torch threads (all the replica's engine
-        threads), None for a base that does not generate (an encoder: the ingress refuses
+        decoder on its own thread with `decode_threads` torch threads (an engine worker's: 1 on a
+        CPU), None for a base that does not generate (an encoder: the ingress refuses
         generation for it). A sequence's adapter is resident before it is queued (the replica
         admits it first); one evicted meanwhile fails its lease with AdapterNotLoaded, which the
         replica answers by admitting it again.
 
-        One decoder, not one per engine worker: a decode step reads every weight once whatever
-        its rows, so two half batches on one thread each read the weights twice and contend for
-        the GIL. In process on this 2-core host (16 closed-loop users, bfloat16) one decoder on
-        two threads gave 1,085 tokens/s against 547 for two on one thread each."""
+        Why one decoder: a decode step reads every weight once whatever its rows, so two half
+        batches read the weights twice and contend for the GIL (in process on this 2-core host,
+        16 closed-loop users, bfloat16: one decoder on two threads 1,085 tokens/s, two decoders
+        on one thread each 547). Why one thread on a CPU: in the server the event loop, Ray and
+        the ingress share the cores, and an intra-op thread that loses its core stalls every
+        parallel region of the step; bench_generate with the same 16 users gave 538 / 446
+        tokens/s (max_tokens 32 / 24..96) on one thread against 512 / 401 on two."""
         if self.engine.task is not Task.CAUSAL_LM:
             return None
         s = self._scheduler

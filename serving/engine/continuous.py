@@ -383,9 +383,9 @@ def kv_bytes_per_token(model: torch.nn.Module) -> int:
 class DecodeLoop:
     """The waiting queue and the threads that drive `ContinuousDecoder`s while work exists.
 
-    The replica runs one decoder with all its engine threads (EngineRunner.decode_loop says
-    why); several decoders, each on its own thread with its own batch and share of the KV
-    budget, are supported for tests of concurrent weight states. A waiting sequence goes, in
+    The replica runs one decoder (EngineRunner.decode_loop says why); several decoders, each
+    on its own thread with its own batch and share of the KV budget, are supported for tests
+    of concurrent weight states. A waiting sequence goes, in
     arrival order, to the decoder with the fewest sequences that can hold it. `submit` may be
     called from any thread; callbacks run on the loop threads.
     """
