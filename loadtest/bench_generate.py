@@ -111,11 +111,11 @@ def register_adapters(url: str, folder: Path, n: int, work: Path) -> list[str]:
 
 
 @contextmanager
-def peer_serve(python: str, folder: Path, work: Path) -> Iterator[str]:
+def peer_serve(python: str, folder: Path, work: Path, dtype: str = "float32") -> Iterator[str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [python, "-m", "transformers.cli.transformers", "serve", str(folder), "--continuous-batching",
-           "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32"]
+           "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     with open(work / "peer.log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -280,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=None, help="capaserve's port (default: a free one).")
     p.add_argument("--peer-python", default=sys.executable)
     p.add_argument("--skip-peer", action="store_true")
+    p.add_argument("--peer-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="The peer's --dtype (float32: what it loads this folder in by default).")
     p.add_argument("--rounds", type=int, default=1, help="Rounds of every configuration; ratios are medians over rounds.")
     p.add_argument("--capaserve-flags", default="", help="Extra flags for capaserve serve.")
     p.add_argument("--engine-only", type=int, metavar="THREADS", default=None,
@@ -316,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                                                        f"capaserve {len(names)} adapters Zipf {ns.zipf:g}, {mix}")
                     print(row(results[f"adapters {mix}"]), flush=True)
         if not ns.skip_peer:
-            with peer_serve(ns.peer_python, folder, ns.work) as url:
+            with peer_serve(ns.peer_python, folder, ns.work, ns.peer_dtype) as url:
                 with httpx.Client(timeout=300) as c:
                     greedy["peer"] = chat(c, url, str(folder), QUESTIONS[0], 32)[0]
                 for mix in mixes:

@@ -222,3 +222,28 @@ def test_lm_head_gets_canonical_strides_and_the_same_logits(setup):
     hidden = engine.model.config.get_text_config().hidden_size
     # our hook ran first (registered at load): the head computed on canonical strides
     assert seen == [(hidden, hidden, 1), (hidden, hidden, 1)]
+
+
+def test_decode_steps_write_into_the_cache_slack_instead_of_copying_it(setup):
+    """SlackLayer: while no row joins or leaves, every step's keys are views of one buffer (no
+    per-step concatenation), and the tokens still equal the reference (the tests above)."""
+    engine, refs = setup
+    dec = engine.continuous_decoder(max_rows=16, prefill_tokens=512)
+    col = Collector()
+    params = SamplingParams(max_tokens=12, temperature=0)
+    for i, p in enumerate(PROMPTS[:2]):
+        dec.admit(col.seq(engine, i, p, None, params))
+    dec.step()  # prefill both, join, first decode step
+    dec.step()  # the buffers exist from here on
+    layer = dec._cache.layers[0]
+    ptrs = set()
+    for _ in range(6):
+        if dec.active < 2:
+            break  # a row ended (EOS): the batch changed, so the buffer may be new
+        dec.step()
+        ptrs.add(layer.keys.data_ptr())
+    assert len(ptrs) == 1
+    while dec.active:
+        dec.step()
+    for i, p in enumerate(PROMPTS[:2]):
+        assert col.done[i].token_ids == reference(refs, engine, p, None, 12)

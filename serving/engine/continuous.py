@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from adapters.tasks.errors import InvalidRequest
 from serving.engine.decoding import GREEDY_BELOW, SequenceState, make_generator, next_tokens
@@ -348,6 +349,9 @@ class ContinuousDecoder:
             for layer in cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, cut:], layer.values[:, :, cut:]
         if self._cache is None:
+            for layer in cache.layers:
+                if type(layer) is DynamicLayer:
+                    layer.__class__ = SlackLayer  # the same state; an update that writes into slack
             self._cache, self._mask = cache, mask
         else:
             assert self._mask is not None
@@ -358,6 +362,50 @@ class ContinuousDecoder:
                 mine.values = torch.cat([_pad_left(mine.values, width, 2), _pad_left(theirs.values, width, 2)], dim=0)
         self.rows += rows
         self._lengths += lengths
+
+
+class SlackLayer(DynamicLayer):
+    """A `DynamicLayer` whose keys and values are views into buffers with room to grow.
+
+    Why: `DynamicLayer.update` concatenates, copying a layer's whole cache at every decode step
+    (16 rows of ~100 tokens of the 58M Llama: 26 MB a step). Here a step writes its new column
+    into the slack and the view grows; a buffer is reallocated (with half its length again as
+    slack) only when full or when the batch replaced the tensors (a row joined or left:
+    `ContinuousDecoder._join` / `_drop` assign new ones, which `_holds` detects)."""
+
+    _kbuf: torch.Tensor | None = None
+    _vbuf: torch.Tensor | None = None
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized or self.keys is None or self.keys.numel() == 0:
+            return super().update(key_states, value_states, *args, **kwargs)
+        width, new = self.keys.shape[-2], key_states.shape[-2]
+        if not self._holds(width + new):
+            self._kbuf, self._vbuf = _with_slack(self.keys, width + new), _with_slack(self.values, width + new)
+        assert self._kbuf is not None and self._vbuf is not None
+        self._kbuf[:, :, width : width + new].copy_(key_states)
+        self._vbuf[:, :, width : width + new].copy_(value_states)
+        self.keys, self.values = self._kbuf[:, :, : width + new], self._vbuf[:, :, : width + new]
+        return self.keys, self.values
+
+    def _holds(self, width: int) -> bool:
+        """Whether keys and values are still the leading views of the buffers, with room for `width`."""
+        k, v = self._kbuf, self._vbuf
+        return (
+            k is not None and v is not None and k.shape[-2] >= width
+            and self.keys.data_ptr() == k.data_ptr() and self.values.data_ptr() == v.data_ptr()
+            and self.keys.shape[:2] == k.shape[:2] and self.keys.stride() == k.stride()
+        )
+
+
+def _with_slack(t: torch.Tensor, width: int) -> torch.Tensor:
+    """A buffer [rows, heads, width + slack, dim] that starts with `t`'s columns."""
+    rows, heads, have, dim = t.shape
+    buf = t.new_empty((rows, heads, width + max(16, width // 2), dim))
+    buf[:, :, :have].copy_(t)
+    return buf
 
 
 def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
