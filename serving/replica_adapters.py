@@ -284,10 +284,12 @@ class ReplicaAdapters:
         by_name: dict[str, list[str]] = {}
         for ref in list(self._manifests):
             by_name.setdefault(parse_model_ref(ref)[0], []).append(ref)
+        # one thread hop for every name (one per name cost thousands of hops a second with
+        # thousands of adapters held)
+        live_of = await asyncio.to_thread(lambda: {n: set(self.store.version_numbers(n)) for n in by_name})
         dropped: list[str] = []
         for name, refs in by_name.items():
-            live = set(await asyncio.to_thread(self.store.version_numbers, name))
-            gone = [r for r in refs if parse_model_ref(r)[1] not in live]
+            gone = [r for r in refs if parse_model_ref(r)[1] not in live_of[name]]
             for ref in gone:
                 await self.drop(ref)
                 dropped.append(ref)
