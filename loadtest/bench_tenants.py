@@ -10,7 +10,9 @@ Open-loop senders (requests start on a fixed schedule, whatever the answers):
    each tenant's 429 count.
 
 Prints one table and the ratio B's p99 side by side / B's p99 alone (goal: <= 1.5), A's 429s
-(goal: > 0) and B's 429s (goal: 0). `--quick` runs 10 s phases.
+(goal: > 0) and B's 429s (goal: 0). Last, B's key asks for A's
+adapter and for an absent name (50 each, interleaved, within its quota): both must be the
+same 404 (body with the name replaced) in the same time (medians). `--quick` runs 10 s phases.
 
     python -m loadtest.bench_tenants --quick
 """
@@ -59,6 +61,32 @@ def open_loop(url: str, key: str, model: str, rate: float, seconds: float) -> li
     return out
 
 
+def not_found_timing(url: str, key: str, other: str, absent: str, n: int, rate: float) -> dict[str, object]:
+    """`n` requests each (interleaved, one at a time, at most `rate`/s: within the tenant's
+    quota) for another tenant's adapter and for an absent name, with the same key: statuses,
+    median and p90 ms of each, and whether the bodies are the same once each name is replaced
+    by a placeholder."""
+    times: dict[str, list[float]] = {other: [], absent: []}
+    codes: dict[str, set[int]] = {other: set(), absent: set()}
+    bodies: dict[str, set[str]] = {other: set(), absent: set()}
+    with httpx.Client(timeout=60, headers={"Authorization": f"Bearer {key}"}) as client:
+        t0 = time.perf_counter()
+        for i in range(2 * n + 10):
+            time.sleep(max(0.0, t0 + i / rate - time.perf_counter()))
+            name = (other, absent)[i % 2]
+            start = time.perf_counter()
+            r = client.post(f"{url}/v1/embeddings", json={"model": name, "input": ["hello"]})
+            took = time.perf_counter() - start
+            if i >= 10:  # the first ones warm both paths
+                times[name].append(took)
+                codes[name].add(r.status_code)
+                bodies[name].add(r.text.replace(name, "<name>"))
+    med = {k: statistics.median(v) * 1000 for k, v in times.items()}
+    return {"codes": codes, "median_ms": med, "p90_ms": {k: p(v, 90) * 1000 for k, v in times.items()},
+            "same_body": bodies[other] == bodies[absent] and len(bodies[other]) == 1,
+            "ratio": med[other] / med[absent]}
+
+
 def p(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -104,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         for th in threads:
             th.join()
         both_a, both_b = summary(results["a"]), summary(results["b"])
+        time.sleep(1.0)  # B's quota window empties
+        hidden = not_found_timing(url, key["b"], "a/fe", "a/nothing", 50, 0.8 * quota)
     print(f"B at {args.rate_b:g}/s, A at {8 * args.rate_b:g}/s, quota {quota:g} requests/s per tenant, {seconds:g} s phases")
     print("| phase | tenant | sent | 200 | 429 | other | p50 ms | p99 ms |\n|---|---|---:|---:|---:|---:|---:|---:|")
     for phase, tenant, s in (("alone", "B", alone), ("side by side", "B", both_b), ("side by side", "A", both_a)):
@@ -111,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     ratio = both_b["p99_ms"] / alone["p99_ms"]
     print(f"B p99 side by side / alone: {ratio:.2f} (goal <= 1.5); A 429s: {both_a['429']} (goal > 0); "
           f"B 429s: {both_b['429']} (goal 0)")
+    med, p90 = hidden["median_ms"], hidden["p90_ms"]
+    print(f"B asking for A's adapter a/fe against an absent a/nothing, 50 each, interleaved: statuses "
+          f"{sorted(hidden['codes']['a/fe'])} / {sorted(hidden['codes']['a/nothing'])}, same body: {hidden['same_body']}, "
+          f"median {med['a/fe']:.2f} / {med['a/nothing']:.2f} ms (ratio {hidden['ratio']:.3f}), "
+          f"p90 {p90['a/fe']:.2f} / {p90['a/nothing']:.2f} ms")
     return 0
 
 
