@@ -97,39 +97,64 @@ def _hook(groups: list[_Group], owner: int):  # noqa: ANN202 - a torch forward h
 
 class RowStacks:
     """Per-target stacked factor pairs for one batch's row order, kept while the rows' adapters
-    stay the same (held here, so no factor dict is freed and its id reused meanwhile)."""
+    stay the same, and each adapter's transposed pairs kept while it has a row, so a join or a
+    leave restacks with one `torch.stack` per target and factor (the factor dicts are held
+    here, so none is freed and its id reused meanwhile)."""
 
     def __init__(self) -> None:
         self._rows: list[dict[str, TargetDelta] | None] = []
         self._stacks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._pairs: dict[int, tuple[dict[str, TargetDelta], dict[str, tuple[torch.Tensor, torch.Tensor]]]] = {}
 
     def get(
         self, rows: Sequence[dict[str, TargetDelta] | None], device: torch.device
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         if len(rows) != len(self._rows) or any(a is not b for a, b in zip(rows, self._rows)):
-            self._rows, self._stacks = list(rows), _stack(rows, device)
+            present = {id(f): f for f in rows if f is not None}
+            self._pairs = {
+                k: self._pairs[k] if k in self._pairs else (f, _transposed(f, device)) for k, f in present.items()
+            }
+            self._rows, self._stacks = list(rows), _stack(rows, {k: v[1] for k, v in self._pairs.items()}, device)
         return self._stacks
 
 
+def _transposed(factors: dict[str, TargetDelta], device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """target -> (A'^T [in, R], B'^T [R, out]) of one adapter, contiguous float32."""
+    out = {}
+    for target, d in factors.items():
+        assert d.b is not None and d.a is not None, f"target {target!r} has no factor pair"
+        out[target] = (d.a.t().to(device, torch.float32).contiguous(), d.b.t().to(device, torch.float32).contiguous())
+    return out
+
+
 def _stack(
-    rows: Sequence[dict[str, TargetDelta] | None], device: torch.device
+    rows: Sequence[dict[str, TargetDelta] | None],
+    pairs: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]],
+    device: torch.device,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """target -> (A^T stacked [rows, in, R], B^T stacked [rows, R, out]), zero where a row has none."""
-    pairs: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
-    for i, factors in enumerate(rows):
-        for target, d in (factors or {}).items():
-            assert d.b is not None and d.a is not None, f"target {target!r} has no factor pair"
-            pairs.setdefault(target, []).append((i, d.a, d.b))
+    """target -> (A^T stacked [rows, in, R], B^T stacked [rows, R, out]), zero where a row has
+    none, each pair zero-padded to the largest rank R among the rows."""
+    targets: dict[str, tuple[int, int, int]] = {}  # target -> (in, out, R)
+    for f in rows:
+        for target, (at, bt) in (pairs[id(f)] if f is not None else {}).items():
+            n_in, n_out, rank = targets.get(target, (at.shape[0], bt.shape[1], 0))
+            targets[target] = (n_in, n_out, max(rank, at.shape[1]))
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for target, items in pairs.items():
-        rank = max(a.shape[0] for _, a, _ in items)
-        _, a0, b0 = items[0]
-        at = torch.zeros(len(rows), a0.shape[1], rank, dtype=torch.float32, device=device)
-        bt = torch.zeros(len(rows), rank, b0.shape[0], dtype=torch.float32, device=device)
-        for i, a, b in items:
-            at[i, :, : a.shape[0]] = a.t()
-            bt[i, : b.shape[1], :] = b.t()
-        out[target] = (at, bt)
+    for target, (n_in, n_out, rank) in targets.items():
+        zero_a = torch.zeros(n_in, rank, dtype=torch.float32, device=device)
+        zero_b = torch.zeros(rank, n_out, dtype=torch.float32, device=device)
+        ats, bts = [], []
+        for f in rows:
+            pair = pairs[id(f)].get(target) if f is not None else None
+            if pair is None:
+                ats.append(zero_a)
+                bts.append(zero_b)
+                continue
+            at, bt = pair
+            short = rank - at.shape[1]
+            ats.append(torch.nn.functional.pad(at, (0, short)) if short else at)
+            bts.append(torch.nn.functional.pad(bt, (0, 0, 0, short)) if short else bt)
+        out[target] = (torch.stack(ats), torch.stack(bts))
     return out
 
 
