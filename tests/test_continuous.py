@@ -226,7 +226,8 @@ def test_lm_head_gets_canonical_strides_and_the_same_logits(setup):
 
 def test_decode_steps_write_into_the_cache_slack_instead_of_copying_it(setup):
     """SlackLayer: while no row joins or leaves, every step's keys are views of one buffer (no
-    per-step concatenation), and the tokens still equal the reference (the tests above)."""
+    per-step concatenation) no longer than the longest reservation, and the tokens still equal
+    the reference."""
     engine, refs = setup
     dec = engine.continuous_decoder(max_rows=16, prefill_tokens=512)
     col = Collector()
@@ -242,6 +243,8 @@ def test_decode_steps_write_into_the_cache_slack_instead_of_copying_it(setup):
             break  # a row ended (EOS): the batch changed, so the buffer may be new
         dec.step()
         ptrs.add(layer.keys.data_ptr())
+        # the slack never passes the batch's longest reservation, which the KV budget counts
+        assert layer._kbuf.shape[-2] <= max(r.seq.reserve for r in dec.rows)
     assert len(ptrs) == 1
     while dec.active:
         dec.step()

@@ -207,6 +207,9 @@ class ContinuousDecoder:
         ids = torch.tensor([[r.last] for r in self.rows], dtype=torch.long, device=self.device)
         pos = torch.tensor(self._lengths, dtype=torch.long, device=self.device).unsqueeze(-1)
         self._mask = torch.cat([self._mask, self._mask.new_ones((n, 1))], dim=-1)
+        cap = max(r.seq.reserve for r in self.rows)
+        for layer in self._cache.layers:
+            layer.cap = cap  # SlackLayer: its slack never passes what the KV budget counts
         out = self._forward(
             self.rows, merged, input_ids=ids, attention_mask=self._mask, position_ids=pos, past_key_values=self._cache
         )
@@ -370,11 +373,14 @@ class SlackLayer(DynamicLayer):
     Why: `DynamicLayer.update` concatenates, copying a layer's whole cache at every decode step
     (16 rows of ~100 tokens of the 58M Llama: 26 MB a step). Here a step writes its new column
     into the slack and the view grows; a buffer is reallocated (with half its length again as
-    slack) only when full or when the batch replaced the tensors (a row joined or left:
-    `ContinuousDecoder._join` / `_drop` assign new ones, which `_holds` detects)."""
+    slack, never past `cap`) only when full or when the batch replaced the tensors (a row joined
+    or left: `ContinuousDecoder._join` / `_drop` assign new ones, which `_holds` detects).
+    `cap` is the batch's longest reservation (prompt + max_tokens), which no row's padded
+    length can pass, so the slack stays within what the KV budget accounts for."""
 
     _kbuf: torch.Tensor | None = None
     _vbuf: torch.Tensor | None = None
+    cap: int = 0  # set by the decoder before each decode forward
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -383,7 +389,8 @@ class SlackLayer(DynamicLayer):
             return super().update(key_states, value_states, *args, **kwargs)
         width, new = self.keys.shape[-2], key_states.shape[-2]
         if not self._holds(width + new):
-            self._kbuf, self._vbuf = _with_slack(self.keys, width + new), _with_slack(self.values, width + new)
+            room = max(width + new, min(width + new + max(16, (width + new) // 2), self.cap))
+            self._kbuf, self._vbuf = _with_slack(self.keys, room), _with_slack(self.values, room)
         assert self._kbuf is not None and self._vbuf is not None
         self._kbuf[:, :, width : width + new].copy_(key_states)
         self._vbuf[:, :, width : width + new].copy_(value_states)
@@ -401,9 +408,9 @@ class SlackLayer(DynamicLayer):
 
 
 def _with_slack(t: torch.Tensor, width: int) -> torch.Tensor:
-    """A buffer [rows, heads, width + slack, dim] that starts with `t`'s columns."""
+    """A buffer [rows, heads, width, dim] that starts with `t`'s columns."""
     rows, heads, have, dim = t.shape
-    buf = t.new_empty((rows, heads, width + max(16, width // 2), dim))
+    buf = t.new_empty((rows, heads, width, dim))
     buf[:, :, :have].copy_(t)
     return buf
 
