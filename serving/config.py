@@ -316,7 +316,8 @@ class EngineConfig(_Section):
     num_threads: int | None = Field(
         None,
         ge=1,
-        description="Torch (intra-op) threads of each engine worker (Ray starts replicas with one).",
+        description="Torch (intra-op) threads of each engine worker, and of the generation decoder "
+        "(Ray starts replicas with one).",
         json_schema_extra={"default_doc": "1 on CPU; on GPU num_cpus rounded down, at least 1"},
     )
 
@@ -384,8 +385,8 @@ class SchedulerConfig(_Section):
     engine_workers: int | None = Field(
         None,
         ge=1,
-        description="Engine threads per replica running batches side by side (batches that need the same "
-        "weights state).",
+        description="Engine threads per replica running encoder batches side by side (batches that need the "
+        "same weights state); generation runs on one decoder thread whatever this is.",
         json_schema_extra={"default_doc": "on CPU num_cpus / num_threads, rounded down, at least 1; on GPU 1"},
     )
 
