@@ -93,8 +93,11 @@ class Built:
     dense: dict[str, TargetDelta] | None = None
     # Byte counts, summed once per dict: the cache asks for them at every activation (the
     # sums over every target of every kept form were ~8% of a replica's CPU with 2,000 adapters).
-    _factor_bytes: int = field(init=False, default=-1, repr=False)
+    _factor_bytes: int = field(init=False, default=0, repr=False)
     _dense_bytes: int = field(init=False, default=0, repr=False)
+
+    def __post_init__(self) -> None:
+        self._factor_bytes = sum(d.nbytes for d in self.factors.values())
 
     @property
     def deltas(self) -> dict[str, TargetDelta]:
@@ -103,8 +106,6 @@ class Built:
 
     @property
     def nbytes(self) -> int:
-        if self._factor_bytes < 0:
-            self._factor_bytes = sum(d.nbytes for d in self.factors.values())
         return self._factor_bytes + self.dense_nbytes
 
     @property

@@ -193,11 +193,12 @@ class ContinuousDecoder:
                 ids.update(id(r.entry) for r in list(d.rows) + list(d.prefilling))
         return ids
 
-    def _forward(self, rows: list[_Row], merged: bool, **inputs: Any) -> Any:
+    def _forward(self, rows: list[_Row], merged: bool, stacks: RowStacks | None = None, **inputs: Any) -> Any:
+        """One forward of `rows`; unmerged with `stacks` (the decode batch's) or per adapter group."""
         if merged:
             ctx = self.residency.merged(rows[0].entry)
         else:
-            ctx = self.residency.unmerged([r.entry for r in rows], self._stacks if rows is self.rows else None)
+            ctx = self.residency.unmerged([r.entry for r in rows], stacks)
         with ctx:
             return self.model(**inputs, use_cache=True, **self._kw)
 
@@ -211,7 +212,8 @@ class ContinuousDecoder:
         for layer in self._cache.layers:
             layer.cap = cap  # SlackLayer: its slack never passes what the KV budget counts
         out = self._forward(
-            self.rows, merged, input_ids=ids, attention_mask=self._mask, position_ids=pos, past_key_values=self._cache
+            self.rows, merged, self._stacks,
+            input_ids=ids, attention_mask=self._mask, position_ids=pos, past_key_values=self._cache,
         )
         self._cache = out.past_key_values
         self._lengths = [x + 1 for x in self._lengths]
@@ -440,9 +442,9 @@ class DecodeLoop:
 
     The replica runs one decoder (EngineRunner.decode_loop says why); several decoders, each
     on its own thread with its own batch and share of the KV budget, are supported for tests
-    of concurrent weight states. A waiting sequence goes, in
-    arrival order, to the decoder with the fewest sequences that can hold it. `submit` may be
-    called from any thread; callbacks run on the loop threads.
+    of concurrent weight states. A waiting sequence goes, in arrival order, to the decoder with
+    the fewest sequences that can hold it. `submit` may be called from any thread; callbacks
+    run on the loop threads.
     """
 
     def __init__(self, decoders: list[ContinuousDecoder], threads: int | None = None) -> None:

@@ -247,7 +247,10 @@ class AdapterResidency:
         serving/engine/mixed.py)."""
         with self._forward_on(None, entries):
             with self._lock:
-                built = {id(e): self._built(e) for e in {id(e): e for e in entries if e is not None}.values()}
+                built: dict[int, Built] = {}
+                for e in entries:  # once per adapter, however many rows use it
+                    if e is not None and id(e) not in built:
+                        built[id(e)] = self._built(e)
             with mixed_lora(self.model, [built[id(e)].factors if e is not None else None for e in entries], self.device, stacks):
                 yield
 
