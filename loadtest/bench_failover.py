@@ -2,11 +2,11 @@
 
 Starts `capaserve serve --replicas 2` (a subprocess, on 127.0.0.1), registers embedding and
 classification adapters, and runs a closed loop of `--users` clients over them (and the
-base) round-robin. After `--warmup` seconds it SIGKILLs one model replica (by pid, among
-the processes of the server it started), keeps the load on, and reads the per-replica
-request counts (`capaserve_replica_requests_total`) every half second until the
-replacement replica has answered for `--window` seconds (at most `--after` seconds after
-the kill). It prints one table row:
+base) round-robin. After `--warmup` seconds, at a moment it is computing, it SIGKILLs one
+model replica (by pid, among the processes of the server it started), keeps the load on,
+and reads the per-replica request counts (`capaserve_replica_requests_total`) every half
+second until the replacement replica has answered for `--window` seconds (at most
+`--after` seconds after the kill). It prints one table row:
 
 - failed: requests without a 200 (any status, or a cut connection), after the kill;
 - retries: replica calls the ingress sent once more (`capaserve_replica_retries_total`);
@@ -45,6 +45,7 @@ from loadtest.faults import (
     model_replica_pids,
     replica_counts,
     round_robin,
+    wait_until_busy,
 )
 from adapters.tasks.model_loader import meta_spec
 
@@ -99,6 +100,7 @@ def run_failover(url: str, root_pid: int, bodies: list[tuple[str, dict]], users:
     with SteadyLoad(url, round_robin(bodies), users=users) as load:
         time.sleep(warmup_s)
         known = set(replica_counts(url))
+        wait_until_busy(victims[0])
         t_kill = time.monotonic()
         os.kill(victims[0], signal.SIGKILL)
         timeline: list[tuple[float, dict[str, float]]] = []

@@ -6,6 +6,7 @@
 - `model_replica_pids(root)`: the model replicas (Ray Serve replica processes) started
   under process `root` (the `capaserve serve` the script started, or the test process
   that started Ray): killing by pid touches nothing another Ray on the host runs.
+- `wait_until_busy(pid)`: until that process computes, so a kill lands on work in progress.
 - `replica_counts(url)`: requests answered per model replica, from /metrics.
 - `capaserve_serve(work, *flags)`: `capaserve serve` as a subprocess on a free loopback port,
   its log in `work/serve.log`, stopped with SIGTERM on exit if it still runs.
@@ -130,6 +131,22 @@ def model_replica_pids(root: int) -> list[int]:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return [pid for _, pid in sorted(procs)]
+
+
+def wait_until_busy(pid: int, window_s: float = 0.1, busy: float = 0.6, timeout_s: float = 10.0) -> bool:
+    """Wait until process `pid` used at least `busy` of a core over the last `window_s`: a model
+    replica that computes holds a call, so a kill then surely lands on work in progress (a
+    replica that happened to be between calls once took none down). False on timeout."""
+    proc = psutil.Process(pid)
+    deadline = time.monotonic() + timeout_s
+    prev_t, prev_cpu = time.monotonic(), sum(proc.cpu_times()[:2])
+    while time.monotonic() < deadline:
+        time.sleep(window_s)
+        now, cpu = time.monotonic(), sum(proc.cpu_times()[:2])
+        if cpu - prev_cpu >= busy * (now - prev_t):
+            return True
+        prev_t, prev_cpu = now, cpu
+    return False
 
 
 def replica_counts(url: str) -> dict[str, float]:
