@@ -84,7 +84,7 @@ def test_mixed_adapters_joining_and_leaving_equal_single_greedy_generate(setup):
         want = reference(refs, engine, prompt, adapter, n)
         got = col.done[i]
         assert got.token_ids == want, (i, adapter)
-    assert dec.rows == [] and dec._cache is None  # every row left, the cache is gone
+    assert dec.rows == [] and dec._kv is None  # every row left, the cache is gone
 
 
 def test_one_adapter_runs_merged_and_streams_concatenate(setup):
@@ -224,29 +224,62 @@ def test_lm_head_gets_canonical_strides_and_the_same_logits(setup):
     assert seen == [(hidden, hidden, 1), (hidden, hidden, 1)]
 
 
-def test_decode_steps_write_into_the_cache_slack_instead_of_copying_it(setup):
-    """SlackLayer: while no row joins or leaves, every step's keys are views of one buffer (no
-    per-step concatenation) no longer than the longest reservation, and the tokens still equal
-    the reference."""
+def test_decode_steps_and_leaving_rows_keep_the_slot_buffers(setup):
+    """SlotKV: while rows decode and leave, every step's keys are views of the same buffers (no
+    per-step concatenation, no re-selection of the remaining rows), the buffers stay within the
+    KV budget, and the tokens still equal the reference."""
     engine, refs = setup
     dec = engine.continuous_decoder(max_rows=16, prefill_tokens=512)
     col = Collector()
-    params = SamplingParams(max_tokens=12, temperature=0)
-    for i, p in enumerate(PROMPTS[:2]):
-        dec.admit(col.seq(engine, i, p, None, params))
-    dec.step()  # prefill both, join, first decode step
-    dec.step()  # the buffers exist from here on
-    layer = dec._cache.layers[0]
+    lengths = [12, 4, 8]
+    for i, p in enumerate(PROMPTS[:3]):
+        dec.admit(col.seq(engine, i, p, None, SamplingParams(max_tokens=lengths[i], temperature=0)))
+    dec.step()  # prefill all three, join, first decode step
+    layer = dec._kv.cache.layers[0]
     ptrs = set()
-    for _ in range(6):
-        if dec.active < 2:
-            break  # a row ended (EOS): the batch changed, so the buffer may be new
-        dec.step()
-        ptrs.add(layer.keys.data_ptr())
-        # the slack never passes the batch's longest reservation, which the KV budget counts
-        assert layer._kbuf.shape[-2] <= max(r.seq.reserve for r in dec.rows)
-    assert len(ptrs) == 1
     while dec.active:
+        kv = dec._kv
+        ptrs.add(layer.kbuf.data_ptr())
+        assert layer.keys.data_ptr() == layer.kbuf[0, 0, kv.start].data_ptr()  # a view of the buffer
+        assert kv.slots * kv.room * dec.bytes_per_token <= dec.budget
         dec.step()
-    for i, p in enumerate(PROMPTS[:2]):
-        assert col.done[i].token_ids == reference(refs, engine, p, None, 12)
+    assert len(ptrs) == 1  # rows left (some end early) without new buffers
+    for i, p in enumerate(PROMPTS[:3]):
+        assert col.done[i].token_ids == reference(refs, engine, p, None, lengths[i])
+
+
+def test_columns_outside_the_rows_never_count(setup, monkeypatch):
+    """Whatever stale or uninitialised numbers a slot holds outside its rows' windows (here NaN,
+    written into every fresh buffer), rows that join into those slots, widen the window or are
+    compacted still equal the reference: every column a row's window covers is written first."""
+    from serving.engine.continuous import SlotKV
+
+    reshape = SlotKV._reshape
+
+    def poisoned(self, rows, cap, width):
+        n, a, b = self.n, self.start, self.end
+        old = [(x.kbuf[:n, :, a:b].clone(), x.vbuf[:n, :, a:b].clone()) for x in self.cache.layers] if self.slots else None
+        reshape(self, rows, cap, width)
+        for x, kept in zip(self.cache.layers, old or [None] * len(self.cache.layers)):
+            x.kbuf.fill_(float("nan"))
+            x.vbuf.fill_(float("nan"))
+            if kept is not None:
+                x.kbuf[:n, :, self.start : self.end].copy_(kept[0])
+                x.vbuf[:n, :, self.start : self.end].copy_(kept[1])
+
+    monkeypatch.setattr(SlotKV, "_reshape", poisoned)
+    engine, refs = setup
+    # a budget of 180 tokens: little room ahead, so the window is also compacted
+    dec = engine.continuous_decoder(max_rows=16, prefill_tokens=512)
+    dec.budget = 180 * dec.bytes_per_token
+    col = Collector()
+    # short first, then a longer prompt joins (the window widens), rows leave and others join
+    # their slots
+    plan = [(0, PROMPTS[1], None, 14), (1, PROMPTS[3], "a0", 3), (3, PROMPTS[2], "a1", 10), (6, PROMPTS[0], None, 6),
+            (9, PROMPTS[2], None, 4), (12, PROMPTS[1], "a0", 9)]
+    pending: dict[int, list[GenSequence]] = {}
+    for i, (step, prompt, adapter, n) in enumerate(plan):
+        pending.setdefault(step, []).append(col.seq(engine, i, prompt, adapter, SamplingParams(max_tokens=n, temperature=0)))
+    run(dec, pending)
+    for i, (_, prompt, adapter, n) in enumerate(plan):
+        assert col.done[i].token_ids == reference(refs, engine, prompt, adapter, n), i

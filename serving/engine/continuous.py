@@ -18,17 +18,18 @@ thread, alive while generation requests exist) runs, per iteration:
    every `stream_interval_s` (each message costs the replica's event loop, which shares the
    GIL with this thread).
 
-KV cache: one batched transformers `DynamicCache`, rows left-padded to the longest row, with
-an attention mask and per-row position ids, so each row is computed as if it were alone (up
-to float rounding of the matrix shapes). Joining pads the shorter side on the left and
-concatenates; leaving selects the remaining rows and cuts the columns every row pads. A
-cache per row (one forward per row) would give up the batching this is for; transformers'
-paged continuous batching owns its own forward loop and cannot pick weights per step.
+KV cache: one batched transformers `DynamicCache` whose layers are slots of preallocated
+buffers (`SlotKV`): row i in slot i, every row's tokens right-aligned (its left part masked),
+with per-row position ids, so each row is computed as if it were alone (up to float rounding
+of the matrix shapes). A joining row is copied into the next free slot, a leaving row's slot
+takes the last row: neither copies the others. A cache per row (one forward per row) would
+give up the batching this is for; transformers' paged continuous batching owns its own
+forward loop and cannot pick weights per step.
 
-Memory budget: the padded cache holds at most rows x longest reservation, a sequence's
-reservation being prompt + max_tokens tokens. A sequence is admitted only while
-(rows + 1) x longest reservation x bytes per token fits `kv_cache_bytes`; otherwise it waits
-in the queue (whose bound answers 503). One that could not fit even alone is refused (400).
+Memory budget: a sequence's reservation is prompt + max_tokens tokens. A sequence is
+admitted only while (rows + 1) x longest reservation x bytes per token fits `kv_cache_bytes`;
+otherwise it waits in the queue (whose bound answers 503). One that could not fit even alone
+is refused (400). The buffers (slots x room) stay within `kv_cache_bytes` too.
 
 Adapters per iteration: when every row (running and prefilling) uses one adapter or the base,
 both forwards run on merged weights (no overhead); when several are present, both run on the
@@ -123,10 +124,9 @@ class ContinuousDecoder:
         self.stream_interval = stream_interval_s
         self.bytes_per_token = kv_bytes_per_token(model)
         self._kw = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-        self.rows: list[_Row] = []  # decoding, in cache order
+        self.rows: list[_Row] = []  # decoding, row i in the cache's slot i
         self.prefilling: deque[_Row] = deque()
-        self._cache: Any = None
-        self._mask: torch.Tensor | None = None  # [rows, width]
+        self._kv: SlotKV | None = None
         self._lengths: list[int] = []  # tokens of each row in the cache
         self._stacks = RowStacks()  # the decode batch's stacked factor pairs (unmerged steps)
         self.cancelled = 0  # sequences dropped because their consumer left
@@ -203,19 +203,19 @@ class ContinuousDecoder:
             return self.model(**inputs, use_cache=True, **self._kw)
 
     def _decode(self, merged: bool) -> None:
-        assert self._mask is not None
-        n = len(self.rows)
+        kv = self._kv
+        assert kv is not None
+        kv.reserve(1, max(r.seq.reserve for r in self.rows))
         ids = torch.tensor([[r.last] for r in self.rows], dtype=torch.long, device=self.device)
-        pos = torch.tensor(self._lengths, dtype=torch.long, device=self.device).unsqueeze(-1)
-        self._mask = torch.cat([self._mask, self._mask.new_ones((n, 1))], dim=-1)
-        cap = max(r.seq.reserve for r in self.rows)
-        for layer in self._cache.layers:
-            layer.cap = cap  # SlackLayer: its slack never passes what the KV budget counts
+        lengths = torch.tensor(self._lengths, dtype=torch.long, device=self.device)
+        # row i holds its tokens in the window's last lengths[i] columns; the new token is one more
+        cols = torch.arange(kv.width + 1, device=self.device)
+        mask = (cols.unsqueeze(0) >= (kv.width - lengths).unsqueeze(-1)).to(torch.long)
         out = self._forward(
             self.rows, merged, self._stacks,
-            input_ids=ids, attention_mask=self._mask, position_ids=pos, past_key_values=self._cache,
+            input_ids=ids, attention_mask=mask, position_ids=lengths.unsqueeze(-1), past_key_values=kv.cache,
         )
-        self._cache = out.past_key_values
+        kv.advance(1)
         self._lengths = [x + 1 for x in self._lengths]
         toks = self._sample(self.rows, out.logits[:, -1, :])
         self._drop([i for i, (r, t) in enumerate(zip(self.rows, toks)) if self._push(r, t)])
@@ -314,117 +314,162 @@ class ContinuousDecoder:
             r.stack.close()
             r.seq.on_done(None, exc)
         self.rows, self.prefilling = [], deque()
-        self._cache = self._mask = None
+        self._kv = None
         self._lengths = []
 
     def _drop(self, idx: list[int], cancelled: bool = False) -> None:
-        """Remove rows `idx` (already ended unless cancelled) from the batch and its cache."""
+        """Remove rows `idx` (already ended unless cancelled) from the batch and its cache: each
+        leaving row's slot takes the batch's last row, in the cache and in `rows` alike."""
         if not idx:
             return
-        gone = set(idx)
         if cancelled:
             for i in idx:
                 self._end(self.rows[i], cancelled=True)
-        keep = [i for i in range(len(self.rows)) if i not in gone]
-        self.rows = [self.rows[i] for i in keep]
-        self._lengths = [self._lengths[i] for i in keep]
-        if not keep:
-            self._cache = self._mask = None
+        assert self._kv is not None
+        for i in sorted(idx, reverse=True):
+            self._kv.leave(i)
+            self.rows[i], self._lengths[i] = self.rows[-1], self._lengths[-1]
+            self.rows.pop()
+            self._lengths.pop()
+        if not self.rows:
+            self._kv = None
             self._stacks = RowStacks()  # let go of the factors it held
             return
-        assert self._mask is not None
-        cut = self._mask.shape[1] - max(self._lengths)  # columns every remaining row pads
-        sel = torch.tensor(keep, dtype=torch.long, device=self.device)
-        self._mask = self._mask.index_select(0, sel)[:, cut:]
-        for layer in self._cache.layers:
-            layer.keys = layer.keys.index_select(0, sel)[:, :, cut:]
-            layer.values = layer.values.index_select(0, sel)[:, :, cut:]
+        self._kv.trim(max(self._lengths))
 
     def _join(self, rows: list[_Row], cache: Any, mask: torch.Tensor, keep: list[int]) -> None:
-        """Append prefilled rows (positions `keep` of `cache`) to the batch, left-padding the narrower side."""
+        """Append prefilled rows (positions `keep` of `cache`, right-aligned in it) to the batch."""
         lengths = [len(r.seq.ids) for r in rows]
-        if len(keep) < mask.shape[0]:
-            sel = torch.tensor(keep, dtype=torch.long, device=self.device)
-            mask = mask.index_select(0, sel)
-            for layer in cache.layers:
-                layer.keys, layer.values = layer.keys.index_select(0, sel), layer.values.index_select(0, sel)
-        cut = mask.shape[1] - max(lengths)
-        if cut:
-            mask = mask[:, cut:]
-            for layer in cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, cut:], layer.values[:, :, cut:]
-        if self._cache is None:
-            for layer in cache.layers:
-                if type(layer) is DynamicLayer:
-                    layer.__class__ = SlackLayer  # the same state; an update that writes into slack
-            self._cache, self._mask = cache, mask
-        else:
-            assert self._mask is not None
-            width = max(self._mask.shape[1], mask.shape[1])
-            self._mask = torch.cat([_pad_left(self._mask, width, 1), _pad_left(mask, width, 1)], dim=0)
-            for mine, theirs in zip(self._cache.layers, cache.layers):
-                mine.keys = torch.cat([_pad_left(mine.keys, width, 2), _pad_left(theirs.keys, width, 2)], dim=0)
-                mine.values = torch.cat([_pad_left(mine.values, width, 2), _pad_left(theirs.values, width, 2)], dim=0)
+        if self._kv is None:
+            self._kv = SlotKV(cache, self.budget // self.bytes_per_token, self.max_rows)
+        cap = max(r.seq.reserve for r in self.rows + rows)
+        self._kv.join(cache, None if len(keep) == mask.shape[0] else keep, max(lengths), cap)
         self.rows += rows
         self._lengths += lengths
 
 
-class SlackLayer(DynamicLayer):
-    """A `DynamicLayer` whose keys and values are views into buffers with room to grow.
+class SlotLayer(DynamicLayer):
+    """A full-attention cache layer whose keys and values are views `[:n, :, start:end]` of
+    buffers `[slots, heads, room, dim]` that a `SlotKV` owns; a forward writes its new columns
+    at `end` in place (no concatenation) and `SlotKV.advance` then moves `end`."""
 
-    Why: `DynamicLayer.update` concatenates, copying a layer's whole cache at every decode step
-    (16 rows of ~100 tokens of the 58M Llama: 26 MB a step). Here a step writes its new column
-    into the slack and the view grows; a buffer is reallocated (with half its length again as
-    slack, never past `cap`) only when full or when the batch replaced the tensors (a row joined
-    or left: `ContinuousDecoder._join` / `_drop` assign new ones, which `_holds` detects).
-    `cap` is the batch's longest reservation (prompt + max_tokens), which no row's padded
-    length can pass, so the slack stays within what the KV budget accounts for."""
-
-    _kbuf: torch.Tensor | None = None
-    _vbuf: torch.Tensor | None = None
-    cap: int = 0  # set by the decoder before each decode forward
+    kv: "SlotKV"
+    kbuf: torch.Tensor
+    vbuf: torch.Tensor
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized or self.keys is None or self.keys.numel() == 0:
-            return super().update(key_states, value_states, *args, **kwargs)
-        width, new = self.keys.shape[-2], key_states.shape[-2]
-        if not self._holds(width + new):
-            room = max(width + new, min(width + new + max(16, (width + new) // 2), self.cap))
-            self._kbuf, self._vbuf = _with_slack(self.keys, room), _with_slack(self.values, room)
-        assert self._kbuf is not None and self._vbuf is not None
-        self._kbuf[:, :, width : width + new].copy_(key_states)
-        self._vbuf[:, :, width : width + new].copy_(value_states)
-        self.keys, self.values = self._kbuf[:, :, : width + new], self._vbuf[:, :, : width + new]
+        kv, new = self.kv, key_states.shape[-2]
+        n, end = kv.n, kv.end
+        assert key_states.shape[0] == n and end + new <= kv.room, "SlotKV.reserve was not called"
+        self.kbuf[:n, :, end : end + new].copy_(key_states)
+        self.vbuf[:n, :, end : end + new].copy_(value_states)
+        self.keys, self.values = self.kbuf[:n, :, kv.start : end + new], self.vbuf[:n, :, kv.start : end + new]
         return self.keys, self.values
 
-    def _holds(self, width: int) -> bool:
-        """Whether keys and values are still the leading views of the buffers, with room for `width`."""
-        k, v = self._kbuf, self._vbuf
-        return (
-            k is not None and v is not None and k.shape[-2] >= width
-            and self.keys.data_ptr() == k.data_ptr() and self.values.data_ptr() == v.data_ptr()
-            and self.keys.shape[:2] == k.shape[:2] and self.keys.stride() == k.stride()
-        )
 
+class SlotKV:
+    """The decode batch's KV cache: row i of the batch lives in slot i of every layer's buffers,
+    its tokens right-aligned so that every row's next token goes to the same column `end`; the
+    live window is columns [start, end), start = end - the longest row (a row's shorter left
+    part is masked).
 
-def _with_slack(t: torch.Tensor, width: int) -> torch.Tensor:
-    """A buffer [rows, heads, width, dim] that starts with `t`'s columns."""
-    rows, heads, have, dim = t.shape
-    buf = t.new_empty((rows, heads, width, dim))
-    buf[:, :, :have].copy_(t)
-    return buf
+    Why slots: a padded cache that is re-padded and concatenated when a sequence joins and
+    re-selected when one leaves copies the whole cache (every row, every layer) at each of
+    those events, and with varied lengths they come every few steps. Here a leaving row's slot
+    takes the batch's last row (one row copied), a joining row is copied into the next free
+    slot (its own columns only), and the window's left edge just moves. All rows are copied
+    only when the buffers are outgrown (more rows than slots, or `end` reaching `room`), and
+    then get slack (up to twice the rows, and room to the longest reservation or twice it)
+    within the KV budget, so that is rare.
 
+    Masked columns must hold finite numbers (attention multiplies them by a zero weight, and an
+    uninitialised NaN would spread): every column a row's window covers holds its data, the
+    prefill's padding, a former row's data, or zeros written when the window widened.
+    """
 
-def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    """`t` with zeros prepended along `dim` up to `width` (masked positions: their value never counts)."""
-    short = width - t.shape[dim]
-    if short == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = short
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
+    def __init__(self, cache: Any, budget_tokens: int, max_rows: int) -> None:
+        for layer in cache.layers:
+            if type(layer) is not DynamicLayer:
+                raise InvalidRequest(
+                    f"continuous batching needs full-attention KV caches; this model's cache has a {type(layer).__name__}"
+                )
+            layer.__class__ = SlotLayer
+            layer.kv = self
+        self.cache = cache
+        self.budget_tokens = budget_tokens
+        self.max_rows = max_rows
+        self.n = self.start = self.end = self.room = self.slots = 0
+
+    @property
+    def width(self) -> int:
+        return self.end - self.start
+
+    def reserve(self, new: int, cap: int) -> None:
+        """Room for `new` columns at `end` before a forward; `cap`: the rows' longest reservation."""
+        if self.end + new > self.room:
+            self._reshape(self.n, cap, self.width)
+
+    def advance(self, new: int) -> None:
+        """After a forward wrote `new` columns at `end`."""
+        self.end += new
+        self._views()
+
+    def join(self, theirs: Any, keep: list[int] | None, width: int, cap: int) -> None:
+        """Append rows `keep` (None: all) of a prefill cache whose last `width` columns hold them
+        right-aligned; `cap` is the longest reservation once they joined."""
+        k = theirs.layers[0].keys.shape[0] if keep is None else len(keep)
+        n = self.n
+        if n + k > self.slots or width > self.end:
+            self._reshape(n + k, cap, max(self.width, width))
+        start = min(self.start, self.end - width)
+        sel = None if keep is None else torch.tensor(keep, dtype=torch.long, device=theirs.layers[0].keys.device)
+        for mine, src in zip(self.cache.layers, theirs.layers):
+            for buf, t in ((mine.kbuf, src.keys), (mine.vbuf, src.values)):
+                t = t if sel is None else t.index_select(0, sel)
+                buf[n : n + k, :, self.end - width : self.end].copy_(t[:, :, t.shape[2] - width :])
+                buf[n : n + k, :, start : self.end - width].zero_()  # finite left of the new rows
+                buf[:n, :, start : self.start].zero_()  # the window widened: finite for the others
+        self.n, self.start = n + k, start
+        self._views()
+
+    def leave(self, i: int) -> None:
+        """Drop row i: the last row moves into its slot (the caller moves its row list the same way)."""
+        last = self.n - 1
+        if i != last:
+            for layer in self.cache.layers:
+                layer.kbuf[i, :, self.start : self.end].copy_(layer.kbuf[last, :, self.start : self.end])
+                layer.vbuf[i, :, self.start : self.end].copy_(layer.vbuf[last, :, self.start : self.end])
+        self.n = last
+
+    def trim(self, longest: int) -> None:
+        """The window shrinks to the longest remaining row (after `leave`s)."""
+        self.start = self.end - longest
+        self._views()
+
+    def _reshape(self, rows: int, cap: int, width: int) -> None:
+        """New buffers for `rows` rows and a window of `width` columns placed at the left (so
+        the room ahead is as long as it can be); the present rows' windows are copied over."""
+        cap = max(cap, width + 1)
+        slots = min(self.max_rows, max(8, 2 * rows))
+        slots = max(rows, min(slots, self.budget_tokens // cap))
+        room = max(cap, min(2 * cap, self.budget_tokens // slots))
+        for layer in self.cache.layers:
+            old_k, old_v = layer.kbuf if self.slots else layer.keys, layer.vbuf if self.slots else layer.values
+            heads, dim = old_k.shape[1], old_k.shape[3]
+            layer.kbuf = old_k.new_empty((slots, heads, room, dim))
+            layer.vbuf = old_v.new_empty((slots, heads, room, dim))
+            if self.slots and self.n:
+                layer.kbuf[: self.n, :, width - self.width : width].copy_(old_k[: self.n, :, self.start : self.end])
+                layer.vbuf[: self.n, :, width - self.width : width].copy_(old_v[: self.n, :, self.start : self.end])
+        self.slots, self.room = slots, room
+        self.start, self.end = width - self.width, width
+
+    def _views(self) -> None:
+        n, a, b = self.n, self.start, self.end
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.kbuf[:n, :, a:b], layer.vbuf[:n, :, a:b]
 
 
 def kv_bytes_per_token(model: torch.nn.Module) -> int:
