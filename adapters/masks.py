@@ -18,7 +18,7 @@ purpose: `target_masks` materialises one target's bool masks from what a file ho
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Literal, Protocol
 
 import numpy as np
@@ -95,6 +95,13 @@ def unpack(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     n = int(np.prod(shape, dtype=np.int64))
     bits = np.unpackbits(packed.detach().cpu().numpy(), count=n)
     return torch.from_numpy(bits.astype(np.bool_).reshape(shape))
+
+
+def unpack_many(packed: Sequence[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+    """Several packed masks of one `shape` as one bool tensor [len(packed), *shape] (a batched build)."""
+    n = int(np.prod(shape, dtype=np.int64))
+    bits = np.stack([np.unpackbits(p.detach().cpu().numpy(), count=n) for p in packed])
+    return torch.from_numpy(bits.astype(np.bool_).reshape(len(packed), *shape))
 
 
 def pad_bits_clear(packed: torch.Tensor, n: int) -> bool:

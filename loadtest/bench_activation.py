@@ -26,7 +26,7 @@ from adapters.default_model import DEFAULT_MODEL_ID, default_model_dir
 from adapters.masks import mask_shape, seed_mask, unpack
 from adapters.merge import add_dense_into, merge_into
 from adapters.synthetic import random_bundle
-from serving.engine.adapter_cache import build_target, compact_target
+from serving.engine.adapter_cache import build_pairs, compact_target, dense_of
 from adapters.tasks.model_loader import meta_spec
 
 
@@ -81,11 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         weights = {t: torch.randn(spec.linear_shapes[t]) for t in targets}
         pristine = {t: w.clone() for t, w in weights.items()}
-        built = {t: build_target(c, scaling, dense=True) for t, c in held.items()}
-        pairs = {t: build_target(c, scaling, dense=False) for t, c in held.items()}
+        pairs = build_pairs(held, scaling)
+        built = {t: dense_of(p, held[t].transposed) for t, p in pairs.items()}
         bool_kib = sum(f.mask_A.numel() + f.mask_B.numel() for f in bundle.targets.values()) / 1024
-        factors_ms = timed(lambda: [build_target(c, scaling, dense=False) for c in held.values()], args.repeat)
-        dense_ms = timed(lambda: [build_target(c, scaling, dense=True) for c in held.values()], args.repeat)
+        factors_ms = timed(lambda: build_pairs(held, scaling), args.repeat)
+        dense_ms = timed(lambda: [dense_of(p, held[t].transposed) for t, p in build_pairs(held, scaling).items()], args.repeat)
         add_ms = timed(lambda: [add_dense_into(weights[t], pristine[t], b.dense) for t, b in built.items()], args.repeat)
         addmm_ms = timed(lambda: [merge_into(weights[t], pristine[t], p.b, p.a) for t, p in pairs.items()], args.repeat)
         print(

@@ -299,7 +299,8 @@ class EngineConfig(_Section):
     max_seq_len: int = Field(512, ge=1, description="Longest sequence in tokens (prompt plus completion).")
     adapter_cache_bytes: Bytes = Field(
         2 * GiB, ge=0, description="Bound on all loaded adapters: what their bundles hold (factors, masks as "
-        "bits, heads) plus the forms built for the recently activated ones (factor pairs, dense deltas)."
+        "bits, heads) plus the forms built when they were activated (factor pairs, dense deltas), which are "
+        "kept while there is room and give way first."
     )
     dense_budget_bytes: Bytes = Field(
         1 * GiB,

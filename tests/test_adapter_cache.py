@@ -84,20 +84,55 @@ def test_built_forms_equal_the_merge_of_the_bundle_and_rebuild_bit_identically(b
     assert again is not first and all(torch.equal(again.deltas[t].dense, first.deltas[t].dense) for t in SHAPES)
 
 
-def test_built_forms_are_kept_for_the_most_recent_within_count_and_dense_budget(bank: WeightBank) -> None:
-    cache = AdapterCache(capacity=10**6, dense_budget=2 * DENSE, keep_built=2)
+class Same(torch.nn.Module):
+    """Three targets of one shape and one of another: build_pairs builds a shape's targets together."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.p, self.q, self.v = (torch.nn.Linear(8, 16) for _ in range(3))
+        self.o = torch.nn.Linear(16, 8)
+
+
+def test_targets_of_one_shape_built_together_equal_the_per_target_merge_bit_for_bit() -> None:
+    spec = BaseModelSpec.from_model("same", Task.FEATURE_EXTRACTION, Same(), 16)
+    b = random_bundle(spec, ["p", "q", "v", "o"], rank=3, num_copies=3, seed=7, task=Task.FEATURE_EXTRACTION)
+    e = prepare("s", b, WeightBank(Same()), torch.device("cpu"), "factors")
+    built = e.build()
+    for t, f in b.targets.items():
+        want_b, want_a = stacked_factors(f, b.metadata.scaling)
+        got = built.factors[t]
+        assert got.b.shape == want_b.shape and got.a.shape == want_a.shape
+        assert torch.equal(got.b, want_b) and torch.equal(got.a, want_a), t
+        assert got.b.is_contiguous() and got.a.is_contiguous()
+
+
+def test_built_forms_are_kept_while_they_fit_and_give_way_least_recent_first(bank: WeightBank) -> None:
+    cache = AdapterCache(capacity=3 * HELD + 3 * FACTORS, dense_budget=2 * DENSE + 1)
+    es = {n: entry(bank, n, "factors", seed=i) for i, n in enumerate("abc")}
+    for e in es.values():
+        cache.put(e)
+        cache.build(e)
+    assert cache.built_names() == ["a", "b", "c"] and cache.nbytes == 3 * HELD + 3 * FACTORS  # all fit: all kept
+    cache.shed_built(FACTORS)  # room for one more built form: the least recently built gives way
+    assert cache.built_names() == ["b", "c"] and es["a"].built is None and cache.nbytes == 3 * HELD + 2 * FACTORS
+    cache.capacity = 3 * HELD + FACTORS  # only one fits now: the one just built stays
+    cache.build(es["a"])
+    assert cache.built_names() == ["a"] and cache.nbytes == 3 * HELD + FACTORS
+
+
+def test_dense_deltas_stay_within_their_budget_and_bytes_are_counted_as_they_change(bank: WeightBank) -> None:
+    cache = AdapterCache(capacity=10**6, dense_budget=2 * DENSE)
     es = {n: entry(bank, n, "dense", seed=i) for i, n in enumerate("abc")}
     for e in es.values():
         cache.put(e)
-        cache.build(e, merged=True)
-    assert cache.built_names() == ["b", "c"] and es["a"].built is None  # at most keep_built
-    cache.dense_budget = DENSE
-    cache.build(es["b"], merged=True)  # b most recent; c's dense delta no longer fits beside it
-    assert cache.built_names() == ["b"] and cache.nbytes == 3 * HELD + DENSE + FACTORS
-    cache.capacity = 3 * HELD + FACTORS  # b's built form no longer fits either: only b's own stays
-    cache.build(es["c"], merged=True)
-    assert cache.built_names() == ["c"]
-
+        cache.build(e)  # pairs only (a mixed forward)
+    assert cache.nbytes == 3 * (HELD + FACTORS) and cache.dense_nbytes == 0
+    for n in "abc":
+        cache.build(es[n], merged=True)  # a merge adds the dense deltas: a's give way to c's
+    assert cache.built_names() == ["b", "c"] and cache.dense_nbytes == 2 * DENSE
+    assert cache.nbytes == 3 * HELD + 2 * (FACTORS + DENSE)
+    cache.pop("c")
+    assert cache.nbytes == 2 * HELD + FACTORS + DENSE and cache.dense_nbytes == DENSE
 
 def test_mode_choice_respects_the_dense_budget_and_the_capacity(bank: WeightBank) -> None:
     cache = AdapterCache(capacity=2 * HELD + DENSE + FACTORS, dense_budget=DENSE)

@@ -156,31 +156,51 @@ def test_lru_bounded_in_bytes_never_evicts_active_or_leased(minilm: Engine) -> N
     held = probe.nbytes  # held compact: factors and packed masks
     assert held == held_bytes(bundles["a"]) and not minilm.residency.cache.built_names()
     built = planned_bytes(bundles["a"])[1]  # the float32 factor pair it is built into when active
+    assert built > held  # so three held fit where two and a built form do
     minilm.residency.cache.capacity = 2 * held + built + held // 2  # room for two, one of them built
     for n in "ab":
         minilm.load_adapter(n, bundles[n])
-    minilm.activate("a")  # a is active and most recently used
-    minilm.load_adapter("c", bundles["c"])  # evicts b (LRU, a is active)
+    minilm.activate("a")  # a is active (built) and most recently used
+    minilm.load_adapter("c", bundles["c"])  # a's built form is in use: evicts b (LRU)
     assert [i.name for i in minilm.list_adapters()] == ["a", "c"]
     with minilm.residency.lease(["c"]):  # as a request or stream in progress holds it
         minilm.activate(None)
-        minilm.load_adapter("d", bundles["d"])  # c leased: evicts a
+        minilm.load_adapter("d", bundles["d"])  # a's built form, no longer in use, gives way: no eviction
+        assert [i.name for i in minilm.list_adapters()] == ["a", "c", "d"]
+        minilm.activate("d")  # d built: c leased, so a (the LRU) is evicted
         assert [i.name for i in minilm.list_adapters()] == ["c", "d"]
         s = minilm.stats()
         assert s.cache_evictions - before.cache_evictions == 2 and s.cache_misses - before.cache_misses == 5 and s.cache_bytes <= minilm.residency.cache.capacity
-        minilm.activate("d")
-        with pytest.raises(Overloaded):  # c leased, d active: no room
+        with pytest.raises(Overloaded):  # c leased, d active (its built form in use): no room
             minilm.load_adapter("e", bundles["e"])
     minilm.activate(None)
-    minilm.load_adapter("e", bundles["e"])  # lease over, d inactive: evicts c (the LRU)
-    assert [i.name for i in minilm.list_adapters()] == ["d", "e"]
+    minilm.load_adapter("e", bundles["e"])  # lease over, d inactive: d's built form gives way
+    assert [i.name for i in minilm.list_adapters()] == ["c", "d", "e"]
     with pytest.raises(AdapterNotLoaded) as err:
         minilm.activate("a")
     assert status_for(err.value)[0] == 404
-    assert minilm.stats().cache_bytes == 2 * held + built  # d built (active), e held
+    assert minilm.stats().cache_bytes == 3 * held
     minilm.residency.cache.capacity = held // 2
     with pytest.raises(BundleError, match="more than adapter_cache_bytes"):
         minilm.load_adapter("e", bundles["e"])
+
+
+def test_a_load_drops_built_forms_before_it_evicts_an_adapter(minilm: Engine) -> None:
+    minilm.residency.cache.dense_budget = 0  # all factors: equal sizes
+    bundles = {n: bundle_for(minilm, MINILM_TARGETS, seed=i) for i, n in enumerate("abc")}
+    held, built = held_bytes(bundles["a"]), planned_bytes(bundles["a"])[1]
+    minilm.residency.cache.capacity = 3 * held + 2 * built - 1  # three held, but not two built beside them
+    for n in "ab":
+        minilm.load_adapter(n, bundles[n])
+        minilm.activate(n)  # built, and kept after the swap away
+    minilm.activate(None)
+    assert minilm.residency.cache.built_names() == ["a", "b"]
+    before = minilm.stats()
+    minilm.load_adapter("c", bundles["c"])
+    assert [i.name for i in minilm.list_adapters()] == ["a", "b", "c"]  # nothing evicted
+    assert minilm.residency.cache.built_names() == ["b"]  # a's built form, the least recent, gave way
+    s = minilm.stats()
+    assert s.cache_evictions == before.cache_evictions and s.cache_bytes == 3 * held + built
 
 
 def test_replace_and_unload_active(minilm: Engine) -> None:

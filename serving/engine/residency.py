@@ -35,7 +35,7 @@ from serving.engine.adapter_cache import (
     Built,
     CompactTarget,
     PreparedAdapter,
-    build_target,
+    build_pairs,
     dense_of,
     held_bytes,
     planned_bytes,
@@ -98,6 +98,9 @@ class AdapterResidency:
         if bad:
             raise BundleError([f"target {t!r}: merged delta is not finite" for t in bad], name=name)
         with self._lock:
+            # built forms give way first (rebuilt in about a millisecond); then LRU adapters
+            old_entry = self.cache.peek(name)
+            self.cache.shed_built(entry.nbytes - (old_entry.nbytes if old_entry is not None else 0), self._protected())
             victims = self.cache.victims(entry.nbytes, name, self._protected())
             if victims is None:
                 raise Overloaded(f"adapter cache is full of active or in-use adapters; cannot load {name!r}")
@@ -167,7 +170,7 @@ class AdapterResidency:
         if entry.is_built(merged):  # kept: nothing grows, so nothing to evict
             return self.cache.touch_built(entry)
         built = self.cache.build(entry, merged)
-        for victim in self.cache.victims(0, entry.name, self._protected()) or []:
+        for victim in self.cache.victims(0, None, self._protected() | {entry.name}) or []:
             self._evict(victim)
         return built
 
@@ -337,7 +340,7 @@ class AdapterResidency:
 def _finite_delta(c: CompactTarget, scaling: float) -> bool:
     """Whether the target's stacked pair and its product B'A' are finite. The product is only
     computed when the cheap bound (largest |B'| x largest |A'| x d*r) does not rule out overflow."""
-    pair = build_target(c, scaling, dense=False)
+    (pair,) = build_pairs({"t": c}, scaling).values()
     assert pair.b is not None and pair.a is not None
     if not (bool(torch.isfinite(pair.b).all()) and bool(torch.isfinite(pair.a).all())):
         return False
