@@ -311,7 +311,7 @@ class EngineConfig(_Section):
     kv_cache_bytes: Bytes = Field(
         1 * GiB,
         ge=1,
-        description="Bound on the generation KV cache (rows x longest prompt + max_tokens, padded); beyond it "
+        description="Bound on the generation KV cache (rows x longest prompt + max_tokens); beyond it "
         "new generation requests wait in the queue.",
     )
     num_threads: int | None = Field(
