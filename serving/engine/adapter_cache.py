@@ -280,11 +280,18 @@ class AdapterCache:
         """Drop built forms, least recently built first, until `needed` more bytes fit the
         capacity and the dense deltas fit their budget; those of `protected` entries and of
         leased ones (in use: the active adapter, a request's) stay."""
-        for name, entry in list(self._built.items()):
-            if self.nbytes + needed <= self.capacity and self._dense_bytes <= self.dense_budget:
-                return
-            if not self._protected(name, entry, protected):
-                self._drop_built(name)
+        over = self.nbytes + needed - self.capacity
+        dense_over = self._dense_bytes - self.dense_budget
+        victims: list[str] = []
+        for name, entry in self._built.items():  # only as far as needed: thousands may be kept
+            if over <= 0 and dense_over <= 0:
+                break
+            if not self._protected(name, entry, protected) and entry.built is not None:
+                victims.append(name)
+                over -= entry.built.nbytes
+                dense_over -= entry.built.dense_nbytes
+        for name in victims:
+            self._drop_built(name)
 
     def _drop_built(self, name: str) -> None:
         entry = self._built.pop(name)
