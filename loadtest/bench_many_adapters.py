@@ -173,8 +173,10 @@ def main(argv: list[str] | None = None) -> int:
             order = [names[: args.few], names]
             for r in range(args.rounds):
                 for subset in order if r % 2 == 0 else order[::-1]:
-                    results.setdefault((dist, len(subset)), []).append(
-                        phase(url, subset, dist, args.users, args.duration, proc.pid))
+                    row = phase(url, subset, dist, args.users, args.duration, proc.pid)
+                    results.setdefault((dist, len(subset)), []).append(row)
+                    print(f"  round {r + 1}, {dist}, {len(subset)} adapters: {row['rps']:.1f} req/s, "
+                          f"p99 {1000 * row['p99']:.0f} ms", file=sys.stderr, flush=True)
         cold_s, warm_p50, cold_failed = first_answers(url, cold, names[: args.few])
         cap = budget(serve_args)
         spec = meta_spec(default_model_dir(), DEFAULT_MODEL_ID)
