@@ -35,6 +35,8 @@ from serving.engine.weights import TargetDelta, WeightBank
 
 Mode = Literal["dense", "factors"]
 F32 = 4
+
+
 @dataclass(frozen=True)
 class CompactTarget:
     """One target as its bundle holds it: factors on the device, masks as packed bits."""
