@@ -283,3 +283,27 @@ def test_columns_outside_the_rows_never_count(setup, monkeypatch):
     run(dec, pending)
     for i, (_, prompt, adapter, n) in enumerate(plan):
         assert col.done[i].token_ids == reference(refs, engine, prompt, adapter, n), i
+
+
+def test_a_sliding_window_model_decodes_within_its_window_and_refuses_beyond(tmp_path):
+    """Mistral's KV cache layers are sliding-window ones: while prompt + max_tokens fits the
+    window (48 tokens here) they hold every token, so rows joining and leaving still equal
+    transformers' own generate(); a request that could outgrow the window is refused (400)."""
+    from tests.tiny_models import build_tiny_causal_lm
+
+    folder = build_tiny_causal_lm(tmp_path / "mistral", "mistral")
+    engine = engine_with(folder, "tiny-mistral", {})
+    refs = {None: plain_model(folder, Task.CAUSAL_LM)}
+    dec = engine.continuous_decoder(max_rows=16, prefill_tokens=512)
+    assert dec.window == 48
+    col = Collector()
+    plan = [(0, PROMPTS[0], 12), (0, PROMPTS[1], 5), (3, PROMPTS[3], 9)]
+    pending: dict[int, list[GenSequence]] = {}
+    for i, (step, prompt, n) in enumerate(plan):
+        pending.setdefault(step, []).append(col.seq(engine, i, prompt, None, SamplingParams(max_tokens=n, temperature=0)))
+    run(dec, pending)
+    for i, (_, prompt, n) in enumerate(plan):
+        assert col.done[i].token_ids == reference(refs, engine, prompt, None, n), i
+    too_long = col.seq(engine, 9, PROMPTS[2], None, SamplingParams(max_tokens=48, temperature=0))
+    with pytest.raises(InvalidRequest, match="sliding attention window"):
+        dec.check(too_long)

@@ -47,8 +47,8 @@ def build_tokenizer(folder: Path):
 
 
 def build_tiny_causal_lm(folder: Path, arch: str = "llama", seed: int = 0) -> Path:
-    """Save a tiny random Llama or GPT-2 (with its tokenizer) to `folder` and return it."""
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+    """Save a tiny random Llama, GPT-2 or Mistral (with its tokenizer) to `folder` and return it."""
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -63,6 +63,12 @@ def build_tiny_causal_lm(folder: Path, arch: str = "llama", seed: int = 0) -> Pa
     elif arch == "gpt2":
         config = GPT2Config(
             vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=256,
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        )
+    elif arch == "mistral":  # sliding-window attention: its KV cache layers are sliding ones
+        config = MistralConfig(
+            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, sliding_window=48,
             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         )
     else:

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from adapters.tasks.errors import InvalidRequest
 from serving.engine.decoding import GREEDY_BELOW, SequenceState, make_generator, next_tokens
@@ -123,6 +123,7 @@ class ContinuousDecoder:
         self.guard: Guard = guard or (lambda refs, fn: fn())
         self.stream_interval = stream_interval_s
         self.bytes_per_token = kv_bytes_per_token(model)
+        self.window = sliding_window(model)
         self._kw = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
         self.rows: list[_Row] = []  # decoding, row i in the cache's slot i
         self.prefilling: deque[_Row] = deque()
@@ -139,7 +140,13 @@ class ContinuousDecoder:
         return len(self.rows) + len(self.prefilling)
 
     def check(self, seq: GenSequence) -> None:
-        """Refuse (400) a sequence that could not fit the budget even alone."""
+        """Refuse (400) a sequence that could not fit the budget even alone, or that could grow
+        past the model's sliding attention window (the slot cache keeps every token)."""
+        if self.window is not None and seq.reserve > self.window:
+            raise InvalidRequest(
+                f"prompt plus max_tokens is {seq.reserve} tokens, more than this model's sliding attention window "
+                f"({self.window} tokens), which continuous batching does not support; lower max_tokens"
+            )
         need = seq.reserve * self.bytes_per_token
         if need > self.budget:
             raise InvalidRequest(
@@ -391,10 +398,10 @@ class SlotKV:
 
     def __init__(self, cache: Any, budget_tokens: int, max_rows: int) -> None:
         for layer in cache.layers:
-            if type(layer) is not DynamicLayer:
-                raise InvalidRequest(
-                    f"continuous batching needs full-attention KV caches; this model's cache has a {type(layer).__name__}"
-                )
+            # a sliding-window layer holds everything while a sequence is shorter than its
+            # window, which the decoder makes sure of (`ContinuousDecoder.check`)
+            if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
+                raise InvalidRequest(f"continuous batching cannot hold this model's {type(layer).__name__} KV cache")
             layer.__class__ = SlotLayer
             layer.kv = self
         self.cache = cache
@@ -470,6 +477,19 @@ class SlotKV:
         n, a, b = self.n, self.start, self.end
         for layer in self.cache.layers:
             layer.keys, layer.values = layer.kbuf[:n, :, a:b], layer.vbuf[:n, :, a:b]
+
+
+def sliding_window(model: torch.nn.Module) -> int | None:
+    """The model's sliding (or chunked) attention window in tokens, the smallest if layers
+    differ; None when every layer attends to the whole sequence."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    types = getattr(cfg, "layer_types", None)  # None: inferred from the fields, as transformers does
+    sizes = [
+        int(size)
+        for attr, kind in (("sliding_window", "sliding"), ("attention_chunk_size", "chunked"))
+        if (size := getattr(cfg, attr, None)) and (types is None or any(kind in t for t in types))
+    ]
+    return min(sizes) if sizes else None
 
 
 def kv_bytes_per_token(model: torch.nn.Module) -> int:
