@@ -257,7 +257,7 @@ class ContinuousDecoder:
             r.cache, r.filled = out.past_key_values, end
             if end < len(r.seq.ids):
                 return  # more chunks in the next iterations
-            cache, mask = r.cache, torch.ones((1, end), dtype=torch.long, device=self.device)
+            cache = r.cache
             r.cache = None
         else:
             width = max(len(r.seq.ids) for r in rows)
@@ -276,7 +276,7 @@ class ContinuousDecoder:
         toks = self._sample(rows, out.logits[:, -1, :])
         keep = [i for i, (r, t) in enumerate(zip(rows, toks)) if not self._push(r, t)]
         if keep:
-            self._join([rows[i] for i in keep], cache, mask, keep)
+            self._join([rows[i] for i in keep], cache, None if len(keep) == len(rows) else keep)
 
     # ------------------------------------------------------------------ rows
 
@@ -344,13 +344,13 @@ class ContinuousDecoder:
             return
         self._kv.trim(max(self._lengths))
 
-    def _join(self, rows: list[_Row], cache: Any, mask: torch.Tensor, keep: list[int]) -> None:
-        """Append prefilled rows (positions `keep` of `cache`, right-aligned in it) to the batch."""
+    def _join(self, rows: list[_Row], cache: Any, keep: list[int] | None) -> None:
+        """Append prefilled rows (positions `keep` of `cache`, None: all; right-aligned in it) to the batch."""
         lengths = [len(r.seq.ids) for r in rows]
         if self._kv is None:
             self._kv = SlotKV(cache, self.budget // self.bytes_per_token, self.max_rows)
         cap = max(r.seq.reserve for r in self.rows + rows)
-        self._kv.join(cache, None if len(keep) == mask.shape[0] else keep, max(lengths), cap)
+        self._kv.join(cache, keep, max(lengths), cap)
         self.rows += rows
         self._lengths += lengths
 

@@ -94,7 +94,7 @@ class AdapterResidency:
             raise Overloaded(f"adapter cache is full of active or in-use adapters; cannot load {name!r}")
         # packing and the finiteness check touch no weight: done outside the lock, so forwards go on
         entry = prepare(name, bundle, self.bank, self.device, mode)
-        bad = [t for t, c in entry.compact.items() if not _finite_delta(c, bundle.metadata.scaling)]
+        bad = _non_finite_targets(entry.compact, bundle.metadata.scaling)
         if bad:
             raise BundleError([f"target {t!r}: merged delta is not finite" for t in bad], name=name)
         with self._lock:
@@ -337,17 +337,24 @@ class AdapterResidency:
             )
 
 
-def _finite_delta(c: CompactTarget, scaling: float) -> bool:
-    """Whether the target's stacked pair and its product B'A' are finite. The product is only
-    computed when the cheap bound (largest |B'| x largest |A'| x d*r) does not rule out overflow."""
-    (pair,) = build_pairs({"t": c}, scaling).values()
-    assert pair.b is not None and pair.a is not None
-    if not (bool(torch.isfinite(pair.b).all()) and bool(torch.isfinite(pair.a).all())):
-        return False
-    bound = float(pair.b.abs().max()) * float(pair.a.abs().max()) * pair.a.shape[0]
-    if bound < torch.finfo(torch.float32).max / 2:
-        return True
-    return bool(torch.isfinite(dense_of(pair, c.transposed).dense).all())  # type: ignore[arg-type]
+def _non_finite_targets(compact: dict[str, CompactTarget], scaling: float) -> list[str]:
+    """Targets whose stacked pair or product B'A' is not finite (all pairs built in one
+    `build_pairs` call). The product is only computed when the cheap bound (largest |B'| x
+    largest |A'| x d*r) does not rule out overflow."""
+    pairs = build_pairs(compact, scaling)
+    bad = []
+    for target in compact:  # in the bundle's order, as the error lists them
+        pair = pairs[target]
+        assert pair.b is not None and pair.a is not None
+        if not (bool(torch.isfinite(pair.b).all()) and bool(torch.isfinite(pair.a).all())):
+            bad.append(target)
+            continue
+        bound = float(pair.b.abs().max()) * float(pair.a.abs().max()) * pair.a.shape[0]
+        if bound >= torch.finfo(torch.float32).max / 2 and not bool(
+            torch.isfinite(dense_of(pair, compact[target].transposed).dense).all()  # type: ignore[arg-type]
+        ):
+            bad.append(target)
+    return bad
 
 
 def _info(e: PreparedAdapter) -> LoadedAdapterInfo:
