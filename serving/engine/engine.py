@@ -27,6 +27,7 @@ from serving.config import EngineConfig
 from serving.engine.continuous import ContinuousDecoder, Guard
 from serving.engine.encode import AdapterMode, EncodeInput, EncodeRunner
 from serving.engine.generate import GenerateRunner
+from serving.engine.packed import maybe_pack
 from serving.engine.outputs import (
     EncodedRow,
     EngineStats,
@@ -66,6 +67,8 @@ class Engine:
         self.dtype: torch.dtype = loaded.dtype
         #: the weights' dtype and why (the dtype setting and the startup guard's verdict)
         self.precision = loaded.precision
+        #: linear layers running on prepacked weights (serving/engine/packed.py); 0 when not packed
+        self.packed_layers = maybe_pack(loaded.model, loaded.device, loaded.dtype, config.pack_weights)
         self.max_len = min(config.max_seq_len, loaded.max_positions)
         self.tokens = Tokens(loaded.tokenizer, self.max_len, self.model_id)
         self.residency = AdapterResidency(

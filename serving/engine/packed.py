@@ -1,0 +1,98 @@
+"""Linear layers that run on weights prepacked for the CPU's bfloat16 matmul (oneDNN).
+
+Why: on a CPU, torch's bfloat16 `linear` reorders the weight into oneDNN's blocked layout on
+every call. For MiniLM's 384x1536 layers that reorder is ~60 us of a 90 us call at one text,
+and a prepacked weight is still ~18% faster at 1,280 rows (this 2-core AVX512-BF16 host); the
+outputs are the same kernel's, bit for bit (tests/test_packed_weights.py). A forward runs 36
+such calls, so a one-text forward loses a third of its time and a full batch a sixth.
+
+How it stays exact under hot swaps: a packed module keeps its ordinary `weight` parameter (the
+one the `WeightBank` writes in place, so pristine copies, swaps and the state dict are
+unchanged) and packs a copy of it. Every in-place write bumps the tensor's version counter, so
+the first forward after a swap sees a new version and packs again (~0.1 ms per target); a
+forward never runs on a stale copy. Forward hooks (the unmerged adapters' additions) still run.
+
+The cost is a second copy of every linear weight (21 MB for MiniLM in bfloat16), so
+`pack_weights="auto"` packs on a CPU in bfloat16 when the copies fit `PACK_MAX_FRACTION` of the
+memory available; "off" never packs. On a GPU or in float32 (where torch's own call is as fast,
+measured) nothing changes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import psutil
+import torch
+
+log = logging.getLogger("capaserve.packed")
+
+#: At most this fraction of the available memory goes to packed copies under "auto".
+PACK_MAX_FRACTION = 0.25
+
+
+def packing_applies(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether packed weights pay here: a CPU computing bfloat16 through oneDNN."""
+    if device.type != "cpu" or dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+        return False
+    mkldnn = getattr(torch.ops, "mkldnn", None)
+    try:
+        return bool(mkldnn._is_mkldnn_bf16_supported()) and hasattr(mkldnn, "_linear_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class PackedLinear(torch.nn.Linear):
+    """An `nn.Linear` whose forward uses a packed copy of `weight`, repacked whenever it changed."""
+
+    _packed: tuple[tuple[int, int], torch.Tensor] | None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if x.dtype != w.dtype or x.device.type != "cpu" or (torch.is_grad_enabled() and w.requires_grad):
+            return torch.nn.functional.linear(x, w, self.bias)
+        key = (w._version, w.data_ptr())
+        packed = self._packed
+        if packed is None or packed[0] != key:
+            with torch.no_grad():
+                packed = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1))
+            self._packed = packed  # one assignment: a concurrent forward sees the old pair or the new
+        return torch.ops.mkldnn._linear_pointwise(x, packed[1], self.bias, "none", [], "")
+
+
+def pack_linears(model: torch.nn.Module) -> int:
+    """Turn every `nn.Linear` of `model` (same dtype as its weight, on the CPU) into a
+    `PackedLinear` in place; how many. Packing itself happens at each one's first forward."""
+    n = 0
+    for mod in model.modules():
+        if type(mod) is torch.nn.Linear and mod.weight.device.type == "cpu":
+            mod.__class__ = PackedLinear
+            mod._packed = None
+            n += 1
+    return n
+
+
+def unpack_linears(model: torch.nn.Module) -> None:
+    """Back to plain `nn.Linear` (tests compare the two on the same tensors)."""
+    for mod in model.modules():
+        if type(mod) is PackedLinear:
+            mod.__class__ = torch.nn.Linear
+            del mod._packed
+
+
+def linear_bytes(model: torch.nn.Module) -> int:
+    return sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if type(m) is torch.nn.Linear)
+
+
+def maybe_pack(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, setting: str) -> int:
+    """Apply the `pack_weights` setting ("auto" or "off"); the number of packed layers."""
+    if setting == "off" or not packing_applies(device, dtype):
+        return 0
+    size = linear_bytes(model)
+    if size > PACK_MAX_FRACTION * psutil.virtual_memory().available:
+        log.warning("not packing weights: their copies (%d MiB) exceed %.0f%% of the available memory",
+                    size >> 20, 100 * PACK_MAX_FRACTION)
+        return 0
+    n = pack_linears(model)
+    log.info("packed %d linear layers for oneDNN bfloat16 (%d MiB of copies)", n, size >> 20)
+    return n
