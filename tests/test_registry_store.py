@@ -271,3 +271,23 @@ def test_local_files_take_the_umask_like_any_new_file(tmp_path, umask, mode):
         os.umask(old)
     assert (store.blobs / m.sha256).stat().st_mode & 0o777 == mode
     assert (store.manifests / "x" / "1.json").stat().st_mode & 0o777 == mode
+
+
+def test_key_lookups_answer_from_the_listing_until_it_is_older_than_the_ttl(tmp_path):
+    """The ingress authenticates on its event loop while `fresh()`; a revocation made by another
+    process is seen once the listing is older than `ttl_s`."""
+    from adapters.registry.keys import KeyStore, Role
+
+    writer, reader = KeyStore(LocalStore(tmp_path)), KeyStore(LocalStore(tmp_path), ttl_s=0.3)
+    created = writer.create("t", Role.reader)
+    assert not reader.fresh()
+    assert reader.lookup(created.key).id == created.id  # lists the store
+    assert reader.fresh()
+    writer.revoke(created.id)
+    assert reader.lookup(created.key, refresh=False).id == created.id  # the cached listing
+    assert reader.any(refresh=False)
+    time.sleep(0.35)
+    assert not reader.fresh()
+    assert reader.lookup(created.key, refresh=False) is not None  # still the old listing, as asked
+    assert reader.lookup(created.key) is None and reader.fresh()
+    assert not reader.any(refresh=False)

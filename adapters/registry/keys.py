@@ -114,10 +114,16 @@ class KeyStore:
         self._listed_at = float("-inf")
         return rec
 
-    def lookup(self, key: str) -> KeyRecord | None:
+    def fresh(self) -> bool:
+        """Whether the cached listing is younger than `ttl_s` (a lookup now reads no store)."""
+        return time.monotonic() - self._listed_at < self.ttl_s
+
+    def lookup(self, key: str, refresh: bool = True) -> KeyRecord | None:
         """The live record of `key`, or None. The digest is compared in constant time with the
-        record its id names, so neither timing nor a guessed id tells anything of the secret."""
-        self._refresh()
+        record its id names, so neither timing nor a guessed id tells anything of the secret.
+        refresh=False answers from the cached listing, however old."""
+        if refresh:
+            self._refresh()
         key_id = key[len(KEY_PREFIX):len(KEY_PREFIX) + 12] if key.startswith(KEY_PREFIX) else ""
         rec = self._records.get(key_id)
         expected = rec.key_sha256 if rec is not None else "0" * 64
@@ -125,9 +131,10 @@ class KeyStore:
             return rec
         return None
 
-    def any(self) -> bool:
+    def any(self, refresh: bool = True) -> bool:
         """Whether any key exists (then every request needs one)."""
-        self._refresh()
+        if refresh:
+            self._refresh()
         return bool(self._records)
 
     def _refresh(self, force: bool = False) -> None:
