@@ -353,7 +353,7 @@ class SchedulerConfig(_Section):
         ge=0,
         description="Fixed cost of one encoder call in padded tokens: an encoder batch is split by length where "
         "the padding saved is worth more than the extra call (0: one call per length).",
-        json_schema_extra={"default_doc": "128 on CPU (measured under load), 2048 on GPU (padding is nearly free there)"},
+        json_schema_extra={"default_doc": "256 on CPU (measured under load), 2048 on GPU (padding is nearly free there)"},
     )
     starvation_ms: float = Field(
         200.0, ge=0.0, description="Switch adapters once another adapter's oldest request waited this long."
@@ -403,11 +403,12 @@ class SchedulerConfig(_Section):
         On a CPU a call's fixed cost is mostly reading the weights (~42 MB of MiniLM's matmul
         weights per forward, whatever the batch): tens of padded tokens' worth on one idle
         thread, more while two engine workers share the memory bus. Under `bench_peer`'s load
-        128 gives more texts/s at less CPU per text than 32, and 512 is worse again (too much
-        padding); README.md#benchmarks has the figures."""
+        (8 texts a request, bfloat16 on prepacked weights) 256 gives 6-12% more texts/s than 128,
+        384 and 512 no more; in process, random 64-text batches cut at 128 ran 8% slower than
+        uncut (loadtest/results/overheads.md)."""
         if self.call_overhead_tokens is not None:
             return self.call_overhead_tokens
-        return 128 if device_type == "cpu" else 2048
+        return 256 if device_type == "cpu" else 2048
 
 
 class ServeConfig(BaseModel):

@@ -209,7 +209,7 @@ def test_derived_values() -> None:
     assert config_of(replicas=2).resolved().server.num_cpus == max(1, cores // 2)
     assert config_of(device="cuda:1").device_type() == "cuda" and ServeConfig().device_type() == "cpu"
     s = ServeConfig().scheduler
-    assert s.call_overhead("cpu") == 128 and s.call_overhead("cuda") == 2048
+    assert s.call_overhead("cpu") == 256 and s.call_overhead("cuda") == 2048
     assert config_of(call_overhead_tokens=0).scheduler.call_overhead("cuda") == 0
     assert ServeConfig().engine.served_name() == "sentence-transformers/all-MiniLM-L6-v2"
     assert config_of(model="/m/x").engine.served_name() == "/m/x"
