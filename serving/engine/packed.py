@@ -61,8 +61,8 @@ class PackedLinear(torch.nn.Linear):
 
 
 def pack_linears(model: torch.nn.Module) -> int:
-    """Turn every `nn.Linear` of `model` (same dtype as its weight, on the CPU) into a
-    `PackedLinear` in place; how many. Packing itself happens at each one's first forward."""
+    """Turn every `nn.Linear` of `model` on the CPU into a `PackedLinear` in place; how many.
+    Packing itself happens at each one's first forward (and again after each write)."""
     n = 0
     for mod in model.modules():
         if type(mod) is torch.nn.Linear and mod.weight.device.type == "cpu":
