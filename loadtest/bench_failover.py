@@ -88,6 +88,7 @@ class FailoverResult:
     share_first: float | None  # the replacement's share in the window after its first answer
     share_last: float | None  # its share in the last window
     replicas: dict[str, float]  # requests per replica over the whole run
+    busy_at_kill: bool = False  # the victim was computing when it was killed (`wait_until_busy`)
 
 
 def run_failover(url: str, root_pid: int, bodies: list[tuple[str, dict]], users: int = 8, warmup_s: float = 8.0,
@@ -100,7 +101,7 @@ def run_failover(url: str, root_pid: int, bodies: list[tuple[str, dict]], users:
     with SteadyLoad(url, round_robin(bodies), users=users) as load:
         time.sleep(warmup_s)
         known = set(replica_counts(url))
-        wait_until_busy(victims[0])
+        busy = wait_until_busy(victims[0], window_s=0.3, busy=0.7)
         t_kill = time.monotonic()
         os.kill(victims[0], signal.SIGKILL)
         timeline: list[tuple[float, dict[str, float]]] = []
@@ -142,6 +143,7 @@ def run_failover(url: str, root_pid: int, bodies: list[tuple[str, dict]], users:
         share_first=None if first is None else share(first, first + window_s),
         share_last=share(end - window_s, end),
         replicas=replicas,
+        busy_at_kill=busy,
     )
 
 

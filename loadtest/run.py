@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import shutil
+import random
 import socket
 import subprocess
 import sys
@@ -308,8 +309,20 @@ def wait_ready(url: str, timeout_s: float = 180.0, proc: subprocess.Popen | None
 
 
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now."""
-    with socket.socket() as s:
+    """A TCP port free on 127.0.0.1 now, drawn from 20000-29999: outside the kernel's ephemeral
+    range (32768-60999 by default), which the many port-0 binds of a starting Ray cluster draw
+    from (a port taken from it was once bound by Ray between this call and the server's own
+    bind), and outside Ray's worker ports (10002-19999) and Serve's direct-ingress ports (30000 up)."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 30000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # that range is full: any port the kernel gives
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

@@ -21,15 +21,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from loadtest.run import free_port
+
 BUCKET = "capaserve-test"
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 ADMIN_TOKEN = "admin-secret"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_port(port: int, proc: subprocess.Popen | None = None, timeout_s: float = 30.0) -> None:
