@@ -161,7 +161,8 @@ class AuthSettings(BaseModel):
 async def _authenticate(settings: AuthSettings, authorization: str | None, role: Role) -> Principal:
     # Re-listing the stored keys reads the store (a network call on S3), so it runs off the event
     # loop, at most every `KeyStore.ttl_s`; between listings every request is answered from the
-    # cache on the loop itself: a thread hop per request cost the ingress ~10% of its CPU.
+    # cache on the loop itself: a thread hop per request took the ingress from 1.0 to 1.25 CPU-ms
+    # per one-text request.
     if settings.keys is None or settings.keys.fresh():
         return settings.authenticate(authorization, role, refresh=False)
     return await run_in_threadpool(settings.authenticate, authorization, role)

@@ -479,10 +479,15 @@ class SlotKV:
             layer.keys, layer.values = layer.kbuf[:n, :, a:b], layer.vbuf[:n, :, a:b]
 
 
+def _text_config(model: torch.nn.Module) -> Any:
+    """The config that describes the model's text layers (a multimodal config nests it)."""
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+
 def sliding_window(model: torch.nn.Module) -> int | None:
     """The model's sliding (or chunked) attention window in tokens, the smallest if layers
     differ; None when every layer attends to the whole sequence."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cfg = _text_config(model)
     types = getattr(cfg, "layer_types", None)  # None: inferred from the fields, as transformers does
     sizes = [
         int(size)
@@ -494,7 +499,7 @@ def sliding_window(model: torch.nn.Module) -> int | None:
 
 def kv_bytes_per_token(model: torch.nn.Module) -> int:
     """Bytes of keys and values one token holds in the cache, over every layer."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cfg = _text_config(model)
     heads = int(cfg.num_attention_heads)
     kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
