@@ -9,8 +9,8 @@ request of the active adapter before moving on, and batches them. Policy, per st
    as one more tenant), then to that tenant's adapter whose oldest request waited longest,
    so a tenant with many adapters' work queued cannot take every turn from another.
    So no adapter and no tenant waits unboundedly.
-2. Batch fill. Wait up to `batch_wait_ms` (from the arrival of the head request) for
-   up to `max_batch_size` compatible requests: embeddings, classify and question-answering
+2. Batch fill. Wait up to `batch_wait_ms` (from the arrival of the head request; 0 by
+   default, so a free worker starts at once) for up to `max_batch_size` compatible requests: embeddings, classify and question-answering
    requests share one encoder forward (each row gets its own head).
 3. Padding. A batch's texts are sorted by length and split into engine calls whose
    padded size (texts x longest) stays under `max_batch_tokens`. Encoder batches are
