@@ -380,12 +380,6 @@ class SchedulerConfig(_Section):
         "each message crosses Ray and costs the replica's GIL, so one per token slows every sequence's "
         "decoding (0: every token).",
     )
-    stream_slice_ms: float = Field(
-        50.0,
-        gt=0.0,
-        description="Unused by the model server (its generation runs by continuous batching); a stream of a "
-        "BatchRunner without a decode loop holds the engine this long at a time.",
-    )
     adapter_mode: Literal["merged", "adaptive"] = Field(
         "adaptive",
         description="merged: one adapter per batch, merged into the weights; adaptive: also mixed-adapter "

@@ -187,7 +187,7 @@ class ModelServer:
         first = True
         for again in (False, True):
             ref, ready = await self._admit(call)
-            agen = self.scheduler.stream(ref, prompt, length=_estimate_tokens(prompt), params=call.params, ready=ready)
+            agen = self.scheduler.stream(ref, prompt, params=call.params, ready=ready)
             try:
                 async for (delta, prompt_tokens), info in agen:
                     item = StreamItem(

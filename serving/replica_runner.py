@@ -8,17 +8,16 @@ engine's threads and resubmits the request once.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from adapters.bundle import Task
-from adapters.tasks.errors import InvalidRequest
-from adapters.tasks.kinds import ENCODER_KINDS, RequestKind
+from adapters.tasks.kinds import RequestKind
 from serving.config import SchedulerConfig
 from serving.engine.continuous import DecodeLoop
 from serving.engine.engine import Engine
 from serving.engine.outputs import EngineStats
-from serving.replica_io import ClassOutput, GenerationResult, QAOutput
+from serving.replica_io import ClassOutput, QAOutput
 
 T = TypeVar("T")
 
@@ -38,40 +37,21 @@ class EngineRunner:
         self._scheduler = scheduler or SchedulerConfig()
         self._decode_threads = decode_threads
 
-    def run_batch(self, kinds: list[RequestKind], adapter: str | None, texts: list[Any], params: Any) -> list[Any]:
-        """One merged engine call (input i is a kinds[i] request); (output, prompt_tokens) per input."""
+    def run_batch(self, kinds: list[RequestKind], adapter: str | None, texts: list[Any]) -> list[Any]:
+        """One merged encoder call (input i is a kinds[i] request); (output, prompt_tokens) per input."""
         e = self.engine
         try:
-            if _generation(kinds):
-                return _generation_results(e.generate(texts, adapter, params))
             return _encoder_results(e.encode(texts, [adapter] * len(texts), kinds))
         finally:
             self._observe(e.stats())
 
-    def run_mixed_batch(
-        self, kinds: list[RequestKind], adapters: list[str | None], texts: list[Any], params: Any = None
-    ) -> list[Any]:
-        """Adaptive mode: one unmerged engine call, text i with adapters[i]."""
+    def run_mixed_batch(self, kinds: list[RequestKind], adapters: list[str | None], texts: list[Any]) -> list[Any]:
+        """Adaptive mode: one unmerged encoder call, input i with adapters[i]."""
         e = self.engine
         try:
-            if _generation(kinds):
-                return _generation_results(e.generate_mixed(texts, adapters, params))
             return _encoder_results(e.encode(texts, adapters, kinds, mixed=True))
         finally:
             self._observe(e.stats())
-
-    def run_stream(self, adapter: str | None, prompt: str, params: Any) -> Iterator[Any]:
-        """(delta, prompt_tokens) pairs of one streamed generation."""
-        e = self.engine
-        prompt_tokens = e.count_tokens([prompt])
-        gen = e.generate_stream(prompt, adapter, params)
-        try:
-            for delta in gen:
-                yield delta, prompt_tokens
-        finally:
-            gen.close()
-            self._observe(e.stats())
-
 
     def decode_loop(self) -> DecodeLoop | None:
         """Generation by continuous batching on this engine (serving/engine/continuous.py): one
@@ -106,28 +86,6 @@ class EngineRunner:
             return fn()
         finally:
             self._observe(self.engine.stats())
-
-
-def _generation(kinds: list[RequestKind]) -> bool:
-    """Whether a batch is generation (all rows) or encoder work (embed/classify/qa rows, mixable)."""
-    if all(k == RequestKind.GENERATE for k in kinds):
-        return True
-    if any(k not in ENCODER_KINDS for k in kinds):
-        raise InvalidRequest(f"a batch holds generate rows only, or encoder rows only; got {sorted(set(kinds))}")
-    return False
-
-
-def _generation_results(outs: list[Any]) -> list[Any]:
-    return [
-        (
-            GenerationResult(
-                text=o.text, finish_reason=o.finish_reason, prompt_tokens=o.prompt_tokens,
-                completion_tokens=o.completion_tokens,
-            ),
-            o.prompt_tokens,
-        )
-        for o in outs
-    ]
 
 
 def _encoder_results(rows: list[Any]) -> list[Any]:

@@ -35,8 +35,9 @@ request of the active adapter before moving on, and batches them. Policy, per st
    go to the replica's continuous-batching decode loop (serving/engine/continuous.py), which
    admits each prompt at the next decode step with its own sampling parameters and picks
    merged or unmerged adapters per step; the queue bound (`max_queue`) counts the sequences
-   waiting there too. A runner without it gets the batches above, generation grouped by
-   identical sampling parameters, and streams run in slices of `stream_slice_ms`.
+   waiting there too. Generation has no other path: a runner without a decode loop (an
+   encoder base) refuses it with UnsupportedTask, and the queues above hold encoder
+   requests only.
 
 With `grouping=False` each request runs alone in arrival order: the swap-per-request
 baseline the load test compares against. A full queue raises `Overloaded` (503).
@@ -56,46 +57,35 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
-import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Hashable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pydantic import BaseModel, Field
 
 from adapters.manifest import tenant_of
 from serving.config import SchedulerConfig
-from adapters.tasks.errors import Overloaded
+from adapters.tasks.errors import Overloaded, UnsupportedTask
 from adapters.tasks.kinds import ENCODER_KINDS, RequestKind
 from serving.engine.continuous import DecodeLoop, GenSequence
 from serving.mode_policy import ModePolicy
-
-log = logging.getLogger("capaserve.scheduler")
-
-#: Kinds a mixed-adapter batch can hold (streams always run merged, one at a time).
-MIXABLE: tuple[RequestKind, ...] = (*ENCODER_KINDS, RequestKind.GENERATE)
 
 
 class BatchRunner(Protocol):
     """What the scheduler drives; implemented over the engine by the model deployment."""
 
-    def run_batch(self, kinds: list[RequestKind], adapter: str | None, texts: list[Any], params: Any) -> list[Any]:
-        """One engine call (input i belongs to a kinds[i] request: a text, or an image or a
-        question for the encoder kinds); returns one result per input, in order."""
+    def run_batch(self, kinds: list[RequestKind], adapter: str | None, texts: list[Any]) -> list[Any]:
+        """One encoder call (input i belongs to a kinds[i] request: a text, an image or a
+        question); returns one result per input, in order."""
 
-    def run_stream(self, adapter: str | None, prompt: str, params: Any) -> Iterator[Any]:
-        """A token stream for one prompt."""
-
-    # optional: def run_mixed_batch(self, kinds, adapters: list[str | None], texts, params) -> list[Any]
+    # optional: def run_mixed_batch(self, kinds, adapters: list[str | None], texts) -> list[Any]
     # (one unmerged engine call, row i with adapters[i]); without it the scheduler stays merged.
     # optional: def decode_loop(self) -> DecodeLoop | None (None: the base does not generate) and
-    # def prompt_ids(self, texts, params) -> list[list[int]]:
-    # generation then runs by continuous batching (serving/engine/continuous.py) instead of
-    # the batches and stream slices above.
+    # def prompt_ids(self, texts, params) -> list[list[int]]: generation (completions and
+    # streams) runs by continuous batching on that loop (serving/engine/continuous.py).
 
 
 @dataclass(frozen=True)
@@ -109,28 +99,16 @@ class BatchInfo:
 
 @dataclass
 class _Item:
+    """One queued encoder request; every kind of them can share a forward with any other."""
+
     kind: RequestKind
     adapter: str | None
-    texts: list[Any]  # texts, or images or questions for encoder kinds
+    texts: list[Any]  # texts, images or questions
     lengths: list[int]
-    params: Any
-    params_key: Hashable
     future: asyncio.Future
     enqueued: float
     seq: int
     cold: bool = False  # waiting for its adapter to become resident (outside the queues)
-    # streaming only
-    deltas: asyncio.Queue | None = None
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    gen: Iterator[Any] | None = None
-    sent: int = 0
-
-    def compatible(self, other: "_Item") -> bool:
-        """Whether two requests can share an engine call: the encoder kinds together (one encoder
-        forward), generation with generation of the same sampling parameters; never streams."""
-        if self.kind in ENCODER_KINDS and other.kind in ENCODER_KINDS:
-            return True
-        return self.kind == other.kind and self.kind != RequestKind.STREAM and self.params_key == other.params_key
 
 
 _END = object()
@@ -195,12 +173,16 @@ class Scheduler:
         ready: asyncio.Future | None = None,
     ) -> tuple[list[Any], BatchInfo]:
         """Queue one request (its inputs run together) and wait for its results; with `ready`
-        it joins its adapter's queue once `ready` is done (its error, if any, is the request's)."""
-        if kind == RequestKind.GENERATE and self._decode is not None:
+        it joins its adapter's queue once `ready` is done (its error, if any, is the request's).
+        Encoder kinds are batched here; a completion (`params`) goes to the decode loop."""
+        if kind == RequestKind.GENERATE:
+            self._decoder()  # refused before anything is queued on a base that does not generate
             if ready is not None:
                 await asyncio.shield(ready)  # shared by every request of a cold adapter: never cancelled by one
             return await self._generate(adapter, list(texts), params)
-        item = self._enqueue(kind, adapter, list(texts), lengths, params, ready)
+        if kind not in ENCODER_KINDS:
+            raise ValueError(f"{kind!r} requests are not queued: use stream() for a streamed generation")
+        item = self._enqueue(kind, adapter, list(texts), lengths, ready)
         return await item.future
 
     async def stream(
@@ -208,36 +190,25 @@ class Scheduler:
         adapter: str | None,
         prompt: str,
         *,
-        length: int | None = None,
         params: Any = None,
         ready: asyncio.Future | None = None,
     ) -> AsyncIterator[tuple[Any, BatchInfo]]:
-        """Queue one streamed generation; yields (delta, info) as the worker produces them.
+        """One streamed generation on the decode loop; yields (delta, info) as it decodes.
 
         Closing the iterator early (client gone) cancels the generation between tokens,
-        or drops it from the queue if it has not started.
+        or drops it from the loop's queue if it has not started.
         """
-        if self._decode is not None:
-            if ready is not None:
-                await asyncio.shield(ready)
-            async for out in self._stream_continuous(adapter, prompt, params):
-                yield out
-            return
-        item = self._enqueue(RequestKind.STREAM, adapter, [prompt], [length] if length else None, params, ready)
-        item.deltas = asyncio.Queue()
-        try:
-            info: BatchInfo = await item.future  # set when the worker starts it
-            while True:
-                delta = await item.deltas.get()
-                if delta is _END:
-                    break
-                if isinstance(delta, BaseException):
-                    raise delta
-                yield delta, info
-        finally:
-            item.cancelled.set()
-            if not item.future.done():
-                item.future.cancel()
+        self._decoder()
+        if ready is not None:
+            await asyncio.shield(ready)
+        async for out in self._stream_continuous(adapter, prompt, params):
+            yield out
+
+    def _decoder(self) -> DecodeLoop:
+        """The decode loop, or UnsupportedTask (400) on a base that does not generate."""
+        if self._decode is None:
+            raise UnsupportedTask("text generation needs a causal LM base model; this replica serves an encoder")
+        return self._decode
 
     def stats(self, drain: bool = False) -> SchedulerStats:
         """A snapshot; with drain=True the batch-size events are handed over and cleared."""
@@ -359,7 +330,6 @@ class Scheduler:
         adapter: str | None,
         texts: list[Any],
         lengths: Sequence[int] | None,
-        params: Any,
         ready: asyncio.Future | None = None,
     ) -> _Item:
         if self._pending >= self.config.max_queue:
@@ -370,8 +340,6 @@ class Scheduler:
             adapter=adapter,
             texts=texts,
             lengths=list(lengths) if lengths is not None else [len(t) for t in texts],
-            params=params,
-            params_key=_params_key(params),
             future=loop.create_future(),
             enqueued=time.monotonic(),
             seq=next(self._seq),
@@ -443,13 +411,12 @@ class Scheduler:
         queue = self._queues[key]
         head = queue.popleft()
         batch = [head]
-        if self.config.grouping and head.kind != RequestKind.STREAM:
+        if self.config.grouping:
             tokens = sum(head.lengths)
             rest: deque[_Item] = deque()
             while queue:
                 it = queue.popleft()
-                fits = len(batch) < self.config.max_batch_size and tokens + sum(it.lengths) <= self.config.max_batch_tokens
-                if fits and head.compatible(it):
+                if len(batch) < self.config.max_batch_size and tokens + sum(it.lengths) <= self.config.max_batch_tokens:
                     batch.append(it)
                     tokens += sum(it.lengths)
                 else:
@@ -463,12 +430,10 @@ class Scheduler:
     def _fillable(self, key: str | None) -> tuple[bool, float]:
         """(whether the head's batch could still grow, seconds left to wait for it)."""
         queue = self._queues[key]
-        head = queue[0]
-        if not self.config.grouping or head.kind == RequestKind.STREAM:
+        if not self.config.grouping:
             return False, 0.0
-        n = sum(1 for it in queue if head.compatible(it) or it is head)
-        left = head.enqueued + self.config.batch_wait_ms / 1000.0 - time.monotonic()
-        return n < self.config.max_batch_size, left
+        left = queue[0].enqueued + self.config.batch_wait_ms / 1000.0 - time.monotonic()
+        return len(queue) < self.config.max_batch_size, left
 
     # ------------------------------------------------------------------ loop
 
@@ -517,11 +482,10 @@ class Scheduler:
         if self._active != target:
             self._stats.adapter_switches += int(self._active is not _END)
             self._active = target
-        if head.gen is None:  # a stream's later slices are not new batches
-            self._stats.mixed_batches += int(mixed)
-            self._stats.batches += 1
-            self._stats.requests += len(batch)
-            self._new_batch_sizes.append(len(batch))
+        self._stats.mixed_batches += int(mixed)
+        self._stats.batches += 1
+        self._stats.requests += len(batch)
+        self._new_batch_sizes.append(len(batch))
         self._running += 1
         self._running_state = target
         task = asyncio.get_running_loop().create_task(self._run_guarded(batch, mixed, swapped))
@@ -532,13 +496,11 @@ class Scheduler:
         self._wakeup.set()
 
     async def _mixed_step(self) -> bool:
-        """One step in mixed mode; False when the policy says merged or the head is not mixable."""
+        """One step in mixed mode; False when the policy says merged."""
         if self._policy.decide(self._waiting(), time.monotonic()) != "mixed":
             return False
         head = min((q[0] for q in self._queues.values() if q), key=lambda it: (it.enqueued, it.seq))
-        if head.kind not in MIXABLE:
-            return False
-        n = sum(1 for q in self._queues.values() for it in q if it is head or head.compatible(it))
+        n = sum(len(q) for q in self._queues.values())
         left = head.enqueued + self.config.batch_wait_ms / 1000.0 - time.monotonic()
         if n < self.config.max_batch_size and left > 0:
             self._wakeup.clear()
@@ -550,23 +512,20 @@ class Scheduler:
         if not self._can_start(None):  # a mixed batch runs on the pristine weights
             await self._batch_done()
             return True
-        self._start(self._take_mixed(head), mixed=True)
+        self._start(self._take_mixed(), mixed=True)
         return True
 
     def _waiting(self) -> dict[str | None, int]:
-        """Waiting mixable requests per adapter: what the mode policy decides on."""
+        """Waiting requests per adapter: what the mode policy decides on."""
         counts: dict[str | None, int] = {}
         for q in self._queues.values():
             for it in q:
-                if it.kind in MIXABLE:
-                    counts[it.adapter] = counts.get(it.adapter, 0) + 1
+                counts[it.adapter] = counts.get(it.adapter, 0) + 1
         return counts
 
-    def _take_mixed(self, head: _Item) -> list[_Item]:
-        """The oldest requests of head's kind over every adapter's queue, within the batch caps."""
-        candidates = sorted(
-            (it for q in self._queues.values() for it in q if head.compatible(it)), key=lambda it: (it.enqueued, it.seq)
-        )
+    def _take_mixed(self) -> list[_Item]:
+        """The oldest requests over every adapter's queue, within the batch caps."""
+        candidates = sorted((it for q in self._queues.values() for it in q), key=lambda it: (it.enqueued, it.seq))
         batch: list[_Item] = []
         tokens = 0
         for it in candidates:
@@ -606,12 +565,7 @@ class Scheduler:
                     it.future.set_exception(exc)
 
     async def _run(self, batch: list[_Item], mixed: bool, swapped: bool) -> None:
-        head = batch[0]
         now = time.monotonic()
-        loop = asyncio.get_running_loop()
-        if head.kind == RequestKind.STREAM:
-            await self._run_stream_slice(head, swapped, now, loop)
-            return
         try:
             outputs = await self._run_chunks(batch, mixed)
         except Exception:
@@ -657,75 +611,22 @@ class Scheduler:
         """(item, text index, text, length) of every text, and the engine calls as lists of its indices."""
         flat = [(i, j, text, length) for i, it in enumerate(batch) for j, (text, length) in enumerate(zip(it.texts, it.lengths))]
         order = sorted(range(len(flat)), key=lambda k: flat[k][3])
-        overhead = self._call_overhead if batch[0].kind in ENCODER_KINDS else None
-        return flat, list(_chunks(order, lambda k: flat[k][3], self.config.max_batch_tokens, overhead))
+        return flat, list(_chunks(order, lambda k: flat[k][3], self.config.max_batch_tokens, self._call_overhead))
 
     def _run_call(
         self, batch: list[_Item], flat: list[tuple[int, int, str, int]], chunk: list[int], mixed: bool
     ) -> list[Any]:
         """Worker thread: one engine call over the texts `chunk` names; one result per text."""
-        head = batch[0]
         texts = [flat[k][2] for k in chunk]
         kinds = [batch[flat[k][0]].kind for k in chunk]
         if mixed:
             adapters = [batch[flat[k][0]].adapter for k in chunk]
-            outs = self.runner.run_mixed_batch(kinds, adapters, texts, head.params)  # type: ignore[attr-defined]
+            outs = self.runner.run_mixed_batch(kinds, adapters, texts)  # type: ignore[attr-defined]
         else:
-            outs = self.runner.run_batch(kinds, head.adapter, texts, head.params)
+            outs = self.runner.run_batch(kinds, batch[0].adapter, texts)
         if len(outs) != len(chunk):
             raise RuntimeError(f"engine returned {len(outs)} results for {len(chunk)} inputs")
         return outs
-
-    async def _run_stream_slice(
-        self, item: _Item, swapped: bool, now: float, loop: asyncio.AbstractEventLoop
-    ) -> None:
-        """Run a stream for one time slice; if unfinished, put it back at the head of its queue.
-
-        So a long stream holds the worker for `stream_slice_ms` at a time: between slices
-        the usual policy runs, and a starving adapter's batch gets in between two tokens
-        (the engine re-activates each stream's adapter per decode step).
-        """
-        if item.gen is None:
-            if item.future.cancelled():
-                return
-            item.future.set_result(BatchInfo(batch_size=1, swapped=swapped, queue_seconds=now - item.enqueued))
-        finished = await loop.run_in_executor(self._executor, self._pump_stream, item, loop)
-        if not finished:
-            item.enqueued = time.monotonic()
-            key = item.adapter if self.config.grouping else None
-            self._queues.setdefault(key, deque()).appendleft(item)
-            self._pending += 1
-
-    def _pump_stream(self, item: _Item, loop: asyncio.AbstractEventLoop) -> bool:
-        """Worker thread: forward deltas for up to one slice; True once the stream is over."""
-        assert item.deltas is not None
-        put = lambda x: loop.call_soon_threadsafe(item.deltas.put_nowait, x)  # noqa: E731
-        deadline = time.monotonic() + self.config.stream_slice_ms / 1000.0
-        finished = True
-        try:
-            if item.gen is None:
-                item.gen = iter(self.runner.run_stream(item.adapter, item.texts[0], item.params))
-            while not item.cancelled.is_set():
-                try:
-                    delta = next(item.gen)
-                except StopIteration:
-                    break
-                put(delta)
-                item.sent += 1
-                if time.monotonic() >= deadline:
-                    finished = False
-                    break
-            if item.cancelled.is_set():
-                log.info("stream for adapter %s cancelled by its consumer after %d deltas", item.adapter, item.sent)
-        except Exception as exc:  # noqa: BLE001 - handed to the consumer
-            put(exc)
-            finished = True
-        if finished:
-            close: Callable[[], None] | None = getattr(item.gen, "close", None)
-            if close is not None:
-                close()
-            put(_END)
-        return finished
 
 
 def _coalesce(delta: Any, queue: asyncio.Queue) -> Any:
@@ -771,23 +672,11 @@ def _resolve(item: _Item, out: Any, info: BatchInfo) -> None:
         item.future.set_result((out, info))
 
 
-def _chunks(
-    order: list[int], length: Callable[[int], int], cap: int, overhead: int | None = None
-) -> Iterator[list[int]]:
+def _chunks(order: list[int], length: Callable[[int], int], cap: int, overhead: int) -> Iterator[list[int]]:
     """Split length-sorted indices into calls with len(chunk) * longest <= cap (at least one
-    text each). With `overhead` (tokens per call), the cuts minimise the sum over calls of
-    overhead + len(chunk) * longest: an O(n^2) dynamic programme over contiguous runs, exact
-    because with sorted lengths some optimal split is contiguous. Without it, greedy."""
-    if overhead is None:
-        chunk: list[int] = []
-        for k in order:
-            if chunk and (len(chunk) + 1) * max(length(k), 1) > cap:
-                yield chunk
-                chunk = []
-            chunk.append(k)
-        if chunk:
-            yield chunk
-        return
+    text each), the cuts minimising the sum over calls of `overhead` (tokens per call) +
+    len(chunk) * longest: an O(n^2) dynamic programme over contiguous runs, exact because
+    with sorted lengths some optimal split is contiguous."""
     lengths = [max(length(k), 1) for k in order]
     n = len(lengths)
     best = [0.0] + [float("inf")] * n  # best[j]: cheapest split of the first j texts
@@ -807,13 +696,3 @@ def _chunks(
         j = cut[j]
     for i, j in reversed(bounds):
         yield order[i:j]
-
-
-def _params_key(params: Any) -> Hashable:
-    if params is None:
-        return None
-    if isinstance(params, BaseModel):
-        return repr(params.model_dump())
-    if hasattr(params, "__dataclass_fields__"):
-        return repr(asdict(params))
-    return repr(params)

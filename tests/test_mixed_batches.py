@@ -170,18 +170,15 @@ class MixedRecorder:
     def __init__(self) -> None:
         self.calls: list[tuple[str, list, list[str]]] = []
 
-    def run_batch(self, kinds, adapter, texts, params):
+    def run_batch(self, kinds, adapter, texts):
         time.sleep(0.01)
         self.calls.append(("merged", [adapter] * len(texts), list(texts)))
         return [(adapter, t) for t in texts]
 
-    def run_mixed_batch(self, kinds, adapters, texts, params):
+    def run_mixed_batch(self, kinds, adapters, texts):
         time.sleep(0.01)
         self.calls.append(("mixed", list(adapters), list(texts)))
         return [(a, t) for a, t in zip(adapters, texts)]
-
-    def run_stream(self, adapter, prompt, params):
-        yield prompt
 
 
 class KindRecorder:
@@ -190,13 +187,10 @@ class KindRecorder:
     def __init__(self) -> None:
         self.calls: list[list[tuple[str, str]]] = []
 
-    def run_batch(self, kinds, adapter, texts, params):
+    def run_batch(self, kinds, adapter, texts):
         time.sleep(0.01)
         self.calls.append(list(zip(kinds, texts)))
         return list(zip(kinds, texts))
-
-    def run_stream(self, adapter, prompt, params):
-        yield prompt
 
 
 def _drive(mode: str, reqs: list[tuple[str | None, str]]):
@@ -354,12 +348,12 @@ def test_encode_shares_one_forward_between_embed_and_classify_rows(minilm: Engin
         minilm.encode(TEXTS[:2], ["fx", "fx"], ["embed", "generate"])
 
 
-def test_scheduler_batches_embed_with_classify_and_keeps_generate_apart() -> None:
+def test_scheduler_batches_embed_classify_and_qa_rows_in_one_call() -> None:
     rec = KindRecorder()
 
     async def main():
         s = Scheduler(rec, SchedulerConfig(max_batch_size=8, batch_wait_ms=30))
-        reqs = [("embed", "e0"), ("classify", "c0"), ("embed", "e1"), ("generate", "g0"), ("classify", "c1")]
+        reqs = [("embed", "e0"), ("classify", "c0"), ("embed", "e1"), ("qa", "q0"), ("classify", "c1")]
         outs = await asyncio.gather(*(s.submit(kind, "a", [text]) for kind, text in reqs))
         await s.close()
         return reqs, outs
@@ -367,8 +361,7 @@ def test_scheduler_batches_embed_with_classify_and_keeps_generate_apart() -> Non
     reqs, outs = asyncio.run(main())
     for (kind, text), (res, _) in zip(reqs, outs):
         assert res == [(kind, text)]
-    calls = sorted(rec.calls, key=len)
-    assert [sorted(c) for c in calls] == [[("generate", "g0")], sorted(r for r in reqs if r[0] != "generate")]
+    assert [sorted(c) for c in rec.calls] == [sorted(reqs)]  # one forward, each row its own kind
 
 
 def test_adapter_order_groups_equal_keys_stably() -> None:

@@ -17,7 +17,6 @@ from adapters.manifest import AdapterManifest
 from adapters.registry.local import LocalStore
 from adapters.registry.store import AdapterNotFound
 from adapters.synthetic import random_bundle
-from adapters.tasks.errors import ModelNotFound
 from serving.config_sources import config_of
 from serving.deployments import ModelServer
 from serving.engine.engine import Engine

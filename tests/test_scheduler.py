@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from adapters.tasks.errors import Overloaded
+from adapters.tasks.errors import Overloaded, UnsupportedTask
 from serving.scheduler import Scheduler, SchedulerConfig
 
 
@@ -21,7 +21,7 @@ class Recorder:
         self.delay = delay
         self.threads: set[str] = set()
 
-    def run_batch(self, kinds, adapter, texts, params) -> list[Any]:
+    def run_batch(self, kinds, adapter, texts) -> list[Any]:
         self.threads.add(threading.current_thread().name)
         self.calls.append((kinds, adapter, list(texts)))
         if self.delay:
@@ -29,11 +29,6 @@ class Recorder:
         if any(t == "boom" for t in texts):
             raise ValueError("boom")
         return [(adapter, t) for t in texts]
-
-    def run_stream(self, adapter, prompt, params):
-        for i in range(5):
-            time.sleep(0.01)
-            yield f"{prompt}-{i}"
 
 
 def run(coro):
@@ -134,58 +129,28 @@ def test_bounded_queue_overloads():
     run(main())
 
 
-def test_stream_and_early_close():
+def test_generation_without_a_decode_loop_is_refused_and_queues_nothing():
+    """A runner without `decode_loop` (an encoder base): completions and streams get
+    UnsupportedTask (400) before anything is queued; only encoder kinds are batched."""
     rec = Recorder()
 
     async def main():
         s = Scheduler(rec, SchedulerConfig())
-        got = [d async for d, _ in s.stream("a", "p")]
-        agen = s.stream("a", "q")
-        first = await agen.__anext__()
-        await agen.aclose()
+        with pytest.raises(UnsupportedTask, match="causal LM"):
+            await s.submit("generate", "a", ["p"])
+        with pytest.raises(UnsupportedTask, match="causal LM"):
+            async for _ in s.stream("a", "p"):
+                pass
+        with pytest.raises(ValueError, match="stream"):
+            await s.submit("stream", "a", ["p"])
+        stats, calls = s.stats(), list(rec.calls)
         after = await s.submit("embed", "a", ["ok"])
         await s.close()
-        return got, first, after
+        return stats, calls, after
 
-    got, first, after = run(main())
-    assert got == [f"p-{i}" for i in range(5)]
-    assert first[0] == "q-0"
+    stats, calls, after = run(main())
+    assert stats.queue_depth == 0 and stats.requests == 0 and calls == []
     assert after[0] == [("a", "ok")]
-
-
-class SlowStreams(Recorder):
-    def run_stream(self, adapter, prompt, params):
-        for i in range(40):
-            time.sleep(0.01)
-            yield f"{prompt}-{i}"
-
-
-def test_long_stream_yields_to_a_starving_adapter():
-    rec = SlowStreams()
-
-    async def main():
-        s = Scheduler(rec, SchedulerConfig(starvation_ms=30, stream_slice_ms=20))
-        done: dict[str, float] = {}
-
-        async def consume():
-            out = [d async for d, _ in s.stream("a", "p")]
-            done["stream"] = time.monotonic()
-            return out
-
-        async def other():
-            await asyncio.sleep(0.05)
-            res = await s.submit("embed", "b", ["x"])
-            done["other"] = time.monotonic()
-            return res
-
-        out, res = await asyncio.gather(consume(), other())
-        await s.close()
-        return out, res, done
-
-    out, res, done = run(main())
-    assert out == [f"p-{i}" for i in range(40)]  # nothing lost or reordered across slices
-    assert res[0] == [("b", "x")]
-    assert done["other"] < done["stream"]  # served between two slices, not after the stream
 
 
 def test_encoder_batches_split_by_length_where_padding_costs_more_than_a_call():
@@ -196,7 +161,8 @@ def test_encoder_batches_split_by_length_where_padding_costs_more_than_a_call():
     split = list(_chunks(order, lambda k: lengths[k], cap=10_000, overhead=8))
     assert split == [[0, 1, 2, 3], [4, 5]]  # 8+4*3 + 8+2*41 = 110 < 8+6*41 = 254
     assert list(_chunks(order, lambda k: lengths[k], cap=10_000, overhead=500)) == [order]  # calls too dear
-    assert list(_chunks(order, lambda k: lengths[k], cap=10_000)) == [order]  # no overhead given: greedy
+    free = list(_chunks(order, lambda k: lengths[k], cap=10_000, overhead=0))  # calls cost nothing: no padding
+    assert all(len({lengths[k] for k in c}) == 1 for c in free) and sorted(k for c in free for k in c) == order
     capped = list(_chunks(order, lambda k: lengths[k], cap=60, overhead=1000))
     assert all(len(c) * max(lengths[k] for k in c) <= 60 or len(c) == 1 for c in capped)
     assert sorted(k for c in capped for k in c) == order
@@ -225,9 +191,9 @@ class Intervals(Recorder):
         self.spans: list[tuple[float, float, str | None]] = []
         self._lock = threading.Lock()
 
-    def run_batch(self, kinds, adapter, texts, params) -> list[Any]:
+    def run_batch(self, kinds, adapter, texts) -> list[Any]:
         t0 = time.monotonic()
-        out = super().run_batch(kinds, adapter, texts, params)
+        out = super().run_batch(kinds, adapter, texts)
         with self._lock:
             self.spans.append((t0, time.monotonic(), adapter))
         return out

@@ -17,7 +17,7 @@ class RequestKind(StrEnum):
     CLASSIFY = "classify"
     QA = "qa"
     GENERATE = "generate"
-    #: one generation streamed token by token: always a batch of its own, merged
+    #: one generation streamed token by token (on the decode loop, as GENERATE)
     STREAM = "stream"
 
     @property
