@@ -32,8 +32,8 @@ import json
 import logging
 import math
 import os
-import shutil
 import random
+import shutil
 import socket
 import subprocess
 import sys
