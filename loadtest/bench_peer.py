@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import signal
 import statistics
 import subprocess
@@ -166,7 +167,9 @@ def run_locust(
     if models:
         cmd += ["--models", ",".join(models), "--zipf", str(args.zipf)]
     cpu0 = tree_cpu_seconds(server.pid) if server.pid else float("nan")
+    client0 = resource.getrusage(resource.RUSAGE_CHILDREN)  # Locust is the one child reaped in between
     subprocess.run(cmd, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=args.duration + 120)
+    client1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu1 = tree_cpu_seconds(server.pid) if server.pid else float("nan")
     rows = {}
     with open(f"{prefix}_stats.csv") as f:
@@ -184,6 +187,10 @@ def run_locust(
         "requests": requests,
         "failures": failures,
         "cpu_s_per_1000_texts": (cpu1 - cpu0) / texts * 1000 if texts else float("nan"),
+        "client_cpu_ms_per_request": (
+            (client1.ru_utime + client1.ru_stime - client0.ru_utime - client0.ru_stime) / requests * 1000
+            if requests else float("nan")
+        ),
     }
 
 
