@@ -24,6 +24,7 @@ from ray import serve
 from ray.serve import Application
 
 from serving.cluster_env import RegistryEnv, runtime_env
+from serving.coalesce import CALLS_PER_WORKER
 from serving.config import ServeConfig
 from serving.config_sources import config_from
 from serving.deployments import ModelServer
@@ -42,9 +43,9 @@ def build_app(config: ServeConfig | Mapping[str, Any] | None = None) -> Applicat
     (`ServerConfig.gpus_per_replica` of the cluster's GPUs), and room for
     `scheduler.max_queue` requests in flight (its scheduler needs them queued to batch
     them); beyond that Ray holds up to `max_queue` more per replica in the caller, then
-    answers with back-pressure, which the ingress maps to 503. Autoscaling targets 2 calls
+    answers with back-pressure, which the ingress maps to 503. Autoscaling targets one call
     in flight per engine worker of a replica: the ingress joins requests so that each worker
-    has one call computing and one queued (serving/coalesce.py), so more than that means
+    has one call (`CALLS_PER_WORKER`, serving/coalesce.py), so more than that means
     requests wait at the ingress. The ingress reserves no CPU, as it only parses, routes and records
     metrics; with more than one, each runs on its own node. Both deployments carry
     the driver's environment that replicas need (serving/cluster_env.py). A mapping (as
@@ -66,7 +67,7 @@ def build_app(config: ServeConfig | Mapping[str, Any] | None = None) -> Applicat
             "min_replicas": server.lowest_replicas(),
             "initial_replicas": server.replicas,
             "max_replicas": server.most_replicas(),
-            "target_ongoing_requests": 2 * workers,
+            "target_ongoing_requests": CALLS_PER_WORKER * workers,
         }}
     # `capaserve serve` drains the ingress itself before it stops Serve (serving/drain.py), so
     # Serve's own stop finds nothing left and checks often; without it (`serve run`, a cluster's
@@ -84,8 +85,8 @@ def build_app(config: ServeConfig | Mapping[str, Any] | None = None) -> Applicat
             "runtime_env": env,
         },
         health_check_period_s=5,
-        # adapter affinity bounded by load: two calls per engine worker before anything spreads
-        request_router_config=router_config(2 * workers, server.affinity_load_factor),
+        # adapter affinity bounded by load: a call per engine worker before anything spreads
+        request_router_config=router_config(CALLS_PER_WORKER * workers, server.affinity_load_factor),
         **stopping,
     ).bind(config, registry_env=registry_env)
     ingress = serve.deployment(

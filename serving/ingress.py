@@ -43,7 +43,7 @@ from serving.api.errors import ErrorMappingRoute, unwrap
 from serving.api.errors import error_body
 from serving.api.registry import RegistrySettings, build_registry_router
 from serving.cluster_env import RegistryEnv
-from serving.coalesce import CoalescingClient
+from serving.coalesce import CALLS_PER_WORKER, CoalescingClient
 from serving.config import ServeConfig
 from serving.drain import DrainGate, DrainMiddleware
 from serving.metrics import CONTENT_TYPE, ServerMetrics
@@ -345,12 +345,12 @@ def _build_context(handle: Any, config: ServeConfig) -> tuple[ServingContext, Re
     auth = AuthSettings(admin_token=server.admin_token, api_keys=server.api_keys, keys=KeyStore(store))
     settings = RegistrySettings(max_upload_bytes=registry.max_upload_bytes, auth=auth,
                                 allowed_paths=[Path(p) for p in registry.allowed_lora_paths])
-    # Two joined calls in flight per engine worker of each model replica: one computing, one queued.
+    # One joined call in flight per engine worker of each model replica (serving/coalesce.py).
     workers, _ = config.engine_plan(config.device_type())
     metrics = ServerMetrics()
     client = CoalescingClient(
         HandleClient(handle, on_retry=lambda method: metrics.replica_retries.labels(method).inc()),
-        max_inflight=2 * workers * server.most_replicas(),
+        max_inflight=CALLS_PER_WORKER * workers * server.most_replicas(),
         max_texts=config.scheduler.max_batch_size,
         join_adapters=server.most_replicas() == 1,  # one replica: no routing choice that adapters' calls must keep apart
     )
