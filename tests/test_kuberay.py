@@ -75,3 +75,21 @@ def test_docs_example_is_the_commands_output() -> None:
     config = config_from({k: v for k, v in vars(ns).items() if k.startswith("setting:")}, environ={})
     assert render(rayservice_manifest(config, name=ns.name, image=ns.image, secret=ns.secret,
                                       worker_memory=ns.worker_memory)) == block
+
+
+def test_a_saturated_ingress_keeps_each_replica_at_the_autoscaling_target(tmp_path: Path) -> None:
+    """The ingress keeps CALLS_PER_WORKER joined calls per engine worker of the most replicas in
+    flight, and Serve's autoscaler and adapter affinity count the same per replica: a saturated
+    ingress scales the model deployment to max_replicas, not to a fraction of it."""
+    from serving.app import build_app
+    from serving.coalesce import CALLS_PER_WORKER
+    from serving.ingress import _build_context
+
+    config = config_of(registry=str(tmp_path / "registry"), min_replicas=1, max_replicas=4)
+    model = build_app(config)._bound_deployment.init_args[0]._bound_deployment
+    workers, _ = config.engine_plan(config.device_type())
+    target = model._deployment_config.autoscaling_config.target_ongoing_requests
+    assert target == CALLS_PER_WORKER * workers
+    assert model._deployment_config.request_router_config.request_router_kwargs["min_load"] == target
+    ctx, _, _ = _build_context(None, config)
+    assert ctx.client.max_inflight == target * 4
