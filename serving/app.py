@@ -43,12 +43,12 @@ def build_app(config: ServeConfig | Mapping[str, Any] | None = None) -> Applicat
     (`ServerConfig.gpus_per_replica` of the cluster's GPUs), and room for
     `scheduler.max_queue` requests in flight (its scheduler needs them queued to batch
     them); beyond that Ray holds up to `max_queue` more per replica in the caller, then
-    answers with back-pressure, which the ingress maps to 503. Autoscaling targets one call
+    answers with back-pressure, which the ingress maps to 503. Autoscaling targets 2 calls
     in flight per engine worker of a replica: the ingress joins requests so that each worker
-    has one call (`CALLS_PER_WORKER`, serving/coalesce.py), so more than that means
-    requests wait at the ingress. The ingress reserves no CPU, as it only parses, routes and records
-    metrics; with more than one, each runs on its own node. Both deployments carry
-    the driver's environment that replicas need (serving/cluster_env.py). A mapping (as
+    has one call computing and one queued (`CALLS_PER_WORKER`, serving/coalesce.py), so more
+    than that means requests wait at the ingress. The ingress reserves no CPU, as it only
+    parses, routes and records metrics; with more than one, each runs on its own node. Both
+    deployments carry the driver's environment that replicas need (serving/cluster_env.py). A mapping (as
     `serve run` and a KubeRay RayService pass `args`) becomes a ServeConfig with the
     CAPASERVE_* variables of this process on top, as `capaserve serve` layers its settings,
     so secrets (CAPASERVE_ADMIN_TOKEN) can come from the environment instead of the file.
@@ -85,7 +85,7 @@ def build_app(config: ServeConfig | Mapping[str, Any] | None = None) -> Applicat
             "runtime_env": env,
         },
         health_check_period_s=5,
-        # adapter affinity bounded by load: a call per engine worker before anything spreads
+        # adapter affinity bounded by load: two calls per engine worker before anything spreads
         request_router_config=router_config(CALLS_PER_WORKER * workers, server.affinity_load_factor),
         **stopping,
     ).bind(config, registry_env=registry_env)

@@ -9,10 +9,9 @@ The rule keeps an idle server's latency: a call goes out at once while fewer tha
 `max_inflight` calls of its lane are on their way. Beyond that it waits, and when one of
 the lane's calls returns, everything waiting (up to `max_texts` inputs) goes out as one
 call, so the replica receives batches of the size the load makes. Nothing waits on a timer.
-The ingress keeps `CALLS_PER_WORKER` (one) call in flight per engine worker of each model
-replica: a worker that finishes waits one round trip for its next call, but that call
-carries everything that arrived meanwhile, and at one text a request the forward's fixed
-cost is what a batch's size buys down (see `CALLS_PER_WORKER`).
+The ingress keeps `CALLS_PER_WORKER` (two) calls in flight per engine worker of each model
+replica: one computing and one queued behind it, so a worker never waits a round trip for
+its next call, and the replica's scheduler sees enough requests to group by adapter.
 
 A lane is a method (`embed`, `classify`, `question_answering`) and, while Serve has a routing choice to make, an
 adapter version: `serve.multiplexed` routes each adapter to the replicas holding it, so
@@ -45,13 +44,14 @@ from serving.service import ModelClient
 
 #: Joined calls the ingress keeps in flight per engine worker of a model replica (its lanes'
 #: `max_inflight`), the calls in flight Serve's autoscaling targets per worker, and the load
-#: under which adapter affinity never spreads (serving/app.py). One, not two (one computing,
-#: one queued): under bench_peer's 32 users at one text a request (MiniLM, bfloat16, 2 cores,
-#: 2026-12-06) the replica's forwards held 9.6 texts on average instead of 6.4, at 2.44 CPU-ms
-#: per text instead of 2.93, and the server made 0-11% more requests/s at 7-15% less model-
-#: replica CPU per request (interleaved pairs); at 8 texts a request, where a call is full
-#: either way, within noise (112 / 113 against 115 / 110 requests/s).
-CALLS_PER_WORKER = 1
+#: under which adapter affinity never spreads (serving/app.py): one computing, one queued.
+#: One instead (2026-12-06, 2 cores, bfloat16, 32 users): at one text a request on the base the
+#: replica's forwards held 9.6 texts instead of 6.4 at 2.44 CPU-ms per text instead of 2.93
+#: (model-replica CPU per request 7-15% lower, requests/s within noise: 310 / 320 / 361
+#: against 318 / 271 / 351); but with 50 adapters (Zipf 1) it made 182 / 191 / 204 requests/s
+#: against 204 / 193 / 221 (the scheduler sees fewer requests to group by adapter), and the
+#: load test's one-worker replica (50 adapters) 123 / 123 against 130 / 122. Not kept.
+CALLS_PER_WORKER = 2
 
 #: Replica methods whose rows are independent, so their requests may share a call (a question
 #: is decoded from its own windows only, and images are checked by the ingress before joining).

@@ -119,7 +119,8 @@ class ServerConfig(_Section):
     max_replicas: int | None = Field(
         None,
         ge=1,
-        description="Autoscaling: most model replicas; Serve adds replicas while each has more than one call in flight per engine worker.",
+        description="Autoscaling: most model replicas; Serve adds replicas while each has more than two calls "
+        "in flight per engine worker.",
         json_schema_extra={"default_doc": "replicas when autoscaling"},
     )
     ingress_replicas: int = Field(

@@ -345,7 +345,7 @@ def _build_context(handle: Any, config: ServeConfig) -> tuple[ServingContext, Re
     auth = AuthSettings(admin_token=server.admin_token, api_keys=server.api_keys, keys=KeyStore(store))
     settings = RegistrySettings(max_upload_bytes=registry.max_upload_bytes, auth=auth,
                                 allowed_paths=[Path(p) for p in registry.allowed_lora_paths])
-    # One joined call in flight per engine worker of each model replica (serving/coalesce.py).
+    # Two joined calls in flight per engine worker of each model replica: one computing, one queued.
     workers, _ = config.engine_plan(config.device_type())
     metrics = ServerMetrics()
     client = CoalescingClient(

@@ -23,9 +23,9 @@ answered, refreshed from the replica whenever it is probed), `total` their sum o
   adapters (the least loaded of them), so adapters are shared out as they come;
 - the base model (no multiplexed id): power of two choices over all replicas.
 
-`min_load` (a call per engine worker, what the ingress's coalescing keeps in flight:
-`serving.coalesce.CALLS_PER_WORKER`) keeps a lightly loaded server from loading adapters twice for
-nothing; `load_factor` (`server.affinity_load_factor`) is how much imbalance affinity may
+`min_load` (two calls per engine worker: one computing, one queued, what the ingress's
+coalescing keeps in flight, `serving.coalesce.CALLS_PER_WORKER`) keeps a lightly loaded
+server from loading adapters twice for nothing; `load_factor` (`server.affinity_load_factor`) is how much imbalance affinity may
 cost. Later ranks always list every replica, so a request is never stuck on a replica
 that refuses it or has died.
 
