@@ -42,7 +42,7 @@ from pathlib import Path
 import psutil
 
 from adapters.default_model import DEFAULT_MODEL_ID
-from loadtest.bench_peer import Server, in_process_ceiling, run_locust
+from loadtest.bench_peer import Server, in_process_ceiling, report, run_locust
 from loadtest.run import free_port
 from serving.floor import MODES
 
@@ -138,13 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {med(name, n, 'client_cpu_ms_per_request'):.2f} | {most} "
                 f"| {reached} | {fails} |"
             )
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        args.out.write_text(table + "\n")
-        raw = {f"{k[0]}|{k[1]}": v for k, v in results.items()}
-        args.out.with_suffix(".json").write_text(json.dumps({"ceilings": ceilings, "runs": raw}, indent=1))
-    return 0 if all(r["failures"] == 0 for rs in results.values() for r in rs) else 1
+    return report(lines, results, args.out, ceilings=ceilings)
 
 
 if __name__ == "__main__":

@@ -375,12 +375,19 @@ def main(argv: list[str] | None = None) -> int:
                 cpu = [c["cpu_s_per_1000_texts"] / e["cpu_s_per_1000_texts"]
                        for c, e in zip(results[(name, n)], results[(ceiling, n)])]
                 lines.append(f"| {name} | {n} | {statistics.median(r):.2f} | {statistics.median(cpu):.2f} |")
+    return report(lines, results, args.out, max_diff=max_diff)
+
+
+def report(lines: list[str], results: dict[tuple[str, int], list[dict[str, float]]], out: Path | None,
+           **extra: object) -> int:
+    """Print the table; with `out`, also write it there and the raw runs (and `extra`) next to
+    it as JSON. The exit status: 1 if any request failed."""
     table = "\n".join(lines)
     print(table)
-    if args.out:
-        args.out.write_text(table + "\n")
+    if out:
+        out.write_text(table + "\n")
         raw = {f"{k[0]}|{k[1]}": v for k, v in results.items()}
-        args.out.with_suffix(".json").write_text(json.dumps({"max_diff": max_diff, "runs": raw}, indent=1))
+        out.with_suffix(".json").write_text(json.dumps({**extra, "runs": raw}, indent=1))
     return 0 if all(r["failures"] == 0 for rs in results.values() for r in rs) else 1
 
 
