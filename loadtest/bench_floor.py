@@ -16,7 +16,9 @@ bench_peer (loadtest/locust_peer.py):
   deployments, without its coalescing);
 
 then `capaserve serve` itself (defaults) and the in-process ceiling. For each shape and
-size it prints requests/s, the server's and Locust's CPU per request, and the bound
+size it prints requests/s, the server's CPU per request (its process tree), Locust's (the
+slope between the 3 s warm-up run and the measured run, so Locust's start is left out), and
+the bound
 
     bound = cores / (ceiling texts/s x ((server + Locust CPU per request) / texts per request
                                         + ceiling CPU per text))
@@ -51,6 +53,13 @@ def floor_server(mode: str) -> Server:
     port = free_port()
     return Server(mode, "floor", url=f"http://127.0.0.1:{port}",
                   cmd=[sys.executable, "-m", "serving.floor", "--mode", mode, "--port", str(port)])
+
+
+def client_cpu_ms_per_request(short: dict[str, float], long: dict[str, float]) -> float:
+    """Locust's CPU per request: the slope between a short and a long run, so that its start
+    (a second or more of imports, a tenth of a short run's requests' worth) is left out."""
+    extra = long["requests"] - short["requests"]
+    return (long["client_cpu_s"] - short["client_cpu_s"]) / extra * 1000 if extra > 0 else float("nan")
 
 
 def bound(cores: int, ceiling: dict[str, float], run: dict[str, float], texts: int) -> float:
@@ -98,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
             server.start(work)
             try:
                 for n in sizes:
-                    run_locust(server, argparse.Namespace(users=args.users, duration=3.0), n, work)  # warm-up
+                    warm = run_locust(server, argparse.Namespace(users=args.users, duration=3.0), n, work)
                     res = run_locust(server, args, n, work)
+                    res["client_cpu_ms_per_request"] = client_cpu_ms_per_request(warm, res)
                     res["server_cpu_ms_per_request"] = res["cpu_s_per_1000_texts"] * n
                     res["requests_per_s"] = res["texts_per_s"] / n
                     # capaserve's server CPU includes its forwards: a bound from it would count them twice

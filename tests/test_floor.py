@@ -5,6 +5,7 @@ from its own process; and the bound bench_floor prints is the arithmetic its doc
 from __future__ import annotations
 
 import base64
+import math
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from loadtest.bench_floor import bound
+from loadtest.bench_floor import bound, client_cpu_ms_per_request
 from loadtest.run import free_port
 from serving.floor import DIMENSIONS, unit_vectors
 
@@ -86,3 +87,11 @@ def test_bound_is_the_cores_left_to_the_forward() -> None:
     # 2 ms a request on top of 2 ms a text: one text a request leaves half; 8 texts, 2 / 2.25
     assert bound(2, ceiling, run, 1) == pytest.approx(0.5)
     assert bound(2, ceiling, run, 8) == pytest.approx(2 / 2.25)
+
+
+def test_locust_cpu_per_request_leaves_its_start_out() -> None:
+    start, per_request = 1.5, 0.0004  # seconds: Locust's imports, then 0.4 ms a request
+    short = {"requests": 1000, "client_cpu_s": start + 1000 * per_request}
+    long = {"requests": 5000, "client_cpu_s": start + 5000 * per_request}
+    assert client_cpu_ms_per_request(short, long) == pytest.approx(0.4)
+    assert math.isnan(client_cpu_ms_per_request(long, long))
