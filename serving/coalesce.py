@@ -44,13 +44,9 @@ from serving.service import ModelClient
 
 #: Joined calls the ingress keeps in flight per engine worker of a model replica (its lanes'
 #: `max_inflight`), the calls in flight Serve's autoscaling targets per worker, and the load
-#: under which adapter affinity never spreads (serving/app.py): one computing, one queued.
-#: One instead (2026-12-06, 2 cores, bfloat16, 32 users): at one text a request on the base the
-#: replica's forwards held 9.6 texts instead of 6.4 at 2.44 CPU-ms per text instead of 2.93
-#: (model-replica CPU per request 7-15% lower, requests/s within noise: 310 / 320 / 361
-#: against 318 / 271 / 351); but with 50 adapters (Zipf 1) it made 182 / 191 / 204 requests/s
-#: against 204 / 193 / 221 (the scheduler sees fewer requests to group by adapter), and the
-#: load test's one-worker replica (50 adapters) 123 / 123 against 130 / 122. Not kept.
+#: under which adapter affinity never spreads (serving/app.py): one computing, one queued. One
+#: per worker gave bigger, cheaper forwards at one text a request but no more requests/s, and
+#: fewer with many adapters (loadtest/results/overheads.md).
 CALLS_PER_WORKER = 2
 
 #: Replica methods whose rows are independent, so their requests may share a call (a question
