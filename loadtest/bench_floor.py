@@ -43,8 +43,7 @@ from pathlib import Path
 
 import psutil
 
-from adapters.default_model import DEFAULT_MODEL_ID
-from loadtest.bench_peer import Server, in_process_ceiling, report, run_locust
+from loadtest.bench_peer import Server, capaserve_server, host_dtype, in_process_ceiling, report, run_locust
 from loadtest.run import free_port
 from serving.floor import MODES
 
@@ -85,11 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(x) for x in args.texts_per_request.split(",")]
     cores = psutil.cpu_count() or 1
     work = Path(tempfile.mkdtemp(prefix="bench-floor-"))
-    import torch
-
-    from adapters.device import host_auto_dtype
-
-    dtype = str(host_auto_dtype(torch.device("cpu"))).removeprefix("torch.")  # what `capaserve serve` picks here
+    dtype = host_dtype()  # what `capaserve serve` picks here
 
     results: dict[tuple[str, int], list[dict[str, float]]] = {}
     ceilings: list[dict[str, float]] = []
@@ -98,11 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# round {rnd + 1}, ceiling: {json.dumps(ceilings[-1])}", file=sys.stderr)
         servers = [floor_server(m) for m in modes]
         if not args.no_capaserve:
-            port = free_port()
-            servers.append(Server(
-                "capaserve", DEFAULT_MODEL_ID, url=f"http://127.0.0.1:{port}", env={"HF_HUB_OFFLINE": "1"},
-                cmd=[sys.executable, "-m", "serving.cli", "serve", "--port", str(port), "--registry", str(work / "registry")],
-            ))
+            servers.append(capaserve_server(work, []))
         for server in servers if rnd % 2 == 0 else servers[::-1]:
             server.start(work)
             try:
@@ -122,7 +113,6 @@ def main(argv: list[str] | None = None) -> int:
     def med(name: str, n: int, key: str) -> float:
         return statistics.median(r[key] for r in results[(name, n)])
 
-    # capaserve's row has no bound: its server CPU includes the forwards.
     ceiling_tps = statistics.median(c["texts_per_s"] for c in ceilings)
     ceiling_cpu = statistics.median(c["cpu_s_per_1000_texts"] for c in ceilings)
     names = [*modes, *([] if args.no_capaserve else ["capaserve"])]

@@ -126,6 +126,25 @@ class Server:
         self.proc = None
 
 
+def capaserve_server(work: Path, flags: list[str]) -> Server:
+    """`capaserve serve` on a free loopback port with its registry under `work`, plus `flags`."""
+    port = free_port()
+    return Server(
+        "capaserve", DEFAULT_MODEL_ID, url=f"http://127.0.0.1:{port}",
+        cmd=[sys.executable, "-m", "serving.cli", "serve", "--port", str(port), "--registry", str(work / "registry"), *flags],
+        env={"HF_HUB_OFFLINE": "1"},
+    )
+
+
+def host_dtype() -> str:
+    """The dtype `capaserve serve --dtype auto` picks on this host, as a name (bfloat16, float32)."""
+    import torch
+
+    from adapters.device import host_auto_dtype
+
+    return str(host_auto_dtype(torch.device("cpu"))).removeprefix("torch.")
+
+
 def vectors(url: str, model: str, texts: list[str]) -> list[list[float]]:
     r = httpx.post(f"{url}/v1/embeddings", json={"model": model, "input": texts}, timeout=60)
     r.raise_for_status()
@@ -263,21 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     folder = default_model_dir()
-    dtype = args.dtype
-    if dtype == "auto":
-        import torch
-
-        from adapters.device import host_auto_dtype
-
-        dtype = str(host_auto_dtype(torch.device("cpu"))).removeprefix("torch.")
+    dtype = host_dtype() if args.dtype == "auto" else args.dtype
     work = Path(tempfile.mkdtemp(prefix="bench-peer-"))
-    cport = free_port()
-    capa = Server(
-        "capaserve", DEFAULT_MODEL_ID, url=f"http://127.0.0.1:{cport}",
-        cmd=[sys.executable, "-m", "serving.cli", "serve", "--port", str(cport), "--registry", str(work / "registry"),
-             *(["--dtype", args.dtype] if args.dtype != "auto" else []), *args.capaserve_args.split()],
-        env={"HF_HUB_OFFLINE": "1"},
-    )
+    capa = capaserve_server(work, [*(["--dtype", args.dtype] if args.dtype != "auto" else []), *args.capaserve_args.split()])
     if args.peer_url:
         host = httpx.URL(args.peer_url).host
         if host not in LOOPBACK:
