@@ -98,7 +98,10 @@ def run_cell(servers: dict, cell: Cell, requests: list[tuple[str, str]], clients
     order = MODES if first == MODES[0] else MODES[::-1]
     for mode in order:
         server = servers[mode]
-        server.scheduler = Scheduler(server.runner, server.config.scheduler, device_type=server.engine.device.type)
+        server.scheduler = Scheduler(
+            server.runner, server.config.scheduler, device_type=server.engine.device.type,
+            unpadded=server.engine.unpadded,
+        )
 
         async def go():
             try:

@@ -112,7 +112,8 @@ class ModelServer:
         )
         # the padding split depends on the device (padding is nearly free on a GPU)
         self.scheduler = Scheduler(
-            self.runner, self.config.scheduler, device_type=self.engine.device.type, workers=workers
+            self.runner, self.config.scheduler, device_type=self.engine.device.type, workers=workers,
+            unpadded=self.engine.unpadded,
         )
         # a count bound that can never bind before the byte budget (adapter_cache.count_bound)
         max_adapters = registry.max_adapters_per_replica or count_bound(

@@ -15,9 +15,14 @@ request of the active adapter before moving on, and batches them. Policy, per st
 3. Padding. A batch's texts are sorted by length and split into engine calls whose
    padded size (texts x longest) stays under `max_batch_tokens`. Encoder batches are
    split further where that is cheaper: cuts are chosen to minimise the sum over calls
-   of `call_overhead_tokens` + texts x longest (on a CPU 128 tokens: a call's fixed cost is
+   of `call_overhead_tokens` + texts x longest (on a CPU 256 tokens: a call's fixed cost is
    mostly reading the weights, see `SchedulerConfig.call_overhead`). Padding a batch of
    mixed lengths to its longest wasted about a quarter of the forward in the load test.
+   A runner whose merged encoder forwards compute only real tokens (`unpadded`: BERT bases,
+   serving/engine/unpadded.py) has no padding to save: its batch is cut into one call per
+   engine worker at equal shares of the tokens (fewer while a call would get less than
+   `call_overhead_tokens`), then only where the cap needs it (in process, random 64-text
+   batches cut as for padding ran ~10% slower than uncut).
 4. Execution. Engine calls run on `workers` engine threads, never on the event loop, so
    the replica keeps accepting requests while the model computes. Batches run side by
    side only when they need the weights in the same state (the same adapter merged; base
@@ -133,9 +138,12 @@ class Scheduler:
     """Queues requests per adapter and runs them in batches on `workers` engine threads."""
 
     def __init__(
-        self, runner: BatchRunner, config: SchedulerConfig | None = None, device_type: str = "cpu", workers: int = 1
+        self, runner: BatchRunner, config: SchedulerConfig | None = None, device_type: str = "cpu", workers: int = 1,
+        unpadded: bool = False,
     ) -> None:
         self.runner = runner
+        #: the runner's merged encoder calls cost their real tokens, not texts x longest
+        self.unpadded = unpadded
         self.config = config or SchedulerConfig()
         self.workers = max(1, workers)
         self._running = 0  # batches on the workers now
@@ -594,7 +602,7 @@ class Scheduler:
         spreads over them instead of running its calls one after another on one of them.
         """
         loop = asyncio.get_running_loop()
-        flat, chunks = await loop.run_in_executor(self._executor, self._plan_chunks, batch)
+        flat, chunks = await loop.run_in_executor(self._executor, self._plan_chunks, batch, mixed)
         outs = await asyncio.gather(
             *(loop.run_in_executor(self._executor, self._run_call, batch, flat, chunk, mixed) for chunk in chunks)
         )
@@ -607,11 +615,16 @@ class Scheduler:
             per_item[i][j] = results[k]
         return per_item
 
-    def _plan_chunks(self, batch: list[_Item]) -> tuple[list[tuple[int, int, str, int]], list[list[int]]]:
+    def _plan_chunks(
+        self, batch: list[_Item], mixed: bool = False
+    ) -> tuple[list[tuple[int, int, str, int]], list[list[int]]]:
         """(item, text index, text, length) of every text, and the engine calls as lists of its indices."""
         flat = [(i, j, text, length) for i, it in enumerate(batch) for j, (text, length) in enumerate(zip(it.texts, it.lengths))]
         order = sorted(range(len(flat)), key=lambda k: flat[k][3])
-        return flat, list(_chunks(order, lambda k: flat[k][3], self.config.max_batch_tokens, self._call_overhead))
+        length, cap = (lambda k: flat[k][3]), self.config.max_batch_tokens
+        if self.unpadded and not mixed:  # mixed forwards stay padded (their per-row updates)
+            return flat, list(_spread(order, length, self.workers, cap, self._call_overhead))
+        return flat, list(_chunks(order, length, cap, self._call_overhead))
 
     def _run_call(
         self, batch: list[_Item], flat: list[tuple[int, int, str, int]], chunk: list[int], mixed: bool
@@ -672,13 +685,37 @@ def _resolve(item: _Item, out: Any, info: BatchInfo) -> None:
         item.future.set_result((out, info))
 
 
-def _chunks(order: list[int], length: Callable[[int], int], cap: int, overhead: int) -> Iterator[list[int]]:
+def _spread(order: list[int], length: Callable[[int], int], workers: int, cap: int, overhead: int) -> Iterator[list[int]]:
+    """Unpadded calls for length-sorted indices: one per engine worker while each still gets
+    `overhead` tokens of work (fewer for a small batch: a call's fixed cost buys nothing
+    there), cut at equal shares of the tokens so the workers finish together; each part is
+    cut again only where `cap` needs it.
+
+    Why not one call: a worker runs its call's forwards one after another while the others
+    idle until the next batch, and nothing in the batch is answered before its last call."""
+    lengths = [max(length(k), 1) for k in order]
+    total = sum(lengths)
+    calls = max(1, min(workers, len(order), total // overhead if overhead else workers))
+    start, seen, part = 0, 0, 1
+    for i, n in enumerate(lengths):
+        seen += n
+        if part < calls and seen * calls >= total * part:
+            yield from _chunks(order[start : i + 1], length, cap, overhead, unpadded=True)
+            start, part = i + 1, part + 1
+    if start < len(order):
+        yield from _chunks(order[start:], length, cap, overhead, unpadded=True)
+
+
+def _chunks(
+    order: list[int], length: Callable[[int], int], cap: int, overhead: int, *, unpadded: bool = False
+) -> Iterator[list[int]]:
     """Split length-sorted indices into calls with len(chunk) * longest <= cap (at least one
     text each), the cuts minimising the sum over calls of `overhead` (tokens per call) +
-    len(chunk) * longest: an O(n^2) dynamic programme over contiguous runs, exact because
-    with sorted lengths some optimal split is contiguous."""
+    len(chunk) * longest (`unpadded`: the chunk's own tokens): an O(n^2) dynamic programme
+    over contiguous runs, exact because with sorted lengths some optimal split is contiguous."""
     lengths = [max(length(k), 1) for k in order]
     n = len(lengths)
+    before = list(itertools.accumulate(lengths, initial=0))  # before[i]: tokens of the first i texts
     best = [0.0] + [float("inf")] * n  # best[j]: cheapest split of the first j texts
     cut = [0] * (n + 1)
     for j in range(1, n + 1):
@@ -686,7 +723,7 @@ def _chunks(order: list[int], length: Callable[[int], int], cap: int, overhead: 
             padded = (j - i) * lengths[j - 1]
             if padded > cap and j - i > 1:
                 break
-            cost = best[i] + overhead + padded
+            cost = best[i] + overhead + (before[j] - before[i] if unpadded else padded)
             if cost < best[j]:
                 best[j], cut[j] = cost, i
     bounds: list[tuple[int, int]] = []

@@ -1,5 +1,6 @@
 """Prepacked bfloat16 weights (serving/engine/packed.py): the same outputs as torch's own
-linear bit for bit, a repack after every in-place write, and packing only where it applies."""
+linear bit for bit (fused post-ops within the bfloat16 bound), a repack after every in-place
+write, and packing only where it applies."""
 
 from __future__ import annotations
 
@@ -7,12 +8,17 @@ import pytest
 import torch
 
 from adapters.bundle import Task
+from adapters.precision import COSINE_BOUND
 from serving.engine.packed import PackedLinear, pack_linears, packing_applies, unpack_linears
 from serving.engine.sampling import SamplingParams
 from tests.engine_utils import MINILM_ID, bundle_for, engine_for, plain_model
 
 HERE = packing_applies(torch.device("cpu"), torch.bfloat16)
 needs_packing = pytest.mark.skipif(not HERE, reason="this CPU has no oneDNN bfloat16")
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0))
 
 
 def _hidden(model: torch.nn.Module, tokenizer, task: Task) -> torch.Tensor:
@@ -48,11 +54,16 @@ def test_adapters_and_swaps_on_packed_weights_equal_the_unpacked_model(minilm_di
         unpack_linears(engine.model)  # the same tensors through torch's own linear
         plain = [r.embedding for r in engine.encode(texts, [name] * 2, ["embed"] * 2)]
         pack_linears(engine.model)
-        assert all(torch.equal(p, q) for p, q in zip(packed, plain)), name
+        # merged forwards are unpadded with fused post-ops on packed layers (rounded once, not
+        # twice), unfused on plain ones: equal within the bfloat16 guard's bound, while a stale
+        # packed copy (another adapter's weights) would give a far-off vector
+        assert engine.unpadded
+        assert all(cosine(p, q) >= COSINE_BOUND for p, q in zip(packed, plain)), name
         if name in seen:
             assert all(torch.equal(p, q) for p, q in zip(packed, seen[name])), "A->B->A must be bit-identical"
         seen[name] = packed
-    assert not all(torch.equal(p, q) for p, q in zip(seen["a"], seen[None]))
+    assert all(cosine(p, q) < 0.9 for p, q in zip(seen["a"], seen[None]))
+    assert all(cosine(p, q) < 0.9 for p, q in zip(seen["a"], seen["b"]))
     # mixed (unmerged) rows: forward hooks add each row's update on the packed base
     mixed = engine.encode(texts, ["a", "b"], ["embed"] * 2, mixed=True)
     unpack_linears(engine.model)

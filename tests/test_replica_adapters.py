@@ -260,6 +260,8 @@ def test_a_cold_adapters_slow_fetch_does_not_stall_other_adapters(
         return hot_before, got[0]
 
     hot_out, cold_out = run(main())
-    assert torch.equal(cold_out, embed(engine, TEXTS, cold.ref).embeddings)
+    # the two cold requests ran as one batch: other matmul shapes than one request alone, so
+    # float32 rounding may differ in the last bit (batch size is not part of the answer)
+    torch.testing.assert_close(cold_out, embed(engine, TEXTS, cold.ref).embeddings, atol=1e-6, rtol=0)
     assert not torch.allclose(cold_out, hot_out, atol=1e-4)
     assert store.threads and all(t.startswith("capaserve-loader") for t in store.threads)

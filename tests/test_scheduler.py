@@ -183,6 +183,36 @@ def test_encoder_batches_split_by_length_where_padding_costs_more_than_a_call():
     assert sorted(len(c[2]) for c in rec.calls) == [2, 5]  # one batch, two calls: short ones, long ones
 
 
+def test_unpadded_runner_batches_are_spread_over_workers_not_cut_for_padding():
+    """A runner that computes only real tokens gains nothing from length splits: a batch is one
+    call per engine worker at equal shares of its tokens while each gets `overhead` tokens,
+    cut again only for the padded cap."""
+    from serving.scheduler import _chunks, _spread
+
+    lengths = [3, 3, 3, 3, 40, 41]
+    order = list(range(len(lengths)))
+    length = lambda k: lengths[k]  # noqa: E731
+    assert list(_chunks(order, length, cap=10_000, overhead=8, unpadded=True)) == [order]
+    capped = list(_chunks(order, length, cap=100, overhead=8, unpadded=True))
+    assert capped == [[0, 1, 2, 3], [4, 5]]  # 6 x 41 > 100: the fewest calls under the cap
+    assert list(_spread(order, length, workers=1, cap=10_000, overhead=8)) == [order]
+    assert list(_spread(order, length, workers=2, cap=10_000, overhead=8)) == [[0, 1, 2, 3, 4], [5]]  # 52 | 41 tokens
+    assert list(_spread(order, length, workers=2, cap=10_000, overhead=60)) == [order]  # 93 tokens: one call's worth
+    assert list(_spread(order, length, workers=4, cap=100, overhead=8)) == [[0, 1, 2, 3], [4], [5]]
+
+    rec = Recorder()
+
+    async def main():
+        s = Scheduler(rec, SchedulerConfig(max_batch_size=8, batch_wait_ms=20, call_overhead_tokens=8), unpadded=True)
+        outs = await asyncio.gather(*(s.submit("embed", "a", ["x" * n], lengths=[n]) for n in lengths))
+        await s.close()
+        return outs
+
+    outs = run(main())
+    assert [o[0] for o in outs] == [[("a", "x" * n)] for n in lengths]
+    assert [len(c[2]) for c in rec.calls] == [6]  # one batch, one call
+
+
 class Intervals(Recorder):
     """Records when each batch ran, on which worker, with which adapter."""
 

@@ -27,6 +27,7 @@ from serving.engine.mixed import adapter_order
 from serving.engine.outputs import EncodedRow
 from serving.engine.pooling import classification_head, l2_normalize, mean_pool, pool
 from serving.engine.residency import AdapterResidency, Entry
+from serving.engine.unpadded import forward_unpadded, unpadded_applies
 
 #: Model rows per encoder forward; the lock is released between chunks.
 ENCODE_CHUNK = 64
@@ -62,6 +63,8 @@ class EncodeRunner:
         self.residency = residency
         self.images = images
         self.qa = QAWindows(tokens) if images is None and tokens.tokenizer is not None else None
+        #: merged text forwards skip padding outside attention (serving/engine/unpadded.py)
+        self.unpadded = images is None and unpadded_applies(model)
         #: How the last forward ran; tests read it to tell the two paths apart.
         self.mode: AdapterMode = "merged"
 
@@ -175,7 +178,10 @@ class EncodeRunner:
             weights = self.residency.unmerged(row_entries) if mixed else self.residency.merged(entries[0])
             with weights, torch.inference_mode():
                 self.mode = "mixed" if mixed else "merged"
-                hidden = self.model(**batch).last_hidden_state
+                if self.unpadded and not mixed:
+                    hidden = forward_unpadded(self.model, batch)  # type: ignore[arg-type] - a BertModel
+                else:
+                    hidden = self.model(**batch).last_hidden_state
             mask = batch.get("attention_mask")
             if mask is None:  # images: every position is real
                 mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)

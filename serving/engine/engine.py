@@ -124,6 +124,11 @@ class Engine:
         return self._encoder.encode(inputs, adapters, tasks, mixed=mixed)
 
     @property
+    def unpadded(self) -> bool:
+        """Whether merged encoder forwards compute only real tokens (serving/engine/unpadded.py)."""
+        return self._encoder.unpadded
+
+    @property
     def mode(self) -> AdapterMode:
         """How the last encoder forward ran: merged (one adapter in the weights) or mixed."""
         return self._encoder.mode

@@ -49,16 +49,46 @@ class PackedLinear(torch.nn.Linear):
     _packed: tuple[tuple[int, int], torch.Tensor] | None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = self.packed_for(x)
+        if packed is None:
+            return torch.nn.functional.linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
+
+    def packed_for(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The packed copy of the current weight, or None where `x` needs torch's own linear."""
         w = self.weight
         if x.dtype != w.dtype or x.device.type != "cpu" or (torch.is_grad_enabled() and w.requires_grad):
-            return torch.nn.functional.linear(x, w, self.bias)
+            return None
         key = (w._version, w.data_ptr())
         packed = self._packed
         if packed is None or packed[0] != key:
             with torch.no_grad():
                 packed = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1))
             self._packed = packed  # one assignment: a concurrent forward sees the old pair or the new
-        return torch.ops.mkldnn._linear_pointwise(x, packed[1], self.bias, "none", [], "")
+        return packed[1]
+
+
+def fused_linear(
+    mod: torch.nn.Module, x: torch.Tensor, *, act: torch.nn.Module | None = None, add: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`act(mod(x))` or `mod(x) + add`; on a packed layer the GELU (erf) or the add runs as a
+    oneDNN post-op of the matmul, in float32 before the one rounding to the output dtype.
+    Hooks on `mod` run only on the unfused path: callers use this on hook-free forwards."""
+    packed = mod.packed_for(x) if type(mod) is PackedLinear else None
+    if packed is not None and add is not None and act is None:
+        return torch.ops.mkldnn._linear_pointwise.binary(x, add, packed, mod.bias, "add")
+    if packed is not None and add is None and (act is None or _is_erf_gelu(act)):
+        return torch.ops.mkldnn._linear_pointwise(x, packed, mod.bias, "none" if act is None else "gelu", [],
+                                                  "" if act is None else "none")
+    y = mod(x)
+    if act is not None:
+        y = act(y)
+    return y if add is None else y + add
+
+
+def _is_erf_gelu(act: torch.nn.Module) -> bool:
+    """transformers' "gelu" (GELUActivation on torch's exact, erf-based GELU)."""
+    return type(act).__name__ == "GELUActivation" and getattr(act, "act", None) is torch.nn.functional.gelu
 
 
 def pack_linears(model: torch.nn.Module) -> int:

@@ -1,0 +1,134 @@
+"""Unpadded encoder forwards (serving/engine/unpadded.py) against transformers' own padded
+forward, and the fused oneDNN post-ops (serving/engine/packed.py `fused_linear`) against float32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig, BertModel
+
+from adapters.bundle import Task
+from adapters.precision import COSINE_BOUND
+from serving.engine.packed import PackedLinear, fused_linear, pack_linears, packing_applies
+from serving.engine.pooling import l2_normalize, mean_pool
+from serving.engine.unpadded import forward_unpadded, unpadded_applies
+from tests.engine_utils import MINILM_ID, bundle_for, embed, engine_for, hand_merge, plain_model
+
+TEXTS = [
+    "a",
+    "padding costs every linear layer a row per pad position",
+    "the unpadded forward packs real tokens only",
+    "short one",
+    "and a much longer sentence, so that the batch mixes lengths and most rows carry padding to the longest",
+]
+needs_packing = pytest.mark.skipif(
+    not packing_applies(torch.device("cpu"), torch.bfloat16), reason="this CPU has no oneDNN bfloat16"
+)
+
+
+def _both(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with torch.inference_mode():
+        return model(**batch).last_hidden_state, forward_unpadded(model, batch), batch["attention_mask"].bool()
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_unpadded_forward_equals_transformers_in_float32(minilm_dir, side: str) -> None:
+    model = plain_model(minilm_dir, Task.FEATURE_EXTRACTION)
+    assert unpadded_applies(model)
+    tok = AutoTokenizer.from_pretrained(str(minilm_dir), local_files_only=True, padding_side=side)
+    batches = [
+        tok(TEXTS, padding=True, return_tensors="pt"),
+        tok(["what is packed?"] * 2, ["real tokens are packed; pads are not", "pairs carry token types"],
+            padding=True, return_tensors="pt"),  # question-answering pairs: token type 1 on the context
+        tok(["same length", "same length"], padding=True, return_tensors="pt"),  # no padding at all
+    ]
+    assert batches[1]["token_type_ids"].any() and batches[2]["attention_mask"].all()
+    for batch in batches:
+        ref, got, mask = _both(model, dict(batch))
+        assert got.shape == ref.shape
+        torch.testing.assert_close(got[mask], ref[mask], atol=1e-5, rtol=1e-5)
+        assert not got[~mask].any()  # pad positions are zeros
+
+
+def test_merged_adapter_embeddings_equal_a_hand_merged_transformers_model(minilm_dir) -> None:
+    engine = engine_for(minilm_dir, MINILM_ID)
+    assert engine.unpadded
+    bundle = bundle_for(engine, ("query", "value", "intermediate.dense", "output.dense"), seed=3)
+    engine.load_adapter("u", bundle)
+    model = hand_merge(plain_model(minilm_dir, Task.FEATURE_EXTRACTION), bundle)
+    batch = dict(engine.tokenizer(TEXTS, padding=True, return_tensors="pt"))
+    with torch.inference_mode():
+        ref = l2_normalize(mean_pool(model(**batch).last_hidden_state, batch["attention_mask"]))
+    got = embed(engine, TEXTS, "u").embeddings
+    torch.testing.assert_close(got, ref.float(), atol=2e-5, rtol=0)
+    assert engine.mode == "merged"
+
+
+def test_bfloat16_embeddings_stay_within_the_guards_bound(minilm_dir) -> None:
+    """The served bfloat16 path (unpadded, with fused post-ops where the weights are packed)
+    agrees with transformers' float32 forward as closely as the startup guard requires."""
+    engine = engine_for(minilm_dir, MINILM_ID, dtype="bfloat16")
+    assert engine.unpadded and engine.dtype == torch.bfloat16
+    model = plain_model(minilm_dir, Task.FEATURE_EXTRACTION)
+    batch = dict(engine.tokenizer(TEXTS, padding=True, return_tensors="pt"))
+    with torch.inference_mode():
+        ref = l2_normalize(mean_pool(model(**batch).last_hidden_state, batch["attention_mask"]))
+    got = embed(engine, TEXTS).embeddings
+    cos = torch.nn.functional.cosine_similarity(got.double(), ref.double(), dim=-1)
+    assert cos.min() >= COSINE_BOUND, cos
+
+
+@needs_packing
+def test_fused_post_ops_round_once_from_float32() -> None:
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 96).to(torch.bfloat16)
+    res = torch.nn.Linear(64, 64).to(torch.bfloat16)
+    pack_linears(lin)
+    pack_linears(res)
+    assert type(lin) is PackedLinear
+    x = torch.randn(7, 64, dtype=torch.bfloat16)
+    other = torch.randn(7, 64, dtype=torch.bfloat16)
+    gelu = BertModel(BertConfig(hidden_act="gelu", num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
+                                intermediate_size=64)).encoder.layer[0].intermediate.intermediate_act_fn
+    with torch.inference_mode():
+        exact_gelu = torch.nn.functional.gelu(torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float()))
+        exact_add = torch.nn.functional.linear(x.float(), res.weight.float(), res.bias.float()) + other.float()
+        fused_gelu, fused_add = fused_linear(lin, x, act=gelu), fused_linear(res, x, add=other)
+        for fused, exact in ((fused_gelu, exact_gelu), (fused_add, exact_add)):
+            assert fused.dtype == torch.bfloat16
+            # within one bfloat16 rounding of the float32 result (8 significant bits)
+            assert ((fused.float() - exact).abs() <= exact.abs() * 2**-8 + 1e-6).all()
+        # an activation oneDNN is not asked to fuse runs after the matmul, as written
+        relu = torch.nn.ReLU()
+        assert torch.equal(fused_linear(lin, x, act=relu), relu(lin(x)))
+    plain = torch.nn.Linear(64, 96)  # not packed (float32): torch's own ops
+    xf = torch.randn(3, 64)
+    with torch.inference_mode():
+        assert torch.equal(fused_linear(plain, xf, act=gelu), gelu(plain(xf)))
+
+
+def test_unpadded_only_for_bert_encoders(minilm_dir, tiny_llama_dir, tiny_vit_dir) -> None:
+    model = plain_model(minilm_dir, Task.FEATURE_EXTRACTION)
+    assert unpadded_applies(model)
+    assert not unpadded_applies(model.train())
+    decoder = BertModel(BertConfig(is_decoder=True, num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
+                                   intermediate_size=64)).eval()
+    assert not unpadded_applies(decoder)
+    assert not engine_for(tiny_llama_dir).unpadded
+    assert not engine_for(tiny_vit_dir).unpadded
+    # mixed-adapter forwards stay padded: their per-row updates are hooks over the padded batch
+    engine = engine_for(minilm_dir, MINILM_ID)
+    engine.load_adapter("m", bundle_for(engine, ("query",), seed=5))
+    engine.encode(TEXTS[:2], ["m", None], ["embed", "embed"], mixed=True)
+    assert engine.mode == "mixed"
+
+
+def test_token_counts_round_to_few_shapes() -> None:
+    """Row counts are bucketed so oneDNN's kernels for them stay cached: every count gets at
+    most an eighth more rows (under 8 for small counts), and the counts up to 8,192 share 64 buckets."""
+    from serving.engine.unpadded import bucket
+
+    sizes = {t: bucket(t) for t in range(1, 8193)}
+    assert all(0 <= b - t <= max(7, t // 8) for t, b in sizes.items())
+    assert len(set(sizes.values())) == 64
+    assert [bucket(t) for t in (1, 9, 100, 257)] == [8, 16, 104, 288]
