@@ -360,7 +360,7 @@ class SchedulerConfig(_Section):
         ge=0,
         description="Fixed cost of one encoder call in padded tokens: an encoder batch is split by length where "
         "the padding saved is worth more than the extra call (0: one call per length); on unpadded forwards "
-        "(BERT bases) a batch is spread over the engine workers only while each call gets this many tokens.",
+        "(BERT bases) a batch is spread over the free engine workers only while each call gets this many tokens.",
         json_schema_extra={"default_doc": "256 on CPU (measured under load), 2048 on GPU (padding is nearly free there)"},
     )
     starvation_ms: float = Field(

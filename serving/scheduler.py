@@ -20,7 +20,7 @@ request of the active adapter before moving on, and batches them. Policy, per st
    mixed lengths to its longest wasted about a quarter of the forward in the load test.
    A runner whose merged encoder forwards compute only real tokens (`unpadded`: BERT bases,
    serving/engine/unpadded.py) has no padding to save: its batch is cut into one call per
-   engine worker at equal shares of the tokens (fewer while a call would get less than
+   free engine worker at equal shares of the tokens (fewer while a call would get less than
    `call_overhead_tokens`), then only where the cap needs it (in process, random 64-text
    batches cut as for padding ran ~10% slower than uncut).
 4. Execution. Engine calls run on `workers` engine threads, never on the event loop, so
@@ -602,7 +602,8 @@ class Scheduler:
         spreads over them instead of running its calls one after another on one of them.
         """
         loop = asyncio.get_running_loop()
-        flat, chunks = await loop.run_in_executor(self._executor, self._plan_chunks, batch, mixed)
+        free = max(1, self.workers - self._running + 1)  # this batch's worker and the idle ones
+        flat, chunks = await loop.run_in_executor(self._executor, self._plan_chunks, batch, mixed, free)
         outs = await asyncio.gather(
             *(loop.run_in_executor(self._executor, self._run_call, batch, flat, chunk, mixed) for chunk in chunks)
         )
@@ -616,14 +617,15 @@ class Scheduler:
         return per_item
 
     def _plan_chunks(
-        self, batch: list[_Item], mixed: bool = False
+        self, batch: list[_Item], mixed: bool = False, free: int = 1
     ) -> tuple[list[tuple[int, int, str, int]], list[list[int]]]:
-        """(item, text index, text, length) of every text, and the engine calls as lists of its indices."""
+        """(item, text index, text, length) of every text, and the engine calls as lists of its
+        indices; an unpadded batch is spread over the `free` workers."""
         flat = [(i, j, text, length) for i, it in enumerate(batch) for j, (text, length) in enumerate(zip(it.texts, it.lengths))]
         order = sorted(range(len(flat)), key=lambda k: flat[k][3])
         length, cap = (lambda k: flat[k][3]), self.config.max_batch_tokens
         if self.unpadded and not mixed:  # mixed forwards stay padded (their per-row updates)
-            return flat, list(_spread(order, length, self.workers, cap, self._call_overhead))
+            return flat, list(_spread(order, length, free, cap, self._call_overhead))
         return flat, list(_chunks(order, length, cap, self._call_overhead))
 
     def _run_call(
@@ -686,13 +688,17 @@ def _resolve(item: _Item, out: Any, info: BatchInfo) -> None:
 
 
 def _spread(order: list[int], length: Callable[[int], int], workers: int, cap: int, overhead: int) -> Iterator[list[int]]:
-    """Unpadded calls for length-sorted indices: one per engine worker while each still gets
-    `overhead` tokens of work (fewer for a small batch: a call's fixed cost buys nothing
+    """Unpadded calls for length-sorted indices: one per free engine worker while each still
+    gets `overhead` tokens of work (fewer for a small batch: a call's fixed cost buys nothing
     there), cut at equal shares of the tokens so the workers finish together; each part is
     cut again only where `cap` needs it.
 
-    Why not one call: a worker runs its call's forwards one after another while the others
-    idle until the next batch, and nothing in the batch is answered before its last call."""
+    Why: an idle worker would otherwise wait for the next batch while this one runs its
+    forwards one after another, and nothing in a batch is answered before its last call. Why
+    free workers only: under load the others are busy anyway, and a bigger forward costs less
+    per text. Under load all three rules measure alike (32 users of 8 texts a request, one
+    call per batch 129 / 130 requests/s, spread over both workers 128 / 120, over the free
+    ones 120 / 130), so this one is chosen for the idle case it speeds up."""
     lengths = [max(length(k), 1) for k in order]
     total = sum(lengths)
     calls = max(1, min(workers, len(order), total // overhead if overhead else workers))

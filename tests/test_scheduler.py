@@ -212,6 +212,17 @@ def test_unpadded_runner_batches_are_spread_over_workers_not_cut_for_padding():
     assert [o[0] for o in outs] == [[("a", "x" * n)] for n in lengths]
     assert [len(c[2]) for c in rec.calls] == [6]  # one batch, one call
 
+    rec = Recorder()
+
+    async def idle_workers():  # one request of six texts while both workers idle: spread over both
+        s = Scheduler(rec, SchedulerConfig(call_overhead_tokens=8), workers=2, unpadded=True)
+        out = await s.submit("embed", "a", ["x" * n for n in lengths], lengths=lengths)
+        await s.close()
+        return out
+
+    assert run(idle_workers())[0] == [("a", "x" * n) for n in lengths]
+    assert sorted(len(c[2]) for c in rec.calls) == [1, 5]  # 52 | 41 tokens
+
 
 class Intervals(Recorder):
     """Records when each batch ran, on which worker, with which adapter."""
