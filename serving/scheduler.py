@@ -21,8 +21,8 @@ request of the active adapter before moving on, and batches them. Policy, per st
    A runner whose merged encoder forwards compute only real tokens (`unpadded`: BERT bases,
    serving/engine/unpadded.py) has no padding to save: its batch is cut into one call per
    free engine worker at equal shares of the tokens (fewer while a call would get less than
-   `call_overhead_tokens`), then only where the cap needs it (in process, random 64-text
-   batches cut as for padding ran ~10% slower than uncut).
+   `call_overhead_tokens`), then only where the cap needs it (cuts made for padding made
+   unpadded forwards slower: loadtest/results/overheads.md).
 4. Execution. Engine calls run on `workers` engine threads, never on the event loop, so
    the replica keeps accepting requests while the model computes. Batches run side by
    side only when they need the weights in the same state (the same adapter merged; base
@@ -696,9 +696,9 @@ def _spread(order: list[int], length: Callable[[int], int], workers: int, cap: i
     Why: an idle worker would otherwise wait for the next batch while this one runs its
     forwards one after another, and nothing in a batch is answered before its last call. Why
     free workers only: under load the others are busy anyway, and a bigger forward costs less
-    per text. Under load all three rules measure alike (32 users of 8 texts a request, one
-    call per batch 129 / 130 requests/s, spread over both workers 128 / 120, over the free
-    ones 120 / 130), so this one is chosen for the idle case it speeds up."""
+    per text. Under load one call per batch, the spread over all workers and over the free
+    ones measured alike (loadtest/results/overheads.md), so this one is chosen for the idle
+    case it speeds up."""
     lengths = [max(length(k), 1) for k in order]
     total = sum(lengths)
     calls = max(1, min(workers, len(order), total // overhead if overhead else workers))

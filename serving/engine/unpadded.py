@@ -14,14 +14,10 @@ matmuls (`fused_linear`): computed in float32 on the accumulator, rounded to bfl
 instead of three more passes over the [tokens, 1536] activations, one of which (GELU) took a
 fifth of the padded forward.
 
-The token count is rounded up (`bucket`, at most 1/8 more rows) because oneDNN builds a
-kernel per matmul shape: in a server, where batches rarely repeat a token count, building
-them cost 13-20% of the forward.
-
-Measured on this 2-core host (MiniLM, bfloat16): in process, one thread, new random batches
-each time, 1.84 -> 1.40 CPU-ms per text at 33 texts a forward, 2.43 -> 1.95 at 8, 8.2 -> 5.9
-at one; in `capaserve serve` under 32 users of 8 texts a request, the replica's forwards
-1.40-1.60 -> 1.19 CPU-ms per text and 97-110 -> 124 requests/s (three interleaved pairs).
+The token count is rounded up (`bucket`, at most an eighth more rows) because oneDNN builds
+a kernel per matmul shape, and in a server batches rarely repeat a token count: without the
+buckets the server's forwards were no cheaper than padded ones. The figures behind both
+decisions are in loadtest/results/overheads.md.
 
 Exactness: token rows of a matmul are computed independently, so without the fused post-ops
 each real token's hidden state matches the padded forward's up to the kernel the matmul's
