@@ -9,9 +9,9 @@ from transformers import AutoTokenizer, BertConfig, BertModel
 
 from adapters.bundle import Task
 from adapters.precision import COSINE_BOUND
-from serving.engine.packed import PackedLinear, fused_linear, pack_linears, packing_applies
+from serving.engine.packed import PackedLinear, fused_linear, fused_projections, pack_linears, packing_applies
 from serving.engine.pooling import l2_normalize, mean_pool
-from serving.engine.unpadded import forward_unpadded, unpadded_applies
+from serving.engine.unpadded import ATTENTION_MULTIPLE, attention_views, forward_unpadded, unpadded_applies
 from tests.engine_utils import MINILM_ID, bundle_for, embed, engine_for, hand_merge, plain_model
 
 TEXTS = [
@@ -48,6 +48,63 @@ def test_unpadded_forward_equals_transformers_in_float32(minilm_dir, side: str) 
         assert got.shape == ref.shape
         torch.testing.assert_close(got[mask], ref[mask], atol=1e-5, rtol=1e-5)
         assert not got[~mask].any()  # pad positions are zeros
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_attention_groups_texts_by_width(minilm_dir, side: str) -> None:
+    """Texts of 3 to ~70 tokens fall into several attention views, each a multiple of 16 wide;
+    each text's real tokens, and only those, are keys in its own view row; the forward still
+    equals transformers' in float32."""
+    model = plain_model(minilm_dir, Task.FEATURE_EXTRACTION)
+    tok = AutoTokenizer.from_pretrained(str(minilm_dir), local_files_only=True, padding_side=side)
+    texts = ["a", TEXTS[1], TEXTS[4], " ".join(TEXTS[1:]), "b c", TEXTS[4] + " " + TEXTS[4]]
+    batch = dict(tok(texts, padding=True, return_tensors="pt"))
+    mask = batch["attention_mask"].bool()
+    real = mask.reshape(-1).nonzero().squeeze(1)
+    views = attention_views(mask, real, spare=5)
+    lengths = mask.sum(1).tolist()
+    widths = sorted({-(-n // ATTENTION_MULTIPLE) * ATTENTION_MULTIPLE for n in lengths})
+    assert [g[2] for g in views.groups] == widths and len(widths) >= 3
+    assert views.gather is not None and views.back is not None
+    assert views.back[real.numel():].tolist() == [0] * 5  # spare rows read view row 0
+    rows_of = {}  # view row -> (group, text slot, column)
+    for g, (start, n, width, keys) in enumerate(views.groups):
+        assert keys.shape == (n, 1, 1, width)
+        for r in range(start, start + n * width):
+            rows_of[r] = (g, (r - start) // width, (r - start) % width)
+    assert len(rows_of) == views.gather.numel()
+    token_text = (real // mask.shape[1]).tolist()
+    for t, r in enumerate(views.back[: real.numel()].tolist()):
+        g, slot, col = rows_of[r]
+        assert views.gather[r] == t  # the view row reads this token back
+        keys = views.groups[g][3][slot, 0, 0]
+        assert keys[col] and int(keys.sum()) == lengths[token_text[t]]
+    ref, got, _ = _both(model, batch)
+    torch.testing.assert_close(got[mask], ref[mask], atol=1e-5, rtol=1e-5)
+
+
+@needs_packing
+def test_fused_projections_equal_the_separate_layers_and_follow_writes() -> None:
+    """Query, key and value as one matmul give each layer's own output bit for bit on packed
+    bfloat16 weights (and to float32 rounding unpacked), and an in-place write to any of the
+    weights (a hot swap) is seen by the next call: the fused copy is never stale."""
+    torch.manual_seed(0)
+    mods = tuple(torch.nn.Linear(64, 64).to(torch.bfloat16) for _ in range(3))
+    for m in mods:
+        pack_linears(m)
+    x = torch.randn(13, 64, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(fused_projections(mods, x), torch.cat([m(x) for m in mods], -1))
+        mods[1].weight.mul_(-2)  # as the WeightBank writes: in place, same tensor
+        assert torch.equal(fused_projections(mods, x), torch.cat([m(x) for m in mods], -1))
+        mods[2].bias.add_(1)
+        assert torch.equal(fused_projections(mods, x), torch.cat([m(x) for m in mods], -1))
+    plain = tuple(torch.nn.Linear(64, 32, bias=i != 1) for i in range(3))  # float32, one layer without bias
+    xf = torch.randn(5, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused_projections(plain, xf), torch.cat([m(xf) for m in plain], -1))
+        plain[0].weight.zero_()
+        assert torch.equal(fused_projections(plain, xf)[:, :32], plain[0].bias.expand(5, 32))
 
 
 def test_merged_adapter_embeddings_equal_a_hand_merged_transformers_model(minilm_dir) -> None:

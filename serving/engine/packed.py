@@ -54,11 +54,16 @@ class PackedLinear(torch.nn.Linear):
             return torch.nn.functional.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
 
+    def packs(self, x: torch.Tensor) -> bool:
+        """Whether a forward on `x` runs on the packed copy (else torch's own linear)."""
+        w = self.weight
+        return x.dtype == w.dtype and x.device.type == "cpu" and not (torch.is_grad_enabled() and w.requires_grad)
+
     def packed_for(self, x: torch.Tensor) -> torch.Tensor | None:
         """The packed copy of the current weight, or None where `x` needs torch's own linear."""
-        w = self.weight
-        if x.dtype != w.dtype or x.device.type != "cpu" or (torch.is_grad_enabled() and w.requires_grad):
+        if not self.packs(x):
             return None
+        w = self.weight
         key = (w._version, w.data_ptr())
         packed = self._packed
         if packed is None or packed[0] != key:
@@ -84,6 +89,37 @@ def fused_linear(
     if act is not None:
         y = act(y)
     return y if add is None else y + add
+
+
+def fused_projections(mods: tuple[torch.nn.Linear, ...], x: torch.Tensor) -> torch.Tensor:
+    """`torch.cat([m(x) for m in mods], -1)` as one matmul on the concatenated weights (an
+    attention layer's query, key and value): one pass over `x` and one wider matmul instead of
+    three narrow ones, and one [tokens, 3 x hidden] result for the caller to gather once. Each
+    output column is the same dot product as in its own layer's matmul (bit for bit on the
+    packed bfloat16 kernel: tests/test_unpadded.py).
+
+    Exact under hot swaps as `PackedLinear` is: the concatenation (packed where the layers are)
+    is cached on the first module, keyed by every weight's and bias's version and address, and
+    rebuilt on the first forward after any of them was written. Hook-free forwards only."""
+    params = [p for m in mods for p in (m.weight, m.bias) if p is not None]
+    key = tuple((p._version, p.data_ptr()) for p in params)
+    packed = all(type(m) is PackedLinear and m.packs(x) for m in mods)
+    cached = getattr(mods[0], "_fused", None)
+    if cached is None or cached[0] != (key, packed):
+        with torch.no_grad():
+            weight = torch.cat([m.weight.detach() for m in mods])
+            bias = None
+            if any(m.bias is not None for m in mods):
+                bias = torch.cat([m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features)
+                                  for m in mods])
+            if packed:
+                weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+        cached = ((key, packed), weight, bias)
+        mods[0]._fused = cached  # one assignment: a concurrent forward sees the old triple or the new
+    _, weight, bias = cached
+    if packed:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return torch.nn.functional.linear(x, weight, bias)
 
 
 def _is_erf_gelu(act: torch.nn.Module) -> bool:
