@@ -86,8 +86,8 @@ def test_attention_groups_texts_by_width(minilm_dir, side: str) -> None:
 @needs_packing
 def test_fused_projections_equal_the_separate_layers_and_follow_writes() -> None:
     """Query, key and value as one matmul give each layer's own output bit for bit on packed
-    bfloat16 weights (and to float32 rounding unpacked), and an in-place write to any of the
-    weights (a hot swap) is seen by the next call: the fused copy is never stale."""
+    bfloat16 weights, and an in-place write to any of the weights or biases (a hot swap) is seen
+    by the next call: the fused copy is never stale. Unpacked layers run as they are."""
     torch.manual_seed(0)
     mods = tuple(torch.nn.Linear(64, 64).to(torch.bfloat16) for _ in range(3))
     for m in mods:
@@ -99,12 +99,16 @@ def test_fused_projections_equal_the_separate_layers_and_follow_writes() -> None
         assert torch.equal(fused_projections(mods, x), torch.cat([m(x) for m in mods], -1))
         mods[2].bias.add_(1)
         assert torch.equal(fused_projections(mods, x), torch.cat([m(x) for m in mods], -1))
-    plain = tuple(torch.nn.Linear(64, 32, bias=i != 1) for i in range(3))  # float32, one layer without bias
+    mixed = tuple(torch.nn.Linear(64, 32, bias=i != 1).to(torch.bfloat16) for i in range(3))  # one without bias
+    for m in mixed:
+        pack_linears(m)
+    with torch.inference_mode():
+        assert torch.equal(fused_projections(mixed, x), torch.cat([m(x) for m in mixed], -1))
+    plain = tuple(torch.nn.Linear(64, 32) for _ in range(3))  # float32: not packed, no concatenated copy
     xf = torch.randn(5, 64)
     with torch.inference_mode():
-        torch.testing.assert_close(fused_projections(plain, xf), torch.cat([m(xf) for m in plain], -1))
-        plain[0].weight.zero_()
-        assert torch.equal(fused_projections(plain, xf)[:, :32], plain[0].bias.expand(5, 32))
+        assert torch.equal(fused_projections(plain, xf), torch.cat([m(xf) for m in plain], -1))
+    assert not hasattr(plain[0], "_fused")
 
 
 def test_merged_adapter_embeddings_equal_a_hand_merged_transformers_model(minilm_dir) -> None:

@@ -92,34 +92,33 @@ def fused_linear(
 
 
 def fused_projections(mods: tuple[torch.nn.Linear, ...], x: torch.Tensor) -> torch.Tensor:
-    """`torch.cat([m(x) for m in mods], -1)` as one matmul on the concatenated weights (an
-    attention layer's query, key and value): one pass over `x` and one wider matmul instead of
-    three narrow ones, and one [tokens, 3 x hidden] result for the caller to gather once. Each
-    output column is the same dot product as in its own layer's matmul (bit for bit on the
-    packed bfloat16 kernel: tests/test_unpadded.py).
+    """`torch.cat([m(x) for m in mods], -1)`; on packed layers (an attention layer's query, key
+    and value) one matmul on their concatenated weights: one pass over `x` and one wide matmul
+    instead of three narrow ones. Each output column is the dot product its own layer computes,
+    bit for bit on the packed bfloat16 kernel (tests/test_unpadded.py).
 
-    Exact under hot swaps as `PackedLinear` is: the concatenation (packed where the layers are)
-    is cached on the first module, keyed by every weight's and bias's version and address, and
-    rebuilt on the first forward after any of them was written. Hook-free forwards only."""
+    Exact under hot swaps as `PackedLinear` is: the packed concatenation is cached on the first
+    module, keyed by every weight's and bias's version and address, and rebuilt on the first
+    forward after any of them was written. It stands in for the layers' own packed copies on
+    this path (those are made only where the layers run alone: mixed-adapter forwards), so the
+    memory is the same. Unpacked layers (float32, a GPU) run as they are: a concatenated copy
+    there would be memory on top. Hook-free forwards only."""
+    if not all(type(m) is PackedLinear and m.packs(x) for m in mods):
+        return torch.cat([m(x) for m in mods], -1)
     params = [p for m in mods for p in (m.weight, m.bias) if p is not None]
     key = tuple((p._version, p.data_ptr()) for p in params)
-    packed = all(type(m) is PackedLinear and m.packs(x) for m in mods)
     cached = getattr(mods[0], "_fused", None)
-    if cached is None or cached[0] != (key, packed):
+    if cached is None or cached[0] != key:
         with torch.no_grad():
-            weight = torch.cat([m.weight.detach() for m in mods])
+            weight = torch.ops.mkldnn._reorder_linear_weight(torch.cat([m.weight.detach() for m in mods]), 1)
             bias = None
             if any(m.bias is not None for m in mods):
                 bias = torch.cat([m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features)
                                   for m in mods])
-            if packed:
-                weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
-        cached = ((key, packed), weight, bias)
+        cached = (key, weight, bias)
         mods[0]._fused = cached  # one assignment: a concurrent forward sees the old triple or the new
     _, weight, bias = cached
-    if packed:
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    return torch.nn.functional.linear(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 def _is_erf_gelu(act: torch.nn.Module) -> bool:

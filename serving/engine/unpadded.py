@@ -7,10 +7,10 @@ more calls, each of which reads all the weights again). Here every token-wise op
 on the batch's real tokens stacked into one [tokens, hidden] matrix; only attention, the one
 step that mixes positions, runs on padded views, gathered and scattered back per layer. That
 is TEI's and vLLM's layout for encoders, without their GPU kernels. Query, key and value are
-one matmul on the concatenated weights (`fused_projections`), gathered once. The views group
-texts by length rounded up to a multiple of 16 (`attention_views`): CPU SDPA pays for every
-position of a view, pads included, and runs fastest at multiples of 16 positions, so one
-view as wide as the longest text cost the short texts the most.
+gathered once, computed as one matmul where the weights are packed (`fused_projections`).
+The views group texts by length rounded up to a multiple of 16 (`attention_views`): CPU SDPA
+pays for every position of a view, pads included, and runs fastest at multiples of 16
+positions, so one view as wide as the longest text cost the short texts the most.
 
 On weights prepacked for oneDNN (bfloat16 on a CPU, serving/engine/packed.py) the
 intermediate GELU and the two residual adds of each layer also run as post-ops of their
@@ -20,14 +20,15 @@ fifth of the padded forward.
 
 The token count is rounded up (`bucket`, at most an eighth more rows) because oneDNN builds
 a kernel per matmul shape, and in a server batches rarely repeat a token count: without the
-buckets the server's forwards were no cheaper than padded ones. The figures behind both
+buckets the server's forwards were no cheaper than padded ones. The figures behind these
 decisions are in loadtest/results/overheads.md.
 
 Exactness: token rows of a matmul are computed independently, so without the fused post-ops
-each real token's hidden state matches the padded forward's up to the kernel the matmul's
-row count selects (equal bit for bit in float32 at the shapes tested); the fused post-ops
-round once instead of twice (tests/test_unpadded.py bounds both against transformers'
-forward and against float32).
+each real token's projections match the padded forward's up to the kernel the matmul's row
+count selects; attention on a narrower view adds masked positions or drops them, which moves
+float32 results in their last bits (within 1e-5 of transformers' forward in the tests); the
+fused post-ops round once instead of twice (tests/test_unpadded.py bounds both against
+transformers' forward and against float32).
 
 Applies to `BertModel` (BERT, MiniLM and the sentence-transformers built on them) in eval
 mode as an encoder (no decoder or cross-attention), whatever the padding side: a position is
@@ -139,7 +140,7 @@ def attention_views(mask: torch.Tensor, real: torch.Tensor, spare: int) -> Atten
         return AttentionViews(None, [(0, rows, longest, None)], None)
     dev = mask.device
     lengths = mask.sum(1)
-    widths = -(-lengths // ATTENTION_MULTIPLE) * ATTENTION_MULTIPLE
+    widths = (-(-lengths // ATTENTION_MULTIPLE) * ATTENTION_MULTIPLE).clamp_min(ATTENTION_MULTIPLE)
     order = torch.argsort(widths, stable=True)  # texts by width: each group's rows together
     view_start = torch.empty_like(widths)
     view_start[order] = torch.cumsum(widths[order], 0) - widths[order]
