@@ -18,7 +18,7 @@ request of the active adapter before moving on, and batches them. Policy, per st
    of `call_overhead_tokens` + texts x longest (on a CPU 256 tokens: a call's fixed cost is
    mostly reading the weights, see `SchedulerConfig.call_overhead`). Padding a batch of
    mixed lengths to its longest wasted about a quarter of the forward in the load test.
-   A runner whose merged encoder forwards compute only real tokens (`unpadded`: BERT bases,
+   A runner whose encoder forwards compute only real tokens (`unpadded`: BERT bases,
    serving/engine/unpadded.py) has no padding to save: its batch is cut into one call per
    free engine worker at equal shares of the tokens (fewer while a call would get less than
    `call_overhead_tokens`), then only where the cap needs it (cuts made for padding made
@@ -603,7 +603,7 @@ class Scheduler:
         """
         loop = asyncio.get_running_loop()
         free = max(1, self.workers - self._running + 1)  # this batch's worker and the idle ones
-        flat, chunks = await loop.run_in_executor(self._executor, self._plan_chunks, batch, mixed, free)
+        flat, chunks = await loop.run_in_executor(self._executor, self._plan_chunks, batch, free)
         outs = await asyncio.gather(
             *(loop.run_in_executor(self._executor, self._run_call, batch, flat, chunk, mixed) for chunk in chunks)
         )
@@ -617,14 +617,14 @@ class Scheduler:
         return per_item
 
     def _plan_chunks(
-        self, batch: list[_Item], mixed: bool = False, free: int = 1
+        self, batch: list[_Item], free: int = 1
     ) -> tuple[list[tuple[int, int, str, int]], list[list[int]]]:
         """(item, text index, text, length) of every text, and the engine calls as lists of its
         indices; an unpadded batch is spread over the `free` workers."""
         flat = [(i, j, text, length) for i, it in enumerate(batch) for j, (text, length) in enumerate(zip(it.texts, it.lengths))]
         order = sorted(range(len(flat)), key=lambda k: flat[k][3])
         length, cap = (lambda k: flat[k][3]), self.config.max_batch_tokens
-        if self.unpadded and not mixed:  # mixed forwards stay padded (their per-row updates)
+        if self.unpadded:
             return flat, list(_spread(order, length, free, cap, self._call_overhead))
         return flat, list(_chunks(order, length, cap, self._call_overhead))
 

@@ -64,11 +64,14 @@ def test_adapters_and_swaps_on_packed_weights_equal_the_unpacked_model(minilm_di
         seen[name] = packed
     assert all(cosine(p, q) < 0.9 for p, q in zip(seen["a"], seen[None]))
     assert all(cosine(p, q) < 0.9 for p, q in zip(seen["a"], seen["b"]))
-    # mixed (unmerged) rows: forward hooks add each row's update on the packed base
-    mixed = engine.encode(texts, ["a", "b"], ["embed"] * 2, mixed=True)
+    # mixed (unmerged) rows: forward hooks add each row's update on the packed base (hooked
+    # layers unfused, the others fused as in merged forwards): each row is its adapter's vector
+    mixed = [r.embedding for r in engine.encode(texts, ["a", "b"], ["embed"] * 2, mixed=True)]
     unpack_linears(engine.model)
-    reference = engine.encode(texts, ["a", "b"], ["embed"] * 2, mixed=True)
-    assert all(torch.equal(p.embedding, q.embedding) for p, q in zip(mixed, reference))
+    reference = [r.embedding for r in engine.encode(texts, ["a", "b"], ["embed"] * 2, mixed=True)]
+    assert all(cosine(p, q) >= COSINE_BOUND for p, q in zip(mixed, reference))
+    for i, name in enumerate(("a", "b")):
+        assert cosine(mixed[i], seen[name][i]) >= COSINE_BOUND and cosine(mixed[i], seen[None][i]) < 0.9
 
 
 @needs_packing

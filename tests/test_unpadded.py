@@ -12,7 +12,7 @@ from adapters.precision import COSINE_BOUND
 from serving.engine.packed import PackedLinear, fused_linear, fused_projections, pack_linears, packing_applies
 from serving.engine.pooling import l2_normalize, mean_pool
 from serving.engine.unpadded import ATTENTION_MULTIPLE, attention_views, forward_unpadded, unpadded_applies
-from tests.engine_utils import MINILM_ID, bundle_for, embed, engine_for, hand_merge, plain_model
+from tests.engine_utils import MINILM_ID, bundle_for, embed, embed_mixed, engine_for, hand_merge, plain_model
 
 TEXTS = [
     "a",
@@ -125,6 +125,42 @@ def test_merged_adapter_embeddings_equal_a_hand_merged_transformers_model(minilm
     assert engine.mode == "merged"
 
 
+def test_mixed_adapter_rows_equal_hand_merged_transformers_models(minilm_dir, monkeypatch) -> None:
+    """A mixed batch (two adapters and the base, texts of different lengths, every kind of
+    target: query, key, value, both output projections, the GELU's layer) runs unpadded, each
+    token getting its own text's update, and every row equals a transformers model with that
+    row's adapter merged by hand (the base rows: the plain model)."""
+    from serving.engine import encode
+
+    calls: list[str] = []
+
+    def spy(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        calls.append(engine.mode)
+        return forward_unpadded(model, batch)
+
+    monkeypatch.setattr(encode, "forward_unpadded", spy)
+    engine = engine_for(minilm_dir, MINILM_ID)
+    suffixes = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+                "intermediate.dense", "output.dense")
+    bundles = {"p": bundle_for(engine, suffixes, seed=7), "q": bundle_for(engine, suffixes[::2], seed=8)}
+    for name, bundle in bundles.items():
+        engine.load_adapter(name, bundle)
+    adapters = ["p", None, "q", "p", None]
+    got = embed_mixed(engine, TEXTS, adapters).embeddings
+    assert calls == ["mixed"] and engine.mode == "mixed"
+    tok = AutoTokenizer.from_pretrained(str(minilm_dir), local_files_only=True)
+    for name in ("p", "q", None):
+        model = plain_model(minilm_dir, Task.FEATURE_EXTRACTION)
+        if name is not None:
+            model = hand_merge(model, bundles[name])
+        rows = [i for i, a in enumerate(adapters) if a == name]
+        batch = dict(tok([TEXTS[i] for i in rows], padding=True, return_tensors="pt"))
+        with torch.inference_mode():
+            ref = l2_normalize(mean_pool(model(**batch).last_hidden_state, batch["attention_mask"]))
+        torch.testing.assert_close(got[rows], ref.float(), atol=2e-5, rtol=0)
+    assert all(not m._forward_hooks for m in engine.model.modules())  # the hooks lived for one forward
+
+
 def test_bfloat16_embeddings_stay_within_the_guards_bound(minilm_dir) -> None:
     """The served bfloat16 path (unpadded, with fused post-ops where the weights are packed)
     agrees with transformers' float32 forward as closely as the startup guard requires."""
@@ -177,11 +213,6 @@ def test_unpadded_only_for_bert_encoders(minilm_dir, tiny_llama_dir, tiny_vit_di
     assert not unpadded_applies(decoder)
     assert not engine_for(tiny_llama_dir).unpadded
     assert not engine_for(tiny_vit_dir).unpadded
-    # mixed-adapter forwards stay padded: their per-row updates are hooks over the padded batch
-    engine = engine_for(minilm_dir, MINILM_ID)
-    engine.load_adapter("m", bundle_for(engine, ("query",), seed=5))
-    engine.encode(TEXTS[:2], ["m", None], ["embed", "embed"], mixed=True)
-    assert engine.mode == "mixed"
 
 
 def test_token_counts_round_to_few_shapes() -> None:

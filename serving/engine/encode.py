@@ -63,7 +63,7 @@ class EncodeRunner:
         self.residency = residency
         self.images = images
         self.qa = QAWindows(tokens) if images is None and tokens.tokenizer is not None else None
-        #: merged text forwards skip padding outside attention (serving/engine/unpadded.py)
+        #: text forwards skip padding outside attention (serving/engine/unpadded.py)
         self.unpadded = images is None and unpadded_applies(model)
         #: How the last forward ran; tests read it to tell the two paths apart.
         self.mode: AdapterMode = "merged"
@@ -175,10 +175,15 @@ class EncodeRunner:
             else:
                 batch = {k: v.to(device) for k, v in self.tokens.pad([rows[r].tokens for r in chunk]).items()}  # type: ignore[misc]
             row_entries = [entries[rows[r].item] for r in chunk]
+            if mixed and self.unpadded:
+                # the update hooks see the real tokens stacked row by row, so each token is a
+                # "row" of its text's adapter (still one slice per adapter: rows go in adapter order)
+                lengths = batch["attention_mask"].sum(1).tolist()
+                row_entries = [e for e, n in zip(row_entries, lengths) for _ in range(n)]
             weights = self.residency.unmerged(row_entries) if mixed else self.residency.merged(entries[0])
             with weights, torch.inference_mode():
                 self.mode = "mixed" if mixed else "merged"
-                if self.unpadded and not mixed:
+                if self.unpadded:
                     hidden = forward_unpadded(self.model, batch)  # type: ignore[arg-type] - a BertModel
                 else:
                     hidden = self.model(**batch).last_hidden_state

@@ -125,7 +125,7 @@ class Engine:
 
     @property
     def unpadded(self) -> bool:
-        """Whether merged encoder forwards compute only real tokens (serving/engine/unpadded.py)."""
+        """Whether encoder forwards (merged and mixed) compute only real tokens (serving/engine/unpadded.py)."""
         return self._encoder.unpadded
 
     @property

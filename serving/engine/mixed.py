@@ -20,9 +20,12 @@ two batched matmuls per target; the stacks are rebuilt only when the rows' adapt
 (a sequence joins or leaves).
 The update is added by forward hooks, installed on the target modules for the duration of
 one forward only (`mixed_lora`), so the model object and its weights are never changed and
-the merged path needs nothing undone. A hook acts only on the thread that installed it:
-other engine workers may run base or mixed forwards on the same pristine weights meanwhile. Works for nn.Linear and GPT-2 Conv1D alike, since
-the factors are in nn.Linear orientation and both produce [..., out].
+the merged path needs nothing undone. A hook indexes the leading dimension of the layer's
+input: texts in a padded forward, tokens in an unpadded one (serving/engine/unpadded.py, whose
+caller passes one row per token). A hook acts only on the thread that installed it:
+other engine workers may run base or mixed forwards on the same pristine weights meanwhile.
+Works for nn.Linear and GPT-2 Conv1D alike, since the factors are in nn.Linear orientation
+and both produce [..., out].
 """
 
 from __future__ import annotations

@@ -78,8 +78,8 @@ def fused_linear(
 ) -> torch.Tensor:
     """`act(mod(x))` or `mod(x) + add`; on a packed layer the GELU (erf) or the add runs as a
     oneDNN post-op of the matmul, in float32 before the one rounding to the output dtype.
-    Hooks on `mod` run only on the unfused path: callers use this on hook-free forwards."""
-    packed = mod.packed_for(x) if type(mod) is PackedLinear else None
+    A layer with forward hooks (an unmerged adapter's per-row update) runs them, unfused."""
+    packed = mod.packed_for(x) if type(mod) is PackedLinear and not _hooked(mod) else None
     if packed is not None and add is not None and act is None:
         return torch.ops.mkldnn._linear_pointwise.binary(x, add, packed, mod.bias, "add")
     if packed is not None and add is None and (act is None or _is_erf_gelu(act)):
@@ -102,8 +102,8 @@ def fused_projections(mods: tuple[torch.nn.Linear, ...], x: torch.Tensor) -> tor
     forward after any of them was written. It stands in for the layers' own packed copies on
     this path (those are made only where the layers run alone: mixed-adapter forwards), so the
     memory is the same. Unpacked layers (float32, a GPU) run as they are: a concatenated copy
-    there would be memory on top. Hook-free forwards only."""
-    if not all(type(m) is PackedLinear and m.packs(x) for m in mods):
+    there would be memory on top; so do layers with forward hooks, which run."""
+    if not all(type(m) is PackedLinear and m.packs(x) and not _hooked(m) for m in mods):
         return torch.cat([m(x) for m in mods], -1)
     params = [p for m in mods for p in (m.weight, m.bias) if p is not None]
     key = tuple((p._version, p.data_ptr()) for p in params)
@@ -119,6 +119,11 @@ def fused_projections(mods: tuple[torch.nn.Linear, ...], x: torch.Tensor) -> tor
         mods[0]._fused = cached  # one assignment: a concurrent forward sees the old triple or the new
     _, weight, bias = cached
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def _hooked(mod: torch.nn.Module) -> bool:
+    """Whether `mod` has forward hooks, which only its own call runs."""
+    return bool(mod._forward_hooks or mod._forward_pre_hooks)
 
 
 def _is_erf_gelu(act: torch.nn.Module) -> bool:

@@ -32,8 +32,10 @@ transformers' forward and against float32).
 
 Applies to `BertModel` (BERT, MiniLM and the sentence-transformers built on them) in eval
 mode as an encoder (no decoder or cross-attention), whatever the padding side: a position is
-its column in the padded batch, as in transformers. Everything else, and mixed-adapter
-forwards (their per-row updates are hooks over the padded batch), runs `model(**batch)`.
+its column in the padded batch, as in transformers. Mixed-adapter forwards too: their
+per-row updates are forward hooks (serving/engine/mixed.py), which here see the stacked
+tokens, so the caller hands them one row per token, its text's adapter; a hooked layer runs
+unfused (`fused_linear`). Everything else runs `model(**batch)`.
 """
 
 from __future__ import annotations
