@@ -46,7 +46,7 @@ def packing_applies(device: torch.device, dtype: torch.dtype) -> bool:
 class PackedLinear(torch.nn.Linear):
     """An `nn.Linear` whose forward uses a packed copy of `weight`, repacked whenever it changed."""
 
-    _packed: tuple[tuple[int, int], torch.Tensor] | None
+    _packed: tuple[tuple[tuple[int, int], ...], torch.Tensor] | None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = self.packed_for(x)
@@ -64,7 +64,7 @@ class PackedLinear(torch.nn.Linear):
         if not self.packs(x):
             return None
         w = self.weight
-        key = (w._version, w.data_ptr())
+        key = written_state(w)
         packed = self._packed
         if packed is None or packed[0] != key:
             with torch.no_grad():
@@ -105,8 +105,7 @@ def fused_projections(mods: tuple[torch.nn.Linear, ...], x: torch.Tensor) -> tor
     there would be memory on top; so do layers with forward hooks, which run."""
     if not all(type(m) is PackedLinear and m.packs(x) and not _hooked(m) for m in mods):
         return torch.cat([m(x) for m in mods], -1)
-    params = [p for m in mods for p in (m.weight, m.bias) if p is not None]
-    key = tuple((p._version, p.data_ptr()) for p in params)
+    key = written_state(*(p for m in mods for p in (m.weight, m.bias) if p is not None))
     cached = getattr(mods[0], "_fused", None)
     if cached is None or cached[0] != key:
         with torch.no_grad():
@@ -119,6 +118,12 @@ def fused_projections(mods: tuple[torch.nn.Linear, ...], x: torch.Tensor) -> tor
         mods[0]._fused = cached  # one assignment: a concurrent forward sees the old triple or the new
     _, weight, bias = cached
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def written_state(*tensors: torch.Tensor) -> tuple[tuple[int, int], ...]:
+    """What a packed copy is keyed by: each tensor's version and address. Every in-place write
+    (a hot swap) bumps the version, so a copy whose key differs is stale."""
+    return tuple((t._version, t.data_ptr()) for t in tensors)
 
 
 def _hooked(mod: torch.nn.Module) -> bool:
